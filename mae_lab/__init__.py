@@ -1,0 +1,1 @@
+"""mae-lab: declarative ablation studies for Masked Autoencoders."""
