@@ -1,0 +1,106 @@
+"""Study -> trial specs. A trial's identity is a hash of its canonical resolved spec."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from mae_lab.masking import grid_k
+from mae_lab.model import PRESETS, MAEConfig
+from mae_lab.spec import Study, StudyError, TrialSpec, get_dotted, set_dotted, validate_trial
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One expanded trial: its resolved spec, identity hashes, and the values of the study's axes."""
+
+    spec: TrialSpec
+    hash: str  # identity of the whole trial
+    pretrain_hash: str  # identity of its pretraining (shared by trials that differ only in evaluation)
+    axes: dict[str, Any]  # dotted key -> value, for this trial's grid point / case
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in self.axes.items()) or "default"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def trial_hash(spec: TrialSpec) -> str:
+    return _digest(spec.model_dump(mode="json"))
+
+
+def pretrain_hash(spec: TrialSpec) -> str:
+    """Hash of the fields that affect pretraining: seed, data, model, pretrain (not eval)."""
+    return _digest(spec.model_dump(mode="json", include={"seed", "data", "model", "pretrain"}))
+
+
+def mae_config(spec: TrialSpec) -> MAEConfig:
+    return MAEConfig(**spec.model.model_dump(exclude={"preset"}))
+
+
+def resolve(study: Study, point: dict[str, Any], seed: int) -> TrialSpec:
+    """Fill the model from its preset and check what depends on several fields; errors name the key."""
+    raw = set_dotted(study.base, "seed", seed)
+    spec = validate_trial(study.path, raw, point)
+    model = spec.model
+    if model.preset not in PRESETS:
+        key = "grid.model.preset" if "model.preset" in point else "model.preset"
+        raise StudyError(study.path, key, f"unknown preset {model.preset!r} (valid: {', '.join(PRESETS)})")
+    full = {**PRESETS[model.preset], **model.model_dump(exclude_none=True)}
+    spec = spec.model_copy(update={"model": type(model).model_validate(full)})
+
+    def where(*keys: str) -> str:
+        for k in keys:
+            if f"model.{k}" in point:
+                return f"grid.model.{k}"
+        return f"model.{keys[0]}"
+
+    m = spec.model
+    if m.embed_dim % m.num_heads:
+        raise StudyError(study.path, where("num_heads", "embed_dim"),
+                         f"embed_dim {m.embed_dim} is not divisible by num_heads {m.num_heads}")
+    if m.decoder_embed_dim % m.decoder_num_heads:
+        raise StudyError(study.path, where("decoder_num_heads", "decoder_embed_dim"),
+                         f"decoder_embed_dim {m.decoder_embed_dim} is not divisible by "
+                         f"decoder_num_heads {m.decoder_num_heads}")
+    if m.img_size % m.patch_size:
+        raise StudyError(study.path, where("patch_size", "img_size"),
+                         f"img_size {m.img_size} is not divisible by patch_size {m.patch_size}")
+    grid = m.img_size // m.patch_size
+    if m.mask_sampling == "grid":
+        k = grid_k(m.mask_ratio)
+        if k is None:
+            raise StudyError(study.path, where("mask_ratio", "mask_sampling"),
+                             f"grid masking keeps one patch per k x k cell, so mask_ratio must be 1 - 1/k^2 "
+                             f"(0.75, 0.8889, 0.9375, ...); got {m.mask_ratio}")
+        if grid % k:
+            raise StudyError(study.path, where("mask_ratio", "patch_size"),
+                             f"grid masking with k={k} needs a patch grid divisible by {k}; got {grid}x{grid}")
+    if int(grid * grid * (1 - m.mask_ratio)) < 1:
+        raise StudyError(study.path, where("mask_ratio"),
+                         f"mask_ratio {m.mask_ratio} keeps no patch of the {grid}x{grid} grid")
+    ft = spec.eval.finetune
+    if ft.last_k_blocks is not None and ft.last_k_blocks > m.depth:
+        key = "grid.eval.finetune.last_k_blocks" if "eval.finetune.last_k_blocks" in point \
+            else "eval.finetune.last_k_blocks"
+        raise StudyError(study.path, key, f"last_k_blocks {ft.last_k_blocks} exceeds the encoder depth {m.depth}")
+    return spec
+
+
+def expand(study: Study) -> list[Trial]:
+    """One trial per (point, seed), in file order; seeds vary fastest."""
+    trials = []
+    for point in study.points:
+        for seed in study.study.seeds:
+            spec = resolve(study, point, seed)
+            trials.append(Trial(spec, trial_hash(spec), pretrain_hash(spec), dict(point)))
+    return trials
+
+
+def axis_value(trial: Trial, key: str) -> Any:
+    """The resolved value of a dotted key in a trial's spec."""
+    return get_dotted(trial.spec, key)
