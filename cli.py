@@ -1,6 +1,229 @@
-"""The mae-lab command line (Typer)."""
-import typer
+"""The mae-lab command line: parse, call one library function, print.
 
-app = typer.Typer(no_args_is_help=True, help="Declarative ablation studies for Masked Autoencoders.")
-data_app = typer.Typer(no_args_is_help=True, help="Pack and inspect WebDataset shards.")
+Exit codes: 0 success, 1 some trials failed or diverged, 2 bad input (study file, data, database URL), 130 interrupted.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Declarative ablation studies for Masked Autoencoders, recorded in a database.")
+data_app = typer.Typer(no_args_is_help=True, help="Pack, fetch and inspect WebDataset shards.")
 app.add_typer(data_app, name="data")
+
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+DbOpt = Annotated[Optional[str], typer.Option("--db", envvar="MAE_LAB_DB", show_envvar=True,
+                                              help="Database URL [default: sqlite:///db/mae_lab.db].")]
+DataRootOpt = Annotated[Optional[str], typer.Option("--data-root", envvar="MAE_LAB_DATA", show_envvar=True,
+                                                    help="Folder of named datasets [default: db/data].")]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"error: {message}", markup=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _open_db(url: str | None, create: bool = True):
+    from mae_lab.db import DbError, connect
+
+    try:
+        return connect(url, create=create)
+    except DbError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def run(
+    study: Annotated[Path, typer.Argument(help="The study TOML file.")],
+    db: DbOpt = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    data_root: DataRootOpt = None,
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="Override the study's data: 'train=PATTERN,val=PATTERN' or 'dataset=NAME'.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the expanded trials; run nothing.")] = False,
+    rerun: Annotated[bool, typer.Option("--rerun", help="Run every trial again, even those done.")] = False,
+    max_trials: Annotated[Optional[int], typer.Option("--max-trials", min=1, help="Stop after N trials.")] = None,
+    allow_pipe: Annotated[bool, typer.Option("--allow-pipe", help="Allow 'pipe:' shard URLs (they run shell "
+                                                                  "commands).")] = False,
+):
+    """Expand STUDY into trials and run every trial not done yet (pretrain, linear probe, fine-tune)."""
+    from mae_lab.db import DbError
+    from mae_lab.progress import make_display
+    from mae_lab.runner import parse_data_override, plan, resolve_data, run_study
+    from mae_lab.spec import StudyError
+
+    try:
+        override = parse_data_override(data)
+        if dry_run:
+            spec, trials = plan(study, override)
+            resolve_data(spec, trials, data_root, allow_pipe)
+            return _print_plan(spec, trials, db)
+        display = make_display(console)
+        try:
+            summary = run_study(study, db_url=db, device=device, data_root=data_root, data_override=override,
+                                rerun=rerun, max_trials=max_trials, allow_pipe=allow_pipe, display=display)
+        finally:
+            display.close()
+    except (StudyError, DbError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: the running trial is marked interrupted; run the same command to resume it")
+        raise typer.Exit(130) from None
+    parts = [f"{summary.count(s)} {s}" for s in ("done", "failed", "diverged") if summary.count(s)]
+    console.print(f"{summary.total} trials: {summary.skipped} already done" + "".join(f", {p}" for p in parts))
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+def _print_plan(study, trials, db_url: str | None) -> None:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from mae_lab import db
+
+    status: dict[str, str] = {}
+    try:  # read-only: a missing database just means every trial is pending
+        engine = db.connect(db_url, create=False)
+        row = db.get_study(engine, study.study.name)
+        if row is not None:
+            status = {t.hash: t.status for t, _ in db.study_trials(engine, row.id)}
+    except (db.DbError, SQLAlchemyError):
+        pass
+    table = Table(title=f"{study.study.name}: {len(trials)} trials (dry run)")
+    for col in ("#", "hash", "pretrain", "seed", "axes", "status"):
+        table.add_column(col)
+    for i, t in enumerate(trials, 1):
+        table.add_row(str(i), t.hash[:12], t.pretrain_hash[:8], str(t.spec.seed), t.label,
+                      status.get(t.hash, "pending"))
+    console.print(table)
+
+
+@app.command()
+def validate(study: Annotated[Path, typer.Argument(help="The study TOML file.")],
+             data_root: DataRootOpt = None):
+    """Check a study file (schema, presets, shapes, data) without running it."""
+    from mae_lab.runner import plan, resolve_data
+    from mae_lab.spec import StudyError
+
+    try:
+        spec, trials = plan(study)
+        resolve_data(spec, trials, data_root)
+    except StudyError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"{study}: ok ({len(trials)} trials)")
+
+
+@app.command()
+def report(
+    study: Annotated[Optional[str], typer.Argument(help="Study name (default: every study).")] = None,
+    db: DbOpt = None,
+):
+    """Print the paper-style table of a study: mean ± std and n over seeds, best row marked."""
+    from mae_lab import db as dbm
+    from mae_lab.report import render, summarize
+
+    engine = _open_db(db, create=False)
+    names = [study] if study else [s.name for s, _ in dbm.list_studies(engine)]
+    if not names:
+        raise fail("the database holds no study yet: run one with 'mae-lab run STUDY.toml'", 1)
+    for name in names:
+        try:
+            render(summarize(engine, name), console)
+        except KeyError as exc:
+            raise fail(str(exc.args[0])) from None
+
+
+@app.command("list")
+def list_(db: DbOpt = None):
+    """List the studies in the database with their trials counted by status."""
+    from mae_lab import db as dbm
+
+    engine = _open_db(db, create=False)
+    table = Table(title="studies")
+    table.add_column("study")
+    for s in dbm.STATUSES:
+        table.add_column(s, justify="right")
+    for study, counts in dbm.list_studies(engine):
+        table.add_row(study.name, *(str(counts.get(s, 0)) for s in dbm.STATUSES))
+    console.print(table)
+
+
+@app.command()
+def show(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix.")], db: DbOpt = None):
+    """Show one trial: spec, provenance, metrics, results and artifacts."""
+    from mae_lab import db as dbm
+
+    engine = _open_db(db, create=False)
+    row = dbm.find_trial(engine, trial)
+    if row is None:
+        raise fail(f"no single trial matches {trial!r} (give the id or a longer hash prefix)")
+    metrics, result, arts = dbm.trial_details(engine, row.id)
+    console.print(f"[bold]trial {row.id}[/bold] {row.hash} {row.label} — {row.status}")
+    console.print(f"host {row.host}, device {row.device}, git {row.git_commit}{' (dirty)' if row.git_dirty else ''}, "
+                  f"torch {row.torch_version}, timm {row.timm_version}, started {row.started_at}, ended {row.ended_at}")
+    console.print_json(row.spec_json)
+    if result is not None:
+        console.print_json(json.dumps(result.model_dump(exclude={"id", "trial_id"})))
+    if metrics:
+        table = Table(title="metrics")
+        for col in ("stage", "epoch", "name", "value"):
+            table.add_column(col)
+        for m in metrics:
+            table.add_row(m.stage, str(m.epoch), m.name, f"{m.value:.6g}")
+        console.print(table)
+    for a in arts:
+        console.print(f"artifact {a.kind}: {a.path} sha256 {a.sha256}")
+    if row.error:
+        console.print(f"[red]error:[/red] {row.error}", markup=True)
+
+
+@data_app.command("pack")
+def data_pack(src: Annotated[Path, typer.Argument(help="ImageFolder tree (class folders of images).")],
+              out: Annotated[Path, typer.Argument(help="Output folder for shards + dataset.json.")],
+              shard_size: Annotated[int, typer.Option(min=1)] = 5000,
+              name: Annotated[Optional[str], typer.Option()] = None,
+              val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.0):
+    """Pack an ImageFolder tree into WebDataset shards plus dataset.json."""
+    from mae_lab.data import DataError, pack_imagefolder
+
+    try:
+        meta = pack_imagefolder(src, out, shard_size=shard_size, name=name, val_fraction=val_fraction)
+    except DataError as exc:
+        raise fail(str(exc)) from None
+    splits = ", ".join(f"{k}: {v['samples']}" for k, v in meta["splits"].items())
+    console.print(f"packed {meta['name']} into {out}: {splits}; {len(meta['classes'])} classes")
+
+
+@data_app.command("info")
+def data_info(pattern: Annotated[str, typer.Argument(help="Shard pattern, e.g. 'data/x-{000000..000009}.tar'.")]):
+    """Count the samples and classes of some shards."""
+    from mae_lab.data import DataError, dataset_info
+
+    try:
+        info = dataset_info(pattern)
+    except DataError as exc:
+        raise fail(str(exc)) from None
+    console.print_json(json.dumps(info, default=str))
+
+
+@data_app.command("get")
+def data_get(name: Annotated[str, typer.Argument(help="cifar10 or cifar100.")], data_root: DataRootOpt = None):
+    """Download a dataset through torchvision and pack it into shards under the data root."""
+    from mae_lab.data import DataError, get_dataset
+
+    try:
+        path = get_dataset(name, data_root)
+    except DataError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"{name}: shards and dataset.json in {path}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,121 @@
+"""The only code that knows the checkpoint format.
+
+A pretraining checkpoint is one ``torch.save`` of a dict that ``torch.load(weights_only=True)`` can read back:
+
+    model         state_dict of the MaskedAutoencoder (encoder + decoder)
+    optimizer     state_dict of the AdamW optimizer
+    epoch         int, epochs completed
+    step          int, optimizer steps completed
+    rng           {"torch": ByteTensor (CPU generator state), "cuda": list[ByteTensor] | None}
+    config        dict, the MAEConfig's fields
+    spec          dict, the TrialSpec as JSON-able data (``spec.model_dump(mode="json")``)
+    loss_history  list[float], mean pretraining loss of each completed epoch
+
+Files are written atomically (temp file in the same folder, fsync, ``os.replace``, fsync of the folder) and identified
+by their sha256, which the caller stores and passes back to ``load_checkpoint`` to detect a changed or truncated file.
+Loading never unpickles Python objects; reading an official MAE training checkpoint (which pickles an argparse
+Namespace) goes through ``import_official``, which says in its name and docstring that it trusts the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_KEYS = ("model", "optimizer", "epoch", "step", "rng", "config", "spec", "loss_history")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: wrong sha256, unreadable, or it holds pickled Python objects."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a folder; the replace is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | Path, obj: dict[str, Any]) -> str:
+    """Atomically write ``obj`` to ``path``; return the file's sha256.
+
+    The bytes go to a temp file in the same folder, which is flushed and fsynced, then renamed over ``path`` with
+    ``os.replace`` and the folder fsynced: a reader sees the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)  # hash of the bytes on disk, before they become visible under `path`
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return digest
+
+
+def load_checkpoint(path: str | Path, *, sha256: str | None = None, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``; check its sha256 first when one is given.
+
+    Raises CheckpointError naming the file when the hash differs, the file is not a complete checkpoint, or it holds
+    pickled Python objects (an official MAE training checkpoint: use ``import_official`` if you trust it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if sha256 is not None:
+        actual = sha256_file(path)
+        if actual != sha256:
+            raise CheckpointError(f"{path}: sha256 mismatch: expected {sha256}, got {actual} "
+                                  "(the file was changed or only partly written)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f"found {found.group(1)}" if found else "weights_only=True load failed"
+        raise CheckpointError(
+            f"{path}: refuses to load: it holds pickled Python objects, not only tensors ({what}); "
+            "if it is an official MAE checkpoint you trust, read its weights with import_official()"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {exc})") from None
+
+
+def import_official(path: str | Path) -> dict[str, torch.Tensor]:
+    """TRUSTS THE FILE: read an official MAE checkpoint with ``weights_only=False`` and return its model tensors.
+
+    Official training checkpoints pickle an argparse Namespace next to the weights, so they cannot be read with
+    ``weights_only=True``; unpickling runs arbitrary code from the file. Call this only on files from a source you
+    trust (e.g. the released ``mae_pretrain_vit_*.pth``). Returns ``{name: tensor}`` from ``ckpt["model"]``.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # trusted by the caller, see docstring
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: no 'model' state_dict in this file")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -1,0 +1,443 @@
+"""The experiment database: SQLModel tables and the functions that read and write them.
+
+Every state change of a trial, and every result, is written in one transaction. On SQLite every transaction is
+``BEGIN IMMEDIATE`` (WAL mode, busy timeout), so two processes that claim trials at once are serialized instead of
+failing with "database is locked".
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from sqlalchemy import Column, Text, UniqueConstraint, event, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlmodel import Field, Session, SQLModel, create_engine, delete, select
+
+SCHEMA_VERSION = 1
+DEFAULT_URL = "sqlite:///db/mae_lab.db"
+STATUSES = ("pending", "running", "done", "failed", "diverged", "interrupted")
+
+
+class DbError(RuntimeError):
+    """The database cannot be used (cannot be opened, newer schema, ...)."""
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Meta(SQLModel, table=True):
+    __tablename__ = "mae_meta"
+    key: str = Field(primary_key=True)
+    value: str
+
+
+class StudyRow(SQLModel, table=True):
+    __tablename__ = "mae_studies"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True)
+    description: str = ""
+    paper: str | None = None
+    path: str = ""
+    spec_text: str = Field(sa_column=Column(Text))
+    spec_hash: str
+    created_at: datetime = Field(default_factory=now)
+    updated_at: datetime = Field(default_factory=now)
+
+
+class TrialRow(SQLModel, table=True):
+    __tablename__ = "mae_trials"
+    __table_args__ = (UniqueConstraint("study_id", "hash"),)
+    id: int | None = Field(default=None, primary_key=True)
+    study_id: int = Field(foreign_key="mae_studies.id", index=True)
+    position: int = 0  # order in the study's expansion
+    active: bool = True  # False once the study file no longer expands to this trial
+    hash: str = Field(index=True)
+    pretrain_hash: str = Field(index=True)
+    seed: int
+    label: str = ""
+    axes_json: str = "{}"
+    spec_json: str = Field(sa_column=Column(Text))
+    status: str = Field(default="pending", index=True)
+    attempts: int = 0
+    worker: str | None = None  # host:pid of the process running it
+    heartbeat_at: datetime | None = None
+    host: str | None = None
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+    torch_version: str | None = None
+    timm_version: str | None = None
+    device: str | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    optuna_trial: int | None = None
+
+    @property
+    def axes(self) -> dict[str, Any]:
+        return json.loads(self.axes_json)
+
+
+class MetricRow(SQLModel, table=True):
+    __tablename__ = "mae_metrics"
+    __table_args__ = (UniqueConstraint("trial_id", "stage", "epoch", "name"),)
+    id: int | None = Field(default=None, primary_key=True)
+    trial_id: int = Field(foreign_key="mae_trials.id", index=True)
+    stage: str  # pretrain | linear | finetune
+    epoch: int
+    name: str
+    value: float
+
+
+class ResultRow(SQLModel, table=True):
+    __tablename__ = "mae_results"
+    id: int | None = Field(default=None, primary_key=True)
+    trial_id: int = Field(foreign_key="mae_trials.id", unique=True)
+    linear_top1: float | None = None
+    finetune_top1: float | None = None
+    knn_top1: float | None = None
+    pretrain_loss: float | None = None
+    pretrain_wall_s: float | None = None
+    pretrain_images_per_s: float | None = None
+    linear_wall_s: float | None = None
+    finetune_wall_s: float | None = None
+    encoder_gflops: float | None = None  # per image, at the trial's mask ratio
+    encoder_params: int | None = None
+    total_params: int | None = None
+    pretrain_reused: bool = False  # the pretraining was shared with another trial
+
+
+class ArtifactRow(SQLModel, table=True):
+    __tablename__ = "mae_artifacts"
+    __table_args__ = (UniqueConstraint("trial_id", "kind"),)
+    id: int | None = Field(default=None, primary_key=True)
+    trial_id: int = Field(foreign_key="mae_trials.id", index=True)
+    kind: str  # checkpoint | recon
+    path: str
+    sha256: str
+
+
+class CheckpointRow(SQLModel, table=True):
+    """The pretraining checkpoint shared by every trial with the same pretrain hash."""
+
+    __tablename__ = "mae_checkpoints"
+    pretrain_hash: str = Field(primary_key=True)
+    path: str
+    sha256: str
+    epoch: int
+    updated_at: datetime = Field(default_factory=now)
+
+
+# --- engine ---------------------------------------------------------------------------------------------------
+
+def safe_url(url: str) -> str:
+    """The URL with any password masked, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn, _record):  # noqa: ANN001
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA busy_timeout = 60000")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn):  # noqa: ANN001
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def artifacts_dir(url: str | None = None) -> Path:
+    """Where checkpoints and images go: ``MAE_LAB_ARTIFACTS``, else ``artifacts/`` beside a SQLite file, else
+    ``db/artifacts``."""
+    if os.environ.get("MAE_LAB_ARTIFACTS"):
+        return Path(os.environ["MAE_LAB_ARTIFACTS"])
+    url = url or os.environ.get("MAE_LAB_DB") or DEFAULT_URL
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return Path("db/artifacts")
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        return Path(parsed.database).parent / "artifacts"
+    return Path("db/artifacts")
+
+
+def connect(url: str | None = None, *, create: bool = True) -> Engine:
+    """Open (and create or check) the database at ``url`` (default: ``MAE_LAB_DB`` or ``sqlite:///db/mae_lab.db``)."""
+    url = url or os.environ.get("MAE_LAB_DB") or DEFAULT_URL
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DbError(f"database URL {safe_url(url)!r} cannot be parsed (expected e.g. sqlite:///db/mae_lab.db)") \
+            from None
+    is_sqlite = parsed.get_backend_name() == "sqlite"
+    if is_sqlite and parsed.database and parsed.database != ":memory:":
+        path = Path(parsed.database)
+        if not path.exists() and not create:
+            raise DbError(f"database {safe_url(url)} does not exist")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DbError(f"database {safe_url(url)} cannot be opened: {exc}") from None
+    try:
+        kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if is_sqlite else {"pool_pre_ping": True}
+        engine = create_engine(url, **kwargs)
+        if is_sqlite:
+            _sqlite_pragmas(engine)
+        _check_schema(engine, create)
+    except DbError:
+        raise
+    except (SQLAlchemyError, ImportError, OSError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise DbError(f"database {safe_url(url)} cannot be opened: {reason}") from None
+    return engine
+
+
+def _check_schema(engine: Engine, create: bool) -> None:
+    with Session(engine) as s:
+        try:
+            row = s.get(Meta, "schema_version")
+        except OperationalError:
+            row = None  # no tables yet
+            s.rollback()
+        if row is not None and int(row.value) > SCHEMA_VERSION:
+            raise DbError(f"database {safe_url(str(engine.url))} has schema version {row.value}, newer than this "
+                          f"mae-lab's ({SCHEMA_VERSION}): upgrade mae-lab to use it")
+    if create:
+        SQLModel.metadata.create_all(engine)
+        with Session(engine) as s:
+            if s.get(Meta, "schema_version") is None:
+                s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+                s.commit()
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Session]:
+    """A session whose work commits together or not at all."""
+    with Session(engine, expire_on_commit=False) as s:
+        try:
+            yield s
+            s.commit()
+        except BaseException:
+            s.rollback()
+            raise
+
+
+# --- studies and trials ---------------------------------------------------------------------------------------
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def sync_study(engine: Engine, *, name: str, description: str, paper: str | None, path: str, spec_text: str,
+               spec_hash: str, trials: list[dict[str, Any]]) -> StudyRow:
+    """Create or update the study row and insert its trials that are not there yet, in one transaction.
+
+    ``trials``: dicts with hash, pretrain_hash, seed, label, axes_json, spec_json, in expansion order.
+    """
+    with transaction(engine) as s:
+        study = s.exec(select(StudyRow).where(StudyRow.name == name)).first()
+        if study is None:
+            study = StudyRow(name=name, description=description, paper=paper, path=path, spec_text=spec_text,
+                             spec_hash=spec_hash)
+            s.add(study)
+            s.flush()
+        else:
+            study.description, study.paper, study.path = description, paper, path
+            study.spec_text, study.spec_hash, study.updated_at = spec_text, spec_hash, now()
+        existing = {t.hash: t for t in s.exec(select(TrialRow).where(TrialRow.study_id == study.id))}
+        current = set()
+        for pos, t in enumerate(trials):
+            current.add(t["hash"])
+            row = existing.get(t["hash"])
+            if row is None:
+                s.add(TrialRow(study_id=study.id, position=pos, **t))
+            else:
+                row.position, row.active, row.label, row.axes_json = pos, True, t["label"], t["axes_json"]
+        for h, row in existing.items():
+            if h not in current:
+                row.active = False
+        return study
+
+
+def reset_trials(engine: Engine, study_id: int, hashes: list[str]) -> int:
+    """Set the given trials back to pending and drop their metrics, results and artifacts (``--rerun``)."""
+    with transaction(engine) as s:
+        rows = s.exec(select(TrialRow).where(TrialRow.study_id == study_id, TrialRow.hash.in_(hashes))).all()
+        ids = [r.id for r in rows]
+        for model in (MetricRow, ResultRow, ArtifactRow):
+            s.exec(delete(model).where(model.trial_id.in_(ids)))
+        for r in rows:
+            r.status, r.error, r.worker, r.started_at, r.ended_at, r.attempts = "pending", None, None, None, None, 0
+        return len(rows)
+
+
+def _is_stale(row: TrialRow, stale_after_s: float) -> bool:
+    """A running trial whose worker is gone: a dead pid on this host, or no heartbeat for ``stale_after_s``."""
+    host, _, pid = (row.worker or ":").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    beat = row.heartbeat_at
+    if beat is None:
+        return True
+    if beat.tzinfo is None:
+        beat = beat.replace(tzinfo=timezone.utc)
+    return (now() - beat).total_seconds() > stale_after_s
+
+
+def claim_next(engine: Engine, study_id: int, *, retry_failed: bool = False, stale_after_s: float = 600,
+               skip: set[int] = frozenset()) -> TrialRow | None:
+    """Atomically claim the next runnable trial (pending, interrupted, or running with a dead worker)."""
+    runnable = ["pending", "interrupted"] + (["failed", "diverged"] if retry_failed else [])
+    with transaction(engine) as s:
+        stmt = (select(TrialRow)
+                .where(TrialRow.study_id == study_id, TrialRow.active == True,  # noqa: E712
+                       TrialRow.status.in_(runnable + ["running"]))
+                .order_by(TrialRow.position))
+        if s.bind.dialect.name == "postgresql":  # SQLite is serialized by BEGIN IMMEDIATE instead
+            stmt = stmt.with_for_update(skip_locked=True)
+        for row in s.exec(stmt).all():
+            if row.id in skip:
+                continue
+            if row.status in runnable or (row.status == "running" and _is_stale(row, stale_after_s)):
+                row.status, row.worker, row.heartbeat_at = "running", worker_id(), now()
+                row.attempts += 1
+                row.started_at = row.started_at or now()
+                row.ended_at = None
+                s.add(row)
+                return row
+        return None
+
+
+def heartbeat(engine: Engine, trial_id: int) -> None:
+    with transaction(engine) as s:
+        row = s.get(TrialRow, trial_id)
+        row.heartbeat_at = now()
+
+
+def set_provenance(engine: Engine, trial_id: int, **fields: Any) -> None:
+    with transaction(engine) as s:
+        row = s.get(TrialRow, trial_id)
+        for k, v in fields.items():
+            setattr(row, k, v)
+
+
+def record_metrics(engine: Engine, trial_id: int, stage: str, epoch: int, values: dict[str, float]) -> None:
+    """Write one epoch's metrics, replacing any earlier row for the same (trial, stage, epoch, name)."""
+    with transaction(engine) as s:
+        names = list(values)
+        s.exec(delete(MetricRow).where(MetricRow.trial_id == trial_id, MetricRow.stage == stage,
+                                       MetricRow.epoch == epoch, MetricRow.name.in_(names)))
+        for name, value in values.items():
+            s.add(MetricRow(trial_id=trial_id, stage=stage, epoch=epoch, name=name, value=float(value)))
+
+
+def clear_metrics(engine: Engine, trial_id: int, stage: str) -> None:
+    with transaction(engine) as s:
+        s.exec(delete(MetricRow).where(MetricRow.trial_id == trial_id, MetricRow.stage == stage))
+
+
+def record_checkpoint(engine: Engine, pretrain_hash: str, path: str, sha256: str, epoch: int) -> None:
+    with transaction(engine) as s:
+        row = s.get(CheckpointRow, pretrain_hash)
+        if row is None:
+            s.add(CheckpointRow(pretrain_hash=pretrain_hash, path=path, sha256=sha256, epoch=epoch))
+        else:
+            row.path, row.sha256, row.epoch, row.updated_at = path, sha256, epoch, now()
+
+
+def get_checkpoint(engine: Engine, pretrain_hash: str) -> CheckpointRow | None:
+    with Session(engine) as s:
+        return s.get(CheckpointRow, pretrain_hash)
+
+
+def finish_trial(engine: Engine, trial_id: int, status: str, *, result: dict[str, Any] | None = None,
+                 artifacts: dict[str, tuple[str, str]] | None = None, error: str | None = None) -> None:
+    """Close a trial: its status, result row and artifacts land together or not at all."""
+    with transaction(engine) as s:
+        row = s.get(TrialRow, trial_id)
+        row.status, row.error, row.ended_at, row.worker = status, error, now(), None
+        if result is not None:
+            s.exec(delete(ResultRow).where(ResultRow.trial_id == trial_id))
+            s.add(ResultRow(trial_id=trial_id, **result))
+        for kind, (path, sha) in (artifacts or {}).items():
+            s.exec(delete(ArtifactRow).where(ArtifactRow.trial_id == trial_id, ArtifactRow.kind == kind))
+            s.add(ArtifactRow(trial_id=trial_id, kind=kind, path=path, sha256=sha))
+
+
+# --- reading --------------------------------------------------------------------------------------------------
+
+def get_study(engine: Engine, name: str) -> StudyRow | None:
+    with Session(engine) as s:
+        return s.exec(select(StudyRow).where(StudyRow.name == name)).first()
+
+
+def list_studies(engine: Engine) -> list[tuple[StudyRow, dict[str, int]]]:
+    """Every study with its active trials counted by status."""
+    out = []
+    with Session(engine) as s:
+        for study in s.exec(select(StudyRow).order_by(StudyRow.name)):
+            counts = {st: 0 for st in STATUSES}
+            for t in s.exec(select(TrialRow).where(TrialRow.study_id == study.id, TrialRow.active == True)):  # noqa
+                counts[t.status] = counts.get(t.status, 0) + 1
+            out.append((study, counts))
+    return out
+
+
+def study_trials(engine: Engine, study_id: int, *, active_only: bool = True
+                 ) -> list[tuple[TrialRow, ResultRow | None]]:
+    with Session(engine) as s:
+        stmt = select(TrialRow).where(TrialRow.study_id == study_id)
+        if active_only:
+            stmt = stmt.where(TrialRow.active == True)  # noqa: E712
+        trials = s.exec(stmt.order_by(TrialRow.position)).all()
+        results = {r.trial_id: r for r in s.exec(select(ResultRow).where(
+            ResultRow.trial_id.in_([t.id for t in trials])))}
+        return [(t, results.get(t.id)) for t in trials]
+
+
+def find_trial(engine: Engine, ref: str) -> TrialRow | None:
+    """A trial by numeric id or by (a prefix of) its hash."""
+    with Session(engine) as s:
+        if ref.isdigit():
+            row = s.get(TrialRow, int(ref))
+            if row is not None:
+                return row
+        rows = s.exec(select(TrialRow).where(TrialRow.hash.startswith(ref))).all()
+        return rows[0] if len(rows) == 1 else None
+
+
+def trial_details(engine: Engine, trial_id: int) -> tuple[list[MetricRow], ResultRow | None, list[ArtifactRow]]:
+    with Session(engine) as s:
+        metrics = s.exec(select(MetricRow).where(MetricRow.trial_id == trial_id)
+                         .order_by(MetricRow.stage, MetricRow.epoch, MetricRow.name)).all()
+        result = s.exec(select(ResultRow).where(ResultRow.trial_id == trial_id)).first()
+        arts = s.exec(select(ArtifactRow).where(ArtifactRow.trial_id == trial_id)).all()
+        return list(metrics), result, list(arts)
+
+
+def integrity_ok(engine: Engine) -> bool:
+    """SQLite's integrity check (True on other backends)."""
+    if engine.dialect.name != "sqlite":
+        return True
+    with engine.connect() as c:
+        return c.execute(text("PRAGMA integrity_check")).scalar() == "ok"

@@ -1,0 +1,158 @@
+"""Fine-tuning (official `main_finetune.py` recipe): timm ViT from the MAE encoder, layer-wise lr decay, AdamW.
+
+`last_k_blocks = k` tunes only the last k blocks plus the final norm / fc_norm / head (paper Fig. 9; k = 0 trains
+the head alone).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models.vision_transformer import VisionTransformer
+
+from mae_lab.data import DatasetInfo
+from mae_lab.loaders import eval_loader, finetune_loader
+from mae_lab.model import MaskedAutoencoder, build_timm_vit
+from mae_lab.pretrain import DivergenceError, epoch_seed, lr_at, seed_all
+from mae_lab.spec import TrialSpec
+
+HEAD_KEYS = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}  # new in the classifier
+DROPPED_KEYS = {"norm.weight", "norm.bias"}  # the encoder's final norm, replaced by fc_norm with global_pool "avg"
+
+
+def layer_id_for_vit(name: str, num_layers: int) -> int:
+    """Official `get_layer_id_for_vit`: cls_token, pos_embed, patch_embed -> 0; blocks.i -> i+1; rest -> num_layers."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers
+
+
+def param_groups_lrd(model: VisionTransformer, weight_decay: float, no_weight_decay_list: set[str],
+                     layer_decay: float) -> list[dict]:
+    """Official `param_groups_lrd`: a group per (layer, decay / no decay) with lr_scale = decay^(depth+1 - layer).
+
+    No weight decay on 1-D parameters (norms, biases) and on `no_weight_decay_list` (pos_embed, cls_token).
+    Frozen parameters are left out.
+    """
+    num_layers = len(model.blocks) + 1
+    layer_scales = [layer_decay ** (num_layers - i) for i in range(num_layers + 1)]
+    groups: dict[str, dict] = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim == 1 or n in no_weight_decay_list
+        layer = layer_id_for_vit(n, num_layers)
+        name = f"layer_{layer}_{'no_decay' if no_decay else 'decay'}"
+        if name not in groups:
+            groups[name] = {"lr_scale": layer_scales[layer], "weight_decay": 0.0 if no_decay else weight_decay,
+                            "params": [], "names": []}
+        groups[name]["params"].append(p)
+        groups[name]["names"].append(n)
+    return list(groups.values())
+
+
+def build_classifier(spec: TrialSpec, model: MaskedAutoencoder, num_classes: int) -> VisionTransformer:
+    """timm ViT carrying the MAE encoder's weights, a fresh head (std 2e-5) and the `last_k_blocks` freezing."""
+    ft = spec.eval.finetune
+    vit = build_timm_vit(model.config, num_classes, global_pool=ft.global_pool, drop_path_rate=ft.drop_path)
+    msg = vit.load_state_dict(model.encoder_state_dict(), strict=False)
+    odd = set(msg.missing_keys) - HEAD_KEYS | set(msg.unexpected_keys) - DROPPED_KEYS
+    assert not odd, f"encoder weights do not fit the timm ViT: {sorted(odd)}"
+    nn.init.trunc_normal_(vit.head.weight, std=2e-5)  # as the official fine-tuning
+    nn.init.zeros_(vit.head.bias)
+    if ft.last_k_blocks is not None:
+        first_tuned = len(vit.blocks) - ft.last_k_blocks
+        for n, p in vit.named_parameters():
+            top = n.split(".")[0]
+            tuned = top in ("norm", "fc_norm", "head") or (top == "blocks" and int(n.split(".")[1]) >= first_tuned)
+            p.requires_grad_(tuned)
+    return vit
+
+
+def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, device: str,
+             on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Fine-tune a copy of `model`'s encoder as `spec.eval.finetune` says; top-1 on the val split.
+
+    `model` itself is not changed. Returns {"top1", "wall_s", "images_per_s" (training), "epochs"};
+    `on_epoch` gets {"epoch", "loss", "lr", "images_per_s"} after every epoch.
+    """
+    t_start = time.perf_counter()
+    ft = spec.eval.finetune
+    dev = torch.device(device)
+    amp = spec.pretrain.amp == "bf16"
+    seed_all(spec.seed)
+    vit = build_classifier(spec, model, info.num_classes).to(dev)
+
+    groups = param_groups_lrd(vit, ft.weight_decay, set(vit.no_weight_decay()), ft.layer_decay)
+    for g in groups:
+        del g["names"]
+    peak_lr = ft.base_lr * ft.batch_size / 256
+    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999))
+    mixup = None
+    if ft.mixup > 0 or ft.cutmix > 0:
+        mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.label_smoothing,
+                      num_classes=info.num_classes)
+        criterion = SoftTargetCrossEntropy()
+    elif ft.label_smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=ft.label_smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    steps_per_epoch = len(finetune_loader(spec, info, 0))
+    if steps_per_epoch == 0:
+        raise ValueError(f"fine-tuning has no full batch of {ft.batch_size}; lower eval.finetune.batch_size")
+    total_steps = steps_per_epoch * ft.epochs
+    warmup_steps = round(ft.warmup_epochs * steps_per_epoch)
+
+    step, train_s, images = 0, 0.0, 0
+    for epoch in range(ft.epochs):
+        t_epoch = time.perf_counter()
+        seed_all(epoch_seed(spec.seed, epoch, 2))  # augmentation, mixup, drop path
+        vit.train()
+        loss_sum, n_images, lr = 0.0, 0, 0.0
+        for imgs, labels in finetune_loader(spec, info, epoch):
+            lr = lr_at(step, total_steps, warmup_steps, peak_lr, 0.0)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            imgs, labels = imgs.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)  # (B, C, H, W), (B,)
+            if mixup is not None:
+                imgs, labels = mixup(imgs, labels)  # labels: (B, num_classes) soft targets
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                logits = vit(imgs)  # (B, num_classes)
+            loss = criterion(logits.float(), labels)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise DivergenceError(step, loss_value, stage="fine-tuning")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            loss_sum += loss_value
+            n_images += imgs.shape[0]
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        epoch_s = time.perf_counter() - t_epoch
+        train_s += epoch_s
+        images += n_images
+        if on_epoch is not None:
+            on_epoch({"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "lr": lr,
+                      "images_per_s": n_images / epoch_s})
+
+    vit.eval()
+    correct, total = 0, 0
+    with torch.no_grad():
+        for imgs, labels in eval_loader(spec, info, "val", ft.batch_size):
+            imgs, labels = imgs.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                logits = vit(imgs)  # (B, num_classes)
+            correct += (logits.argmax(dim=1) == labels).sum().item()
+            total += labels.numel()
+    return {"top1": correct / max(1, total), "wall_s": time.perf_counter() - t_start,
+            "images_per_s": images / max(train_s, 1e-9), "epochs": ft.epochs}

@@ -1,0 +1,207 @@
+"""One plain MAE pretraining loop (official `main_pretrain.py` / `engine_pretrain.py` recipe).
+
+AdamW betas (0.9, 0.95), weight decay on >= 2-D weights only, lr = base_lr * batch_size * accum_iter / 256 with a
+per-step linear warmup then a half-cosine to min_lr, gradient accumulation, optional bf16 autocast and
+torch.compile. Every epoch reseeds all the randomness it uses from (seed, epoch), and the checkpoint written after
+it holds everything else (weights, optimizer, step), so a resumed run equals an uninterrupted one bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from mae_lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
+from mae_lab.data import DatasetInfo
+from mae_lab.expand import mae_config
+from mae_lab.loaders import pretrain_loader
+from mae_lab.model import MaskedAutoencoder
+from mae_lab.spec import TrialSpec
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, loss: float, stage: str = "pretraining"):
+        self.step, self.loss = step, loss
+        super().__init__(f"{stage} diverged at step {step}: loss is {loss} "
+                         "(lower base_lr, raise warmup_epochs, or use amp='none')")
+
+
+@dataclass
+class PretrainResult:
+    model: MaskedAutoencoder
+    epochs: int  # epochs completed (including those restored from the checkpoint)
+    steps: int  # optimizer steps completed
+    wall_s: float  # wall time of this call
+    images_per_s: float  # training throughput of this call (0.0 when nothing was trained)
+    final_loss: float | None  # mean loss of the last epoch
+    loss_history: list[float]  # mean loss of every completed epoch
+    ckpt_sha256: str | None  # sha256 of the checkpoint file written last (or found complete)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_lr: float) -> float:
+    """Linear warmup from 0 to `peak` over `warmup_steps`, then a half-cosine from `peak` to `min_lr`."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """A 63-bit seed for one (seed, epoch, stream): independent streams, a pure function of its arguments."""
+    return int(np.random.SeedSequence((seed, epoch, stream)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and Python's `random`: every global RNG an augmentation may use."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decay on >= 2-D weights; none on 1-D params (norms) and biases (timm / official MAE)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path | None, resume: bool = True,
+             on_epoch: Callable[[dict], None] | None = None, model: MaskedAutoencoder | None = None,
+             ckpt_sha256: str | None = None) -> PretrainResult:
+    """Pretrain an MAE on `info`'s train split as `spec.pretrain` says; checkpoint and report after each epoch.
+
+    With `resume` and an existing `ckpt_path` the run continues from it (its sha256 is checked when `ckpt_sha256`
+    is given, and its config and spec must match); a checkpoint that already has every epoch returns at once.
+    `model` replaces the freshly built MaskedAutoencoder (e.g. to continue from imported weights).
+    Raises DivergenceError when the loss is not finite.
+    """
+    t_start = time.perf_counter()
+    pt = spec.pretrain
+    dev = torch.device(device)
+    torch.manual_seed(spec.seed)
+    if model is None:
+        model = MaskedAutoencoder(mae_config(spec))
+    model.to(dev)
+
+    eff_batch = pt.batch_size * pt.accum_iter
+    peak_lr = pt.base_lr * eff_batch / 256
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, pt.weight_decay), lr=peak_lr, betas=(0.9, 0.95))
+    spec_dump = spec.model_dump(mode="json")
+    config_dump = dataclasses.asdict(model.config)
+
+    epoch, step, loss_history, sha = 0, 0, [], None
+    ckpt_path = Path(ckpt_path) if ckpt_path is not None else None
+    if ckpt_path is not None and resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, sha256=ckpt_sha256, map_location="cpu")
+        if ckpt.get("config") != config_dump or _pretrain_part(ckpt.get("spec")) != _pretrain_part(spec_dump):
+            raise CheckpointError(f"{ckpt_path}: was written for another model config or pretraining spec; "
+                                  "delete it or run without resume")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        epoch, step, loss_history = ckpt["epoch"], ckpt["step"], list(ckpt["loss_history"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        sha = ckpt_sha256  # None unless the caller knew it; a fresh write below sets it
+        if epoch >= pt.epochs:
+            sha = sha or sha256_file(ckpt_path)
+            return PretrainResult(model, epoch, step, time.perf_counter() - t_start, 0.0,
+                                  loss_history[-1] if loss_history else None, loss_history, sha)
+
+    def save(epoch_done: int) -> str | None:
+        if ckpt_path is None:
+            return None
+        return save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch_done, "step": step,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "config": config_dump, "spec": spec_dump, "loss_history": loss_history,
+        })
+
+    if pt.epochs == 0:  # the random-init baseline
+        sha = save(0)
+        return PretrainResult(model, 0, 0, time.perf_counter() - t_start, 0.0, None, [], sha)
+
+    micro_per_epoch = len(pretrain_loader(spec, info, 0))
+    steps_per_epoch = micro_per_epoch // pt.accum_iter
+    if steps_per_epoch == 0:
+        raise ValueError(f"pretraining has no full step per epoch: {micro_per_epoch} batches of {pt.batch_size} "
+                         f"with accum_iter {pt.accum_iter}; lower pretrain.batch_size")
+    total_steps = steps_per_epoch * pt.epochs
+    warmup_steps = round(pt.warmup_epochs * steps_per_epoch)
+    fwd = torch.compile(model) if pt.compile else model
+    amp = pt.amp == "bf16"
+
+    train_s, images = 0.0, 0
+    while epoch < pt.epochs:
+        t_epoch = time.perf_counter()
+        seed_all(epoch_seed(spec.seed, epoch, 0))  # augmentation and anything else on the global RNGs
+        mask_gen = torch.Generator().manual_seed(epoch_seed(spec.seed, epoch, 1))  # masking (CPU generator)
+        loader = pretrain_loader(spec, info, epoch)
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, n_micro, n_images, lr = 0.0, 0, 0, 0.0
+        for i, (imgs, _) in enumerate(loader):
+            if i >= steps_per_epoch * pt.accum_iter:
+                break  # drop the micro-batches of an incomplete accumulation
+            if i % pt.accum_iter == 0:  # per-step lr, a pure function of the step
+                lr = lr_at(step, total_steps, warmup_steps, peak_lr, pt.min_lr)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+            imgs = imgs.to(dev, non_blocking=True)  # (B, C, H, W)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                loss, _, _ = fwd(imgs, generator=mask_gen)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise DivergenceError(step, loss_value)
+            (loss / pt.accum_iter).backward()
+            if (i + 1) % pt.accum_iter == 0:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+            loss_sum += loss_value
+            n_micro += 1
+            n_images += imgs.shape[0]
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        epoch_s = time.perf_counter() - t_epoch
+        train_s += epoch_s
+        images += n_images
+        epoch += 1
+        loss_history.append(loss_sum / max(1, n_micro))
+        metrics = {"epoch": epoch, "loss": loss_history[-1], "lr": lr,
+                   "images_per_s": n_images / epoch_s}
+        if pt.probe_every and epoch % pt.probe_every == 0:
+            from mae_lab.probe import knn_top1  # probe imports lr_at from here
+
+            metrics["knn_top1"] = knn_top1(model, info, spec, device)
+        sha = save(epoch)
+        metrics["ckpt_sha256"] = sha
+        metrics["wall_s"] = time.perf_counter() - t_start
+        if on_epoch is not None:
+            on_epoch(metrics)
+
+    return PretrainResult(model, epoch, step, time.perf_counter() - t_start, images / max(train_s, 1e-9),
+                          loss_history[-1], loss_history, sha)
+
+
+def _pretrain_part(spec_dump: dict | None) -> dict | None:
+    """The parts of a dumped spec that determine pretraining (as in expand.pretrain_hash)."""
+    if spec_dump is None:
+        return None
+    return {k: spec_dump.get(k) for k in ("seed", "data", "model", "pretrain")}

@@ -1,0 +1,267 @@
+"""Run a study: validate everything first, then claim trials one by one and run each (pretrain -> evaluate -> record).
+
+A trial's pretraining is keyed by its pretrain hash, so trials that differ only in evaluation settings share one
+checkpoint; a file lock serializes two processes that reach the same pretraining at once.
+"""
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import json
+import platform
+import socket
+import subprocess
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import timm
+import torch
+from sqlalchemy.engine import Engine
+
+from mae_lab import db
+from mae_lab.checkpoint import sha256_file
+from mae_lab.data import DataError, DatasetInfo, resolve_dataset
+from mae_lab.expand import Trial, expand, mae_config
+from mae_lab.model import count_params, encoder_flops_per_image
+from mae_lab.progress import Display, PlainDisplay
+from mae_lab.spec import DataSpec, Study, StudyError, TrialSpec, load_study, set_dotted
+
+
+@dataclass
+class RunSummary:
+    total: int = 0
+    skipped: int = 0  # already done before this run
+    ran: list[tuple[str, str]] = field(default_factory=list)  # (hash, final status)
+
+    def count(self, status: str) -> int:
+        return sum(1 for _, s in self.ran if s == status)
+
+    @property
+    def ok(self) -> bool:
+        return all(s == "done" for _, s in self.ran)
+
+
+def pick_device(device: str) -> str:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here (use cpu or auto)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device {device}: expected cpu, cuda or auto")
+    return device
+
+
+def parse_data_override(text: str | None) -> dict[str, str]:
+    """``train=PATTERN,val=PATTERN`` or ``dataset=NAME`` -> a [data] override."""
+    if not text:
+        return {}
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in ("dataset", "train", "val"):
+            raise ValueError(f"--data {text!r}: expected dataset=NAME or train=PATTERN,val=PATTERN")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def plan(path: str | Path, data_override: dict[str, str] | None = None) -> tuple[Study, list[Trial]]:
+    """Load, validate and expand a study file (raises StudyError; writes nothing)."""
+    study = load_study(path)
+    if data_override:
+        data = dict(study.base.get("data", {}))
+        if "train" in data_override or "val" in data_override:
+            data.pop("dataset", None)
+        data.update(data_override)
+        study = study.model_copy(update={"base": set_dotted(study.base, "data", data)})
+    return study, expand(study)
+
+
+def resolve_data(study: Study, trials: list[Trial], data_root: str | None, allow_pipe: bool = False
+                 ) -> dict[str, DatasetInfo]:
+    """Resolve every distinct [data] of the trials up front; a DataError names the study file."""
+    infos: dict[str, DatasetInfo] = {}
+    for t in trials:
+        d: DataSpec = t.spec.data
+        key = d.model_dump_json()
+        if key in infos:
+            continue
+        try:
+            infos[key] = resolve_dataset(None if d.train else d.dataset, train=d.train, val=d.val,
+                                         data_root=data_root, allow_pipe=allow_pipe)
+        except DataError as exc:
+            raise StudyError(study.path, "data", str(exc)) from None
+    return infos
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> tuple[str | None, bool | None]:
+    """(git commit, dirty) of the mae-lab source tree, or (None, None) outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10, check=True).stdout.strip())
+        return commit, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def study_hash(study: Study) -> str:
+    return hashlib.sha256(study.text.encode()).hexdigest()[:16]
+
+
+def _verified_checkpoint(engine: Engine, pretrain_hash: str, path: Path, display: Display) -> None:
+    """Keep ``path`` only if its sha256 is the one the database recorded; otherwise set it aside."""
+    if not path.exists():
+        return
+    row = db.get_checkpoint(engine, pretrain_hash)
+    if row is not None and row.sha256 == sha256_file(path):
+        return
+    aside = path.with_suffix(".unverified")
+    path.replace(aside)
+    display.message(f"  checkpoint {path.name} does not match the database's sha256: set aside as {aside.name}, "
+                    "pretraining from scratch")
+
+
+def run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: str, artifacts: Path,
+              display: Display) -> str:
+    """Pretrain (or resume / reuse), probe, fine-tune and record one claimed trial; return its final status."""
+    from mae_lab.finetune import finetune
+    from mae_lab.pretrain import DivergenceError, pretrain
+    from mae_lab.probe import linear_probe
+
+    spec = TrialSpec.model_validate_json(row.spec_json)
+    commit, dirty = code_version()
+    db.set_provenance(engine, row.id, host=socket.gethostname(), git_commit=commit, git_dirty=dirty,
+                      torch_version=torch.__version__, timm_version=timm.__version__, device=device)
+    ckpt = artifacts / "pretrain" / f"{row.pretrain_hash}.pt"
+
+    def on_pretrain_epoch(m: dict[str, Any]) -> None:
+        if m.get("ckpt_sha256"):
+            db.record_checkpoint(engine, row.pretrain_hash, str(ckpt), m["ckpt_sha256"], m["epoch"])
+        db.record_metrics(engine, row.id, "pretrain", m["epoch"],
+                          {k: v for k, v in m.items() if k not in ("epoch", "ckpt_sha256") and v is not None})
+        db.heartbeat(engine, row.id)
+        display.epoch("pretrain", m["epoch"], spec.pretrain.epochs, m)
+
+    def on_eval_epoch(stage: str, total: int):
+        def cb(m: dict[str, Any]) -> None:
+            db.record_metrics(engine, row.id, stage, m["epoch"],
+                              {k: v for k, v in m.items() if k != "epoch" and v is not None})
+            display.epoch(stage, m["epoch"], total, m)
+        return cb
+
+    try:
+        display.stage("pretrain", spec.pretrain.epochs)
+        with file_lock(ckpt.with_suffix(".lock")):
+            _verified_checkpoint(engine, row.pretrain_hash, ckpt, display)
+            done_before = db.get_checkpoint(engine, row.pretrain_hash)
+            reused = ckpt.exists() and done_before is not None and done_before.epoch >= spec.pretrain.epochs > 0
+            pre = pretrain(spec, info, device=device, ckpt_path=ckpt if spec.pretrain.epochs else None,
+                           resume=True, on_epoch=on_pretrain_epoch)
+        for epoch, loss in enumerate(pre.loss_history, start=1):  # epochs run before a resume, or shared
+            db.record_metrics(engine, row.id, "pretrain", epoch, {"loss": loss})
+        result: dict[str, Any] = {"pretrain_loss": pre.final_loss, "pretrain_wall_s": pre.wall_s,
+                                  "pretrain_images_per_s": pre.images_per_s, "pretrain_reused": reused}
+        model = pre.model
+        lin, ft = spec.eval.linear, spec.eval.finetune
+        if lin.enabled:
+            db.clear_metrics(engine, row.id, "linear")
+            display.stage("linear", lin.epochs)
+            out = linear_probe(spec, model, info, device=device, on_epoch=on_eval_epoch("linear", lin.epochs))
+            result.update(linear_top1=out["top1"], linear_wall_s=out["wall_s"])
+        if ft.enabled:
+            db.clear_metrics(engine, row.id, "finetune")
+            display.stage("finetune", ft.epochs)
+            out = finetune(spec, model, info, device=device, on_epoch=on_eval_epoch("finetune", ft.epochs))
+            result.update(finetune_top1=out["top1"], finetune_wall_s=out["wall_s"])
+        config = mae_config(spec)
+        result.update(encoder_gflops=encoder_flops_per_image(config), total_params=count_params(model),
+                      encoder_params=sum(v.numel() for v in model.encoder_state_dict().values()))
+        arts = {"checkpoint": (str(ckpt), sha256_file(ckpt))} if ckpt.exists() else {}
+        db.finish_trial(engine, row.id, "done", result=result, artifacts=arts)
+        return "done"
+    except DivergenceError as exc:
+        db.finish_trial(engine, row.id, "diverged", error=str(exc))
+        return "diverged"
+    except KeyboardInterrupt:
+        db.finish_trial(engine, row.id, "interrupted", error="interrupted by the user (Ctrl-C)")
+        raise
+    except torch.cuda.OutOfMemoryError:
+        db.finish_trial(engine, row.id, "failed", error="CUDA out of memory: lower pretrain.batch_size and raise "
+                        "pretrain.accum_iter to keep the effective batch\n" + traceback.format_exc())
+        return "failed"
+    except Exception:  # noqa: BLE001 - a failing trial is recorded and the study goes on
+        db.finish_trial(engine, row.id, "failed", error=traceback.format_exc())
+        return "failed"
+
+
+def _summary_line(engine: Engine, row: db.TrialRow, status: str) -> str:
+    _, result, _ = db.trial_details(engine, row.id)
+    if status != "done" or result is None:
+        return f"  {row.hash[:8]} {row.label}: {status}"
+    parts = [f"{row.hash[:8]} {row.label}: done"]
+    if result.linear_top1 is not None:
+        parts.append(f"linear {100 * result.linear_top1:.1f}%")
+    if result.finetune_top1 is not None:
+        parts.append(f"finetune {100 * result.finetune_top1:.1f}%")
+    parts.append(f"pretrain {result.pretrain_wall_s:.0f}s" + (" (shared)" if result.pretrain_reused else ""))
+    return "  " + ", ".join(parts)
+
+
+def trial_rows(study: Study, trials: list[Trial]) -> list[dict[str, Any]]:
+    return [{"hash": t.hash, "pretrain_hash": t.pretrain_hash, "seed": t.spec.seed, "label": t.label,
+             "axes_json": json.dumps(t.axes), "spec_json": t.spec.model_dump_json()} for t in trials]
+
+
+def run_study(path: str | Path, *, db_url: str | None = None, device: str = "auto", data_root: str | None = None,
+              artifacts: str | Path | None = None, data_override: dict[str, str] | None = None, rerun: bool = False,
+              max_trials: int | None = None, allow_pipe: bool = False, display: Display | None = None
+              ) -> RunSummary:
+    """Validate ``path`` fully, record its trials, then run every trial not done yet."""
+    display = display or PlainDisplay()
+    study, trials = plan(path, data_override)
+    infos = resolve_data(study, trials, data_root, allow_pipe)
+    device = pick_device(device)
+    engine = db.connect(db_url)
+    artifacts = Path(artifacts or db.artifacts_dir(db_url))
+    s = study.study
+    row = db.sync_study(engine, name=s.name, description=s.description, paper=s.paper, path=str(path),
+                        spec_text=study.text, spec_hash=study_hash(study), trials=trial_rows(study, trials))
+    if rerun:
+        db.reset_trials(engine, row.id, [t.hash for t in trials])
+    by_hash = {t.hash: t for t in trials}
+    status = {t.hash: t.status for t, _ in db.study_trials(engine, row.id)}
+    summary = RunSummary(total=len(trials), skipped=sum(1 for h in by_hash if status.get(h) == "done"))
+    todo = len(trials) - summary.skipped
+    display.message(f"study {s.name}: {len(trials)} trials, {summary.skipped} done, {todo} to run on {device}")
+    tried: set[int] = set()
+    while max_trials is None or len(summary.ran) < max_trials:
+        claimed = db.claim_next(engine, row.id, skip=tried)
+        if claimed is None:
+            break
+        tried.add(claimed.id)
+        trial = by_hash[claimed.hash]
+        display.trial_start(len(summary.ran) + 1, todo, claimed.label, claimed.hash)
+        result = run_trial(engine, claimed, infos[trial.spec.data.model_dump_json()], device=device,
+                           artifacts=artifacts, display=display)
+        summary.ran.append((claimed.hash, result))
+        display.trial_end(_summary_line(engine, claimed, result))
+    return summary
