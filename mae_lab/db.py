@@ -78,6 +78,7 @@ class TrialRow(SQLModel, table=True):
     ended_at: datetime | None = None
     error: str | None = Field(default=None, sa_column=Column(Text))
     optuna_trial: int | None = None
+    resumed_from_epoch: int | None = None  # the pretraining checkpoint epoch this attempt started from
 
     @property
     def axes(self) -> dict[str, Any]:

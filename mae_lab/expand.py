@@ -1,6 +1,7 @@
 """Study -> trial specs. A trial's identity is a hash of its canonical resolved spec."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -50,7 +51,8 @@ def resolve(study: Study, point: dict[str, Any], seed: int) -> TrialSpec:
     if model.preset not in PRESETS:
         key = "grid.model.preset" if "model.preset" in point else "model.preset"
         raise StudyError(study.path, key, f"unknown preset {model.preset!r} (valid: {', '.join(PRESETS)})")
-    full = {**PRESETS[model.preset], **model.model_dump(exclude_none=True)}
+    defaults = {f.name: f.default for f in dataclasses.fields(MAEConfig)}
+    full = {**defaults, **PRESETS[model.preset], **model.model_dump(exclude_none=True)}
     spec = spec.model_copy(update={"model": type(model).model_validate(full)})
 
     def where(*keys: str) -> str:
@@ -88,6 +90,11 @@ def resolve(study: Study, point: dict[str, Any], seed: int) -> TrialSpec:
         key = "grid.eval.finetune.last_k_blocks" if "eval.finetune.last_k_blocks" in point \
             else "eval.finetune.last_k_blocks"
         raise StudyError(study.path, key, f"last_k_blocks {ft.last_k_blocks} exceeds the encoder depth {m.depth}")
+    try:
+        mae_config(spec)
+    except ValueError as exc:  # anything MAEConfig checks beyond the above (e.g. widths for sin-cos tables)
+        key = next((f"grid.{k}" for k in point if k.startswith("model.")), "model")
+        raise StudyError(study.path, key, str(exc)) from None
     return spec
 
 

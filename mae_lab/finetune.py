@@ -91,8 +91,6 @@ def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, de
     vit = build_classifier(spec, model, info.num_classes).to(dev)
 
     groups = param_groups_lrd(vit, ft.weight_decay, set(vit.no_weight_decay()), ft.layer_decay)
-    for g in groups:
-        del g["names"]
     peak_lr = ft.base_lr * ft.batch_size / 256
     optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999))
     mixup = None

@@ -174,6 +174,8 @@ def run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: st
             _verified_checkpoint(engine, row.pretrain_hash, ckpt, display)
             done_before = db.get_checkpoint(engine, row.pretrain_hash)
             reused = ckpt.exists() and done_before is not None and done_before.epoch >= spec.pretrain.epochs > 0
+            if ckpt.exists() and done_before is not None:
+                db.set_provenance(engine, row.id, resumed_from_epoch=done_before.epoch)
             pre = pretrain(spec, info, device=device, ckpt_path=ckpt if spec.pretrain.epochs else None,
                            resume=True, on_epoch=on_pretrain_epoch)
         for epoch, loss in enumerate(pre.loss_history, start=1):  # epochs run before a resume, or shared
