@@ -17,8 +17,10 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Pack, fetch and inspect WebDataset shards.")
 app.add_typer(data_app, name="data")
 
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+
+def out() -> Console:
+    """Standard output (made per call, so COLUMNS and the terminal are read when a command runs)."""
+    return Console(highlight=False)
 
 DbOpt = Annotated[Optional[str], typer.Option("--db", envvar="MAE_LAB_DB", show_envvar=True,
                                               help="Database URL [default: sqlite:///db/mae_lab.db].")]
@@ -27,7 +29,7 @@ DataRootOpt = Annotated[Optional[str], typer.Option("--data-root", envvar="MAE_L
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"error: {message}", markup=False, soft_wrap=True)
+    Console(stderr=True, highlight=False).print(f"error: {message}", markup=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -66,7 +68,7 @@ def run(
             spec, trials = plan(study, override)
             resolve_data(spec, trials, data_root, allow_pipe)
             return _print_plan(spec, trials, db)
-        display = make_display(console)
+        display = make_display(out())
         try:
             summary = run_study(study, db_url=db, device=device, data_root=data_root, data_override=override,
                                 rerun=rerun, max_trials=max_trials, allow_pipe=allow_pipe, display=display)
@@ -75,10 +77,10 @@ def run(
     except (StudyError, DbError, ValueError) as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:
-        err.print("interrupted: the running trial is marked interrupted; run the same command to resume it")
+        Console(stderr=True).print("interrupted: the running trial is marked interrupted; run the same command to resume it")
         raise typer.Exit(130) from None
     parts = [f"{summary.count(s)} {s}" for s in ("done", "failed", "diverged") if summary.count(s)]
-    console.print(f"{summary.total} trials: {summary.skipped} already done" + "".join(f", {p}" for p in parts))
+    out().print(f"{summary.total} trials: {summary.skipped} already done" + "".join(f", {p}" for p in parts))
     if not summary.ok:
         raise typer.Exit(1)
 
@@ -102,7 +104,7 @@ def _print_plan(study, trials, db_url: str | None) -> None:
     for i, t in enumerate(trials, 1):
         table.add_row(str(i), t.hash[:12], t.pretrain_hash[:8], str(t.spec.seed), t.label,
                       status.get(t.hash, "pending"))
-    console.print(table)
+    out().print(table)
 
 
 @app.command()
@@ -117,7 +119,7 @@ def validate(study: Annotated[Path, typer.Argument(help="The study TOML file.")]
         resolve_data(spec, trials, data_root)
     except StudyError as exc:
         raise fail(str(exc)) from None
-    console.print(f"{study}: ok ({len(trials)} trials)")
+    out().print(f"{study}: ok ({len(trials)} trials)")
 
 
 @app.command()
@@ -135,7 +137,7 @@ def report(
         raise fail("the database holds no study yet: run one with 'mae-lab run STUDY.toml'", 1)
     for name in names:
         try:
-            render(summarize(engine, name), console)
+            render(summarize(engine, name), out())
         except KeyError as exc:
             raise fail(str(exc.args[0])) from None
 
@@ -152,7 +154,7 @@ def list_(db: DbOpt = None):
         table.add_column(s, justify="right")
     for study, counts in dbm.list_studies(engine):
         table.add_row(study.name, *(str(counts.get(s, 0)) for s in dbm.STATUSES))
-    console.print(table)
+    out().print(table)
 
 
 @app.command()
@@ -165,23 +167,23 @@ def show(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix.")],
     if row is None:
         raise fail(f"no single trial matches {trial!r} (give the id or a longer hash prefix)")
     metrics, result, arts = dbm.trial_details(engine, row.id)
-    console.print(f"[bold]trial {row.id}[/bold] {row.hash} {row.label} — {row.status}")
-    console.print(f"host {row.host}, device {row.device}, git {row.git_commit}{' (dirty)' if row.git_dirty else ''}, "
+    out().print(f"[bold]trial {row.id}[/bold] {row.hash} {row.label} — {row.status}")
+    out().print(f"host {row.host}, device {row.device}, git {row.git_commit}{' (dirty)' if row.git_dirty else ''}, "
                   f"torch {row.torch_version}, timm {row.timm_version}, started {row.started_at}, ended {row.ended_at}")
-    console.print_json(row.spec_json)
+    out().print_json(row.spec_json)
     if result is not None:
-        console.print_json(json.dumps(result.model_dump(exclude={"id", "trial_id"})))
+        out().print_json(json.dumps(result.model_dump(exclude={"id", "trial_id"})))
     if metrics:
         table = Table(title="metrics")
         for col in ("stage", "epoch", "name", "value"):
             table.add_column(col)
         for m in metrics:
             table.add_row(m.stage, str(m.epoch), m.name, f"{m.value:.6g}")
-        console.print(table)
+        out().print(table)
     for a in arts:
-        console.print(f"artifact {a.kind}: {a.path} sha256 {a.sha256}")
+        out().print(f"artifact {a.kind}: {a.path} sha256 {a.sha256}")
     if row.error:
-        console.print(f"[red]error:[/red] {row.error}", markup=True)
+        out().print(f"[red]error:[/red] {row.error}", markup=True)
 
 
 @data_app.command("pack")
@@ -198,7 +200,7 @@ def data_pack(src: Annotated[Path, typer.Argument(help="ImageFolder tree (class 
     except DataError as exc:
         raise fail(str(exc)) from None
     splits = ", ".join(f"{k}: {v['samples']}" for k, v in meta["splits"].items())
-    console.print(f"packed {meta['name']} into {out}: {splits}; {len(meta['classes'])} classes")
+    out().print(f"packed {meta['name']} into {out}: {splits}; {len(meta['classes'])} classes")
 
 
 @data_app.command("info")
@@ -210,7 +212,7 @@ def data_info(pattern: Annotated[str, typer.Argument(help="Shard pattern, e.g. '
         info = dataset_info(pattern)
     except DataError as exc:
         raise fail(str(exc)) from None
-    console.print_json(json.dumps(info, default=str))
+    out().print_json(json.dumps(info, default=str))
 
 
 @data_app.command("get")
@@ -222,7 +224,7 @@ def data_get(name: Annotated[str, typer.Argument(help="cifar10 or cifar100.")], 
         path = get_dataset(name, data_root)
     except DataError as exc:
         raise fail(str(exc)) from None
-    console.print(f"{name}: shards and dataset.json in {path}")
+    out().print(f"{name}: shards and dataset.json in {path}")
 
 
 if __name__ == "__main__":

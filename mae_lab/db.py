@@ -274,8 +274,9 @@ def sync_study(engine: Engine, *, name: str, description: str, paper: str | None
         return study
 
 
-def reset_trials(engine: Engine, study_id: int, hashes: list[str]) -> int:
-    """Set the given trials back to pending and drop their metrics, results and artifacts (``--rerun``)."""
+def reset_trials(engine: Engine, study_id: int, hashes: list[str]) -> list[CheckpointRow]:
+    """Set the given trials back to pending and drop their metrics, results, artifacts and pretraining checkpoint
+    records (``--rerun``); return the dropped checkpoint records so the caller can delete their files."""
     with transaction(engine) as s:
         rows = s.exec(select(TrialRow).where(TrialRow.study_id == study_id, TrialRow.hash.in_(hashes))).all()
         ids = [r.id for r in rows]
@@ -283,7 +284,12 @@ def reset_trials(engine: Engine, study_id: int, hashes: list[str]) -> int:
             s.exec(delete(model).where(model.trial_id.in_(ids)))
         for r in rows:
             r.status, r.error, r.worker, r.started_at, r.ended_at, r.attempts = "pending", None, None, None, None, 0
-        return len(rows)
+            r.resumed_from_epoch = None
+        ckpts = s.exec(select(CheckpointRow).where(CheckpointRow.pretrain_hash.in_([r.pretrain_hash for r in rows])))
+        dropped = list(ckpts)
+        for c in dropped:
+            s.delete(c)
+        return dropped
 
 
 def _is_stale(row: TrialRow, stale_after_s: float) -> bool:

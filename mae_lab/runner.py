@@ -248,7 +248,8 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
     row = db.sync_study(engine, name=s.name, description=s.description, paper=s.paper, path=str(path),
                         spec_text=study.text, spec_hash=study_hash(study), trials=trial_rows(study, trials))
     if rerun:
-        db.reset_trials(engine, row.id, [t.hash for t in trials])
+        for ckpt in db.reset_trials(engine, row.id, [t.hash for t in trials]):
+            Path(ckpt.path).unlink(missing_ok=True)
     by_hash = {t.hash: t for t in trials}
     status = {t.hash: t.status for t, _ in db.study_trials(engine, row.id)}
     summary = RunSummary(total=len(trials), skipped=sum(1 for h in by_hash if status.get(h) == "done"))

@@ -37,7 +37,7 @@ runner = CliRunner()
 
 
 def invoke(*args: str):
-    res = runner.invoke(app, list(args))
+    res = runner.invoke(app, list(args), env={"COLUMNS": "200"})
     return res
 
 
