@@ -243,7 +243,7 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
     infos = resolve_data(study, trials, data_root, allow_pipe)
     device = pick_device(device)
     engine = db.connect(db_url)
-    artifacts = Path(artifacts or db.artifacts_dir(db_url))
+    artifacts = Path(artifacts or db.artifacts_dir(db_url)).resolve()
     s = study.study
     row = db.sync_study(engine, name=s.name, description=s.description, paper=s.paper, path=str(path),
                         spec_text=study.text, spec_hash=study_hash(study), trials=trial_rows(study, trials))
