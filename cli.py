@@ -126,20 +126,28 @@ def validate(study: Annotated[Path, typer.Argument(help="The study TOML file.")]
 def report(
     study: Annotated[Optional[str], typer.Argument(help="Study name (default: every study).")] = None,
     db: DbOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, md, csv, latex (booktabs) or json.")] = "table",
+    out_path: Annotated[Optional[Path], typer.Option(
+        "--out", help="Write to this file (atomically) instead of printing; with --all, a folder of pages.")] = None,
+    plots: Annotated[Optional[Path], typer.Option("--plots", help="Also write the study's PNG plots here.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="One Markdown page per study, with its plots, under --out "
+                                                     "(e.g. docs/results/).")] = False,
 ):
-    """Print the paper-style table of a study: mean ± std and n over seeds, best row marked."""
-    from mae_lab import db as dbm
-    from mae_lab.report import render, summarize
+    """Per point: mean ± std and n over seeds, the difference to the default with a 95% Welch interval (≈ when
+    within seed noise), and the paper's numbers with a rank-correlation verdict."""
+    from mae_lab.report import report_command
 
+    if all_ and study:
+        raise fail("give a study name or --all, not both")
     engine = _open_db(db, create=False)
-    names = [study] if study else [s.name for s, _ in dbm.list_studies(engine)]
-    if not names:
-        raise fail("the database holds no study yet: run one with 'mae-lab run STUDY.toml'", 1)
-    for name in names:
-        try:
-            render(summarize(engine, name), out())
-        except KeyError as exc:
-            raise fail(str(exc.args[0])) from None
+    try:
+        written = report_command(engine, study, fmt=fmt, out=out_path, plots=plots, site=all_, console=out())
+    except KeyError as exc:
+        raise fail(str(exc.args[0])) from None
+    except (ValueError, OSError) as exc:
+        raise fail(str(exc)) from None
+    for path in written:
+        out().print(f"wrote {path}", markup=False)
 
 
 @app.command("list")
@@ -158,14 +166,31 @@ def list_(db: DbOpt = None):
 
 
 @app.command()
-def show(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix.")], db: DbOpt = None):
-    """Show one trial: spec, provenance, metrics, results and artifacts."""
+def show(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix.")], db: DbOpt = None,
+         recon: Annotated[Optional[Path], typer.Option(
+             "--recon", help="Write the trial's reconstructions (paper Figure 2) to this PNG.")] = None,
+         across: Annotated[Optional[str], typer.Option(
+             "--across", help="With --recon: the same images side by side across the trials of this axis "
+                              "(e.g. mask_ratio), same seed.")] = None,
+         data_root: DataRootOpt = None):
+    """Show one trial: spec, provenance, metrics, results and artifacts; --recon writes its reconstructions."""
     from mae_lab import db as dbm
 
     engine = _open_db(db, create=False)
     row = dbm.find_trial(engine, trial)
     if row is None:
         raise fail(f"no single trial matches {trial!r} (give the id or a longer hash prefix)")
+    if recon is not None or across is not None:
+        from mae_lab.recon import ReconError, show_recon
+
+        if recon is None:
+            raise fail("--across needs --recon OUT.png")
+        try:
+            labels = show_recon(engine, row, recon, across=across, data_root=data_root)
+        except (ReconError, OSError) as exc:
+            raise fail(str(exc)) from None
+        out().print(f"wrote {recon}: reconstructions of {'; '.join(labels)}", markup=False)
+        return
     metrics, result, arts = dbm.trial_details(engine, row.id)
     out().print(f"[bold]trial {row.id}[/bold] {row.hash} {row.label} — {row.status}")
     out().print(f"host {row.host}, device {row.device}, git {row.git_commit}{' (dirty)' if row.git_dirty else ''}, "

@@ -28,6 +28,7 @@ from mae_lab.data import DataError, DatasetInfo, resolve_dataset
 from mae_lab.expand import Trial, expand, mae_config
 from mae_lab.model import count_params, encoder_flops_per_image
 from mae_lab.progress import Display, PlainDisplay
+from mae_lab.recon import save_trial_recon
 from mae_lab.spec import DataSpec, Study, StudyError, TrialSpec, load_study, set_dotted
 
 
@@ -198,6 +199,8 @@ def run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: st
         result.update(encoder_gflops=encoder_flops_per_image(config), total_params=count_params(model),
                       encoder_params=sum(v.numel() for v in model.encoder_state_dict().values()))
         arts = {"checkpoint": (str(ckpt), sha256_file(ckpt))} if ckpt.exists() else {}
+        recon_png = artifacts / "recon" / f"{row.hash}.png"
+        arts["recon"] = (str(recon_png), save_trial_recon(model, spec, info, recon_png))
         db.finish_trial(engine, row.id, "done", result=result, artifacts=arts)
         return "done"
     except DivergenceError as exc:

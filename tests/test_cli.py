@@ -72,7 +72,8 @@ def test_run_records_skips_reruns_and_reports(workdir: Path):
     pre = [(m.trial_id, m.epoch) for m in metrics if m.stage == "pretrain" and m.name == "loss"]
     assert sorted(pre) == sorted((t.id, e) for t in trials for e in (1, 2))
     arts = rows(engine, db.ArtifactRow)
-    assert len(arts) == 4 and all(Path(a.path).exists() for a in arts)
+    assert len(arts) == 8 and {a.kind for a in arts} == {"checkpoint", "recon"}
+    assert all(Path(a.path).exists() for a in arts)
 
     # a second run does nothing
     res = invoke("run", "tiny.toml")

@@ -1,0 +1,290 @@
+"""Reports: formats with their values, the Welch interval against a hand computation, paper matching, plots as PNGs of
+the expected size, and reconstructions (an oracle decoder gives back the original image)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from mae_lab import db, paper
+from mae_lab.expand import expand
+from mae_lab.model import MaskedAutoencoder, config_from_preset
+from mae_lab.plots import SIZES, study_plots
+from mae_lab.recon import reconstruct
+from mae_lab.report import render_text, summarize
+from mae_lab.runner import trial_rows
+from mae_lab.spec import parse_study
+from mae_lab.stats import t_ppf, welch_interval
+
+DEPTH_STUDY = """# recorded by hand: a Table 1a study whose results are known exactly
+[study]
+name = "depth"
+paper = "1a"
+seeds = [0, 1, 2]
+
+[model]
+preset = "vit_digits"   # decoder_depth 2 is the default
+
+[grid]
+"model.decoder_depth" = [1, 2, 4, 8]
+"""
+# linear / fine-tune top-1 in % per seed, by decoder depth
+LINEAR = {1: [58, 60, 62], 2: [70, 72, 74], 4: [69, 70, 71], 8: [74, 75, 76]}
+FINETUNE = {1: [80, 81, 82], 2: [82, 83, 84], 4: [83, 83, 83], 8: [81, 82, 83]}
+
+
+def record(url: str, text: str, linear: dict, finetune: dict, axis: str) -> None:
+    """Write a study and its results into a real SQLite database through db.py (no training)."""
+    study = parse_study(text, "hand.toml")
+    trials = expand(study)
+    engine = db.connect(url)
+    row = db.sync_study(engine, name=study.study.name, description="hand-made", paper=study.study.paper,
+                        path="hand.toml", spec_text=text, spec_hash="x", trials=trial_rows(study, trials))
+    for trial, _ in db.study_trials(engine, row.id):
+        value = json.loads(trial.axes_json)[axis]
+        k = study.study.seeds.index(trial.seed)
+        for epoch in (1, 2, 3):
+            db.record_metrics(engine, trial.id, "pretrain", epoch, {"loss": 1.0 / (epoch + value + k)})
+        db.finish_trial(engine, trial.id, "done", result={
+            "linear_top1": linear[value][k] / 100, "finetune_top1": finetune[value][k] / 100,
+            "pretrain_wall_s": 10.0 * value, "pretrain_images_per_s": 1000.0 / value + k,
+            "encoder_gflops": 0.01 * value})
+
+
+@pytest.fixture
+def depth_db(tmp_path) -> str:
+    url = f"sqlite:///{tmp_path}/hand.db"
+    record(url, DEPTH_STUDY, LINEAR, FINETUNE, "model.decoder_depth")
+    return url
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+# --- statistics -----------------------------------------------------------------------------------------------
+
+def test_t_quantiles_match_the_printed_table():
+    for df, t in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423), (1e6, 1.9600)):
+        assert t_ppf(0.975, df) == pytest.approx(t, abs=1e-4)
+    assert t_ppf(0.025, 4) == pytest.approx(-2.7764, abs=1e-4)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1.44, 2.94, 7.5, 123.4):
+        assert t_ppf(0.975, df) == pytest.approx(scipy_stats.t.ppf(0.975, df), rel=1e-9)
+
+
+def test_welch_interval_matches_a_hand_computation():
+    # depth 1 vs the default: means 60 and 72, sample variances 4 and 4, n = 3 each
+    # se = sqrt(4/3 + 4/3) = 1.632993; df = (8/3)^2 / ((4/3)^2/2 + (4/3)^2/2) = 4; t(0.975, 4) = 2.776445
+    ci = welch_interval([58, 60, 62], [70, 72, 74])
+    half = 2.776445 * math.sqrt(8 / 3)
+    assert ci.delta == pytest.approx(-12.0)
+    assert ci.df == pytest.approx(4.0)
+    assert (ci.low, ci.high) == (pytest.approx(-12 - half, abs=1e-5), pytest.approx(-12 + half, abs=1e-5))
+    assert ci.within_noise is False
+    # unequal variances: df = (1/3 + 4/3)^2 / ((1/3)^2/2 + (4/3)^2/2) = 50/17
+    ci = welch_interval([69, 70, 71], [70, 72, 74])
+    assert ci.df == pytest.approx(50 / 17)
+    assert ci.low < 0 < ci.high and ci.within_noise is True
+    one = welch_interval([70], [70, 72, 74])
+    assert one.low is None and one.note == "n=1" and one.within_noise is None
+
+
+# --- formats --------------------------------------------------------------------------------------------------
+
+def test_every_format_renders_the_recorded_values(depth_db, tmp_path):
+    engine = db.connect(depth_db, create=False)
+    rep = summarize(engine, "depth")
+    lo, hi = -12 - 2.776445 * math.sqrt(8 / 3), -12 + 2.776445 * math.sqrt(8 / 3)
+
+    md = render_text(rep, "md")
+    assert "| **2** (default) | 72.0 ± 2.0 (n=3) | default |" in md
+    assert "| 1 | 60.0 ± 2.0 (n=3) | -12.0 [-16.5, -7.5] | 81.0 ± 1.0 (n=3) |" in md
+    row4 = next(line for line in md.splitlines() if line.startswith("| 4 |"))
+    assert "70.0 ± 1.0 (n=3)" in row4 and "≈" in row4 and "| 4 blocks | 71.9 | 84.9 |" in row4
+    # ours 60 < 70 < 72 < 75 against the paper's 65.5 < 70.0 < 71.9 < 73.5: one swapped pair, rho = 1 - 6*2/60
+    assert "linear: our ordering agrees with the paper's (Spearman rho = +0.80 over 4 points)" in md
+    assert "matched to ours by equal axis values" in md and "12 blocks" in md  # the unmatched paper setting
+
+    rows = {r["model.decoder_depth"]: r for r in csv.DictReader(io.StringIO(render_text(rep, "csv")))}
+    assert set(rows) == {"1", "2", "4", "8"}
+    assert float(rows["1"]["linear_mean"]) == pytest.approx(60.0)
+    assert float(rows["1"]["linear_ci_low"]) == pytest.approx(lo, abs=1e-5)
+    assert float(rows["1"]["linear_ci_high"]) == pytest.approx(hi, abs=1e-5)
+    assert rows["4"]["linear_within_noise"] == "True" and rows["2"]["is_default"] == "True"
+    assert float(rows["8"]["paper_lin"]) == 73.5 and float(rows["8"]["finetune_mean"]) == pytest.approx(82.0)
+    assert float(rows["4"]["speed_vs_default"]) == pytest.approx((250 + 1) / (500 + 1))
+
+    data = json.loads(render_text(rep, "json"))
+    first = data["rows"][0]
+    assert first["axes"] == {"model.decoder_depth": 1} and first["linear"]["values"] == pytest.approx([58, 60, 62])
+    assert first["linear_diff"]["low"] == pytest.approx(lo, abs=1e-5) and first["linear_diff"]["df"] == 4.0
+    assert data["paper_comparison"]["agreement"]["linear"] == {"spearman": pytest.approx(0.8), "points": 4}
+    assert data["rows"][1]["is_default"] and data["rows"][1]["linear_diff"] is None
+
+    tex = render_text(rep, "latex")
+    for piece in (r"\toprule", r"\midrule", r"\bottomrule", r"\textbf{2} & $72.0 \pm 2.0$ (3) & default",
+                  r"1 & $60.0 \pm 2.0$ (3) & $-12.0$ [$-16.5$, $-7.5$]", r"decoder\_depth", r"4 blocks & 71.9 & 84.9"):
+        assert piece in tex, piece
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["report", "depth", "--db", depth_db], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "60.0 ± 2.0 (n=3)" in res.output and "(default)" in res.output and "rho = +0.80" in res.output
+    out = tmp_path / "out" / "depth.tex"
+    res = runner.invoke(app, ["report", "depth", "--db", depth_db, "--format", "latex", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_text() == tex and [p.name for p in out.parent.iterdir()] == ["depth.tex"]  # no temp file left
+    res = runner.invoke(app, ["report", "depth", "--db", depth_db, "--format", "xml"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "unknown format 'xml'" in res.output
+    res = runner.invoke(app, ["report", "nope", "--db", depth_db])
+    assert res.exit_code == 2 and "no study named 'nope'" in res.output
+
+
+def test_one_seed_gives_no_interval_and_widths_match_by_position(tmp_path):
+    text = (DEPTH_STUDY.replace('name = "depth"', 'name = "width"').replace('"1a"', '"1b"')
+            .replace("seeds = [0, 1, 2]", "seeds = [0]")
+            .replace('"model.decoder_depth" = [1, 2, 4, 8]', '"model.decoder_embed_dim" = [8, 16, 32, 64]'))
+    lin = {8: [60], 16: [65], 32: [70], 64: [66]}  # vit_digits' decoder is 32 wide: the default
+    url = f"sqlite:///{tmp_path}/w.db"
+    record(url, text, lin, lin, "model.decoder_embed_dim")
+    rep = summarize(db.connect(url, create=False), "width")
+    md = render_text(rep, "md")
+    assert "| 8 | 60.0 ± 0.0 (n=1) | -10.0 (n=1) |" in md
+    assert [r.paper.setting for r in rep.rows] == ["128 wide", "256 wide", "512 wide", "768 wide"]
+    assert "by position" in md and "1024 wide" in md
+    # 60 < 65 < 70 > 66 against 69.1 < 71.3 < 73.5 > 73.1: the same ordering
+    assert rep.comparison.agreement["linear"] == (pytest.approx(1.0), 4)
+
+
+def test_paper_matching_rules():
+    fig5 = paper.get_table("fig5")
+    comp = paper.compare(fig5, [(0.25,), (0.5,), (0.75,), (0.9,)], [40, 50, 60, 55], [70, 71, 72, 73])
+    assert [m and m.setting for m in comp.matches] == ["lowest ratio tried", None, "75%", None]
+    assert comp.agreement == {"linear": (1.0, 2), "finetune": (None, 0)}
+    t1f = paper.get_table("1f")
+    comp = paper.compare(t1f, [("random", 0.75), ("block", 0.5), ("grid", 0.75)], [70, 69, 60], [None] * 3)
+    assert comp.rule == "value" and [m.ft for m in comp.matches] == [84.9, 83.9, 84.0]
+    assert comp.agreement["linear"] == (pytest.approx(1.0), 3)  # 70 > 69 > 60 like 73.5 > 72.3 > 66.0
+    t1d = paper.get_table("1d")
+    comp = paper.compare(t1d, [(False,), (True,)], [70, 71], [80, 79])
+    assert comp.unmatched == ["PCA", "dVAE token"] and comp.agreement["finetune"] == (-1.0, 2)
+    assert paper.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)
+
+
+# --- plots and reconstructions --------------------------------------------------------------------------------
+
+def test_plots_are_pngs_of_the_expected_size(depth_db, tmp_path):
+    engine = db.connect(depth_db, create=False)
+    paths = study_plots(engine, summarize(engine, "depth"), tmp_path / "plots")
+    assert sorted(p.name for p in paths) == ["axis-decoder_depth.png", "loss.png", "speed.png"]
+    for p in paths:
+        kind = "axis" if p.name.startswith("axis") else p.stem
+        assert png_size(p.read_bytes()) == SIZES[kind], p.name
+    assert not [p for p in (tmp_path / "plots").iterdir() if p.suffix != ".png"]
+
+
+class OracleMAE(MaskedAutoencoder):
+    """A decoder that returns the target exactly (normalized per patch when norm_pix_loss)."""
+
+    def forward(self, imgs, mask_ratio=None, noise=None, generator=None):
+        _, mask, _ = self.forward_encoder(imgs, self.config.mask_ratio, noise=noise, generator=generator)
+        target = self.patchify(imgs)
+        if self.config.norm_pix_loss:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+        return torch.zeros(()), target, mask
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_an_oracle_decoder_reconstructs_the_original(norm_pix):
+    model = OracleMAE(config_from_preset("vit_digits", norm_pix_loss=norm_pix))
+    mean, std = (0.2, 0.3, 0.4), (0.5, 0.6, 0.7)
+    imgs = torch.randn(4, 3, 8, 8) * 0.5
+    r = reconstruct(model, imgs, mean, std)
+    expected = (imgs * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1)
+    torch.testing.assert_close(r.original, expected)
+    torch.testing.assert_close(r.recon, r.original, atol=1e-5, rtol=0)
+    torch.testing.assert_close(r.pasted, r.original, atol=1e-5, rtol=0)
+    removed = model.patchify(r.masked)[r.mask.bool()]
+    assert torch.all(removed == 0.5) and r.mask.float().mean() == 0.75  # gray where removed
+    # the same mask seed gives the same mask
+    assert torch.equal(reconstruct(model, imgs, mean, std).mask, r.mask)
+
+
+TINY = """[study]
+name = "tiny"
+paper = "fig5"
+seeds = [0, 1]
+
+[model]
+preset = "vit_digits"
+mask_ratio = 0.75
+
+[pretrain]
+epochs = 1
+batch_size = 128
+
+[eval]
+linear = { epochs = 1 }
+finetune = { epochs = 1, batch_size = 128 }
+
+[grid]
+"model.mask_ratio" = [0.5, 0.75]
+"""
+
+
+def test_a_real_study_gives_pages_plots_and_reconstructions(workdir: Path):
+    from mae_lab.recon import save_trial_recon, val_images
+    from mae_lab.runner import run_study
+
+    (workdir / "tiny.toml").write_text(TINY)
+    assert run_study("tiny.toml", device="cpu").ok
+    runner = CliRunner()
+    res = runner.invoke(app, ["report", "--all", "--out", "docs/results"])
+    assert res.exit_code == 0, res.output
+    page = (workdir / "docs/results/tiny.md").read_text()
+    assert "# tiny — paper Figure 5: mask ratio" in page and "| **0.75** (default) |" in page
+    links = [line[line.index("(") + 1:-1] for line in page.splitlines() if line.startswith("![")]
+    assert "tiny/axis-mask_ratio.png" in links and "tiny/loss.png" in links
+    for link in links:
+        assert png_size((workdir / "docs/results" / link).read_bytes())
+    assert "[tiny](tiny.md)" in (workdir / "docs/results/index.md").read_text()
+
+    engine = db.connect("sqlite:///db/mae_lab.db", create=False)
+    trials = [t for t, _ in db.study_trials(engine, db.get_study(engine, "tiny").id)]
+    res = runner.invoke(app, ["show", trials[0].hash[:12], "--recon", "one.png"])
+    assert res.exit_code == 0, res.output
+    w1, h1 = png_size((workdir / "one.png").read_bytes())
+    res = runner.invoke(app, ["show", trials[0].hash[:12], "--recon", "row.png", "--across", "mask_ratio"])
+    assert res.exit_code == 0, res.output
+    assert "mask_ratio=0.5" in res.output and "mask_ratio=0.75" in res.output
+    w2, _ = png_size((workdir / "row.png").read_bytes())
+    assert w2 > 1.8 * w1
+    res = runner.invoke(app, ["show", trials[0].hash[:12], "--recon", "x.png", "--across", "depth"])
+    assert res.exit_code == 2 and "has no axis 'depth'" in res.output
+
+    # the runner's artifact: the same picture, its sha256 returned
+    from mae_lab.checkpoint import load_checkpoint
+    from mae_lab.data import resolve_dataset
+    from mae_lab.expand import mae_config
+    from mae_lab.spec import TrialSpec
+
+    spec = TrialSpec.model_validate_json(trials[0].spec_json)
+    model = MaskedAutoencoder(mae_config(spec))
+    model.load_state_dict(load_checkpoint(db.get_checkpoint(engine, trials[0].pretrain_hash).path)["model"])
+    info = resolve_dataset("digits")
+    assert val_images(spec, info).shape == (8, 3, 8, 8)
+    import hashlib
+
+    sha = save_trial_recon(model, spec, info, workdir / "art.png")
+    assert hashlib.sha256((workdir / "art.png").read_bytes()).hexdigest() == sha
+    assert (workdir / "art.png").read_bytes() == (workdir / "one.png").read_bytes()
