@@ -80,7 +80,8 @@ def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, de
              on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Fine-tune a copy of `model`'s encoder as `spec.eval.finetune` says; top-1 on the val split.
 
-    `model` itself is not changed. Returns {"top1", "wall_s", "images_per_s" (training), "epochs"};
+    `model` itself is not changed. Returns {"top1", "wall_s", "images_per_s" (training), "epochs", "model" (the
+    fine-tuned timm ViT)};
     `on_epoch` gets {"epoch", "loss", "lr", "images_per_s"} after every epoch.
     """
     t_start = time.perf_counter()
@@ -95,6 +96,8 @@ def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, de
     optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999))
     mixup = None
     if ft.mixup > 0 or ft.cutmix > 0:
+        if ft.batch_size % 2:
+            raise ValueError(f"mixup / cutmix need an even eval.finetune.batch_size; got {ft.batch_size}")
         mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.label_smoothing,
                       num_classes=info.num_classes)
         criterion = SoftTargetCrossEntropy()
@@ -153,4 +156,4 @@ def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, de
             correct += (logits.argmax(dim=1) == labels).sum().item()
             total += labels.numel()
     return {"top1": correct / max(1, total), "wall_s": time.perf_counter() - t_start,
-            "images_per_s": images / max(train_s, 1e-9), "epochs": ft.epochs}
+            "images_per_s": images / max(train_s, 1e-9), "epochs": ft.epochs, "model": vit}

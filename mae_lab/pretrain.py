@@ -117,11 +117,10 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        sha = ckpt_sha256  # None unless the caller knew it; a fresh write below sets it
-        if epoch >= pt.epochs:
-            sha = sha or sha256_file(ckpt_path)
+        if epoch >= pt.epochs:  # nothing left to train
             return PretrainResult(model, epoch, step, time.perf_counter() - t_start, 0.0,
-                                  loss_history[-1] if loss_history else None, loss_history, sha)
+                                  loss_history[-1] if loss_history else None, loss_history,
+                                  ckpt_sha256 or sha256_file(ckpt_path))
 
     def save(epoch_done: int) -> str | None:
         if ckpt_path is None:
