@@ -1005,3 +1005,40 @@ def get_dataset(name: str, data_root: str | Path | None = None) -> Path:
         except FileExistsError:
             pass
     return out
+
+
+# ------------------------------------------------------------------------------------------------------ verification
+
+def verify_split(pattern: str, expected: int | None = None, *, num_classes: int | None = None,
+                 cache_dir=None, allow_pipe: bool = False) -> int:
+    """Read and decode every sample of a split once, before any training: a truncated tar, an undecodable image,
+    a missing or non-integer label, or a count that disagrees with ``expected`` (dataset.json) raises DataError
+    naming the shard and key. A local shard that passed is remembered (by path, size and mtime) under the cache,
+    so the check costs a full decode only the first time. Returns the number of samples."""
+    marks = _cache_root(cache_dir) / "verified"
+    total = 0
+    for shard in expand_shards(pattern, allow_pipe=allow_pipe):
+        mark = None
+        if _is_local(shard):
+            st = os.stat(shard)
+            ident = f"{os.path.abspath(shard)}|{st.st_size}|{st.st_mtime_ns}|{num_classes}"
+            mark = marks / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".json")
+            if mark.exists():
+                total += json.loads(mark.read_text())["samples"]
+                continue
+        n = 0
+        for key, files in _raw_samples(shard):
+            _, label = _decode(shard, key, files)
+            if num_classes is not None and label >= num_classes:
+                raise DataError(f"{os.path.basename(shard)}: sample {key!r}: label {label} is out of range "
+                                f"for {num_classes} classes")
+            n += 1
+        total += n
+        if mark is not None:
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            tmp = mark.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"shard": shard, "samples": n}))
+            os.replace(tmp, mark)
+    if expected is not None and total != expected:
+        raise DataError(f"{pattern}: the shards hold {total} samples but dataset.json says {expected}")
+    return total

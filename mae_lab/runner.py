@@ -12,7 +12,9 @@ import json
 import platform
 import socket
 import subprocess
+import time
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +26,20 @@ from sqlalchemy.engine import Engine
 
 from mae_lab import db
 from mae_lab.checkpoint import sha256_file
-from mae_lab.data import DataError, DatasetInfo, resolve_dataset
+from mae_lab.data import DataError, DatasetInfo, resolve_dataset, verify_split
 from mae_lab.expand import Trial, expand, mae_config
 from mae_lab.model import count_params, encoder_flops_per_image
 from mae_lab.progress import Display, PlainDisplay
 from mae_lab.recon import save_trial_recon
 from mae_lab.spec import DataSpec, Study, StudyError, TrialSpec, load_study, set_dotted
+
+
+class Pruned(Exception):
+    """Raised by an ``on_pretrain_metrics`` callback to stop a trial early (a search's pruner said so)."""
+
+    def __init__(self, epoch: int, reason: str):
+        self.epoch = epoch
+        super().__init__(reason)
 
 
 @dataclass
@@ -92,8 +102,11 @@ def resolve_data(study: Study, trials: list[Trial], data_root: str | None, allow
         if key in infos:
             continue
         try:
-            infos[key] = resolve_dataset(None if d.train else d.dataset, train=d.train, val=d.val,
-                                         data_root=data_root, allow_pipe=allow_pipe)
+            info = resolve_dataset(None if d.train else d.dataset, train=d.train, val=d.val,
+                                   data_root=data_root, allow_pipe=allow_pipe)
+            for pattern, count in ((info.train, info.num_train), (info.val, info.num_val)):
+                verify_split(pattern, count, num_classes=info.num_classes, allow_pipe=allow_pipe)
+            infos[key] = info
         except DataError as exc:
             raise StudyError(study.path, "data", str(exc)) from None
     return infos
@@ -142,8 +155,21 @@ def _verified_checkpoint(engine: Engine, pretrain_hash: str, path: Path, display
 
 
 def run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: str, artifacts: Path,
-              display: Display) -> str:
-    """Pretrain (or resume / reuse), probe, fine-tune and record one claimed trial; return its final status."""
+              display: Display, on_pretrain_metrics: Callable[[dict[str, Any]], None] | None = None,
+              heartbeat_s: float = db.HEARTBEAT_S, heartbeat_also: Callable[[], None] | None = None) -> str:
+    """Pretrain (or resume / reuse), probe, fine-tune and record one claimed trial; return its final status.
+
+    ``on_pretrain_metrics`` sees every pretraining epoch's metrics after they are recorded (``knn_top1`` every
+    ``pretrain.probe_every`` epochs); raising ``Pruned`` there closes the trial as "pruned" with what it has. A
+    background thread writes the trial's heartbeat every ``heartbeat_s`` (and calls ``heartbeat_also``).
+    """
+    with db.Heartbeat(engine, row.id, heartbeat_s, also=heartbeat_also):
+        return _run_trial(engine, row, info, device=device, artifacts=artifacts, display=display,
+                          on_pretrain_metrics=on_pretrain_metrics)
+
+
+def _run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: str, artifacts: Path,
+               display: Display, on_pretrain_metrics: Callable[[dict[str, Any]], None] | None) -> str:
     from mae_lab.finetune import finetune
     from mae_lab.pretrain import DivergenceError, pretrain
     from mae_lab.probe import linear_probe
@@ -153,6 +179,7 @@ def run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: st
     db.set_provenance(engine, row.id, host=socket.gethostname(), git_commit=commit, git_dirty=dirty,
                       torch_version=torch.__version__, timm_version=timm.__version__, device=device)
     ckpt = artifacts / "pretrain" / f"{row.pretrain_hash}.pt"
+    last: dict[str, Any] = {}  # the latest pretraining metrics, for a pruned trial's result
 
     def on_pretrain_epoch(m: dict[str, Any]) -> None:
         if m.get("ckpt_sha256"):
@@ -161,6 +188,9 @@ def run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: st
                           {k: v for k, v in m.items() if k not in ("epoch", "ckpt_sha256") and v is not None})
         db.heartbeat(engine, row.id)
         display.epoch("pretrain", m["epoch"], spec.pretrain.epochs, m)
+        last.update({k: v for k, v in m.items() if v is not None})
+        if on_pretrain_metrics is not None:
+            on_pretrain_metrics(m)
 
     def on_eval_epoch(stage: str, total: int):
         def cb(m: dict[str, Any]) -> None:
@@ -201,8 +231,15 @@ def run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: st
         arts = {"checkpoint": (str(ckpt), sha256_file(ckpt))} if ckpt.exists() else {}
         recon_png = artifacts / "recon" / f"{row.hash}.png"
         arts["recon"] = (str(recon_png), save_trial_recon(model, spec, info, recon_png))
+        if "knn_top1" in last:
+            result["knn_top1"] = last["knn_top1"]
         db.finish_trial(engine, row.id, "done", result=result, artifacts=arts)
         return "done"
+    except Pruned as exc:
+        db.finish_trial(engine, row.id, "pruned", error=str(exc),
+                        result={"pretrain_loss": last.get("loss"), "knn_top1": last.get("knn_top1"),
+                                "pretrain_wall_s": last.get("wall_s")})
+        return "pruned"
     except DivergenceError as exc:
         db.finish_trial(engine, row.id, "diverged", error=str(exc))
         return "diverged"
@@ -238,11 +275,21 @@ def trial_rows(study: Study, trials: list[Trial]) -> list[dict[str, Any]]:
 
 def run_study(path: str | Path, *, db_url: str | None = None, device: str = "auto", data_root: str | None = None,
               artifacts: str | Path | None = None, data_override: dict[str, str] | None = None, rerun: bool = False,
-              max_trials: int | None = None, allow_pipe: bool = False, display: Display | None = None
-              ) -> RunSummary:
-    """Validate ``path`` fully, record its trials, then run every trial not done yet."""
+              max_trials: int | None = None, allow_pipe: bool = False, display: Display | None = None,
+              stale_after_s: float = db.STALE_AFTER_S, heartbeat_s: float = db.HEARTBEAT_S,
+              wait: bool = False, poll_s: float = 10.0) -> RunSummary:
+    """Validate ``path`` fully, record its trials, then run every trial not done yet.
+
+    The trials table is the queue: each trial is claimed in one transaction, so any number of processes (``mae-lab
+    run`` or ``mae-lab worker``, on one machine with SQLite or on many with PostgreSQL) drain a study together and
+    run each trial once. A running trial whose worker is dead on this host, or whose heartbeat is older than
+    ``stale_after_s``, is claimed again and resumes from its checkpoint. With ``wait`` (a worker), the loop does
+    not end while other workers still run trials: it polls every ``poll_s`` and takes over any that go stale.
+    """
     display = display or PlainDisplay()
     study, trials = plan(path, data_override)
+    if study.search is not None:
+        raise StudyError(study.path, "search", "this study is a search: run it with 'mae-lab search'")
     infos = resolve_data(study, trials, data_root, allow_pipe)
     device = pick_device(device)
     engine = db.connect(db_url)
@@ -259,15 +306,25 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
     todo = len(trials) - summary.skipped
     display.message(f"study {s.name}: {len(trials)} trials, {summary.skipped} done, {todo} to run on {device}")
     tried: set[int] = set()
+    waiting = False
     while max_trials is None or len(summary.ran) < max_trials:
-        claimed = db.claim_next(engine, row.id, skip=tried)
+        claimed = db.claim_next(engine, row.id, skip=tried, stale_after_s=stale_after_s)
         if claimed is None:
-            break
+            busy = [t for t, _ in db.study_trials(engine, row.id) if t.status == "running" and t.hash in by_hash]
+            if not wait or not busy:
+                break
+            if not waiting:
+                display.message(f"waiting for {len(busy)} trial(s) running on other workers "
+                                f"(taken over if a worker dies or has no heartbeat for {stale_after_s:.0f}s)")
+            waiting = True
+            time.sleep(poll_s)
+            continue
+        waiting = False
         tried.add(claimed.id)
         trial = by_hash[claimed.hash]
         display.trial_start(len(summary.ran) + 1, todo, claimed.label, claimed.hash)
         result = run_trial(engine, claimed, infos[trial.spec.data.model_dump_json()], device=device,
-                           artifacts=artifacts, display=display)
+                           artifacts=artifacts, display=display, heartbeat_s=heartbeat_s)
         summary.ran.append((claimed.hash, result))
         display.trial_end(_summary_line(engine, claimed, result))
     return summary
