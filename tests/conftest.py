@@ -1,7 +1,10 @@
 """Shared fixtures: an isolated working folder per test, and one packed copy of the embedded digits."""
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +39,35 @@ def dump_db(path: Path) -> list[str]:
         return []
     with sqlite3.connect(path) as c:
         return list(c.iterdump())
+
+
+def mae_lab(*args: str, cwd: Path) -> subprocess.Popen:
+    """Start the real command line in a subprocess (so it can be killed), output captured."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def query(db: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(db, timeout=30) as c:
+        return c.execute(sql).fetchall()
+
+
+def assert_same_as_uninterrupted(db: Path, clean_db: Path, *, trials: int, epochs: int) -> None:
+    """After kills and reruns: every trial done once, no duplicate rows, integrity ok, every checkpoint loads, and
+    the numbers equal an uninterrupted run (top-1 within 1e-9, final pretraining loss within 1e-6 relative)."""
+    from mae_lab.checkpoint import load_checkpoint
+
+    assert query(db, "PRAGMA integrity_check") == [("ok",)]
+    assert [s for (s,) in query(db, "SELECT status FROM mae_trials")] == ["done"] * trials
+    assert query(db, "SELECT count(*) FROM (SELECT trial_id, stage, epoch, name FROM mae_metrics "
+                     "GROUP BY 1, 2, 3, 4 HAVING count(*) > 1)") == [(0,)]
+    assert query(db, "SELECT count(*), count(DISTINCT trial_id) FROM mae_results") == [(trials, trials)]
+    assert query(db, "SELECT trial_id, count(*) FROM mae_metrics WHERE stage='pretrain' AND name='loss' "
+                     "GROUP BY trial_id") == [(t, epochs) for t in range(1, trials + 1)]
+    sql = "SELECT linear_top1, finetune_top1, pretrain_loss FROM mae_results ORDER BY trial_id"
+    for got, want in zip(query(db, sql), query(clean_db, sql), strict=True):
+        assert got[0] == pytest.approx(want[0], abs=1e-9) and got[1] == pytest.approx(want[1], abs=1e-9)
+        assert got[2] == pytest.approx(want[2], rel=1e-6)
+    for path, sha in query(db, "SELECT path, sha256 FROM mae_artifacts WHERE kind='checkpoint'"):
+        assert load_checkpoint(path, sha256=sha)["epoch"] == epochs

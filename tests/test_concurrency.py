@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from test_resume import mae_lab
+from conftest import mae_lab
 
 STUDY = """# mae-lab run two.toml
 [study]

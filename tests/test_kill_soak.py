@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_resume import mae_lab, query
+from conftest import assert_same_as_uninterrupted, mae_lab, query
 
 STUDY = """# mae-lab run soak.toml
 [study]
@@ -93,21 +93,4 @@ def test_kill_soak(workdir: Path):
     out, _ = reference.communicate(timeout=900)
     assert reference.returncode == 0, out
 
-    assert query(db, "PRAGMA integrity_check") == [("ok",)]
-    assert [s for (s,) in query(db, "SELECT status FROM mae_trials")] == ["done"] * 3
-    assert query(db, "SELECT count(*) FROM (SELECT trial_id, stage, epoch, name FROM mae_metrics "
-                     "GROUP BY 1, 2, 3, 4 HAVING count(*) > 1)") == [(0,)]
-    assert query(db, "SELECT count(*), count(DISTINCT trial_id) FROM mae_results") == [(3, 3)]
-    assert query(db, "SELECT trial_id, count(*) FROM mae_metrics WHERE stage='pretrain' AND name='loss' "
-                     "GROUP BY trial_id") == [(1, 6), (2, 6), (3, 6)]
-    got = query(db, "SELECT linear_top1, finetune_top1, pretrain_loss FROM mae_results ORDER BY trial_id")
-    want = query(clean / "db" / "mae_lab.db",
-                 "SELECT linear_top1, finetune_top1, pretrain_loss FROM mae_results ORDER BY trial_id")
-    for g, w in zip(got, want):
-        assert g[0] == pytest.approx(w[0], abs=1e-9) and g[1] == pytest.approx(w[1], abs=1e-9)
-        assert g[2] == pytest.approx(w[2], rel=1e-6)
-
-    from mae_lab.checkpoint import load_checkpoint
-
-    for path, sha in query(db, "SELECT path, sha256 FROM mae_artifacts WHERE kind='checkpoint'"):
-        assert load_checkpoint(path, sha256=sha)["epoch"] == 6
+    assert_same_as_uninterrupted(db, clean / "db" / "mae_lab.db", trials=3, epochs=6)

@@ -2,17 +2,14 @@
 duplicated rows, the killed trial resumed from its checkpoint, and the same numbers as an uninterrupted run."""
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import assert_same_as_uninterrupted, mae_lab, query
 
 STUDY = """# mae-lab run kill.toml
 [study]
@@ -30,17 +27,6 @@ batch_size = 64
 linear = { epochs = 3 }
 finetune = { epochs = 1, batch_size = 128 }
 """
-
-
-def mae_lab(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def query(db: Path, sql: str) -> list[tuple]:
-    with sqlite3.connect(db, timeout=30) as c:
-        return c.execute(sql).fetchall()
 
 
 def pretrain_epochs_recorded(db: Path) -> int:
@@ -75,30 +61,7 @@ def test_sigkill_mid_trial_resumes_without_duplicates(workdir: Path):
     out, _ = reference.communicate(timeout=600)
     assert reference.returncode == 0, out
 
-    assert query(db, "PRAGMA integrity_check") == [("ok",)]
     trials = query(db, "SELECT id, status, attempts, resumed_from_epoch FROM mae_trials ORDER BY id")
-    assert [t[1] for t in trials] == ["done", "done"]
     assert trials[0][2] == 2 and trials[0][3] >= 3  # the killed trial: a second attempt, resumed from its checkpoint
     assert trials[1][2] == 1
-    # exactly one row per (trial, stage, epoch, metric), one result per trial, every pretraining epoch present
-    dup = query(db, "SELECT count(*) FROM (SELECT trial_id, stage, epoch, name FROM mae_metrics "
-                    "GROUP BY 1, 2, 3, 4 HAVING count(*) > 1)")
-    assert dup == [(0,)]
-    assert query(db, "SELECT trial_id, count(*) FROM mae_metrics WHERE stage='pretrain' AND name='loss' "
-                     "GROUP BY trial_id") == [(1, 8), (2, 8)]
-    assert query(db, "SELECT count(*) FROM mae_results") == [(2,)]
-
-    # the resumed trial's numbers equal an uninterrupted run with the same seeds
-    got = query(db, "SELECT linear_top1, finetune_top1, pretrain_loss FROM mae_results ORDER BY trial_id")
-    want = query(clean / "db" / "mae_lab.db",
-                 "SELECT linear_top1, finetune_top1, pretrain_loss FROM mae_results ORDER BY trial_id")
-    for g, w in zip(got, want):
-        assert g[0] == pytest.approx(w[0], abs=1e-9) and g[1] == pytest.approx(w[1], abs=1e-9)
-        assert g[2] == pytest.approx(w[2], rel=1e-6)
-
-    # every checkpoint loads (weights only) and matches the sha256 the database recorded
-    from mae_lab.checkpoint import load_checkpoint
-
-    for path, sha in query(db, "SELECT path, sha256 FROM mae_artifacts WHERE kind='checkpoint'"):
-        ckpt = load_checkpoint(killed / path, sha256=sha)
-        assert ckpt["epoch"] == 8
+    assert_same_as_uninterrupted(db, clean / "db" / "mae_lab.db", trials=2, epochs=8)
