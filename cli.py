@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 some trials failed or diverged, 2 bad input (study file
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,6 +27,13 @@ DbOpt = Annotated[Optional[str], typer.Option("--db", envvar="MAE_LAB_DB", show_
                                               help="Database URL [default: sqlite:///db/mae_lab.db].")]
 DataRootOpt = Annotated[Optional[str], typer.Option("--data-root", envvar="MAE_LAB_DATA", show_envvar=True,
                                                     help="Folder of named datasets [default: db/data].")]
+DataOpt = Annotated[Optional[str], typer.Option(
+    "--data", help="Override the study's data: 'train=PATTERN,val=PATTERN' or 'dataset=NAME'.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+PipeOpt = Annotated[bool, typer.Option("--allow-pipe", help="Allow 'pipe:' shard URLs (they run shell commands).")]
+StaleOpt = Annotated[float, typer.Option(
+    "--stale-after", min=1, help="Take over a running trial of another host after this many seconds without a "
+                                 "heartbeat (a dead worker on this host is taken over at once).")]
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -46,41 +54,141 @@ def _open_db(url: str | None, create: bool = True):
 def run(
     study: Annotated[Path, typer.Argument(help="The study TOML file.")],
     db: DbOpt = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    device: DeviceOpt = "auto",
     data_root: DataRootOpt = None,
-    data: Annotated[Optional[str], typer.Option(
-        "--data", help="Override the study's data: 'train=PATTERN,val=PATTERN' or 'dataset=NAME'.")] = None,
+    data: DataOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the expanded trials; run nothing.")] = False,
     rerun: Annotated[bool, typer.Option("--rerun", help="Run every trial again, even those done.")] = False,
     max_trials: Annotated[Optional[int], typer.Option("--max-trials", min=1, help="Stop after N trials.")] = None,
-    allow_pipe: Annotated[bool, typer.Option("--allow-pipe", help="Allow 'pipe:' shard URLs (they run shell "
-                                                                  "commands).")] = False,
+    allow_pipe: PipeOpt = False,
+    stale_after: StaleOpt = 600.0,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes per trial: DistributedDataParallel "
+                                       "pretraining through torchrun (one per GPU, or gloo on CPU); "
+                                       "pretrain.batch_size is per process.")] = 1,
 ):
     """Expand STUDY into trials and run every trial not done yet (pretrain, linear probe, fine-tune)."""
     from mae_lab.db import DbError
+    from mae_lab.distributed import launch, run_study_ddp, world_size_from_env
     from mae_lab.progress import make_display
     from mae_lab.runner import parse_data_override, plan, resolve_data, run_study
     from mae_lab.spec import StudyError
 
+    ddp = world_size_from_env() > 1  # this process is one rank of a torchrun
     try:
         override = parse_data_override(data)
-        if dry_run:
+        if dry_run or (nproc > 1 and not ddp):
             spec, trials = plan(study, override)
             resolve_data(spec, trials, data_root, allow_pipe)
-            return _print_plan(spec, trials, db)
-        display = make_display(out())
+            if dry_run:
+                return _print_plan(spec, trials, db)
+            args = [str(study), "--device", device, "--stale-after", str(stale_after)]
+            args += [a for flag, value in (("--db", db), ("--data-root", data_root), ("--data", data),
+                                           ("--max-trials", max_trials)) if value is not None
+                     for a in (flag, str(value))]
+            args += (["--rerun"] if rerun else []) + (["--allow-pipe"] if allow_pipe else [])
+            raise typer.Exit(launch(nproc, args))
+        rank0 = not ddp or os.environ.get("RANK", "0") == "0"
+        display = make_display(out()) if rank0 else None
         try:
-            summary = run_study(study, db_url=db, device=device, data_root=data_root, data_override=override,
-                                rerun=rerun, max_trials=max_trials, allow_pipe=allow_pipe, display=display)
+            kwargs = dict(db_url=db, device=device, data_root=data_root, data_override=override, rerun=rerun,
+                          max_trials=max_trials, allow_pipe=allow_pipe, display=display, stale_after_s=stale_after)
+            summary = run_study_ddp(study, **kwargs) if ddp else run_study(study, **kwargs)
         finally:
-            display.close()
+            if display is not None:
+                display.close()
+        if summary is None:  # a rank > 0: rank 0 reports
+            return
     except (StudyError, DbError, ValueError) as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted: the running trial is marked interrupted; run the same command to resume it")
         raise typer.Exit(130) from None
+    _print_summary(summary)
+
+
+def _print_summary(summary) -> None:
     parts = [f"{summary.count(s)} {s}" for s in ("done", "failed", "diverged") if summary.count(s)]
     out().print(f"{summary.total} trials: {summary.skipped} already done" + "".join(f", {p}" for p in parts))
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def worker(
+    study: Annotated[Path, typer.Argument(help="The study TOML file (the same file on every machine).")],
+    db: DbOpt = None,
+    device: DeviceOpt = "auto",
+    data_root: DataRootOpt = None,
+    data: DataOpt = None,
+    allow_pipe: PipeOpt = False,
+    stale_after: StaleOpt = 600.0,
+    poll: Annotated[float, typer.Option("--poll", min=0.1, help="Seconds between looks at trials that other "
+                                                                "workers run.")] = 10.0,
+):
+    """Drain STUDY with any number of workers on one database (PostgreSQL for several machines): each trial is
+    claimed by exactly one worker; the trial of a dead worker is taken over and resumes from its checkpoint.
+    Exits when no trial is left to run or running."""
+    from mae_lab.db import DbError
+    from mae_lab.progress import make_display
+    from mae_lab.runner import parse_data_override, run_study
+    from mae_lab.spec import StudyError
+
+    try:
+        display = make_display(out())
+        try:
+            summary = run_study(study, db_url=db, device=device, data_root=data_root,
+                                data_override=parse_data_override(data), allow_pipe=allow_pipe, display=display,
+                                stale_after_s=stale_after, wait=True, poll_s=poll)
+        finally:
+            display.close()
+    except (StudyError, DbError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted: the running trial is marked interrupted; any worker resumes it")
+        raise typer.Exit(130) from None
+    _print_summary(summary)
+
+
+@app.command()
+def search(
+    study: Annotated[Path, typer.Argument(help="The study TOML file, with a [search] table.")],
+    trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Searched trials the study should hold "
+                                                  "in all [default: the file's search.n_trials].")] = None,
+    db: DbOpt = None,
+    device: DeviceOpt = "auto",
+    data_root: DataRootOpt = None,
+    data: DataOpt = None,
+    allow_pipe: PipeOpt = False,
+    stale_after: StaleOpt = 600.0,
+):
+    """Optuna search over STUDY's [search] space, stored in the same database (optuna-dashboard reads it):
+    each sampled point is trained by the same runner as 'run'; points done before are told, not trained."""
+    from mae_lab.db import DbError
+    from mae_lab.progress import make_display
+    from mae_lab.runner import parse_data_override
+    from mae_lab.search import run_search
+    from mae_lab.spec import StudyError
+
+    try:
+        display = make_display(out())
+        try:
+            summary = run_search(study, db_url=db, n_trials=trials, device=device, data_root=data_root,
+                                 data_override=parse_data_override(data), allow_pipe=allow_pipe, display=display,
+                                 stale_after_s=stale_after)
+        finally:
+            display.close()
+    except (StudyError, DbError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted: the running trial is marked interrupted; search again to resume it")
+        raise typer.Exit(130) from None
+    counts = ", ".join(f"{summary.count(s)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL") if summary.count(s))
+    out().print(f"search {summary.name}: {summary.total} of {summary.target} trials in the study; this run: "
+                f"{len(summary.states)} asked" + (f" ({counts})" if counts else "") +
+                f", {summary.trained} trained, {summary.reused} reused" +
+                (f", {summary.priors} prior observations" if summary.priors else ""), markup=False)
+    for line in summary.best:
+        out().print(f"best {line}", markup=False)
     if not summary.ok:
         raise typer.Exit(1)
 

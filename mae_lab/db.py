@@ -2,26 +2,33 @@
 
 Every state change of a trial, and every result, is written in one transaction. On SQLite every transaction is
 ``BEGIN IMMEDIATE`` (WAL mode, busy timeout), so two processes that claim trials at once are serialized instead of
-failing with "database is locked".
+failing with "database is locked"; on PostgreSQL a claim is ``SELECT ... FOR UPDATE SKIP LOCKED``. The trials table
+is the work queue: a running trial carries its worker (host:pid) and a heartbeat that a background thread refreshes
+while the trial runs (``Heartbeat``), so a worker that died is noticed and its trial claimed again.
 """
 from __future__ import annotations
 
 import json
 import os
 import socket
+import threading
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from sqlalchemy import Column, Text, UniqueConstraint, event, text
+from sqlalchemy import Column, Text, UniqueConstraint, event, insert, inspect, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, create_engine, delete, select
 
 SCHEMA_VERSION = 1
 DEFAULT_URL = "sqlite:///db/mae_lab.db"
-STATUSES = ("pending", "running", "done", "failed", "diverged", "interrupted")
+STATUSES = ("pending", "running", "done", "failed", "diverged", "interrupted", "pruned")
+FINAL = ("done", "failed", "diverged", "pruned")  # statuses a trial keeps until --rerun
+HEARTBEAT_S = 30.0  # how often a running trial's heartbeat is written
+STALE_AFTER_S = 600.0  # a running trial on another host with no heartbeat for this long is claimed again
 
 
 class DbError(RuntimeError):
@@ -145,7 +152,9 @@ def safe_url(url: str) -> str:
         return "<unparseable database URL>"
 
 
-def _sqlite_pragmas(engine: Engine) -> None:
+def serialize_sqlite(engine: Engine) -> None:
+    """Make every transaction of a SQLite ``engine`` ``BEGIN IMMEDIATE`` (WAL, 60 s busy timeout): writers queue
+    for the lock instead of failing with "database is locked". Call before the engine opens its connections."""
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn, _record):  # noqa: ANN001
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
@@ -176,9 +185,14 @@ def artifacts_dir(url: str | None = None) -> Path:
     return Path("db/artifacts")
 
 
+def resolve_url(url: str | None = None) -> str:
+    """``url``, else ``MAE_LAB_DB``, else ``sqlite:///db/mae_lab.db``."""
+    return url or os.environ.get("MAE_LAB_DB") or DEFAULT_URL
+
+
 def connect(url: str | None = None, *, create: bool = True) -> Engine:
     """Open (and create or check) the database at ``url`` (default: ``MAE_LAB_DB`` or ``sqlite:///db/mae_lab.db``)."""
-    url = url or os.environ.get("MAE_LAB_DB") or DEFAULT_URL
+    url = resolve_url(url)
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -197,7 +211,7 @@ def connect(url: str | None = None, *, create: bool = True) -> Engine:
         kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if is_sqlite else {"pool_pre_ping": True}
         engine = create_engine(url, **kwargs)
         if is_sqlite:
-            _sqlite_pragmas(engine)
+            serialize_sqlite(engine)
         _check_schema(engine, create)
     except DbError:
         raise
@@ -208,21 +222,21 @@ def connect(url: str | None = None, *, create: bool = True) -> Engine:
 
 
 def _check_schema(engine: Engine, create: bool) -> None:
-    with Session(engine) as s:
-        try:
-            row = s.get(Meta, "schema_version")
-        except OperationalError:
-            row = None  # no tables yet
-            s.rollback()
-        if row is not None and int(row.value) > SCHEMA_VERSION:
-            raise DbError(f"database {safe_url(str(engine.url))} has schema version {row.value}, newer than this "
+    """Refuse a newer schema; create the tables when asked. Processes that open a fresh database at once queue on
+    a lock (SQLite: the immediate transaction; PostgreSQL: an advisory lock) instead of racing on CREATE TABLE."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(7271101)"))
+        version = None
+        if inspect(conn).has_table(Meta.__tablename__):
+            version = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
+        if version is not None and int(version) > SCHEMA_VERSION:
+            raise DbError(f"database {safe_url(str(engine.url))} has schema version {version}, newer than this "
                           f"mae-lab's ({SCHEMA_VERSION}): upgrade mae-lab to use it")
-    if create:
-        SQLModel.metadata.create_all(engine)
-        with Session(engine) as s:
-            if s.get(Meta, "schema_version") is None:
-                s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-                s.commit()
+        if create:
+            SQLModel.metadata.create_all(conn)
+            if version is None:
+                conn.execute(insert(Meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
 
 
 @contextmanager
@@ -244,11 +258,28 @@ def worker_id() -> str:
 
 
 def sync_study(engine: Engine, *, name: str, description: str, paper: str | None, path: str, spec_text: str,
-               spec_hash: str, trials: list[dict[str, Any]]) -> StudyRow:
+               spec_hash: str, trials: list[dict[str, Any]], deactivate_missing: bool = True) -> StudyRow:
     """Create or update the study row and insert its trials that are not there yet, in one transaction.
 
-    ``trials``: dicts with hash, pretrain_hash, seed, label, axes_json, spec_json, in expansion order.
+    ``trials``: dicts with hash, pretrain_hash, seed, label, axes_json, spec_json, in expansion order. Trials of
+    the study missing from ``trials`` become inactive unless ``deactivate_missing`` is False (a search adds its
+    trials as it samples them). Workers that sync the same study at once are fine: the loser of a race on the
+    unique keys retries and finds the winner's rows.
     """
+    for attempt in range(5):
+        try:
+            return _sync_study(engine, name=name, description=description, paper=paper, path=path,
+                               spec_text=spec_text, spec_hash=spec_hash, trials=trials,
+                               deactivate_missing=deactivate_missing)
+        except IntegrityError:
+            if attempt == 4:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _sync_study(engine: Engine, *, name: str, description: str, paper: str | None, path: str, spec_text: str,
+                spec_hash: str, trials: list[dict[str, Any]], deactivate_missing: bool) -> StudyRow:
     with transaction(engine) as s:
         study = s.exec(select(StudyRow).where(StudyRow.name == name)).first()
         if study is None:
@@ -268,10 +299,37 @@ def sync_study(engine: Engine, *, name: str, description: str, paper: str | None
                 s.add(TrialRow(study_id=study.id, position=pos, **t))
             else:
                 row.position, row.active, row.label, row.axes_json = pos, True, t["label"], t["axes_json"]
-        for h, row in existing.items():
-            if h not in current:
-                row.active = False
+        if deactivate_missing:
+            for h, row in existing.items():
+                if h not in current:
+                    row.active = False
         return study
+
+
+def add_trial(engine: Engine, study_id: int, trial: dict[str, Any], *, optuna_trial: int | None = None
+              ) -> TrialRow:
+    """The study's trial with ``trial["hash"]``, inserted (pending) if it is not there yet; links the Optuna trial
+    number when given and the row has none. Safe against a concurrent insert of the same trial."""
+    for attempt in range(5):
+        try:
+            with transaction(engine) as s:
+                row = s.exec(select(TrialRow).where(TrialRow.study_id == study_id,
+                                                    TrialRow.hash == trial["hash"])).first()
+                if row is None:
+                    position = optuna_trial if optuna_trial is not None else 0
+                    row = TrialRow(study_id=study_id, position=position, optuna_trial=optuna_trial, **trial)
+                    s.add(row)
+                else:
+                    row.active = True
+                    if row.optuna_trial is None:
+                        row.optuna_trial = optuna_trial
+                s.flush()
+                return row
+        except IntegrityError:
+            if attempt == 4:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def reset_trials(engine: Engine, study_id: int, hashes: list[str]) -> list[CheckpointRow]:
@@ -311,7 +369,14 @@ def _is_stale(row: TrialRow, stale_after_s: float) -> bool:
     return (now() - beat).total_seconds() > stale_after_s
 
 
-def claim_next(engine: Engine, study_id: int, *, retry_failed: bool = False, stale_after_s: float = 600,
+def _take(row: TrialRow) -> None:
+    row.status, row.worker, row.heartbeat_at = "running", worker_id(), now()
+    row.attempts += 1
+    row.started_at = row.started_at or now()
+    row.ended_at = None
+
+
+def claim_next(engine: Engine, study_id: int, *, retry_failed: bool = False, stale_after_s: float = STALE_AFTER_S,
                skip: set[int] = frozenset()) -> TrialRow | None:
     """Atomically claim the next runnable trial (pending, interrupted, or running with a dead worker)."""
     runnable = ["pending", "interrupted"] + (["failed", "diverged"] if retry_failed else [])
@@ -326,19 +391,67 @@ def claim_next(engine: Engine, study_id: int, *, retry_failed: bool = False, sta
             if row.id in skip:
                 continue
             if row.status in runnable or (row.status == "running" and _is_stale(row, stale_after_s)):
-                row.status, row.worker, row.heartbeat_at = "running", worker_id(), now()
-                row.attempts += 1
-                row.started_at = row.started_at or now()
-                row.ended_at = None
+                _take(row)
                 s.add(row)
                 return row
         return None
+
+
+def claim_trial(engine: Engine, trial_id: int, *, stale_after_s: float = STALE_AFTER_S) -> TrialRow | None:
+    """Atomically claim one given trial if it is runnable (pending, interrupted, failed, diverged, or running
+    with a dead worker); None when another live worker runs it or it is done or pruned."""
+    with transaction(engine) as s:
+        stmt = select(TrialRow).where(TrialRow.id == trial_id)
+        if s.bind.dialect.name == "postgresql":
+            stmt = stmt.with_for_update()
+        row = s.exec(stmt).first()
+        if row is None or row.status in ("done", "pruned"):
+            return None
+        if row.status == "running" and not _is_stale(row, stale_after_s):
+            return None
+        _take(row)
+        s.add(row)
+        return row
+
+
+def is_stale(row: TrialRow, stale_after_s: float = STALE_AFTER_S) -> bool:
+    """Whether a running trial's worker is gone (see ``claim_next``)."""
+    return row.status == "running" and _is_stale(row, stale_after_s)
 
 
 def heartbeat(engine: Engine, trial_id: int) -> None:
     with transaction(engine) as s:
         row = s.get(TrialRow, trial_id)
         row.heartbeat_at = now()
+
+
+class Heartbeat:
+    """While a trial runs, a daemon thread writes its heartbeat every ``interval_s`` in its own short transactions
+    (and calls ``also``, e.g. Optuna's own heartbeat), so a long epoch is not taken for a dead worker. A failed
+    write is retried at the next beat: a busy database never stops the trial."""
+
+    def __init__(self, engine: Engine, trial_id: int, interval_s: float = HEARTBEAT_S,
+                 also: Callable[[], None] | None = None):
+        self.engine, self.trial_id, self.interval_s, self.also = engine, trial_id, interval_s, also
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                heartbeat(self.engine, self.trial_id)
+                if self.also is not None:
+                    self.also()
+            except Exception:  # noqa: BLE001 - the next beat tries again
+                pass
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def set_provenance(engine: Engine, trial_id: int, **fields: Any) -> None:
@@ -370,6 +483,39 @@ def record_checkpoint(engine: Engine, pretrain_hash: str, path: str, sha256: str
             s.add(CheckpointRow(pretrain_hash=pretrain_hash, path=path, sha256=sha256, epoch=epoch))
         else:
             row.path, row.sha256, row.epoch, row.updated_at = path, sha256, epoch, now()
+
+
+def find_done(engine: Engine, trial_hash: str) -> tuple[TrialRow, ResultRow] | None:
+    """A done trial with this spec hash and its result, in any study (the earliest), or None."""
+    with Session(engine) as s:
+        row = s.exec(select(TrialRow, ResultRow).join(ResultRow, ResultRow.trial_id == TrialRow.id)
+                     .where(TrialRow.hash == trial_hash, TrialRow.status == "done").order_by(TrialRow.id)).first()
+        return (row[0], row[1]) if row is not None else None
+
+
+def done_with_results(engine: Engine) -> list[tuple[TrialRow, ResultRow]]:
+    """Every done trial with its result, in any study."""
+    with Session(engine) as s:
+        return [(t, r) for t, r in s.exec(select(TrialRow, ResultRow).join(ResultRow, ResultRow.trial_id == TrialRow.id)
+                                          .where(TrialRow.status == "done").order_by(TrialRow.id))]
+
+
+def adopt_result(engine: Engine, trial_id: int, source: ResultRow) -> None:
+    """Close a trial as done with a copy of another trial's result (same spec, run before): nothing is trained."""
+    fields = source.model_dump(exclude={"id", "trial_id"})
+    fields["pretrain_reused"] = True
+    finish_trial(engine, trial_id, "done", result=fields)
+
+
+def get_trials(engine: Engine, ids: list[int]) -> list[TrialRow]:
+    with Session(engine) as s:
+        rows = {r.id: r for r in s.exec(select(TrialRow).where(TrialRow.id.in_(ids)))}
+        return [rows[i] for i in ids if i in rows]
+
+
+def get_result(engine: Engine, trial_id: int) -> ResultRow | None:
+    with Session(engine) as s:
+        return s.exec(select(ResultRow).where(ResultRow.trial_id == trial_id)).first()
 
 
 def get_checkpoint(engine: Engine, pretrain_hash: str) -> CheckpointRow | None:

@@ -98,8 +98,37 @@ def resolve(study: Study, point: dict[str, Any], seed: int) -> TrialSpec:
     return spec
 
 
+def search_values(study: Study) -> dict[str, list[tuple[str, Any]]]:
+    """Per searched key, the (field, value) pairs that bound it: low and high, or every choice."""
+    out = {}
+    for key, p in study.search.space.items():
+        if p.type == "categorical":
+            out[key] = [("choices", c) for c in p.choices]
+        else:
+            conv = int if p.type == "int" else float
+            out[key] = [("low", conv(p.low)), ("high", conv(p.high))]
+    return out
+
+
+def check_search(study: Study) -> None:
+    """Each searched key's bounds (or choices), alone on the base settings, must make a valid trial; errors name
+    ``search.space.KEY.FIELD``. (Combinations are checked as they are sampled: an invalid one fails its trial.)"""
+    for key, pairs in search_values(study).items():
+        for name, value in pairs:
+            try:
+                resolve(study, {key: value}, study.study.seeds[0])
+            except StudyError as exc:
+                if exc.reason.startswith("unknown key"):
+                    raise StudyError(study.path, f"search.space.{key}", exc.reason) from None
+                reason = exc.reason if exc.reason.startswith("value ") else f"value {value!r}: {exc.reason}"
+                raise StudyError(study.path, f"search.space.{key}.{name}", reason) from None
+
+
 def expand(study: Study) -> list[Trial]:
-    """One trial per (point, seed), in file order; seeds vary fastest."""
+    """One trial per (point, seed), in file order; seeds vary fastest. A search study expands to its base point
+    (the search samples the rest), after its space is checked."""
+    if study.search is not None:
+        check_search(study)
     trials = []
     for point in study.points:
         for seed in study.study.seeds:

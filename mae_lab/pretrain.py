@@ -4,6 +4,13 @@ AdamW betas (0.9, 0.95), weight decay on >= 2-D weights only, lr = base_lr * bat
 per-step linear warmup then a half-cosine to min_lr, gradient accumulation, optional bf16 autocast and
 torch.compile. Every epoch reseeds all the randomness it uses from (seed, epoch), and the checkpoint written after
 it holds everything else (weights, optimizer, step), so a resumed run equals an uninterrupted one bit for bit.
+
+With `world_size` > 1 (a process group already initialised, see `distributed.py`) the model is wrapped in
+DistributedDataParallel: each rank takes its share of every global batch of `batch_size * world_size` (the loaders
+shard by rank), the lr is scaled by the global batch `batch_size * accum_iter * world_size`, and with random masking
+each rank takes its rows of the global batch's mask noise, so the run follows the same batches and masks as one
+process with the whole batch. The loss is averaged over ranks every step (so all ranks see a divergence together);
+only rank 0 writes checkpoints, probes and calls `on_epoch`, whose exception (e.g. a pruned trial) stops every rank.
 """
 from __future__ import annotations
 
@@ -12,11 +19,13 @@ import math
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from mae_lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
@@ -80,15 +89,33 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dic
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+def _all_mean(x: float, world_size: int, device: torch.device) -> float:
+    """The mean of a float over ranks (the float itself in one process)."""
+    if world_size == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / world_size
+
+
+def _all_min(n: int, world_size: int, device: torch.device) -> int:
+    if world_size == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path | None, resume: bool = True,
              on_epoch: Callable[[dict], None] | None = None, model: MaskedAutoencoder | None = None,
-             ckpt_sha256: str | None = None) -> PretrainResult:
+             ckpt_sha256: str | None = None, rank: int = 0, world_size: int = 1) -> PretrainResult:
     """Pretrain an MAE on `info`'s train split as `spec.pretrain` says; checkpoint and report after each epoch.
 
     With `resume` and an existing `ckpt_path` the run continues from it (its sha256 is checked when `ckpt_sha256`
     is given, and its config and spec must match); a checkpoint that already has every epoch returns at once.
     `model` replaces the freshly built MaskedAutoencoder (e.g. to continue from imported weights).
-    Raises DivergenceError when the loss is not finite.
+    `rank` / `world_size`: this process in a DistributedDataParallel run (module docstring); every rank calls this
+    with the same spec and checkpoint path. Raises DivergenceError when the loss is not finite.
     """
     t_start = time.perf_counter()
     pt = spec.pretrain
@@ -98,9 +125,11 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
         model = MaskedAutoencoder(mae_config(spec))
     model.to(dev)
 
-    eff_batch = pt.batch_size * pt.accum_iter
+    eff_batch = pt.batch_size * pt.accum_iter * world_size  # the global batch of one optimizer step
     peak_lr = pt.base_lr * eff_batch / 256
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, pt.weight_decay), lr=peak_lr, betas=(0.9, 0.95))
+    # fused: one kernel per step instead of ~10 ops per parameter (the same update; benchmarks/pretrain_step.py)
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, pt.weight_decay), lr=peak_lr, betas=(0.9, 0.95),
+                                  fused=dev.type in ("cpu", "cuda"))
     spec_dump = spec.model_dump(mode="json")
     config_dump = dataclasses.asdict(model.config)
 
@@ -123,7 +152,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
                                   ckpt_sha256 or sha256_file(ckpt_path))
 
     def save(epoch_done: int) -> str | None:
-        if ckpt_path is None:
+        if ckpt_path is None or rank != 0:
             return None
         return save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch_done, "step": step,
@@ -136,22 +165,33 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
         sha = save(0)
         return PretrainResult(model, 0, 0, time.perf_counter() - t_start, 0.0, None, [], sha)
 
-    micro_per_epoch = len(pretrain_loader(spec, info, 0))
+    reduce_dev = dev if world_size > 1 and dist.get_backend() == "nccl" else torch.device("cpu")
+    micro_per_epoch = _all_min(len(pretrain_loader(spec, info, 0, rank=rank, world_size=world_size)), world_size,
+                               reduce_dev)  # every rank takes the same number of steps
     steps_per_epoch = micro_per_epoch // pt.accum_iter
     if steps_per_epoch == 0:
         raise ValueError(f"pretraining has no full step per epoch: {micro_per_epoch} batches of {pt.batch_size} "
                          f"with accum_iter {pt.accum_iter}; lower pretrain.batch_size")
     total_steps = steps_per_epoch * pt.epochs
     warmup_steps = round(pt.warmup_epochs * steps_per_epoch)
-    fwd = torch.compile(model) if pt.compile else model
+    ddp = None
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    fwd = ddp or model
+    fwd = torch.compile(fwd) if pt.compile else fwd
     amp = pt.amp == "bf16"
+    global_noise = world_size > 1 and model.config.mask_sampling == "random"
 
     train_s, images = 0.0, 0
     while epoch < pt.epochs:
         t_epoch = time.perf_counter()
         seed_all(epoch_seed(spec.seed, epoch, 0))  # augmentation and anything else on the global RNGs
         mask_gen = torch.Generator().manual_seed(epoch_seed(spec.seed, epoch, 1))  # masking (CPU generator)
-        loader = pretrain_loader(spec, info, epoch)
+        if world_size > 1 and not global_noise:  # block / grid masking: a stream per rank
+            mask_gen = torch.Generator().manual_seed(epoch_seed(spec.seed, epoch, 2 + rank))
+        loader = pretrain_loader(spec, info, epoch, rank=rank, world_size=world_size)
         model.train()
         optimizer.zero_grad(set_to_none=True)
         loss_sum, n_micro, n_images, lr = 0.0, 0, 0, 0.0
@@ -163,19 +203,27 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
                 for g in optimizer.param_groups:
                     g["lr"] = lr
             imgs = imgs.to(dev, non_blocking=True)  # (B, C, H, W)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                loss, _, _ = fwd(imgs, generator=mask_gen)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise DivergenceError(step, loss_value)
-            (loss / pt.accum_iter).backward()
-            if (i + 1) % pt.accum_iter == 0:
+            if global_noise:  # this rank's rows of the global batch's noise: rank r holds samples r, r + W, ...
+                B = imgs.shape[0]
+                noise = torch.rand(B * world_size, model.config.num_patches, generator=mask_gen)  # (B*W, L)
+                mask_kwargs = {"noise": noise[rank::world_size].to(dev)}  # (B, L)
+            else:
+                mask_kwargs = {"generator": mask_gen}
+            last_micro = (i + 1) % pt.accum_iter == 0
+            with ddp.no_sync() if ddp is not None and not last_micro else nullcontext():
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                    loss, _, _ = fwd(imgs, **mask_kwargs)
+                loss_value = _all_mean(loss.item(), world_size, reduce_dev)  # the global batch's loss
+                if not math.isfinite(loss_value):
+                    raise DivergenceError(step, loss_value)
+                (loss / pt.accum_iter).backward()
+            if last_micro:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
             loss_sum += loss_value
             n_micro += 1
-            n_images += imgs.shape[0]
+            n_images += imgs.shape[0] * world_size
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         epoch_s = time.perf_counter() - t_epoch
@@ -185,15 +233,26 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
         loss_history.append(loss_sum / max(1, n_micro))
         metrics = {"epoch": epoch, "loss": loss_history[-1], "lr": lr,
                    "images_per_s": n_images / epoch_s}
-        if pt.probe_every and epoch % pt.probe_every == 0:
+        if pt.probe_every and epoch % pt.probe_every == 0 and rank == 0:
             from mae_lab.probe import knn_top1  # probe imports lr_at from here
 
             metrics["knn_top1"] = knn_top1(model, info, spec, device)
         sha = save(epoch)
         metrics["ckpt_sha256"] = sha
         metrics["wall_s"] = time.perf_counter() - t_start
-        if on_epoch is not None:
-            on_epoch(metrics)
+        stop: BaseException | None = None
+        if on_epoch is not None and rank == 0:
+            try:
+                on_epoch(metrics)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
+                stop = exc
+        if world_size > 1:  # rank 0 tells the others whether to go on
+            flag = torch.tensor([int(stop is not None)], device=reduce_dev)
+            dist.broadcast(flag, 0)
+            if flag.item() and stop is None:
+                break
+        if stop is not None:
+            raise stop
 
     return PretrainResult(model, epoch, step, time.perf_counter() - t_start, images / max(train_s, 1e-9),
                           loss_history[-1], loss_history, sha)

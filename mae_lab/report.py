@@ -4,11 +4,13 @@ study's default with a Welch 95% interval, and the paper's numbers beside ours w
 Accuracies are top-1 in percent and differences in percentage points (row minus default). A difference whose
 interval contains 0 is marked ``≈``: within seed noise. With one seed on either side there is no interval ("n=1").
 Formats: a rich table for the terminal, Markdown, booktabs LaTeX, CSV and JSON (``render_text``); ``write_site``
-writes one Markdown page per study with its plots.
+writes one Markdown page per study with its plots. A searched study (``mae-lab search``) also gets its Optuna side:
+the best trials (the Pareto front for two objectives) and the parameter importances (table, Markdown, JSON).
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -103,6 +105,7 @@ class StudyReport:
     axes: list[str]
     rows: list[Row]
     comparison: Comparison | None = None
+    search: Any = None  # mae_lab.search.SearchReport for a searched study
 
     def default_row(self) -> Row | None:
         return next((r for r in self.rows if r.is_default), None)
@@ -168,7 +171,66 @@ def summarize(engine: Engine, name: str) -> StudyReport:
         row.is_default = base is not None and all(row.axes.get(k, base[k]) == base[k] for k in axes)
     _differences(out)
     _paper(out)
+    out.search = _search(engine, study)
     return out
+
+
+def _search(engine: Engine, study: db.StudyRow):
+    """The Optuna side of a searched study, or None (not a search, or no Optuna study in the database)."""
+    try:
+        parsed = parse_study(study.spec_text, "<recorded study>")
+    except StudyError:
+        return None
+    if parsed.search is None:
+        return None
+    from mae_lab.search import search_report
+
+    return search_report(engine, study.name, list(parsed.search.objectives))
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                     for k, v in params.items())
+
+
+def search_tables(rep) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, columns, rows) of a SearchReport: best trials or Pareto front, then parameter importances."""
+    objs = rep.objectives
+    states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(rep.states.items()))
+    what = "Pareto front" if rep.pareto else "best trials"
+    title_ = f"search: {what} ({states}" + (f"; {rep.priors} prior observations" if rep.priors else "") + ")"
+    best = [[f"#{b['number']}" + (" (prior)" if b["prior"] else ""),
+             *(f"{100 * b['values'][o]:.1f}" for o in objs), _params_text(b["params"])] for b in rep.best]
+    tables = [(title_, ["trial", *(f"{o} top-1 %" for o in objs), "params"], best)]
+    if rep.importances:
+        params = list(next(iter(rep.importances.values())))
+        imp = [[k, *(f"{rep.importances[o].get(k, 0.0):.3f}" for o in objs)] for k in params]
+        tables.append(("search: parameter importance (fANOVA, normalized)", ["param", *objs], imp))
+    return tables
+
+
+def _render_search(rep, console: Console) -> None:
+    for name, cols, rows in search_tables(rep):
+        table = Table(title=name, title_justify="left")
+        for i, c in enumerate(cols):
+            table.add_column(c, justify="left" if i == 0 or c == "params" else "right")
+        for r in rows:
+            table.add_row(*r)
+        console.print(table)
+    if rep.note:
+        console.print(rep.note, markup=False, highlight=False)
+
+
+def _search_markdown(rep) -> list[str]:
+    lines: list[str] = []
+    for name, cols, rows in search_tables(rep):
+        lines += [f"**{name}**", "", "| " + " | ".join(cols) + " |",
+                  "|" + "|".join(":---" if i == 0 or c == "params" else "---:" for i, c in enumerate(cols)) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", r"\|") for c in r) + " |" for r in rows]
+        lines.append("")
+    if rep.note:
+        lines += [rep.note, ""]
+    return lines
 
 
 def _differences(report: StudyReport) -> None:
@@ -384,6 +446,8 @@ def render(report: StudyReport, console: Console) -> None:
     console.print(rich_table(report, console.width))
     for line in verdicts(report) + [LEGEND]:
         console.print(line, markup=False, highlight=False)
+    if report.search is not None:
+        _render_search(report.search, console)
 
 
 def to_markdown(report: StudyReport, *, heading: str = "##") -> str:
@@ -407,6 +471,8 @@ def to_markdown(report: StudyReport, *, heading: str = "##") -> str:
     lines += [f"- {esc(v)}" for v in verdicts(report)]
     lines += [f"- {LEGEND}", "- accuracies: top-1 %, mean ± sample std over seeds; differences in percentage points, "
               "row minus default", ""]
+    if report.search is not None:
+        lines += _search_markdown(report.search)
     return "\n".join(lines)
 
 
@@ -493,6 +559,7 @@ def to_dict(report: StudyReport) -> dict[str, Any]:
             "table": comp.table.key, "title": comp.table.title, "rule": comp.rule, "rule_text": comp.rule_text(),
             "agreement": {m: {"spearman": rho, "points": n} for m, (rho, n) in comp.agreement.items()},
             "unmatched": comp.unmatched, "notes": list(comp.table.notes)},
+        "search": None if report.search is None else dataclasses.asdict(report.search),
     }
 
 

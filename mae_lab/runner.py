@@ -156,20 +156,23 @@ def _verified_checkpoint(engine: Engine, pretrain_hash: str, path: Path, display
 
 def run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: str, artifacts: Path,
               display: Display, on_pretrain_metrics: Callable[[dict[str, Any]], None] | None = None,
-              heartbeat_s: float = db.HEARTBEAT_S, heartbeat_also: Callable[[], None] | None = None) -> str:
+              heartbeat_s: float = db.HEARTBEAT_S, heartbeat_also: Callable[[], None] | None = None,
+              dist_ctx: Any = None) -> str:
     """Pretrain (or resume / reuse), probe, fine-tune and record one claimed trial; return its final status.
 
     ``on_pretrain_metrics`` sees every pretraining epoch's metrics after they are recorded (``knn_top1`` every
     ``pretrain.probe_every`` epochs); raising ``Pruned`` there closes the trial as "pruned" with what it has. A
     background thread writes the trial's heartbeat every ``heartbeat_s`` (and calls ``heartbeat_also``).
+    ``dist_ctx`` (a ``distributed.DistContext``, this being rank 0): the other ranks pretrain alongside.
     """
     with db.Heartbeat(engine, row.id, heartbeat_s, also=heartbeat_also):
         return _run_trial(engine, row, info, device=device, artifacts=artifacts, display=display,
-                          on_pretrain_metrics=on_pretrain_metrics)
+                          on_pretrain_metrics=on_pretrain_metrics, dist_ctx=dist_ctx)
 
 
 def _run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: str, artifacts: Path,
-               display: Display, on_pretrain_metrics: Callable[[dict[str, Any]], None] | None) -> str:
+               display: Display, on_pretrain_metrics: Callable[[dict[str, Any]], None] | None,
+               dist_ctx: Any) -> str:
     from mae_lab.finetune import finetune
     from mae_lab.pretrain import DivergenceError, pretrain
     from mae_lab.probe import linear_probe
@@ -207,8 +210,13 @@ def _run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: s
             reused = ckpt.exists() and done_before is not None and done_before.epoch >= spec.pretrain.epochs > 0
             if ckpt.exists() and done_before is not None:
                 db.set_provenance(engine, row.id, resumed_from_epoch=done_before.epoch)
+            world_size = 1
+            if dist_ctx is not None:
+                world_size = dist_ctx.world_size
+                dist_ctx.announce({"spec_json": row.spec_json, "info": info,
+                                   "ckpt": str(ckpt) if spec.pretrain.epochs else None})
             pre = pretrain(spec, info, device=device, ckpt_path=ckpt if spec.pretrain.epochs else None,
-                           resume=True, on_epoch=on_pretrain_epoch)
+                           resume=True, on_epoch=on_pretrain_epoch, world_size=world_size)
         for epoch, loss in enumerate(pre.loss_history, start=1):  # epochs run before a resume, or shared
             db.record_metrics(engine, row.id, "pretrain", epoch, {"loss": loss})
         result: dict[str, Any] = {"pretrain_loss": pre.final_loss, "pretrain_wall_s": pre.wall_s,
@@ -252,6 +260,8 @@ def _run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: s
         return "failed"
     except Exception:  # noqa: BLE001 - a failing trial is recorded and the study goes on
         db.finish_trial(engine, row.id, "failed", error=traceback.format_exc())
+        if dist_ctx is not None:
+            raise  # the other ranks may be stuck in a collective of this trial: end the run (torchrun stops them)
         return "failed"
 
 
@@ -277,7 +287,7 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
               artifacts: str | Path | None = None, data_override: dict[str, str] | None = None, rerun: bool = False,
               max_trials: int | None = None, allow_pipe: bool = False, display: Display | None = None,
               stale_after_s: float = db.STALE_AFTER_S, heartbeat_s: float = db.HEARTBEAT_S,
-              wait: bool = False, poll_s: float = 10.0) -> RunSummary:
+              wait: bool = False, poll_s: float = 10.0, dist_ctx: Any = None) -> RunSummary:
     """Validate ``path`` fully, record its trials, then run every trial not done yet.
 
     The trials table is the queue: each trial is claimed in one transaction, so any number of processes (``mae-lab
@@ -285,6 +295,7 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
     run each trial once. A running trial whose worker is dead on this host, or whose heartbeat is older than
     ``stale_after_s``, is claimed again and resumes from its checkpoint. With ``wait`` (a worker), the loop does
     not end while other workers still run trials: it polls every ``poll_s`` and takes over any that go stale.
+    ``dist_ctx``: this is rank 0 of a DistributedDataParallel run (``distributed.run_study_ddp``).
     """
     display = display or PlainDisplay()
     study, trials = plan(path, data_override)
@@ -324,7 +335,7 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
         trial = by_hash[claimed.hash]
         display.trial_start(len(summary.ran) + 1, todo, claimed.label, claimed.hash)
         result = run_trial(engine, claimed, infos[trial.spec.data.model_dump_json()], device=device,
-                           artifacts=artifacts, display=display, heartbeat_s=heartbeat_s)
+                           artifacts=artifacts, display=display, heartbeat_s=heartbeat_s, dist_ctx=dist_ctx)
         summary.ran.append((claimed.hash, result))
         display.trial_end(_summary_line(engine, claimed, result))
     return summary

@@ -171,21 +171,28 @@ class StudySection(_Strict):
 
 
 class SearchParam(_Strict):
+    """One searched dotted key: ``float`` (low, high, optional log or step), ``int`` (low, high, step, optional
+    log) or ``categorical`` (choices: strings, numbers or booleans)."""
+
     type: Literal["float", "int", "categorical"]
     low: float | None = None
     high: float | None = None
     log: bool = False
-    step: float | None = None
+    step: float | None = Field(None, gt=0)
     choices: list[Any] | None = None
 
 
 class SearchSection(_Strict):
-    space: dict[str, SearchParam]
-    objectives: list[Literal["linear", "finetune"]] = Field(["linear"], min_length=1, max_length=2)
+    """An Optuna search over dotted keys of the trial spec (``mae-lab search``); see ``mae_lab/search.py``."""
+
+    space: dict[str, SearchParam] = Field(min_length=1)
+    objectives: list[Literal["linear", "finetune"]] = Field(["linear"], min_length=1, max_length=2,
+                                                            description="top-1 to maximize; two: a Pareto front")
     sampler: Literal["tpe", "random", "cmaes", "grid"] = "tpe"
-    pruner: Literal["none", "median", "hyperband"] = "none"
-    n_trials: int = Field(10, ge=1)
-    timeout_s: float | None = Field(None, gt=0)
+    pruner: Literal["none", "median", "hyperband"] = Field(
+        "none", description="prunes on the kNN top-1 that pretraining reports every pretrain.probe_every epochs")
+    n_trials: int = Field(10, ge=1, description="searched trials in all (a rerun tops the study up to this)")
+    timeout_s: float | None = Field(None, gt=0, description="start no new trial after this many seconds")
 
 
 class StudyFile(_Strict):
@@ -306,6 +313,73 @@ def _points(path: str | Path, f: StudyFile) -> list[dict[str, Any]]:
     return points
 
 
+def _check_search(path: str | Path, search: SearchSection, base: dict[str, Any]) -> None:
+    """The [search] table's structure: each parameter's fields, and what the sampler and pruner need. The values
+    themselves are checked against the trial schema when the study is expanded (``expand.check_search``)."""
+    for key, p in search.space.items():
+        where = f"search.space.{key}"
+        if key == "seed" or key.split(".")[0] not in TrialSpec.model_fields:
+            if key == "seed":
+                raise StudyError(path, where, "the seed is not searched: list the seeds in [study].seeds")
+            near = difflib.get_close_matches(key.split(".")[0], list(TrialSpec.model_fields), n=1)
+            hint = f" (did you mean '{near[0]}.…'?)" if near else " (keys start with data., model., pretrain., eval.)"
+            raise StudyError(path, where, f"unknown key{hint}")
+        if p.type == "categorical":
+            for name in ("low", "high", "step"):
+                if getattr(p, name) is not None:
+                    raise StudyError(path, f"{where}.{name}", f"'{name}' is for float and int parameters; a "
+                                     "categorical parameter has only choices")
+            if p.log:
+                raise StudyError(path, f"{where}.log", "a categorical parameter cannot be log-scaled")
+            if not p.choices:
+                raise StudyError(path, f"{where}.choices", "a categorical parameter needs a non-empty list of choices")
+            bad = next((c for c in p.choices if not isinstance(c, (str, int, float, bool))), None)
+            if bad is not None:
+                raise StudyError(path, f"{where}.choices", f"choices must be strings, numbers or booleans; got {bad!r}")
+            seen = [repr(c) for c in p.choices]
+            if len(set(seen)) != len(seen):
+                raise StudyError(path, f"{where}.choices", "duplicate choices")
+            continue
+        if p.choices is not None:
+            raise StudyError(path, f"{where}.choices", f"choices are for categorical parameters, not {p.type}")
+        for name in ("low", "high"):
+            if getattr(p, name) is None:
+                raise StudyError(path, f"{where}.{name}", f"required key is missing (a {p.type} parameter needs "
+                                 "low and high)")
+        if p.low > p.high:
+            raise StudyError(path, f"{where}.low", f"low {p.low:g} is above high {p.high:g}")
+        if p.log and p.low <= 0:
+            raise StudyError(path, f"{where}.low", f"a log-scaled parameter needs low > 0; got {p.low:g}")
+        if p.type == "int":
+            for name in ("low", "high", "step"):
+                v = getattr(p, name)
+                if v is not None and v != int(v):
+                    raise StudyError(path, f"{where}.{name}", f"an int parameter needs whole numbers; got {v:g}")
+            if p.log and p.step not in (None, 1):
+                raise StudyError(path, f"{where}.step", "an int parameter cannot be log-scaled with a step other "
+                                 "than 1")
+        elif p.log and p.step is not None:
+            raise StudyError(path, f"{where}.step", "a float parameter takes either log or step, not both")
+        if search.sampler == "grid" and p.type == "float" and p.step is None:
+            raise StudyError(path, f"{where}.step", "the grid sampler needs a step for a float parameter (or make "
+                             "it categorical)")
+    if len(set(search.objectives)) != len(search.objectives):
+        raise StudyError(path, "search.objectives", f"duplicate objective in {search.objectives}")
+    for obj in search.objectives:
+        enabled = (base.get("eval", {}).get(obj) or {}).get("enabled", True)
+        if not enabled and f"eval.{obj}.enabled" not in search.space:
+            raise StudyError(path, "search.objectives", f"objective '{obj}' needs eval.{obj}.enabled = true")
+    if search.sampler == "cmaes" and len(search.objectives) > 1:
+        raise StudyError(path, "search.sampler", "cmaes optimizes one objective; use tpe or random for two")
+    if search.pruner != "none":
+        if len(search.objectives) > 1:
+            raise StudyError(path, "search.pruner", "Optuna prunes single-objective searches only: use "
+                             "pruner = \"none\" with two objectives")
+        if not base.get("pretrain", {}).get("probe_every") and "pretrain.probe_every" not in search.space:
+            raise StudyError(path, "search.pruner", "a pruner needs an intermediate value: set pretrain.probe_every "
+                             "> 0 (a kNN top-1 every that many pretraining epochs)")
+
+
 def parse_study(text: str, path: str | Path = "<study>") -> Study:
     """Parse and validate a study's TOML text; raise StudyError naming ``path`` and the key."""
     try:
@@ -320,6 +394,8 @@ def parse_study(text: str, path: str | Path = "<study>") -> Study:
         raise StudyError(path, "search", "a study has either a [grid] / [[cases]] or a [search], not both")
     base = {"data": f.data, "model": f.model, "pretrain": f.pretrain, "eval": f.eval}
     validate_trial(path, base)  # the base alone must be valid
+    if f.search is not None:
+        _check_search(path, f.search, base)
     points = _points(path, f)
     for p in points:
         validate_trial(path, base, p)
