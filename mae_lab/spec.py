@@ -39,11 +39,19 @@ class DataSpec(_Strict):
     num_workers: int = Field(0, ge=0)
     in_memory: bool = Field(False, description="decode the dataset once and keep it in memory")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _patterns_replace_the_default(cls, data: Any) -> Any:
+        """Shard patterns stand in for the default dataset, so a resolved spec says ``dataset = None``."""
+        if isinstance(data, dict) and data.get("train") is not None and "dataset" not in data:
+            return {**data, "dataset": None}
+        return data
+
     @model_validator(mode="after")
     def _source(self) -> DataSpec:
         if (self.train is None) != (self.val is None):
             raise ValueError("give both 'train' and 'val' shard patterns, or neither")
-        if self.train is not None and "dataset" in self.model_fields_set and self.dataset is not None:
+        if self.train is not None and self.dataset is not None:
             raise ValueError("give either 'dataset' or 'train'/'val' patterns, not both")
         return self
 

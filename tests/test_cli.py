@@ -141,3 +141,18 @@ def test_failed_trial_is_recorded_and_study_goes_on(workdir: Path):
     assert {t.status for t in trials} == {"diverged"}
     assert all("step" in t.error for t in trials)
     assert rows(engine, db.ResultRow) == []
+
+
+def test_data_override_runs_the_study_on_other_shards(workdir: Path, digits_cache: Path):
+    from mae_lab.data import resolve_dataset
+
+    info = resolve_dataset("digits", cache_dir=digits_cache)
+    text = STUDY.replace("seeds = [0, 1]", "seeds = [0]").replace('[0.5, 0.75]', '[0.75]')
+    (workdir / "tiny.toml").write_text(text)
+    res = invoke("run", "tiny.toml", "--data", f"train={info.train},val={info.val}")
+    assert res.exit_code == 0, res.output
+    engine = db.connect("sqlite:///db/mae_lab.db", create=False)
+    (trial,) = rows(engine, db.TrialRow)
+    assert trial.status == "done", trial.error
+    spec = json.loads(trial.spec_json)["data"]
+    assert spec["dataset"] is None and spec["train"] == info.train

@@ -1,0 +1,160 @@
+"""Shared helpers of the benchmark scripts: the machine line, interleaved timing, a matmul peak, a plain table.
+
+Every benchmark times its baseline and its candidates in one process, interleaved round by round, and reports
+medians, so a shared, loaded machine slows all of them alike and the ratios stay meaningful.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python benchmarks/X.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+
+CIFAR10 = Path(os.environ.get("MAE_LAB_DATA", ROOT.parent / "shared" / "data")) / "cifar10"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """One line: CPU model, cores, torch threads, torch version, load average (other processes on the machine)."""
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+            f"{gpu}, load average {load}")
+
+
+def interleaved(fns: dict[str, Callable[[], object]], *, rounds: int, reps: int = 1,
+                warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each fn: `rounds` rounds, each calling every fn `reps` times in turn."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            times[name].append((time.perf_counter() - t) / reps)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def matmul_fn(dtype: torch.dtype, n: int = 2048) -> tuple[Callable[[], object], float]:
+    """(a call doing one n x n x n matmul, its FLOPs): the matmul peak, timed among the other candidates."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return (lambda: a @ b), 2.0 * n**3
+
+
+def pass_fail(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def table(headers: list[str], rows: list[list[object]]) -> None:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for j, r in enumerate(cells):
+        print("  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
+def header(title: str, command: str) -> None:
+    print(f"== {title}")
+    print(f"machine: {machine()}")
+    print(f"command: {command}")
+
+
+def cifar10_info(val_samples: int | None, tmp_dir: Path):
+    """DatasetInfo of the shared CIFAR-10 train shards and a val split of the first `val_samples` test samples
+    (copied into one shard under `tmp_dir`, so that evaluation is short), or the full test split for None."""
+    import json
+    import tarfile
+
+    from mae_lab.data import CIFAR10_MEAN, CIFAR10_STD, DatasetInfo
+
+    meta = json.loads((CIFAR10 / "dataset.json").read_text())
+    train, test = meta["splits"]["train"], meta["splits"]["test"]
+    val, num_val = str(CIFAR10 / test["shards"]), test["samples"]
+    if val_samples is not None:
+        val, num_val = str(Path(tmp_dir) / f"val-{val_samples}-000000.tar"), val_samples
+        keys: set[str] = set()
+        with tarfile.open(CIFAR10 / "cifar10-test-000000.tar") as src, tarfile.open(val, "w") as dst:
+            for m in src:
+                key = m.name.split(".", 1)[0]
+                if key not in keys and len(keys) == val_samples:
+                    break
+                keys.add(key)
+                dst.addfile(m, src.extractfile(m))
+    return DatasetInfo(name="cifar10", train=str(CIFAR10 / train["shards"]), val=val, num_train=train["samples"],
+                       num_val=num_val, classes=tuple(meta["classes"]), image_size=(32, 32), mean=CIFAR10_MEAN,
+                       std=CIFAR10_STD)
+
+
+def uncached_linear_probe(spec, model, info, *, device: str = "cpu") -> dict:
+    """The official probe's cost model: `mae_lab.probe.linear_probe`'s recipe (same head, init, optimizer, lr schedule
+    and batch order), but the frozen encoder re-encodes the train split every epoch and the val split at every
+    evaluation, as a loop that feeds images through encoder + head does. Returns {"top1", "wall_s"}."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from mae_lab.loaders import eval_loader
+    from mae_lab.pretrain import lr_at
+    from mae_lab.probe import LARS, extract_features
+
+    t_start = time.perf_counter()
+    lin, dev = spec.eval.linear, torch.device(device)
+    amp = spec.pretrain.amp == "bf16"
+    model.to(dev)
+    torch.manual_seed(spec.seed)
+    D = model.config.embed_dim
+    head = nn.Sequential(nn.BatchNorm1d(D, affine=False, eps=1e-6), nn.Linear(D, info.num_classes)).to(dev)
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    N = min(spec.data.train_samples or info.num_train, info.num_train)
+    batch = min(lin.batch_size, N)
+    steps_per_epoch = N // batch
+    total_steps, warmup_steps = steps_per_epoch * lin.epochs, round(lin.warmup_epochs * steps_per_epoch)
+    peak_lr = lin.base_lr * lin.batch_size / 256
+    if lin.optimizer == "lars":
+        optimizer = LARS(head.parameters(), lr=peak_lr, weight_decay=lin.weight_decay, momentum=lin.momentum)
+    else:
+        optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=lin.momentum,
+                                    weight_decay=lin.weight_decay)
+    perm_gen = torch.Generator().manual_seed(spec.seed)
+    step, top1 = 0, 0.0
+    for _ in range(lin.epochs):
+        train_x, train_y = extract_features(model, eval_loader(spec, info, "train", lin.batch_size), device,
+                                            lin.pool, amp)  # re-encoded every epoch
+        head.train()
+        order = torch.randperm(N, generator=perm_gen).to(dev)
+        for i in range(steps_per_epoch):
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, total_steps, warmup_steps, peak_lr, 0.0)
+            idx = order[i * batch:(i + 1) * batch]
+            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        val_x, val_y = extract_features(model, eval_loader(spec, info, "val", lin.batch_size), device, lin.pool, amp)
+        head.eval()
+        with torch.no_grad():
+            top1 = (head(val_x).argmax(dim=1) == val_y).float().mean().item()
+    return {"top1": top1, "wall_s": time.perf_counter() - t_start}
