@@ -126,8 +126,10 @@ def _posterize(img, bits_to_keep: int, **_):
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def finetune_transform(img_size: int, mean, std, randaug: str | None) -> ImageTransform:
-    """Fine-tuning augmentation: RandomResizedCrop(scale 0.08-1, bicubic) + flip, then timm RandAugment if given.
+def finetune_transform(img_size: int, mean, std, randaug: str | None, *, min_crop_scale: float = 0.08,
+                       flip: bool = True) -> ImageTransform:
+    """Fine-tuning augmentation: RandomResizedCrop(scale min_crop_scale-1, bicubic) + flip, then timm RandAugment
+    if given (the official recipe is scale 0.08 with flips; tiny images such as 8x8 digits want milder settings).
 
     uint8 (3, H, W) -> uint8 (3, S, S); normalisation happens per batch. RandAugment's translation is 45% of the
     image side and its fill the dataset mean, as in timm's `create_transform`.
@@ -135,8 +137,8 @@ def finetune_transform(img_size: int, mean, std, randaug: str | None) -> ImageTr
     from torchvision.transforms import v2
 
     size = (img_size, img_size)
-    steps = [v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
-                                  antialias=True), v2.RandomHorizontalFlip()]
+    steps = [v2.RandomResizedCrop(size, scale=(min_crop_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                                  antialias=True)] + ([v2.RandomHorizontalFlip()] if flip else [])
     if randaug:
         from timm.data import auto_augment
 
@@ -152,6 +154,7 @@ def finetune_transform(img_size: int, mean, std, randaug: str | None) -> ImageTr
 def finetune_loader(spec: TrialSpec, info: DatasetInfo, epoch: int, *, rank: int = 0, world_size: int = 1):
     """Shuffled train batches of `eval.finetune.batch_size` with the fine-tuning augmentation; drop_last."""
     ft = spec.eval.finetune
-    transform = finetune_transform(spec.model.img_size, info.mean, info.std, ft.randaug)
+    transform = finetune_transform(spec.model.img_size, info.mean, info.std, ft.randaug,
+                                   min_crop_scale=ft.min_crop_scale, flip=ft.flip)
     return _train_loader(spec, info, transform, batch_size=ft.batch_size, shuffle=True, epoch=epoch,
                          drop_last=True, rank=rank, world_size=world_size)

@@ -129,11 +129,13 @@ class FinetuneSpec(_Strict):
     mixup: float = Field(0.0, ge=0)
     cutmix: float = Field(0.0, ge=0)
     randaug: str | None = Field(None, description="timm RandAugment string, e.g. 'rand-m9-mstd0.5-inc1'")
+    min_crop_scale: float = Field(0.08, gt=0, le=1, description="RandomResizedCrop's smallest area fraction")
+    flip: bool = Field(True, description="random horizontal flips while fine-tuning")
     global_pool: Literal["avg", "token"] = "avg"
     last_k_blocks: int | None = Field(None, ge=0, description="tune only the last k blocks (paper Fig. 9)")
 
     @field_validator("base_lr", "layer_decay", "weight_decay", "warmup_epochs", "drop_path", "label_smoothing",
-                     "mixup", "cutmix", mode="before")
+                     "mixup", "cutmix", "min_crop_scale", mode="before")
     @classmethod
     def _int_as_float(cls, v: Any) -> Any:
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
