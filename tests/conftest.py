@@ -71,3 +71,19 @@ def assert_same_as_uninterrupted(db: Path, clean_db: Path, *, trials: int, epoch
         assert got[2] == pytest.approx(want[2], rel=1e-6)
     for path, sha in query(db, "SELECT path, sha256 FROM mae_artifacts WHERE kind='checkpoint'"):
         assert load_checkpoint(path, sha256=sha)["epoch"] == epochs
+
+
+def official_random_masking(x, mask_ratio, noise):
+    """Inline copy of models_mae.py MaskedAutoencoderViT.random_masking, with the noise passed in."""
+    import torch
+
+    N, L, D = x.shape
+    len_keep = int(L * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
+    mask = torch.ones([N, L], device=x.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, dim=1, index=ids_restore)
+    return x_masked, mask, ids_restore

@@ -3,6 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import official_random_masking
 from mae_lab.masking import (
     block_masking_ids,
     grid_k,
@@ -73,20 +74,6 @@ def test_samplers_consume_generator():
        w=st.integers(1, 16), ratio=st.floats(0.0, 0.99), seed=st.integers(0, 2**31))
 def test_random_and_block_property(kind, batch, h, w, ratio, seed):
     check_ids(*sample_mask_ids(kind, batch, h, w, ratio, gen(seed)), batch, h * w, ratio)
-
-
-def official_random_masking(x, mask_ratio, noise):
-    """Inline copy of models_mae.py MaskedAutoencoderViT.random_masking, with noise passed in."""
-    N, L, D = x.shape
-    len_keep = int(L * (1 - mask_ratio))
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :len_keep]
-    x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
-    mask = torch.ones([N, L], device=x.device)
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, dim=1, index=ids_restore)
-    return x_masked, mask, ids_restore
 
 
 def test_ids_from_noise_matches_official():

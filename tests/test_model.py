@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import official_random_masking
 from mae_lab.model import (
     PRESETS,
     MAEConfig,
@@ -172,20 +173,6 @@ def test_norm_pix_loss_uses_unbiased_var():
     loss = model.forward_loss(imgs, pred, mask)
     assert torch.allclose(loss, (((pred - unbiased) ** 2).mean(-1) * mask).sum() / mask.sum())
     assert not torch.allclose(loss, (((pred - biased) ** 2).mean(-1) * mask).sum() / mask.sum())
-
-
-def official_random_masking(x, mask_ratio, noise):
-    """Inline copy of models_mae.py random_masking, with the noise passed in."""
-    N, L, D = x.shape
-    len_keep = int(L * (1 - mask_ratio))
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :len_keep]
-    x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
-    mask = torch.ones([N, L], device=x.device)
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, dim=1, index=ids_restore)
-    return x_masked, mask, ids_restore
 
 
 def test_noise_reproduces_official_encoder_and_decoder():
