@@ -24,9 +24,9 @@ def out() -> Console:
     return Console(highlight=False)
 
 DbOpt = Annotated[Optional[str], typer.Option("--db", envvar="MAE_LAB_DB", show_envvar=True,
-                                              help="Database URL [default: sqlite:///db/mae_lab.db].")]
+                                              help="Database URL or SQLite file \\[default: sqlite:///db/mae_lab.db].")]
 DataRootOpt = Annotated[Optional[str], typer.Option("--data-root", envvar="MAE_LAB_DATA", show_envvar=True,
-                                                    help="Folder of named datasets [default: db/data].")]
+                                                    help="Folder of named datasets \\[default: db/data].")]
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", help="Override the study's data: 'train=PATTERN,val=PATTERN' or 'dataset=NAME'.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
@@ -153,7 +153,7 @@ def worker(
 def search(
     study: Annotated[Path, typer.Argument(help="The study TOML file, with a [search] table.")],
     trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Searched trials the study should hold "
-                                                  "in all [default: the file's search.n_trials].")] = None,
+                                                  "in all \\[default: the file's search.n_trials].")] = None,
     db: DbOpt = None,
     device: DeviceOpt = "auto",
     data_root: DataRootOpt = None,

@@ -175,9 +175,8 @@ def artifacts_dir(url: str | None = None) -> Path:
     ``db/artifacts``."""
     if os.environ.get("MAE_LAB_ARTIFACTS"):
         return Path(os.environ["MAE_LAB_ARTIFACTS"])
-    url = url or os.environ.get("MAE_LAB_DB") or DEFAULT_URL
     try:
-        parsed = make_url(url)
+        parsed = make_url(resolve_url(url))
     except ArgumentError:
         return Path("db/artifacts")
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
@@ -186,8 +185,9 @@ def artifacts_dir(url: str | None = None) -> Path:
 
 
 def resolve_url(url: str | None = None) -> str:
-    """``url``, else ``MAE_LAB_DB``, else ``sqlite:///db/mae_lab.db``."""
-    return url or os.environ.get("MAE_LAB_DB") or DEFAULT_URL
+    """``url``, else ``MAE_LAB_DB``, else ``sqlite:///db/mae_lab.db``; a bare file path means a SQLite file."""
+    url = url or os.environ.get("MAE_LAB_DB") or DEFAULT_URL
+    return url if "://" in url else f"sqlite:///{url}"
 
 
 def connect(url: str | None = None, *, create: bool = True) -> Engine:

@@ -18,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from mae_lab.data import DatasetInfo
 from mae_lab.loaders import eval_loader, finetune_loader
 from mae_lab.model import MaskedAutoencoder, build_timm_vit
-from mae_lab.pretrain import DivergenceError, epoch_seed, lr_at, seed_all
+from mae_lab.pretrain import DivergenceError, epoch_seed, lr_at, seed_all, use_bf16
 from mae_lab.spec import TrialSpec
 
 HEAD_KEYS = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}  # new in the classifier
@@ -87,13 +87,13 @@ def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, de
     t_start = time.perf_counter()
     ft = spec.eval.finetune
     dev = torch.device(device)
-    amp = spec.pretrain.amp == "bf16"
+    amp = use_bf16(spec.pretrain.amp, dev, model.config.embed_dim)
     seed_all(spec.seed)
     vit = build_classifier(spec, model, info.num_classes).to(dev)
 
     groups = param_groups_lrd(vit, ft.weight_decay, set(vit.no_weight_decay()), ft.layer_decay)
     peak_lr = ft.base_lr * ft.batch_size / 256
-    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999), fused=dev.type in ("cpu", "cuda"))
     mixup = None
     if ft.mixup > 0 or ft.cutmix > 0:
         if ft.batch_size % 2:

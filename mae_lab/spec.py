@@ -89,7 +89,8 @@ class PretrainSpec(_Strict):
     min_lr: float = Field(0.0, ge=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
-    amp: Literal["none", "bf16"] = "none"
+    amp: Literal["auto", "none", "bf16"] = Field(
+        "auto", description="bf16 autocast; auto: where it pays (CUDA with bf16; a CPU with native bf16 from width 192)")
     compile: bool = False
     probe_every: int = Field(0, ge=0, description="every N epochs, a kNN probe on cached features (0: never)")
 

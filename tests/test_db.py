@@ -29,7 +29,7 @@ def test_newer_schema_is_refused(workdir: Path):
 @pytest.mark.parametrize("url, reason", [
     ("sqlite:////proc/forbidden/x.db", "cannot be opened"),
     ("notadb://x", "cannot be opened"),
-    ("::::", "cannot be parsed"),
+    ("://x", "cannot be parsed"),
 ])
 def test_unusable_urls_fail_in_one_line(workdir: Path, url: str, reason: str):
     (workdir / "s.toml").write_text(STUDY)
@@ -37,6 +37,15 @@ def test_unusable_urls_fail_in_one_line(workdir: Path, url: str, reason: str):
     assert res.exit_code == 2, res.output
     lines = [l for l in res.output.splitlines() if l.strip()]
     assert len(lines) == 1 and reason in lines[0], res.output
+
+
+def test_a_bare_path_means_a_sqlite_file(workdir: Path):
+    assert db.resolve_url("runs/a.db") == "sqlite:///runs/a.db"
+    assert db.resolve_url("/tmp/x/a.db") == "sqlite:////tmp/x/a.db"
+    assert db.artifacts_dir("runs/a.db") == Path("runs/artifacts")
+    (workdir / "s.toml").write_text(STUDY)
+    res = CliRunner().invoke(app, ["run", "s.toml", "--db", "runs/a.db", "--dry-run"])
+    assert res.exit_code == 0, res.output
 
 
 def test_passwords_never_printed(workdir: Path):

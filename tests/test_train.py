@@ -196,3 +196,13 @@ def test_layer_decay_groups_have_the_official_scales(digits):
     k1 = make_spec(eval_finetune={"last_k_blocks": 1, "global_pool": "avg"})
     trainable = {n for n, p in build_classifier(k1, model, 10).named_parameters() if p.requires_grad}
     assert trainable == {n for n in scale if n.startswith((f"blocks.{depth - 1}.", "fc_norm.", "head."))}
+
+
+def test_amp_auto_keeps_narrow_models_in_fp32_and_honours_explicit_choices():
+    from mae_lab.pretrain import use_bf16
+
+    cpu = torch.device("cpu")
+    assert use_bf16("bf16", cpu, 64) and not use_bf16("none", cpu, 1024)
+    assert not use_bf16("auto", cpu, 64)  # cast overhead outweighs the gain below width 192
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert use_bf16("auto", cpu, 192) == native
