@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -41,6 +43,28 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+@contextmanager
+def trial_errors(resume_hint: str, display: bool = True) -> Iterator[object]:
+    """Yield a progress display (None if not `display`) and turn bad input into one line with exit 2, and Ctrl-C
+    into exit 130 with `resume_hint`."""
+    from mae_lab.db import DbError
+    from mae_lab.progress import make_display
+    from mae_lab.spec import StudyError
+
+    try:
+        shown = make_display(out()) if display else None
+        try:
+            yield shown
+        finally:
+            if shown is not None:
+                shown.close()
+    except (StudyError, DbError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        Console(stderr=True).print(f"interrupted: the running trial is marked interrupted; {resume_hint}")
+        raise typer.Exit(130) from None
+
+
 def _open_db(url: str | None, create: bool = True):
     from mae_lab.db import DbError, connect
 
@@ -67,16 +91,15 @@ def run(
                                        "pretrain.batch_size is per process.")] = 1,
 ):
     """Expand STUDY into trials and run every trial not done yet (pretrain, linear probe, fine-tune)."""
-    from mae_lab.db import DbError
     from mae_lab.distributed import launch, run_study_ddp, world_size_from_env
-    from mae_lab.progress import make_display
     from mae_lab.runner import parse_data_override, plan, resolve_data, run_study
-    from mae_lab.spec import StudyError
 
     ddp = world_size_from_env() > 1  # this process is one rank of a torchrun
-    try:
+    rank0 = not ddp or os.environ.get("RANK", "0") == "0"
+    launcher = dry_run or (nproc > 1 and not ddp)
+    with trial_errors("run the same command to resume it", display=rank0 and not launcher) as display:
         override = parse_data_override(data)
-        if dry_run or (nproc > 1 and not ddp):
+        if launcher:
             spec, trials = plan(study, override)
             resolve_data(spec, trials, data_root, allow_pipe)
             if dry_run:
@@ -87,23 +110,11 @@ def run(
                      for a in (flag, str(value))]
             args += (["--rerun"] if rerun else []) + (["--allow-pipe"] if allow_pipe else [])
             raise typer.Exit(launch(nproc, args))
-        rank0 = not ddp or os.environ.get("RANK", "0") == "0"
-        display = make_display(out()) if rank0 else None
-        try:
-            kwargs = dict(db_url=db, device=device, data_root=data_root, data_override=override, rerun=rerun,
-                          max_trials=max_trials, allow_pipe=allow_pipe, display=display, stale_after_s=stale_after)
-            summary = run_study_ddp(study, **kwargs) if ddp else run_study(study, **kwargs)
-        finally:
-            if display is not None:
-                display.close()
-        if summary is None:  # a rank > 0: rank 0 reports
-            return
-    except (StudyError, DbError, ValueError) as exc:
-        raise fail(str(exc)) from None
-    except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted: the running trial is marked interrupted; run the same command to resume it")
-        raise typer.Exit(130) from None
-    _print_summary(summary)
+        kwargs = dict(db_url=db, device=device, data_root=data_root, data_override=override, rerun=rerun,
+                      max_trials=max_trials, allow_pipe=allow_pipe, display=display, stale_after_s=stale_after)
+        summary = run_study_ddp(study, **kwargs) if ddp else run_study(study, **kwargs)
+    if summary is not None:  # None on a rank > 0: rank 0 reports
+        _print_summary(summary)
 
 
 def _print_summary(summary) -> None:
@@ -128,24 +139,12 @@ def worker(
     """Drain STUDY with any number of workers on one database (PostgreSQL for several machines): each trial is
     claimed by exactly one worker; the trial of a dead worker is taken over and resumes from its checkpoint.
     Exits when no trial is left to run or running."""
-    from mae_lab.db import DbError
-    from mae_lab.progress import make_display
     from mae_lab.runner import parse_data_override, run_study
-    from mae_lab.spec import StudyError
 
-    try:
-        display = make_display(out())
-        try:
-            summary = run_study(study, db_url=db, device=device, data_root=data_root,
-                                data_override=parse_data_override(data), allow_pipe=allow_pipe, display=display,
-                                stale_after_s=stale_after, wait=True, poll_s=poll)
-        finally:
-            display.close()
-    except (StudyError, DbError, ValueError) as exc:
-        raise fail(str(exc)) from None
-    except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted: the running trial is marked interrupted; any worker resumes it")
-        raise typer.Exit(130) from None
+    with trial_errors("any worker resumes it") as display:
+        summary = run_study(study, db_url=db, device=device, data_root=data_root,
+                            data_override=parse_data_override(data), allow_pipe=allow_pipe, display=display,
+                            stale_after_s=stale_after, wait=True, poll_s=poll)
     _print_summary(summary)
 
 
@@ -163,25 +162,13 @@ def search(
 ):
     """Optuna search over STUDY's [search] space, stored in the same database (optuna-dashboard reads it):
     each sampled point is trained by the same runner as 'run'; points done before are told, not trained."""
-    from mae_lab.db import DbError
-    from mae_lab.progress import make_display
     from mae_lab.runner import parse_data_override
     from mae_lab.search import run_search
-    from mae_lab.spec import StudyError
 
-    try:
-        display = make_display(out())
-        try:
-            summary = run_search(study, db_url=db, n_trials=trials, device=device, data_root=data_root,
-                                 data_override=parse_data_override(data), allow_pipe=allow_pipe, display=display,
-                                 stale_after_s=stale_after)
-        finally:
-            display.close()
-    except (StudyError, DbError, ValueError) as exc:
-        raise fail(str(exc)) from None
-    except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted: the running trial is marked interrupted; search again to resume it")
-        raise typer.Exit(130) from None
+    with trial_errors("search again to resume it") as display:
+        summary = run_search(study, db_url=db, n_trials=trials, device=device, data_root=data_root,
+                             data_override=parse_data_override(data), allow_pipe=allow_pipe, display=display,
+                             stale_after_s=stale_after)
     counts = ", ".join(f"{summary.count(s)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL") if summary.count(s))
     out().print(f"search {summary.name}: {summary.total} of {summary.target} trials in the study; this run: "
                 f"{len(summary.states)} asked" + (f" ({counts})" if counts else "") +

@@ -338,16 +338,22 @@ def verdicts(report: StudyReport) -> list[str]:
     return lines
 
 
+def has_finetune(report: StudyReport) -> bool:
+    """Whether any point has a fine-tuning result (tables leave the fine-tune columns out otherwise)."""
+    return any(r.finetune.mean is not None for r in report.rows)
+
+
 def _columns(report: StudyReport) -> list[str]:
-    cols = axis_names(report) + ["linear %", "Δ linear [95% CI]", "fine-tune %", "Δ fine-tune [95% CI]"]
+    cols = axis_names(report) + ["linear %", "Δ linear [95% CI]"]
+    cols += ["fine-tune %", "Δ fine-tune [95% CI]"] if has_finetune(report) else []
     if report.comparison is not None and report.comparison.rule != "none":
         cols += ["paper setting", "paper lin", "paper ft"]
     return cols + ["pretrain s", "speed vs default", "GFLOPs", "trials"]
 
 
 def _cells(report: StudyReport, row: Row) -> list[str]:
-    cells = axis_cells(report, row) + [fmt_stat(row.linear), fmt_diff(row, "linear"), fmt_stat(row.finetune),
-                                       fmt_diff(row, "finetune")]
+    cells = axis_cells(report, row) + [fmt_stat(row.linear), fmt_diff(row, "linear")]
+    cells += [fmt_stat(row.finetune), fmt_diff(row, "finetune")] if has_finetune(report) else []
     if report.comparison is not None and report.comparison.rule != "none":
         p = row.paper
         cells += ["-", "-", "-"] if p is None else [p.setting, _num(p.lin), _num(p.ft)]
@@ -370,12 +376,11 @@ def title(report: StudyReport) -> str:
 OPTIONAL_COLUMNS = ("GFLOPs", "pretrain s", "trials", "speed vs default", "paper setting", "paper ft", "paper lin")
 
 
-def _compact(cells: list[str], n_axes: int) -> list[str]:
+def _compact(cells: list[str], n_axes: int, n_metrics: int) -> list[str]:
     """Narrow-terminal cells: n moves to the header, a difference's interval goes on a second line."""
     out = list(cells)
-    for i in (n_axes, n_axes + 2):
+    for i in range(n_axes, n_axes + n_metrics):  # alternately "mean ± std (n=k)" and "delta [low, high] mark"
         out[i] = out[i].split(" (n=")[0]
-    for i in (n_axes + 1, n_axes + 3):
         delta, sep, rest = out[i].partition(" [")
         if sep:
             interval, _, mark = rest.partition("]")
@@ -393,6 +398,7 @@ def rich_table(report: StudyReport, width: int | None = None) -> Table:
     best_lin = max((r.linear.mean for r in report.rows if r.linear.mean is not None), default=None)
     best_ft = max((r.finetune.mean for r in report.rows if r.finetune.mean is not None), default=None)
     cols = _columns(report)
+    metrics = [(n_axes, "linear")] + ([(n_axes + 2, "finetune")] if has_finetune(report) else [])  # (column, attr)
     grid = []
     for r in report.rows:
         cells = _cells(report, r)
@@ -417,8 +423,8 @@ def rich_table(report: StudyReport, width: int | None = None) -> Table:
             break
         if c.startswith("paper") and not compact:  # rather compact cells than no paper columns
             compact = True
-            grid = [_compact(g, n_axes) for g in grid]
-            for i, attr in ((n_axes, "linear"), (n_axes + 2, "finetune")):
+            grid = [_compact(g, n_axes, 2 * len(metrics)) for g in grid]
+            for i, attr in metrics:
                 ns = {getattr(r, attr).n for r in report.rows if getattr(r, attr).n}
                 headers[i] += f" (n={ns.pop()})" if len(ns) == 1 else " (n varies)"
             if fits(keep, grid, headers):
@@ -434,7 +440,7 @@ def rich_table(report: StudyReport, width: int | None = None) -> Table:
         cells = [c.replace("[", r"\[") for c in cells]
         if r.is_default:
             cells[0] = f"[bold]{cells[0].removesuffix(' (default)')}[/bold] (default)"
-        for i in (n_axes, n_axes + 2):
+        for i, _ in metrics:
             if cells[i].endswith(" ★"):
                 cells[i] = f"[green]{cells[i]}[/green]"
         table.add_row(*(c for c, col in zip(cells, cols) if col in keep))
@@ -504,18 +510,20 @@ def _tex_diff(row: Row, attr: str) -> str:
 def to_latex(report: StudyReport) -> str:
     """A booktabs table (needs ``\\usepackage{booktabs}``): default row bold, paper columns when matched."""
     with_paper = report.comparison is not None and report.comparison.rule != "none"
-    cols = [_tex(a) for a in axis_names(report)] + ["linear", r"$\Delta$ linear [95\% CI]", "fine-tune",
-                                                    r"$\Delta$ fine-tune [95\% CI]"]
+    ft = has_finetune(report)
+    cols = [_tex(a) for a in axis_names(report)] + ["linear", r"$\Delta$ linear [95\% CI]"]
+    cols += ["fine-tune", r"$\Delta$ fine-tune [95\% CI]"] if ft else []
     if with_paper:
         cols += ["paper setting", "paper lin", "paper ft"]
-    align = "l" * len(axis_names(report)) + "rrrr" + ("lrr" if with_paper else "")
+    align = "l" * len(axis_names(report)) + ("rrrr" if ft else "rr") + ("lrr" if with_paper else "")
     lines = [r"\begin{table}[t]", r"\centering", r"\small", f"\\begin{{tabular}}{{{align}}}", r"\toprule",
              " & ".join(cols) + r" \\", r"\midrule"]
     for r in report.rows:
         cells = [_tex(c) for c in axis_cells(report, r)]
         if r.is_default:
             cells[0] = f"\\textbf{{{cells[0]}}}"
-        cells += [_tex_stat(r.linear), _tex_diff(r, "linear"), _tex_stat(r.finetune), _tex_diff(r, "finetune")]
+        cells += [_tex_stat(r.linear), _tex_diff(r, "linear")]
+        cells += [_tex_stat(r.finetune), _tex_diff(r, "finetune")] if ft else []
         if with_paper:
             p = r.paper
             cells += ["--", "--", "--"] if p is None else [_tex(p.setting), _num(p.lin).replace("-", "--"),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from cli import app
@@ -19,7 +20,7 @@ from mae_lab.expand import expand
 from mae_lab.model import MaskedAutoencoder, config_from_preset
 from mae_lab.plots import SIZES, study_plots
 from mae_lab.recon import reconstruct
-from mae_lab.report import render_text, summarize
+from mae_lab.report import render, render_text, summarize
 from mae_lab.runner import trial_rows
 from mae_lab.spec import parse_study
 from mae_lab.stats import t_ppf, welch_interval
@@ -41,7 +42,7 @@ LINEAR = {1: [58, 60, 62], 2: [70, 72, 74], 4: [69, 70, 71], 8: [74, 75, 76]}
 FINETUNE = {1: [80, 81, 82], 2: [82, 83, 84], 4: [83, 83, 83], 8: [81, 82, 83]}
 
 
-def record(url: str, text: str, linear: dict, finetune: dict, axis: str) -> None:
+def record(url: str, text: str, linear: dict, finetune: dict | None, axis: str) -> None:
     """Write a study and its results into a real SQLite database through db.py (no training)."""
     study = parse_study(text, "hand.toml")
     trials = expand(study)
@@ -54,7 +55,8 @@ def record(url: str, text: str, linear: dict, finetune: dict, axis: str) -> None
         for epoch in (1, 2, 3):
             db.record_metrics(engine, trial.id, "pretrain", epoch, {"loss": 1.0 / (epoch + value + k)})
         db.finish_trial(engine, trial.id, "done", result={
-            "linear_top1": linear[value][k] / 100, "finetune_top1": finetune[value][k] / 100,
+            "linear_top1": linear[value][k] / 100,
+            "finetune_top1": None if finetune is None else finetune[value][k] / 100,
             "pretrain_wall_s": 10.0 * value, "pretrain_images_per_s": 1000.0 / value + k,
             "encoder_gflops": 0.01 * value})
 
@@ -164,6 +166,19 @@ def test_one_seed_gives_no_interval_and_widths_match_by_position(tmp_path):
     assert "by position" in md and "1024 wide" in md
     # 60 < 65 < 70 > 66 against 69.1 < 71.3 < 73.5 > 73.1: the same ordering
     assert rep.comparison.agreement["linear"] == (pytest.approx(1.0), 4)
+
+
+def test_tables_leave_out_fine_tune_columns_when_nothing_was_fine_tuned(tmp_path):
+    url = f"sqlite:///{tmp_path}/lin.db"
+    record(url, DEPTH_STUDY, LINEAR, None, "model.decoder_depth")
+    rep = summarize(db.connect(url, create=False), "depth")
+    md, tex = render_text(rep, "md"), render_text(rep, "latex")
+    assert "linear %" in md and "fine-tune %" not in md and "| 8 | 75.0 ± 1.0 (n=3) |" in md
+    assert "fine-tune" not in tex.split(r"\midrule")[0] and "{lrrlrr}" in tex
+    console = Console(width=200, record=True)
+    render(rep, console)
+    header = [line for line in console.export_text().splitlines() if "┃" in line]
+    assert header and "linear" in "".join(header) and "fine" not in "".join(header)
 
 
 def test_paper_matching_rules():
