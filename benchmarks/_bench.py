@@ -111,50 +111,21 @@ def uncached_linear_probe(spec, model, info, *, device: str = "cpu") -> dict:
     """The official probe's cost model: `mae_lab.probe.linear_probe`'s recipe (same head, init, optimizer, lr schedule
     and batch order), but the frozen encoder re-encodes the train split every epoch and the val split at every
     evaluation, as a loop that feeds images through encoder + head does. Returns {"top1", "wall_s"}."""
-    import torch.nn as nn
-    import torch.nn.functional as F
-
     from mae_lab.loaders import eval_loader
-    from mae_lab.pretrain import lr_at
-    from mae_lab.probe import LARS, extract_features
+    from mae_lab.pretrain import use_bf16
+    from mae_lab.probe import LinearHead, extract_features
 
     t_start = time.perf_counter()
     lin, dev = spec.eval.linear, torch.device(device)
-    amp = spec.pretrain.amp == "bf16"
+    amp = use_bf16(spec.pretrain.amp, dev, model.config.embed_dim)
     model.to(dev)
-    torch.manual_seed(spec.seed)
-    D = model.config.embed_dim
-    head = nn.Sequential(nn.BatchNorm1d(D, affine=False, eps=1e-6), nn.Linear(D, info.num_classes)).to(dev)
-    nn.init.trunc_normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
-    N = min(spec.data.train_samples or info.num_train, info.num_train)
-    batch = min(lin.batch_size, N)
-    steps_per_epoch = N // batch
-    total_steps, warmup_steps = steps_per_epoch * lin.epochs, round(lin.warmup_epochs * steps_per_epoch)
-    peak_lr = lin.base_lr * lin.batch_size / 256
-    if lin.optimizer == "lars":
-        optimizer = LARS(head.parameters(), lr=peak_lr, weight_decay=lin.weight_decay, momentum=lin.momentum)
-    else:
-        optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=lin.momentum,
-                                    weight_decay=lin.weight_decay)
-    perm_gen = torch.Generator().manual_seed(spec.seed)
-    step, top1 = 0, 0.0
+    n = min(spec.data.train_samples or info.num_train, info.num_train)
+    probe = LinearHead(lin, model.config.embed_dim, info.num_classes, n, dev, spec.seed)
+    top1 = 0.0
     for _ in range(lin.epochs):
         train_x, train_y = extract_features(model, eval_loader(spec, info, "train", lin.batch_size), device,
                                             lin.pool, amp)  # re-encoded every epoch
-        head.train()
-        order = torch.randperm(N, generator=perm_gen).to(dev)
-        for i in range(steps_per_epoch):
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, total_steps, warmup_steps, peak_lr, 0.0)
-            idx = order[i * batch:(i + 1) * batch]
-            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
+        probe.train_epoch(train_x, train_y)
         val_x, val_y = extract_features(model, eval_loader(spec, info, "val", lin.batch_size), device, lin.pool, amp)
-        head.eval()
-        with torch.no_grad():
-            top1 = (head(val_x).argmax(dim=1) == val_y).float().mean().item()
+        top1 = probe.top1(val_x, val_y)
     return {"top1": top1, "wall_s": time.perf_counter() - t_start}

@@ -16,7 +16,7 @@ from mae_lab.data import DatasetInfo
 from mae_lab.loaders import eval_loader
 from mae_lab.model import MaskedAutoencoder
 from mae_lab.pretrain import lr_at, use_bf16
-from mae_lab.spec import TrialSpec
+from mae_lab.spec import LinearSpec, TrialSpec
 
 
 class LARS(torch.optim.Optimizer):
@@ -92,48 +92,64 @@ def linear_probe(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *
         torch.cuda.synchronize(dev)
     encode_s = time.perf_counter() - t_start
 
-    torch.manual_seed(spec.seed)
-    N, D = train_x.shape
-    head = nn.Sequential(nn.BatchNorm1d(D, affine=False, eps=1e-6), nn.Linear(D, info.num_classes)).to(dev)
-    nn.init.trunc_normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
-
-    batch = min(lin.batch_size, N)
-    steps_per_epoch = N // batch  # drop_last, as the official probe's loader
-    total_steps = steps_per_epoch * lin.epochs
-    warmup_steps = round(lin.warmup_epochs * steps_per_epoch)
-    peak_lr = lin.base_lr * lin.batch_size / 256
-    if lin.optimizer == "lars":
-        optimizer = LARS(head.parameters(), lr=peak_lr, weight_decay=lin.weight_decay, momentum=lin.momentum)
-    else:
-        optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=lin.momentum,
-                                    weight_decay=lin.weight_decay)
-    perm_gen = torch.Generator().manual_seed(spec.seed)
-
-    step, top1 = 0, 0.0
+    probe = LinearHead(lin, train_x.shape[1], info.num_classes, len(train_y), dev, spec.seed)
+    top1 = 0.0
     for epoch in range(lin.epochs):
-        head.train()
-        order = torch.randperm(N, generator=perm_gen).to(dev)  # (N,)
-        loss_sum, lr = 0.0, 0.0
-        for i in range(steps_per_epoch):
-            lr = lr_at(step, total_steps, warmup_steps, peak_lr, 0.0)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            idx = order[i * batch:(i + 1) * batch]  # (B,)
-            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item()
-            step += 1
-        head.eval()
-        with torch.no_grad():
-            top1 = (head(val_x).argmax(dim=1) == val_y).float().mean().item()
+        loss, lr = probe.train_epoch(train_x, train_y)
+        top1 = probe.top1(val_x, val_y)
         if on_epoch is not None:
-            on_epoch({"epoch": epoch + 1, "loss": loss_sum / max(1, steps_per_epoch), "lr": lr, "top1": top1})
+            on_epoch({"epoch": epoch + 1, "loss": loss, "lr": lr, "top1": top1})
 
     return {"top1": top1, "wall_s": time.perf_counter() - t_start,
             "images_per_s": (len(train_y) + len(val_y)) / max(encode_s, 1e-9), "epochs": lin.epochs}
+
+
+class LinearHead:
+    """The probe's head, BatchNorm1d(affine=False) + Linear (official init), with its optimizer (SGD or LARS),
+    per-step warmup + cosine schedule and seeded batch order (drop_last, as the official probe's loader)."""
+
+    def __init__(self, lin: LinearSpec, dim: int, num_classes: int, num_train: int, dev: torch.device, seed: int):
+        torch.manual_seed(seed)
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes)).to(dev)
+        nn.init.trunc_normal_(self.head[1].weight, std=0.01)
+        nn.init.zeros_(self.head[1].bias)
+        self.n, self.dev = num_train, dev
+        self.batch = min(lin.batch_size, num_train)
+        self.steps_per_epoch = num_train // self.batch
+        self.total_steps = self.steps_per_epoch * lin.epochs
+        self.warmup_steps = round(lin.warmup_epochs * self.steps_per_epoch)
+        self.peak_lr = lin.base_lr * lin.batch_size / 256
+        if lin.optimizer == "lars":
+            self.optimizer = LARS(self.head.parameters(), lr=self.peak_lr, weight_decay=lin.weight_decay,
+                                  momentum=lin.momentum)
+        else:
+            self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.peak_lr, momentum=lin.momentum,
+                                             weight_decay=lin.weight_decay)
+        self.perm_gen = torch.Generator().manual_seed(seed)
+        self.step = 0
+
+    def train_epoch(self, train_x: torch.Tensor, train_y: torch.Tensor) -> tuple[float, float]:
+        """One epoch over features (N, D) and labels (N,); returns (mean loss, last lr)."""
+        self.head.train()
+        order = torch.randperm(self.n, generator=self.perm_gen).to(self.dev)  # (N,)
+        loss_sum, lr = 0.0, 0.0
+        for i in range(self.steps_per_epoch):
+            lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr, 0.0)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            idx = order[i * self.batch:(i + 1) * self.batch]  # (B,)
+            loss = F.cross_entropy(self.head(train_x[idx]), train_y[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.item()
+            self.step += 1
+        return loss_sum / max(1, self.steps_per_epoch), lr
+
+    @torch.no_grad()
+    def top1(self, val_x: torch.Tensor, val_y: torch.Tensor) -> float:
+        self.head.eval()
+        return (self.head(val_x).argmax(dim=1) == val_y).float().mean().item()
 
 
 @torch.no_grad()
