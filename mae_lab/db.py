@@ -23,7 +23,9 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, create_engine, delete, select
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# version reached -> statements that bring a database of the version before up to it (run inside one transaction)
+MIGRATIONS = {2: ["ALTER TABLE mae_results ADD COLUMN pretrain_peak_mem_mib FLOAT"]}
 DEFAULT_URL = "sqlite:///db/mae_lab.db"
 STATUSES = ("pending", "running", "done", "failed", "diverged", "interrupted", "pruned")
 FINAL = ("done", "failed", "diverged", "pruned")  # statuses a trial keeps until --rerun
@@ -113,6 +115,7 @@ class ResultRow(SQLModel, table=True):
     pretrain_loss: float | None = None
     pretrain_wall_s: float | None = None
     pretrain_images_per_s: float | None = None
+    pretrain_peak_mem_mib: float | None = None  # CUDA: peak allocated; CPU: the process's peak RSS (schema 2)
     linear_wall_s: float | None = None
     finetune_wall_s: float | None = None
     encoder_gflops: float | None = None  # per image, at the trial's mask ratio
@@ -222,8 +225,9 @@ def connect(url: str | None = None, *, create: bool = True) -> Engine:
 
 
 def _check_schema(engine: Engine, create: bool) -> None:
-    """Refuse a newer schema; create the tables when asked. Processes that open a fresh database at once queue on
-    a lock (SQLite: the immediate transaction; PostgreSQL: an advisory lock) instead of racing on CREATE TABLE."""
+    """Refuse a newer schema, migrate an older one (MIGRATIONS), create the tables when asked. Processes that open
+    a database at once queue on a lock (SQLite: the immediate transaction; PostgreSQL: an advisory lock) instead of
+    racing on CREATE TABLE or a migration."""
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(7271101)"))
@@ -233,6 +237,12 @@ def _check_schema(engine: Engine, create: bool) -> None:
         if version is not None and int(version) > SCHEMA_VERSION:
             raise DbError(f"database {safe_url(str(engine.url))} has schema version {version}, newer than this "
                           f"mae-lab's ({SCHEMA_VERSION}): upgrade mae-lab to use it")
+        if version is not None and int(version) < SCHEMA_VERSION:
+            for v in range(int(version) + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[v]:
+                    conn.execute(text(statement))
+            conn.execute(Meta.__table__.update().where(Meta.key == "schema_version")
+                         .values(value=str(SCHEMA_VERSION)))
         if create:
             SQLModel.metadata.create_all(conn)
             if version is None:

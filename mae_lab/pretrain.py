@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -55,6 +56,36 @@ class PretrainResult:
     final_loss: float | None  # mean loss of the last epoch
     loss_history: list[float]  # mean loss of every completed epoch
     ckpt_sha256: str | None  # sha256 of the checkpoint file written last (or found complete)
+    peak_mem_mib: float | None = None  # peak memory while training (CUDA: allocated; CPU: process RSS); None: none
+
+
+def reset_peak_memory(dev: torch.device) -> None:
+    """Start a new peak-memory window (CUDA: the allocator's peak; Linux CPU: the process's peak RSS)."""
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    except OSError:
+        pass  # not Linux: peak_memory_mib then reports the process's lifetime peak
+
+
+def peak_memory_mib(dev: torch.device) -> float | None:
+    """MiB since reset_peak_memory: CUDA max_memory_allocated, else the process's peak RSS."""
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+    except ImportError:
+        return None
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_lr: float) -> float:
@@ -197,6 +228,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
     amp = use_bf16(pt.amp, dev, model.config.embed_dim)
     global_noise = world_size > 1 and model.config.mask_sampling == "random"
 
+    reset_peak_memory(dev)
     train_s, images = 0.0, 0
     while epoch < pt.epochs:
         t_epoch = time.perf_counter()
@@ -245,7 +277,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
         epoch += 1
         loss_history.append(loss_sum / max(1, n_micro))
         metrics = {"epoch": epoch, "loss": loss_history[-1], "lr": lr,
-                   "images_per_s": n_images / epoch_s}
+                   "images_per_s": n_images / epoch_s, "peak_mem_mib": peak_memory_mib(dev)}
         if pt.probe_every and epoch % pt.probe_every == 0 and rank == 0:
             from mae_lab.probe import knn_top1  # probe imports lr_at from here
 
@@ -268,7 +300,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
             raise stop
 
     return PretrainResult(model, epoch, step, time.perf_counter() - t_start, images / max(train_s, 1e-9),
-                          loss_history[-1], loss_history, sha)
+                          loss_history[-1], loss_history, sha, peak_memory_mib(dev))
 
 
 def _pretrain_part(spec_dump: dict | None) -> dict | None:

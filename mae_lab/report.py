@@ -86,6 +86,7 @@ class Row:
     finetune: Stat = Stat(())  # top-1 %
     pretrain_s: Stat = Stat(())  # trials whose pretraining was shared are left out
     images_per_s: Stat = Stat(())  # likewise
+    peak_mem_mib: Stat = Stat(())  # likewise
     gflops: float | None = None
     is_default: bool = False
     linear_diff: Interval | None = None  # to the default row
@@ -164,6 +165,7 @@ def summarize(engine: Engine, name: str) -> StudyReport:
                 row.pretrain_s = _add(row.pretrain_s, result.pretrain_wall_s)
                 if result.pretrain_images_per_s:
                     row.images_per_s = _add(row.images_per_s, result.pretrain_images_per_s)
+                row.peak_mem_mib = _add(row.peak_mem_mib, result.pretrain_peak_mem_mib)
             row.gflops = result.encoder_gflops
     out = StudyReport(study.name, study.description, study.paper, axes, list(rows.values()))
     base = _base_values(study.spec_text, axes)
@@ -348,7 +350,7 @@ def _columns(report: StudyReport) -> list[str]:
     cols += ["fine-tune %", "Δ fine-tune [95% CI]"] if has_finetune(report) else []
     if report.comparison is not None and report.comparison.rule != "none":
         cols += ["paper setting", "paper lin", "paper ft"]
-    return cols + ["pretrain s", "speed vs default", "GFLOPs", "trials"]
+    return cols + ["pretrain s", "speed vs default", "GFLOPs", "peak MiB", "trials"]
 
 
 def _cells(report: StudyReport, row: Row) -> list[str]:
@@ -359,7 +361,7 @@ def _cells(report: StudyReport, row: Row) -> list[str]:
         cells += ["-", "-", "-"] if p is None else [p.setting, _num(p.lin), _num(p.ft)]
     rel = report.relative_speed(row)
     cells += [_num(row.pretrain_s.mean, ".0f"), "-" if rel is None else f"{rel:.2f}x", _num(row.gflops, ".3g"),
-              ", ".join(f"{v} {k}" for k, v in sorted(row.status.items()))]
+              _num(row.peak_mem_mib.mean, ".0f"), ", ".join(f"{v} {k}" for k, v in sorted(row.status.items()))]
     return cells
 
 
@@ -373,7 +375,7 @@ def title(report: StudyReport) -> str:
 # --- formats --------------------------------------------------------------------------------------------------
 
 # columns a narrow terminal drops first (the first listed goes first)
-OPTIONAL_COLUMNS = ("GFLOPs", "pretrain s", "trials", "speed vs default", "paper setting", "paper ft", "paper lin")
+OPTIONAL_COLUMNS = ("peak MiB", "GFLOPs", "pretrain s", "trials", "speed vs default", "paper setting", "paper ft", "paper lin")
 
 
 def _compact(cells: list[str], n_axes: int, n_metrics: int) -> list[str]:
@@ -561,6 +563,7 @@ def to_dict(report: StudyReport) -> dict[str, Any]:
             "finetune": _stat_dict(r.finetune), "finetune_diff": _diff_dict(r.finetune_diff),
             "pretrain_s": r.pretrain_s.mean, "images_per_s": r.images_per_s.mean,
             "speed_vs_default": report.relative_speed(r), "encoder_gflops": r.gflops,
+            "peak_mem_mib": r.peak_mem_mib.mean,
             "paper": None if r.paper is None else {"setting": r.paper.setting, "lin": r.paper.lin, "ft": r.paper.ft},
         } for r in report.rows],
         "paper_comparison": None if comp is None else {
@@ -574,7 +577,8 @@ def to_dict(report: StudyReport) -> dict[str, Any]:
 CSV_COLUMNS = ("label", "is_default", "linear_mean", "linear_std", "linear_n", "linear_delta", "linear_ci_low",
                "linear_ci_high", "linear_within_noise", "finetune_mean", "finetune_std", "finetune_n",
                "finetune_delta", "finetune_ci_low", "finetune_ci_high", "finetune_within_noise", "paper_setting",
-               "paper_lin", "paper_ft", "pretrain_s", "images_per_s", "speed_vs_default", "encoder_gflops", "done",
+               "paper_lin", "paper_ft", "pretrain_s", "images_per_s", "speed_vs_default", "encoder_gflops", "peak_mem_mib",
+               "done",
                "trials")
 
 
@@ -598,7 +602,8 @@ def to_csv(report: StudyReport) -> str:
                       v(None if d is None else d.high), v(None if d is None else d.within_noise)]
         p = r.paper
         cells += [v(p and p.setting), v(p and p.lin), v(p and p.ft), v(r.pretrain_s.mean), v(r.images_per_s.mean),
-                  v(report.relative_speed(r)), v(r.gflops), r.status.get("done", 0), len(r.trials)]
+                  v(report.relative_speed(r)), v(r.gflops), v(r.peak_mem_mib.mean), r.status.get("done", 0),
+                  len(r.trials)]
         w.writerow(cells)
     return buf.getvalue()
 

@@ -220,7 +220,8 @@ def _run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: s
         for epoch, loss in enumerate(pre.loss_history, start=1):  # epochs run before a resume, or shared
             db.record_metrics(engine, row.id, "pretrain", epoch, {"loss": loss})
         result: dict[str, Any] = {"pretrain_loss": pre.final_loss, "pretrain_wall_s": pre.wall_s,
-                                  "pretrain_images_per_s": pre.images_per_s, "pretrain_reused": reused}
+                                  "pretrain_images_per_s": pre.images_per_s,
+                                  "pretrain_peak_mem_mib": pre.peak_mem_mib, "pretrain_reused": reused}
         model = pre.model
         lin, ft = spec.eval.linear, spec.eval.finetune
         if lin.enabled:

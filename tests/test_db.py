@@ -22,8 +22,27 @@ def test_newer_schema_is_refused(workdir: Path):
     (workdir / "s.toml").write_text(STUDY)
     res = CliRunner().invoke(app, ["run", "s.toml"])
     assert res.exit_code == 2
-    assert "newer than this mae-lab" in res.output and "schema version 2" in res.output
+    assert "newer than this mae-lab" in res.output and f"schema version {db.SCHEMA_VERSION + 1}" in res.output
     assert dump_db(workdir / "db" / "mae_lab.db") == before
+
+
+def test_an_older_schema_is_migrated_in_place_keeping_its_rows(tmp_path: Path):
+    path = tmp_path / "old.db"
+    engine = db.connect(f"sqlite:///{path}")
+    engine.dispose()
+    with sqlite3.connect(path) as c:  # make it a schema-1 database holding a result
+        c.execute("ALTER TABLE mae_results DROP COLUMN pretrain_peak_mem_mib")
+        c.execute("UPDATE mae_meta SET value = '1' WHERE key = 'schema_version'")
+        c.execute("INSERT INTO mae_studies (id, name, description, path, spec_text, spec_hash, created_at, "
+                  "updated_at) VALUES (1, 's', '', 's.toml', '', 'h', '2026-01-01', '2026-01-01')")
+    engine = db.connect(f"sqlite:///{path}", create=False)
+    engine.dispose()
+    with sqlite3.connect(path) as c:
+        cols = [r[1] for r in c.execute("PRAGMA table_info(mae_results)")]
+        assert "pretrain_peak_mem_mib" in cols
+        version = c.execute("SELECT value FROM mae_meta WHERE key = 'schema_version'").fetchone()
+        assert version == (str(db.SCHEMA_VERSION),)
+        assert c.execute("SELECT name FROM mae_studies").fetchall() == [("s",)]
 
 
 @pytest.mark.parametrize("url, reason", [

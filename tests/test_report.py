@@ -58,6 +58,7 @@ def record(url: str, text: str, linear: dict, finetune: dict | None, axis: str) 
             "linear_top1": linear[value][k] / 100,
             "finetune_top1": None if finetune is None else finetune[value][k] / 100,
             "pretrain_wall_s": 10.0 * value, "pretrain_images_per_s": 1000.0 / value + k,
+            "pretrain_peak_mem_mib": 100.0 * value + k,
             "encoder_gflops": 0.01 * value})
 
 
@@ -125,6 +126,7 @@ def test_every_format_renders_the_recorded_values(depth_db, tmp_path):
     assert rows["4"]["linear_within_noise"] == "True" and rows["2"]["is_default"] == "True"
     assert float(rows["8"]["paper_lin"]) == 73.5 and float(rows["8"]["finetune_mean"]) == pytest.approx(82.0)
     assert float(rows["4"]["speed_vs_default"]) == pytest.approx((250 + 1) / (500 + 1))
+    assert float(rows["8"]["peak_mem_mib"]) == pytest.approx(801.0)  # mean over seeds k = 0, 1, 2
 
     data = json.loads(render_text(rep, "json"))
     first = data["rows"][0]

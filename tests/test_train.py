@@ -69,10 +69,12 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, digits, train_samples)
     seen = []
     full = pretrain(spec, digits, device="cpu", ckpt_path=tmp_path / "full.pt", on_epoch=seen.append)
     assert [m["epoch"] for m in seen] == [1, 2]
-    assert set(seen[0]) == {"epoch", "loss", "lr", "images_per_s", "wall_s", "ckpt_sha256", "knn_top1"}
+    assert set(seen[0]) == {"epoch", "loss", "lr", "images_per_s", "peak_mem_mib", "wall_s", "ckpt_sha256",
+                            "knn_top1"}
     assert 0.0 <= seen[1]["knn_top1"] <= 1.0
     assert full.epochs == 2 and full.steps == 2 * ((train_samples or digits.num_train) // 128)
     assert full.wall_s > 0 and full.images_per_s > 0 and len(full.loss_history) == 2
+    assert 10 < full.peak_mem_mib < 20_000  # a process's peak RSS on CPU, in MiB
 
     def stop_after_first(m):
         if m["epoch"] == 1:
