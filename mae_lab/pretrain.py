@@ -9,8 +9,9 @@ With `world_size` > 1 (a process group already initialised, see `distributed.py`
 DistributedDataParallel: each rank takes its share of every global batch of `batch_size * world_size` (the loaders
 shard by rank), the lr is scaled by the global batch `batch_size * accum_iter * world_size`, and with random masking
 each rank takes its rows of the global batch's mask noise, so the run follows the same batches and masks as one
-process with the whole batch. The loss is averaged over ranks every step (so all ranks see a divergence together);
-only rank 0 writes checkpoints, probes and calls `on_epoch`, whose exception (e.g. a pruned trial) stops every rank.
+process with the whole batch. The loss is read back (and averaged over ranks, so all ranks see a divergence
+together) after every batch on CPU and every LOSS_SYNC_EVERY batches on CUDA, to keep host-device syncs out of the
+inner loop; a divergence still names the first step whose loss was not finite. Only rank 0 writes checkpoints, probes and calls `on_epoch`, whose exception (e.g. a pruned trial) stops every rank.
 """
 from __future__ import annotations
 
@@ -88,6 +89,9 @@ def peak_memory_mib(dev: torch.device) -> float | None:
         return None
 
 
+LOSS_SYNC_EVERY = 50  # CUDA: micro-batches between reads of the loss (and the divergence check)
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_lr: float) -> float:
     """Linear warmup from 0 to `peak` over `warmup_steps`, then a half-cosine from `peak` to `min_lr`."""
     if step < warmup_steps:
@@ -133,13 +137,21 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dic
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def _all_mean(x: float, world_size: int, device: torch.device) -> float:
-    """The mean of a float over ranks (the float itself in one process)."""
-    if world_size == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / world_size
+def _sum_losses(pending: list[tuple[int, torch.Tensor]], world_size: int, device: torch.device) -> float:
+    """Sum of the pending micro-batch losses (each the mean over ranks) in one host-device transfer; empties
+    `pending`. Raises DivergenceError naming the first step whose loss is not finite."""
+    if not pending:
+        return 0.0
+    t = torch.stack([loss.float() for _, loss in pending]).to(device, torch.float64)  # (P,)
+    if world_size > 1:
+        dist.all_reduce(t)
+        t /= world_size
+    values = t.tolist()
+    for (step, _), value in zip(pending, values):
+        if not math.isfinite(value):
+            raise DivergenceError(step, value)
+    pending.clear()
+    return sum(values)
 
 
 def _all_min(n: int, world_size: int, device: torch.device) -> int:
@@ -228,6 +240,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
     amp = use_bf16(pt.amp, dev, model.config.embed_dim)
     global_noise = world_size > 1 and model.config.mask_sampling == "random"
 
+    sync_every = LOSS_SYNC_EVERY if dev.type == "cuda" else 1  # on CPU reading a loss costs nothing
     reset_peak_memory(dev)
     train_s, images = 0.0, 0
     while epoch < pt.epochs:
@@ -240,6 +253,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
         model.train()
         optimizer.zero_grad(set_to_none=True)
         loss_sum, n_micro, n_images, lr = 0.0, 0, 0, 0.0
+        pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet read back from the device
         for i, (imgs, _) in enumerate(loader):
             if i >= steps_per_epoch * pt.accum_iter:
                 break  # drop the micro-batches of an incomplete accumulation
@@ -258,17 +272,17 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
             with ddp.no_sync() if ddp is not None and not last_micro else nullcontext():
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                     loss, _, _ = fwd(imgs, **mask_kwargs)
-                loss_value = _all_mean(loss.item(), world_size, reduce_dev)  # the global batch's loss
-                if not math.isfinite(loss_value):
-                    raise DivergenceError(step, loss_value)
+                pending.append((step, loss.detach()))
                 (loss / pt.accum_iter).backward()
             if last_micro:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-            loss_sum += loss_value
+            if len(pending) >= sync_every:  # the loss is read (a host-device sync) only every sync_every batches
+                loss_sum += _sum_losses(pending, world_size, reduce_dev)
             n_micro += 1
             n_images += imgs.shape[0] * world_size
+        loss_sum += _sum_losses(pending, world_size, reduce_dev)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         epoch_s = time.perf_counter() - t_epoch
