@@ -5,7 +5,6 @@ the head alone).
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
@@ -18,7 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from mae_lab.data import DatasetInfo
 from mae_lab.loaders import eval_loader, finetune_loader
 from mae_lab.model import MaskedAutoencoder, build_timm_vit
-from mae_lab.pretrain import DivergenceError, epoch_seed, lr_at, seed_all, use_bf16
+from mae_lab.pretrain import LOSS_SYNC_EVERY, epoch_seed, lr_at, read_losses, seed_all, use_bf16
 from mae_lab.spec import TrialSpec
 
 HEAD_KEYS = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}  # new in the classifier
@@ -112,12 +111,14 @@ def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, de
     total_steps = steps_per_epoch * ft.epochs
     warmup_steps = round(ft.warmup_epochs * steps_per_epoch)
 
+    sync_every = LOSS_SYNC_EVERY if dev.type == "cuda" else 1  # reads of the loss: host-device syncs on CUDA
     step, train_s, images = 0, 0.0, 0
     for epoch in range(ft.epochs):
         t_epoch = time.perf_counter()
         seed_all(epoch_seed(spec.seed, epoch, 2))  # augmentation, mixup, drop path
         vit.train()
         loss_sum, n_images, lr = 0.0, 0, 0.0
+        pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet read back from the device
         for imgs, labels in finetune_loader(spec, info, epoch):
             lr = lr_at(step, total_steps, warmup_steps, peak_lr, 0.0)
             for g in optimizer.param_groups:
@@ -128,15 +129,15 @@ def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, de
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 logits = vit(imgs)  # (B, num_classes)
             loss = criterion(logits.float(), labels)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise DivergenceError(step, loss_value, stage="fine-tuning")
+            pending.append((step, loss.detach()))
+            if len(pending) >= sync_every:
+                loss_sum += read_losses(pending, stage="fine-tuning")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-            loss_sum += loss_value
             n_images += imgs.shape[0]
+        loss_sum += read_losses(pending, stage="fine-tuning")
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         epoch_s = time.perf_counter() - t_epoch

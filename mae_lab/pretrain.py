@@ -137,19 +137,20 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dic
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def _sum_losses(pending: list[tuple[int, torch.Tensor]], world_size: int, device: torch.device) -> float:
+def read_losses(pending: list[tuple[int, torch.Tensor]], world_size: int = 1, device: torch.device | None = None,
+                stage: str = "pretraining") -> float:
     """Sum of the pending micro-batch losses (each the mean over ranks) in one host-device transfer; empties
     `pending`. Raises DivergenceError naming the first step whose loss is not finite."""
     if not pending:
         return 0.0
-    t = torch.stack([loss.float() for _, loss in pending]).to(device, torch.float64)  # (P,)
+    t = torch.stack([loss.float() for _, loss in pending]).to(device or "cpu", torch.float64)  # (P,)
     if world_size > 1:
         dist.all_reduce(t)
         t /= world_size
     values = t.tolist()
     for (step, _), value in zip(pending, values):
         if not math.isfinite(value):
-            raise DivergenceError(step, value)
+            raise DivergenceError(step, value, stage)
     pending.clear()
     return sum(values)
 
@@ -279,10 +280,10 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
             if len(pending) >= sync_every:  # the loss is read (a host-device sync) only every sync_every batches
-                loss_sum += _sum_losses(pending, world_size, reduce_dev)
+                loss_sum += read_losses(pending, world_size, reduce_dev)
             n_micro += 1
             n_images += imgs.shape[0] * world_size
-        loss_sum += _sum_losses(pending, world_size, reduce_dev)
+        loss_sum += read_losses(pending, world_size, reduce_dev)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         epoch_s = time.perf_counter() - t_epoch

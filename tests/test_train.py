@@ -211,11 +211,11 @@ def test_amp_auto_keeps_narrow_models_in_fp32_and_honours_explicit_choices():
 
 
 def test_losses_read_in_one_batch_name_the_first_diverged_step():
-    from mae_lab.pretrain import _sum_losses
+    from mae_lab.pretrain import read_losses
 
     pending = [(7, torch.tensor(0.5)), (8, torch.tensor(0.25, dtype=torch.bfloat16))]
-    assert _sum_losses(pending, 1, torch.device("cpu")) == 0.75 and pending == []
+    assert read_losses(pending) == 0.75 and pending == []
     pending = [(7, torch.tensor(0.5)), (8, torch.tensor(float("nan"))), (9, torch.tensor(float("inf")))]
     with pytest.raises(DivergenceError) as err:
-        _sum_losses(pending, 1, torch.device("cpu"))
+        read_losses(pending)
     assert err.value.step == 8
