@@ -9,7 +9,6 @@ import fcntl
 import functools
 import hashlib
 import json
-import platform
 import socket
 import subprocess
 import time
