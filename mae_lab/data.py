@@ -517,7 +517,8 @@ class ShardLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         source = self.stream
         if self.num_workers > 0:
-            source = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.num_workers)
+            source = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                                                 pin_memory=torch.cuda.is_available())  # for non_blocking copies
         pending, seen = [], 0
         for item in source:
             if isinstance(item, _Failure):
