@@ -578,6 +578,21 @@ def study_trials(engine: Engine, study_id: int, *, active_only: bool = True
         return [(t, results.get(t.id)) for t in trials]
 
 
+def pretraining_results(engine: Engine, pretrain_hashes: set[str]) -> dict[str, ResultRow]:
+    """Per pretraining hash, the result of a done trial (of any study) that ran that pretraining rather than
+    reusing it: where a shared pretraining's time, speed and memory were measured."""
+    with Session(engine) as s:
+        rows = s.exec(select(TrialRow.pretrain_hash, ResultRow)
+                      .join(ResultRow, ResultRow.trial_id == TrialRow.id)
+                      .where(TrialRow.pretrain_hash.in_(sorted(pretrain_hashes)), TrialRow.status == "done",
+                             ResultRow.pretrain_reused == False)  # noqa: E712
+                      .order_by(TrialRow.id)).all()
+    out: dict[str, ResultRow] = {}
+    for h, r in rows:
+        out.setdefault(h, r)
+    return out
+
+
 def find_trial(engine: Engine, ref: str) -> TrialRow | None:
     """A trial by numeric id or by (a prefix of) its hash."""
     with Session(engine) as s:

@@ -84,7 +84,7 @@ class Row:
     status: dict[str, int] = field(default_factory=dict)
     linear: Stat = Stat(())  # top-1 %
     finetune: Stat = Stat(())  # top-1 %
-    pretrain_s: Stat = Stat(())  # trials whose pretraining was shared are left out
+    pretrain_s: Stat = Stat(())  # a shared pretraining counts with the figures of the trial that ran it
     images_per_s: Stat = Stat(())  # likewise
     peak_mem_mib: Stat = Stat(())  # likewise
     gflops: float | None = None
@@ -147,7 +147,10 @@ def summarize(engine: Engine, name: str) -> StudyReport:
         raise KeyError(f"no study named {name!r} in the database")
     rows: dict[str, Row] = {}
     axes: list[str] = []
-    for trial, result in db.study_trials(engine, study.id):
+    trials = db.study_trials(engine, study.id)
+    reused = {t.pretrain_hash for t, r in trials if t.status == "done" and r is not None and r.pretrain_reused}
+    ran = db.pretraining_results(engine, reused) if reused else {}  # where shared pretrainings were timed
+    for trial, result in trials:
         point = json.loads(trial.axes_json)
         for k in point:
             if k not in axes:
@@ -161,11 +164,12 @@ def summarize(engine: Engine, name: str) -> StudyReport:
         if trial.status == "done" and result is not None:
             row.linear = _add(row.linear, result.linear_top1, 100.0)
             row.finetune = _add(row.finetune, result.finetune_top1, 100.0)
-            if not result.pretrain_reused:
-                row.pretrain_s = _add(row.pretrain_s, result.pretrain_wall_s)
-                if result.pretrain_images_per_s:
-                    row.images_per_s = _add(row.images_per_s, result.pretrain_images_per_s)
-                row.peak_mem_mib = _add(row.peak_mem_mib, result.pretrain_peak_mem_mib)
+            timed = ran.get(trial.pretrain_hash) if result.pretrain_reused else result
+            if timed is not None:
+                row.pretrain_s = _add(row.pretrain_s, timed.pretrain_wall_s)
+                if timed.pretrain_images_per_s:
+                    row.images_per_s = _add(row.images_per_s, timed.pretrain_images_per_s)
+                row.peak_mem_mib = _add(row.peak_mem_mib, timed.pretrain_peak_mem_mib)
             row.gflops = result.encoder_gflops
     out = StudyReport(study.name, study.description, study.paper, axes, list(rows.values()))
     base = _base_values(study.spec_text, axes)
@@ -318,6 +322,8 @@ def verdicts(report: StudyReport) -> list[str]:
         return lines + [f"{comp.table.title}: {comp.reason}"]
     for metric, (rho, n) in comp.agreement.items():
         name = "linear" if metric == "linear" else "fine-tune"
+        if metric == "finetune" and not has_finetune(report):
+            continue
         if n < 2:
             lines.append(f"{comp.table.title}, {name}: fewer than 2 matched points, ordering not compared")
         elif rho is None:
@@ -375,7 +381,8 @@ def title(report: StudyReport) -> str:
 # --- formats --------------------------------------------------------------------------------------------------
 
 # columns a narrow terminal drops first (the first listed goes first)
-OPTIONAL_COLUMNS = ("peak MiB", "GFLOPs", "pretrain s", "trials", "speed vs default", "paper setting", "paper ft", "paper lin")
+OPTIONAL_COLUMNS = ("peak MiB", "GFLOPs", "pretrain s", "trials", "speed vs default", "paper setting", "paper ft",
+                    "paper lin")
 
 
 def _compact(cells: list[str], n_axes: int, n_metrics: int) -> list[str]:
@@ -577,8 +584,8 @@ def to_dict(report: StudyReport) -> dict[str, Any]:
 CSV_COLUMNS = ("label", "is_default", "linear_mean", "linear_std", "linear_n", "linear_delta", "linear_ci_low",
                "linear_ci_high", "linear_within_noise", "finetune_mean", "finetune_std", "finetune_n",
                "finetune_delta", "finetune_ci_low", "finetune_ci_high", "finetune_within_noise", "paper_setting",
-               "paper_lin", "paper_ft", "pretrain_s", "images_per_s", "speed_vs_default", "encoder_gflops", "peak_mem_mib",
-               "done",
+               "paper_lin", "paper_ft", "pretrain_s", "images_per_s", "speed_vs_default", "encoder_gflops",
+               "peak_mem_mib", "done",
                "trials")
 
 

@@ -42,7 +42,7 @@ LINEAR = {1: [58, 60, 62], 2: [70, 72, 74], 4: [69, 70, 71], 8: [74, 75, 76]}
 FINETUNE = {1: [80, 81, 82], 2: [82, 83, 84], 4: [83, 83, 83], 8: [81, 82, 83]}
 
 
-def record(url: str, text: str, linear: dict, finetune: dict | None, axis: str) -> None:
+def record(url: str, text: str, linear: dict, finetune: dict | None, axis: str, reused: bool = False) -> None:
     """Write a study and its results into a real SQLite database through db.py (no training)."""
     study = parse_study(text, "hand.toml")
     trials = expand(study)
@@ -57,8 +57,9 @@ def record(url: str, text: str, linear: dict, finetune: dict | None, axis: str) 
         db.finish_trial(engine, trial.id, "done", result={
             "linear_top1": linear[value][k] / 100,
             "finetune_top1": None if finetune is None else finetune[value][k] / 100,
-            "pretrain_wall_s": 10.0 * value, "pretrain_images_per_s": 1000.0 / value + k,
-            "pretrain_peak_mem_mib": 100.0 * value + k,
+            "pretrain_wall_s": 0.0 if reused else 10.0 * value,
+            "pretrain_images_per_s": 0.0 if reused else 1000.0 / value + k,
+            "pretrain_peak_mem_mib": None if reused else 100.0 * value + k, "pretrain_reused": reused,
             "encoder_gflops": 0.01 * value})
 
 
@@ -168,6 +169,16 @@ def test_one_seed_gives_no_interval_and_widths_match_by_position(tmp_path):
     assert "by position" in md and "1024 wide" in md
     # 60 < 65 < 70 > 66 against 69.1 < 71.3 < 73.5 > 73.1: the same ordering
     assert rep.comparison.agreement["linear"] == (pytest.approx(1.0), 4)
+
+
+def test_a_shared_pretraining_reports_the_figures_of_the_trial_that_ran_it(depth_db):
+    record(depth_db, DEPTH_STUDY.replace('name = "depth"', 'name = "again"'), LINEAR, FINETUNE,
+           "model.decoder_depth", reused=True)  # the same pretrainings, all reused from study "depth"
+    engine = db.connect(depth_db, create=False)
+    ran, again = summarize(engine, "depth"), summarize(engine, "again")
+    assert [r.pretrain_s.values for r in again.rows] == [r.pretrain_s.values for r in ran.rows]
+    assert again.rows[3].peak_mem_mib.mean == pytest.approx(801.0)
+    assert again.relative_speed(again.rows[2]) == pytest.approx((250 + 1) / (500 + 1))
 
 
 def test_tables_leave_out_fine_tune_columns_when_nothing_was_fine_tuned(tmp_path):
