@@ -1,5 +1,7 @@
 # make demo: install into .venv and run the quickstart study on the embedded digits, then print its table.
 # make test: install into .venv (with test extras) and run the whole test suite.
+# make results: run the CIFAR-10 studies (hours on 2 cores; resumable, two processes share the queue) and write
+#   docs/results/ (MAE_LAB_DATA must hold cifar10/, e.g. MAE_LAB_DATA=../shared/data).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -19,4 +21,13 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-.PHONY: install demo test
+STUDIES := baseline mask_ratio mask_token mask_sampling recon_target augmentation decoder_depth decoder_width
+RESULTS_DB ?= db/results.db
+
+RUN_STUDIES := for s in $(STUDIES); do OMP_NUM_THREADS=1 $(BIN)/mae-lab run studies/$$s.toml --db $(RESULTS_DB) || exit 1; done
+
+results: install
+	($(RUN_STUDIES)) & ($(RUN_STUDIES)); a=$$?; wait $$! && test $$a = 0
+	$(BIN)/mae-lab report --all --db $(RESULTS_DB) --out docs/results
+
+.PHONY: install demo test results
