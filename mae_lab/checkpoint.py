@@ -22,11 +22,12 @@ import hashlib
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from mae_lab.atomic import atomic_file
 
 FORMAT_KEYS = ("model", "optimizer", "epoch", "step", "rng", "config", "spec", "loss_history")
 
@@ -44,39 +45,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open a folder; the replace is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: str | Path, obj: dict[str, Any]) -> str:
     """Atomically write ``obj`` to ``path``; return the file's sha256.
 
     The bytes go to a temp file in the same folder, which is flushed and fsynced, then renamed over ``path`` with
     ``os.replace`` and the folder fsynced: a reader sees the old file or the new one, never half of one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_file(path) as (f, tmp):
+        torch.save(obj, f)
+        f.flush()
         digest = sha256_file(tmp)  # hash of the bytes on disk, before they become visible under `path`
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
     return digest
 
 

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mae_lab.atomic import write_atomic
+
 AUGMENTATIONS = ("none", "fixed_crop", "random_resized_crop", "rrc_color_jitter")
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -739,7 +741,7 @@ def _scanned_facts(pattern: str, cache_dir, *, allow_pipe: bool) -> dict:
              "num_classes": max(scan["per_class"], default=-1) + 1, "image_size": list(scan["first_size"] or (0, 0))}
     if facts["samples"] == 0:
         raise DataError(f"{pattern!r}: the shards hold no samples")
-    _atomic_write(path, json.dumps(facts))
+    write_atomic(path, json.dumps(facts))
     return facts
 
 
@@ -797,14 +799,6 @@ def resolve_dataset(dataset: str | None = None, *, train: str | None = None, val
 
 
 # ------------------------------------------------------------------------------------------------------ writing shards
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 @contextmanager

@@ -17,7 +17,8 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from mae_lab import db
-from mae_lab.report import Row, StudyReport, write_atomic
+from mae_lab.atomic import write_atomic
+from mae_lab.report import Row, StudyReport
 
 DPI = 100
 SIZES = {"axis": (640, 400), "points": (640, 400), "loss": (640, 400), "speed": (1000, 400)}  # (width, height) px

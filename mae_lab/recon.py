@@ -20,7 +20,7 @@ from torch import Tensor
 from mae_lab import db
 from mae_lab.data import DatasetInfo
 from mae_lab.model import MaskedAutoencoder
-from mae_lab.report import write_atomic
+from mae_lab.atomic import write_atomic
 from mae_lab.spec import TrialSpec
 
 NUM_IMAGES = 8

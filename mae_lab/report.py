@@ -16,7 +16,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from rich.table import Table
 from sqlalchemy.engine import Engine
 
 from mae_lab import db
+from mae_lab.atomic import write_atomic
 from mae_lab.paper import Comparison, PaperRow, compare, get_table
 from mae_lab.spec import StudyError, get_dotted, parse_study
 from mae_lab.stats import Interval, welch_interval
@@ -34,24 +34,6 @@ FORMATS = ("table", "md", "csv", "latex", "json")
 NOISE_MARK = "≈"
 LEGEND = (f"{NOISE_MARK}: the 95% Welch interval of the difference to the default contains 0 (within seed noise); "
           "n=1: one seed, no interval")
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 @dataclass(frozen=True)

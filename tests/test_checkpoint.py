@@ -1,5 +1,6 @@
 """The checkpoint format: atomic writes, sha256 checks, weights_only loading, the trusted official import."""
 import argparse
+import os
 
 import pytest
 import torch
@@ -59,3 +60,17 @@ def test_pickled_objects_are_refused_and_import_official_reads_them(tmp_path):
     state = import_official(path)
     assert set(state) == set(weights)
     assert all(torch.equal(state[k], weights[k]) for k in weights)
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    from mae_lab.atomic import write_atomic
+
+    mask = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "page.md", "# hi\n")
+        save_checkpoint(tmp_path / "c.pt", {"x": torch.zeros(1)})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "page.md").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
