@@ -668,6 +668,22 @@ def report_command(engine: Engine, name: str | None, *, fmt: str = "table", out:
     return written
 
 
+def headline(report: StudyReport) -> tuple[str, str, str]:
+    """(best point by linear top-1, our linear ordering against the paper's, differences within seed noise)."""
+    done = [r for r in report.rows if r.linear.mean is not None]
+    best = max(done, key=lambda r: r.linear.mean, default=None)
+    best_text = "-" if best is None else f"{best.label} ({best.linear.mean:.1f})"
+    rho, n = (None, 0) if report.comparison is None else report.comparison.agreement.get("linear", (None, 0))
+    if rho is None:
+        order = "-"
+    else:
+        word = "agrees" if rho > 0.5 else ("opposite" if rho < -0.5 else "does not match")
+        order = f"{word} (ρ = {rho:+.2f}, {n} points)"
+    with_ci = [r.linear_diff for r in report.rows if r.linear_diff is not None and r.linear_diff.low is not None]
+    noise = f"{sum(bool(d.within_noise) for d in with_ci)} of {len(with_ci)}" if with_ci else "-"
+    return best_text, order, noise
+
+
 def write_site(engine: Engine, folder: str | Path, names: list[str]) -> list[Path]:
     """One Markdown page per study (``<folder>/<study>.md``) with its tables and plots (``<folder>/<study>/``),
     plus ``<folder>/index.md`` linking them. Every file is written atomically."""
@@ -676,7 +692,9 @@ def write_site(engine: Engine, folder: str | Path, names: list[str]) -> list[Pat
 
     folder = Path(folder)
     written: list[Path] = []
-    index = ["# mae-lab results", "", "| study | paper | points | trials done |", "|:---|:---|---:|---:|"]
+    index = ["# mae-lab results", "",
+             "| study | paper | points | trials done | best linear here | linear ordering vs the paper | "
+             "within seed noise |", "|:---|:---|---:|---:|:---|:---|---:|"]
     for name in names:
         rep = summarize(engine, name)
         images = study_plots(engine, rep, folder / rep.name)
@@ -695,6 +713,6 @@ def write_site(engine: Engine, folder: str | Path, names: list[str]) -> list[Pat
         written += images
         done = sum(r.status.get("done", 0) for r in rep.rows)
         index.append(f"| [{rep.name}]({rep.name}.md) | {rep.paper or '-'} | {len(rep.rows)} | "
-                     f"{done}/{sum(len(r.trials) for r in rep.rows)} |")
+                     f"{done}/{sum(len(r.trials) for r in rep.rows)} | {' | '.join(headline(rep))} |")
     written.append(write_atomic(folder / "index.md", "\n".join(index) + "\n"))
     return written

@@ -20,7 +20,7 @@ from mae_lab.expand import expand
 from mae_lab.model import MaskedAutoencoder, config_from_preset
 from mae_lab.plots import SIZES, study_plots
 from mae_lab.recon import reconstruct
-from mae_lab.report import render, render_text, summarize
+from mae_lab.report import headline, render, render_text, summarize
 from mae_lab.runner import trial_rows
 from mae_lab.spec import parse_study
 from mae_lab.stats import t_ppf, welch_interval
@@ -128,6 +128,7 @@ def test_every_format_renders_the_recorded_values(depth_db, tmp_path):
     assert float(rows["8"]["paper_lin"]) == 73.5 and float(rows["8"]["finetune_mean"]) == pytest.approx(82.0)
     assert float(rows["4"]["speed_vs_default"]) == pytest.approx((250 + 1) / (500 + 1))
     assert float(rows["8"]["peak_mem_mib"]) == pytest.approx(801.0)  # mean over seeds k = 0, 1, 2
+    assert headline(rep) == ("decoder_depth=8 (75.0)", "agrees (ρ = +0.80, 4 points)", "2 of 3")
 
     data = json.loads(render_text(rep, "json"))
     first = data["rows"][0]
