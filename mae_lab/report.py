@@ -333,12 +333,18 @@ def has_finetune(report: StudyReport) -> bool:
     return any(r.finetune.mean is not None for r in report.rows)
 
 
+def has_memory(report: StudyReport) -> bool:
+    """Whether any point has a recorded peak memory (databases before schema 2 have none)."""
+    return any(r.peak_mem_mib.mean is not None for r in report.rows)
+
+
 def _columns(report: StudyReport) -> list[str]:
     cols = axis_names(report) + ["linear %", "Δ linear [95% CI]"]
     cols += ["fine-tune %", "Δ fine-tune [95% CI]"] if has_finetune(report) else []
     if report.comparison is not None and report.comparison.rule != "none":
         cols += ["paper setting", "paper lin", "paper ft"]
-    return cols + ["pretrain s", "speed vs default", "GFLOPs", "peak MiB", "trials"]
+    return cols + ["pretrain s", "speed vs default", "encoder GFLOPs"] + (["peak MiB"] if has_memory(report) else []) \
+        + ["trials"]
 
 
 def _cells(report: StudyReport, row: Row) -> list[str]:
@@ -348,8 +354,9 @@ def _cells(report: StudyReport, row: Row) -> list[str]:
         p = row.paper
         cells += ["-", "-", "-"] if p is None else [p.setting, _num(p.lin), _num(p.ft)]
     rel = report.relative_speed(row)
-    cells += [_num(row.pretrain_s.mean, ".0f"), "-" if rel is None else f"{rel:.2f}x", _num(row.gflops, ".3g"),
-              _num(row.peak_mem_mib.mean, ".0f"), ", ".join(f"{v} {k}" for k, v in sorted(row.status.items()))]
+    cells += [_num(row.pretrain_s.mean, ".0f"), "-" if rel is None else f"{rel:.2f}x", _num(row.gflops, ".3g")]
+    cells += [_num(row.peak_mem_mib.mean, ".0f")] if has_memory(report) else []
+    cells += [", ".join(f"{v} {k}" for k, v in sorted(row.status.items()))]
     return cells
 
 
@@ -363,7 +370,7 @@ def title(report: StudyReport) -> str:
 # --- formats --------------------------------------------------------------------------------------------------
 
 # columns a narrow terminal drops first (the first listed goes first)
-OPTIONAL_COLUMNS = ("peak MiB", "GFLOPs", "pretrain s", "trials", "speed vs default", "paper setting", "paper ft",
+OPTIONAL_COLUMNS = ("peak MiB", "encoder GFLOPs", "pretrain s", "trials", "speed vs default", "paper setting", "paper ft",
                     "paper lin")
 
 
