@@ -62,6 +62,36 @@ def matmul_fn(dtype: torch.dtype, n: int = 2048) -> tuple[Callable[[], object], 
     return (lambda: a @ b), 2.0 * n**3
 
 
+def mae_train_step(config, batch: int, amp: bool) -> tuple[Callable[[], object], Callable[[], float]]:
+    """(one mae-lab training step on a fixed random batch: forward, backward, fused AdamW; the FLOPs of a forward
+    + backward of that step, from torch.utils.flop_counter). Seeded: the same model and batch on every call."""
+    from mae_lab.model import MaskedAutoencoder
+    from mae_lab.pretrain import param_groups_weight_decay
+
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(config)
+    opt = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    x = torch.randn(batch, 3, config.img_size, config.img_size)  # (B, C, H, W)
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = model(x, generator=gen)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def flops() -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as fc:
+            model(x, generator=torch.Generator().manual_seed(0))[0].backward()
+        opt.zero_grad(set_to_none=True)
+        return fc.get_total_flops()
+
+    return step, flops
+
+
 def pass_fail(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 

@@ -18,13 +18,11 @@ import sys
 import time
 
 import _bench  # noqa: F401
-import torch
-from _bench import CIFAR10, header, interleaved, pass_fail, table
+from _bench import CIFAR10, header, interleaved, mae_train_step, pass_fail, table
 
 from mae_lab.data import CIFAR10_MEAN, CIFAR10_STD, load_split, make_loader, pretrain_transform
 from mae_lab.loaders import MemoryLoader, first_samples
-from mae_lab.model import MaskedAutoencoder, config_from_preset
-from mae_lab.pretrain import param_groups_weight_decay
+from mae_lab.model import config_from_preset
 
 TARGET = 5.0
 BATCH = 128
@@ -39,23 +37,6 @@ def loader_rate(make, n_batches: int) -> float:
         x, _ = next(it)
         n += x.shape[0]
     return n / (time.perf_counter() - t)
-
-
-def step_fn(preset: str, amp: bool):
-    c = config_from_preset(preset)
-    torch.manual_seed(0)
-    model = MaskedAutoencoder(c)
-    opt = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
-    x, gen = torch.randn(BATCH, 3, c.img_size, c.img_size), torch.Generator().manual_seed(0)
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = model(x, generator=gen)[0]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
 
 
 def main() -> int:
@@ -90,7 +71,8 @@ def main() -> int:
             rates[k].append(loader_rate(make, n_batches))
     rate = {k: statistics.median(v) for k, v in rates.items()}
 
-    steps = {f"{p} {'bf16' if amp else 'fp32'}": step_fn(p, amp) for p in presets for amp in (False, True)}
+    steps = {f"{p} {'bf16' if amp else 'fp32'}": mae_train_step(config_from_preset(p), BATCH, amp)[0]
+             for p in presets for amp in (False, True)}
     t = interleaved(steps, rounds=3)
     step_rate = {k: BATCH / v for k, v in t.items()}
     fastest = max(step_rate, key=step_rate.get)

@@ -14,39 +14,16 @@ import argparse
 import sys
 
 import _bench  # noqa: F401
-import torch
-from _bench import header, interleaved, pass_fail, table
+from _bench import header, interleaved, mae_train_step, pass_fail, table
 
-from mae_lab.model import MaskedAutoencoder, config_from_preset, encoder_flops_per_image
-from mae_lab.pretrain import param_groups_weight_decay
+from mae_lab.model import config_from_preset, encoder_flops_per_image
 
 TARGET = 2.8
 
 
 def make_step(preset: str, with_m: bool, batch: int, amp: bool):
     c = config_from_preset(preset, mask_ratio=0.75, mask_token_in_encoder=with_m)
-    torch.manual_seed(0)
-    model = MaskedAutoencoder(c)
-    opt = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
-    x = torch.randn(batch, 3, c.img_size, c.img_size)
-    gen = torch.Generator().manual_seed(0)
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = model(x, generator=gen)[0]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def flops() -> float:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as fc:
-            model(x, generator=torch.Generator().manual_seed(0))[0].backward()
-        opt.zero_grad(set_to_none=True)
-        return fc.get_total_flops()
-
-    return c, step, flops
+    return (c, *mae_train_step(c, batch, amp))
 
 
 def main() -> int:
