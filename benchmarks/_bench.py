@@ -66,7 +66,7 @@ def mae_train_step(config, batch: int, amp: bool) -> tuple[Callable[[], object],
     """(one mae-lab training step on a fixed random batch: forward, backward, fused AdamW; the FLOPs of a forward
     + backward of that step, from torch.utils.flop_counter). Seeded: the same model and batch on every call."""
     from mae_lab.model import MaskedAutoencoder
-    from mae_lab.pretrain import param_groups_weight_decay
+    from mae_lab.train_utils import param_groups_weight_decay
 
     torch.manual_seed(0)
     model = MaskedAutoencoder(config)
@@ -142,7 +142,7 @@ def uncached_linear_probe(spec, model, info, *, device: str = "cpu") -> dict:
     and batch order), but the frozen encoder re-encodes the train split every epoch and the val split at every
     evaluation, as a loop that feeds images through encoder + head does. Returns {"top1", "wall_s"}."""
     from mae_lab.loaders import eval_loader
-    from mae_lab.pretrain import use_bf16
+    from mae_lab.train_utils import use_bf16
     from mae_lab.probe import LinearHead, extract_features
 
     t_start = time.perf_counter()

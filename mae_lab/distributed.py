@@ -66,7 +66,8 @@ def init(device: str = "auto") -> DistContext:
 def follow(ctx: DistContext) -> int:
     """Ranks > 0: pretrain each trial rank 0 announces, as this rank, until it announces None. Writes nothing:
     no database, no checkpoint. Returns the number of trials taken part in."""
-    from mae_lab.pretrain import DivergenceError, pretrain
+    from mae_lab.pretrain import pretrain
+    from mae_lab.train_utils import DivergenceError
     from mae_lab.spec import TrialSpec
 
     n = 0

@@ -17,8 +17,9 @@ from timm.models.vision_transformer import VisionTransformer
 from mae_lab.data import DatasetInfo
 from mae_lab.loaders import eval_loader, finetune_loader
 from mae_lab.model import MaskedAutoencoder, build_timm_vit
-from mae_lab.pretrain import LOSS_SYNC_EVERY, epoch_seed, lr_at, read_losses, seed_all, use_bf16
+from mae_lab.pretrain import epoch_seed
 from mae_lab.spec import TrialSpec
+from mae_lab.train_utils import LOSS_SYNC_EVERY, lr_at, read_losses, seed_all, use_bf16
 
 HEAD_KEYS = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}  # new in the classifier
 DROPPED_KEYS = {"norm.weight", "norm.bias"}  # the encoder's final norm, replaced by fc_norm with global_pool "avg"

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from mae_lab.data import DatasetInfo
 from mae_lab.loaders import eval_loader
 from mae_lab.model import MaskedAutoencoder
-from mae_lab.pretrain import lr_at, use_bf16
 from mae_lab.spec import LinearSpec, TrialSpec
+from mae_lab.train_utils import lr_at, use_bf16
 
 
 class LARS(torch.optim.Optimizer):

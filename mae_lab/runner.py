@@ -173,7 +173,8 @@ def _run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: s
                display: Display, on_pretrain_metrics: Callable[[dict[str, Any]], None] | None,
                dist_ctx: Any) -> str:
     from mae_lab.finetune import finetune
-    from mae_lab.pretrain import DivergenceError, pretrain
+    from mae_lab.pretrain import pretrain
+    from mae_lab.train_utils import DivergenceError
     from mae_lab.probe import linear_probe
 
     spec = TrialSpec.model_validate_json(row.spec_json)
