@@ -22,7 +22,7 @@ from _bench import CIFAR10, header, interleaved, mae_train_step, pass_fail, tabl
 
 from mae_lab.data import CIFAR10_MEAN, CIFAR10_STD, load_split, make_loader, pretrain_transform
 from mae_lab.loaders import MemoryLoader, first_samples
-from mae_lab.model import config_from_preset
+from mae_lab.presets import config_from_preset
 
 TARGET = 5.0
 BATCH = 128

@@ -20,7 +20,8 @@ import torch
 from _bench import header, pass_fail, table
 from pretrain_step import hf_model
 
-from mae_lab.model import MaskedAutoencoder, config_from_preset, count_params
+from mae_lab.model import MaskedAutoencoder, count_params
+from mae_lab.presets import config_from_preset
 from mae_lab.train_utils import param_groups_weight_decay
 
 SPEED_TARGET, MFU_TARGET = 1.5, 0.40

@@ -16,7 +16,8 @@ import sys
 import _bench  # noqa: F401
 from _bench import header, interleaved, mae_train_step, pass_fail, table
 
-from mae_lab.model import config_from_preset, encoder_flops_per_image
+from mae_lab.model import encoder_flops_per_image
+from mae_lab.presets import config_from_preset
 
 TARGET = 2.8
 

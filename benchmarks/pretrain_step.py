@@ -28,7 +28,8 @@ import _bench  # noqa: F401  (puts the checkout on sys.path)
 import torch
 from _bench import CIFAR10, header, interleaved, matmul_fn, pass_fail, table
 
-from mae_lab.model import MAEConfig, MaskedAutoencoder, config_from_preset, count_params
+from mae_lab.model import MaskedAutoencoder, count_params
+from mae_lab.presets import MAEConfig, config_from_preset
 from mae_lab.train_utils import param_groups_weight_decay
 
 FAST_TARGET, PAR_TARGET = 1.5, 0.95  # fast path vs HF; eager fp32 vs HF ("on par": within 5% timing noise)

@@ -20,7 +20,8 @@ import torch
 from _bench import cifar10_info, header, pass_fail, table, uncached_linear_probe
 
 from mae_lab.expand import mae_config
-from mae_lab.model import MaskedAutoencoder, config_from_preset
+from mae_lab.model import MaskedAutoencoder
+from mae_lab.presets import config_from_preset
 from mae_lab.probe import linear_probe
 from mae_lab.spec import TrialSpec
 

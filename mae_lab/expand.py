@@ -7,8 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from mae_lab.masking import grid_k
-from mae_lab.model import PRESETS, MAEConfig
+from mae_lab.presets import PRESETS, MAEConfig, grid_k
 from mae_lab.spec import Study, StudyError, TrialSpec, get_dotted, set_dotted, validate_trial
 
 

@@ -16,7 +16,7 @@ import random
 import numpy as np
 import torch
 
-SAMPLERS = ("random", "block", "grid")
+from mae_lab.presets import MASK_SAMPLINGS as SAMPLERS, grid_k
 
 
 def num_keep(num_patches: int, ratio: float) -> int:
@@ -95,14 +95,6 @@ def block_masking_ids(batch: int, h: int, w: int, ratio: float, generator: torch
             flat[rng.sample(np.flatnonzero(flat).tolist(), count - target)] = False
     mask = torch.from_numpy(masks.reshape(batch, L)).float()  # (N, L)
     return _ids_from_mask(mask, len_keep)
-
-
-def grid_k(ratio: float) -> int | None:
-    """The cell size k >= 2 with ratio == 1 - 1/k^2 (tolerance 1e-6), or None when there is none."""
-    if not 0.0 < ratio < 1.0:
-        return None
-    k = round((1 / (1 - ratio)) ** 0.5)
-    return k if k >= 2 and abs(1 - 1 / k**2 - ratio) <= 1e-6 else None
 
 
 def grid_masking_ids(batch: int, h: int, w: int, ratio: float, generator: torch.Generator):

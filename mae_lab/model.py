@@ -5,7 +5,6 @@ forward returns (loss, pred, mask) with mask 1 = removed, 0 = kept. Parameter na
 checkpoints, and the encoder's names load into timm's VisionTransformer.
 """
 
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -14,95 +13,8 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from mae_lab.masking import SAMPLERS, grid_k, ids_from_noise, sample_mask_ids
-
-
-@dataclass(frozen=True)
-class MAEConfig:
-    """Every hyperparameter of the model; names follow the official MaskedAutoencoderViT arguments."""
-
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 1024
-    depth: int = 24
-    num_heads: int = 16
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    mlp_ratio: float = 4.0
-    norm_pix_loss: bool = False
-    mask_ratio: float = 0.75
-    mask_sampling: str = "random"  # "random" | "block" | "grid"
-    mask_token_in_encoder: bool = False  # paper Table 1c: encoder sees [M] tokens at removed positions
-
-    def __post_init__(self):
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
-        if self.decoder_embed_dim % self.decoder_num_heads:
-            raise ValueError(f"decoder_embed_dim {self.decoder_embed_dim} must be divisible by "
-                             f"decoder_num_heads {self.decoder_num_heads}")
-        for name in ("embed_dim", "decoder_embed_dim"):
-            if getattr(self, name) % 4:
-                raise ValueError(f"{name} {getattr(self, name)} must be divisible by 4 (2-D sin-cos embedding)")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1); got {self.mask_ratio}")
-        if self.mask_sampling not in SAMPLERS:
-            raise ValueError(f"mask_sampling must be one of {', '.join(SAMPLERS)}; got {self.mask_sampling!r}")
-        if self.mask_sampling == "grid":
-            k = grid_k(self.mask_ratio)
-            if k is None:
-                raise ValueError("grid masking keeps one patch per k x k cell, so mask_ratio must be 1 - 1/k^2 "
-                                 f"(0.75, 0.8889, 0.9375, ...); got {self.mask_ratio:g}")
-            if self.grid_size % k:
-                raise ValueError(f"grid masking with k={k} needs a patch grid divisible by {k}; "
-                                 f"got {self.grid_size} x {self.grid_size}")
-
-    @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
-
-
-PRESETS: dict[str, dict] = {
-    # official ImageNet sizes (models_mae.py)
-    "mae_vit_base_patch16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "mae_vit_large_patch16": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16,
-                                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "mae_vit_huge_patch14": dict(img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16,
-                                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    # 32 px (CIFAR-scale)
-    "vit_tiny_patch4_32": dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3,
-                               decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4),
-    "vit_tiny_patch2_32": dict(img_size=32, patch_size=2, embed_dim=192, depth=12, num_heads=3,
-                               decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4),
-    "vit_small_patch4_32": dict(img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6,
-                                decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
-    "vit_small_patch2_32": dict(img_size=32, patch_size=2, embed_dim=384, depth=12, num_heads=6,
-                                decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
-    # the embedded 8 x 8 digits dataset: seconds per epoch on a CPU
-    # a CPU-sized ViT for 32 px studies: 128 wide, 6 blocks (the 2-core recipe of the shipped CIFAR-10 studies)
-    "vit_mini_patch4_32": dict(img_size=32, patch_size=4, in_chans=3, embed_dim=128, depth=6, num_heads=4,
-                               decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
-    "vit_digits": dict(img_size=8, patch_size=2, in_chans=3, embed_dim=64, depth=4, num_heads=4,
-                       decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4),
-}
-
-
-def config_from_preset(name: str, **overrides) -> MAEConfig:
-    """MAEConfig for a preset in PRESETS, with field overrides (e.g. mask_ratio=0.5)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    try:
-        return MAEConfig(**{**PRESETS[name], **overrides})
-    except TypeError as e:  # an unknown field name
-        raise ValueError(f"bad override for preset {name!r}: {e}") from None
+from mae_lab.masking import ids_from_noise, sample_mask_ids
+from mae_lab.presets import MAEConfig
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -7,16 +7,14 @@ import torch.nn as nn
 
 from conftest import official_random_masking
 from mae_lab.model import (
-    PRESETS,
-    MAEConfig,
     MaskedAutoencoder,
     build_timm_vit,
-    config_from_preset,
     count_params,
     encoder_flops_per_image,
     get_2d_sincos_pos_embed,
     load_encoder,
 )
+from mae_lab.presets import PRESETS, MAEConfig, config_from_preset
 
 TINY = dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=4,
             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)

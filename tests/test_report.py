@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from cli import app
 from mae_lab import db, paper
 from mae_lab.expand import expand
-from mae_lab.model import MaskedAutoencoder, config_from_preset
+from mae_lab.model import MaskedAutoencoder
+from mae_lab.presets import config_from_preset
 from mae_lab.plots import SIZES, study_plots
 from mae_lab.recon import reconstruct
 from mae_lab.report import headline, render, render_text, summarize
