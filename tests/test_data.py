@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from mae_lab import data as D
+from mae_lab.data import catalog as _catalog, pack as _pack  # noqa: F401  (D.catalog, D.pack)
 from mae_lab.data import DataError
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared/data"
@@ -140,7 +141,7 @@ def test_explicit_patterns_are_counted_once_and_cached(tmp_path, monkeypatch):
     info = D.resolve_dataset(train=train, val=val, cache_dir=tmp_path / "cache")
     assert (info.num_train, info.num_val, info.num_classes, info.image_size) == (12, 4, 12, (4, 4))
     assert info.mean == D.IMAGENET_MEAN
-    monkeypatch.setattr(D, "_scan", lambda shards: pytest.fail("counted again"))
+    monkeypatch.setattr(D.catalog, "_scan", lambda shards: pytest.fail("counted again"))
     assert D.resolve_dataset(train=train, val=val, cache_dir=tmp_path / "cache") == info
 
 
@@ -351,7 +352,7 @@ def test_pack_imagefolder_round_trip(tmp_path):
     assert {k: v["samples"] for k, v in meta["splits"].items()} == {"train": 4, "val": 2}
     assert json.loads((tmp_path / "out/dataset.json").read_text()) == meta
     for name, digest in meta["sha256"].items():
-        assert D._sha256(tmp_path / "out" / name) == digest
+        assert D.pack._sha256(tmp_path / "out" / name) == digest
     info = D.resolve_dataset(train=str(tmp_path / "out" / meta["splits"]["train"]["shards"]),
                              val=str(tmp_path / "out" / meta["splits"]["val"]["shards"]), cache_dir=tmp_path / "c")
     assert (info.name, info.classes, info.num_train, info.num_val) == ("out", ("cat", "dog"), 4, 2)
