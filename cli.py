@@ -306,6 +306,22 @@ def show(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix.")],
         out().print(f"[red]error:[/red] {row.error}", markup=True)
 
 
+@app.command()
+def export(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix (a done trial).")],
+           out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="New folder for the export.")],
+           to: Annotated[str, typer.Option("--to", help="timm (local-dir: hub layout) or hf (ViTModel).")],
+           db: DbOpt = None):
+    """Write a trial's pretrained encoder as safetensors plus the config timm or Hugging Face loads."""
+    from mae_lab.export import ExportError, export_trial
+
+    engine = _open_db(db, create=False)
+    try:
+        written = export_trial(engine, trial, to, out_dir)
+    except (ExportError, OSError) as exc:
+        raise fail(str(exc)) from None
+    out().print(f"wrote {written} ({to})", markup=False)
+
+
 @data_app.command("pack")
 def data_pack(src: Annotated[Path, typer.Argument(help="ImageFolder tree (class folders of images).")],
               out: Annotated[Path, typer.Argument(help="Output folder for shards + dataset.json.")],
