@@ -230,7 +230,7 @@ def report(
 ):
     """Per point: mean ± std and n over seeds, the difference to the default with a 95% Welch interval (≈ when
     within seed noise), and the paper's numbers with a rank-correlation verdict."""
-    from mae_lab.report import report_command
+    from mae_lab.report_site import report_command
 
     if all_ and study:
         raise fail("give a study name or --all, not both")
@@ -276,7 +276,7 @@ def show(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix.")],
     if row is None:
         raise fail(f"no single trial matches {trial!r} (give the id or a longer hash prefix)")
     if recon is not None or across is not None:
-        from mae_lab.recon import ReconError, show_recon
+        from mae_lab.recon_lookup import ReconError, show_recon
 
         if recon is None:
             raise fail("--across needs --recon OUT.png")

@@ -22,6 +22,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mae_lab.pretrain import pretrain
+from mae_lab.runner import run_study
+from mae_lab.spec import TrialSpec
+from mae_lab.train_utils import DivergenceError
+
 
 def world_size_from_env() -> int:
     """WORLD_SIZE as torchrun sets it (1 outside torchrun)."""
@@ -66,10 +71,6 @@ def init(device: str = "auto") -> DistContext:
 def follow(ctx: DistContext) -> int:
     """Ranks > 0: pretrain each trial rank 0 announces, as this rank, until it announces None. Writes nothing:
     no database, no checkpoint. Returns the number of trials taken part in."""
-    from mae_lab.pretrain import pretrain
-    from mae_lab.train_utils import DivergenceError
-    from mae_lab.spec import TrialSpec
-
     n = 0
     while (message := ctx.receive()) is not None:
         spec = TrialSpec.model_validate_json(message["spec_json"])
@@ -86,8 +87,6 @@ def follow(ctx: DistContext) -> int:
 def run_study_ddp(path: str | Path, *, device: str = "auto", **kwargs: Any):
     """``runner.run_study`` on rank 0 with the other ranks following; returns its RunSummary on rank 0 and None
     elsewhere. The process group is torn down at the end."""
-    from mae_lab.runner import run_study
-
     ctx = init(device)
     if ctx.rank != 0:
         follow(ctx)

@@ -4,33 +4,32 @@ visible patches pasted back, for the first ``NUM_IMAGES`` validation images and 
 With ``norm_pix_loss`` the model predicts each patch normalized by its own mean and variance; ``reconstruct``
 de-normalizes every predicted patch with the original patch's mean and (unbiased) variance, as the loss defined
 them, and the figure's caption says so. Images are shown de-normalized with the dataset's mean and std.
+
+This module renders (model and images in, PNG bytes out); ``recon_lookup`` finds what to render in the database,
+the checkpoints and the datasets.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
+import textwrap
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from sqlalchemy.engine import Engine
 from torch import Tensor
 
-from mae_lab import db
-from mae_lab.data import DatasetInfo
 from mae_lab.model import MaskedAutoencoder
-from mae_lab.atomic import write_atomic
 from mae_lab.spec import TrialSpec
 
 NUM_IMAGES = 8
+
+
 MASK_SEED = 0
+
+
 GRAY = 0.5  # the fill of removed patches in the masked input
+
+
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
-
-
-class ReconError(ValueError):
-    """No reconstruction can be made or found (no artifact, no checkpoint, bad axis)."""
 
 
 @dataclass(frozen=True)
@@ -44,14 +43,6 @@ class Recon:
     mask: Tensor
     norm_pix: bool
     mask_ratio: float
-
-
-def val_images(spec: TrialSpec, info: DatasetInfo, n: int = NUM_IMAGES) -> Tensor:
-    """The first ``n`` validation images, resized and normalized as for evaluation: (n, C, S, S)."""
-    from mae_lab.loaders import eval_loader
-
-    imgs, _ = next(iter(eval_loader(spec, info, "val", batch_size=n, max_samples=n)))
-    return imgs[:n]
 
 
 @torch.no_grad()
@@ -99,7 +90,6 @@ def recon_png(recon: Recon, title: str = "") -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import textwrap
 
     n = recon.original.shape[0]
     cell = 1.1
@@ -122,72 +112,10 @@ def recon_png(recon: Recon, title: str = "") -> bytes:
     return buf.getvalue()
 
 
-def _title(spec: TrialSpec) -> str:
+def trial_title(spec: TrialSpec) -> str:
     m = spec.model
     return (f"mask {m.mask_ratio:.0%} {m.mask_sampling}, decoder {m.decoder_depth}x{m.decoder_embed_dim}, "
             f"{'norm-pix' if m.norm_pix_loss else 'pixel'} target, seed {spec.seed}")
-
-
-def save_trial_recon(model: MaskedAutoencoder, spec: TrialSpec, info: DatasetInfo, path: str | Path) -> str:
-    """Write the trial's reconstruction grid to ``path`` (atomically); return the file's sha256."""
-    png = recon_png(reconstruct(model, val_images(spec, info), info.mean, info.std), _title(spec))
-    write_atomic(path, png)
-    return hashlib.sha256(png).hexdigest()
-
-
-def _artifact(engine: Engine, trial_id: int, kind: str) -> db.ArtifactRow | None:
-    _, _, arts = db.trial_details(engine, trial_id)
-    return next((a for a in arts if a.kind == kind), None)
-
-
-def trial_recon_png(engine: Engine, row: db.TrialRow, *, data_root: str | None = None) -> bytes:
-    """The trial's reconstruction PNG: its recorded "recon" artifact (sha256 checked), else made from its pretraining
-    checkpoint and the validation images of its dataset (``data_root`` as for ``mae-lab run``)."""
-    art = _artifact(engine, row.id, "recon")
-    if art is not None and Path(art.path).is_file():
-        data = Path(art.path).read_bytes()
-        if hashlib.sha256(data).hexdigest() == art.sha256:
-            return data
-    from mae_lab.checkpoint import CheckpointError, load_checkpoint
-    from mae_lab.data import DataError, resolve_dataset
-    from mae_lab.expand import mae_config
-
-    ckpt = db.get_checkpoint(engine, row.pretrain_hash)
-    if ckpt is None or not Path(ckpt.path).is_file():
-        raise ReconError(f"trial {row.hash[:12]} ({row.label}) has no reconstruction artifact and no pretraining "
-                         f"checkpoint (status {row.status})")
-    spec = TrialSpec.model_validate_json(row.spec_json)
-    try:
-        state = load_checkpoint(ckpt.path, sha256=ckpt.sha256)
-        d = spec.data
-        info = resolve_dataset(None if d.train else d.dataset, train=d.train, val=d.val, data_root=data_root)
-    except (CheckpointError, DataError) as exc:
-        raise ReconError(str(exc)) from None
-    model = MaskedAutoencoder(mae_config(spec))
-    model.load_state_dict(state["model"])
-    return recon_png(reconstruct(model, val_images(spec, info), info.mean, info.std), _title(spec))
-
-
-def _axis_key(row: db.TrialRow, axis: str) -> str:
-    keys = list(json.loads(row.axes_json))
-    if axis in keys:
-        return axis
-    near = [k for k in keys if k.split(".")[-1] == axis]
-    if len(near) == 1:
-        return near[0]
-    raise ReconError(f"trial {row.hash[:12]} has no axis {axis!r} (its axes: {', '.join(keys) or 'none'})")
-
-
-def siblings(engine: Engine, row: db.TrialRow, axis: str) -> list[db.TrialRow]:
-    """The trials of ``row``'s study with its seed and its values of every other axis, sorted by ``axis``."""
-    key = _axis_key(row, axis)
-    mine = json.loads(row.axes_json)
-    out = []
-    for t, _ in db.study_trials(engine, row.study_id):
-        axes = json.loads(t.axes_json)
-        if t.seed == row.seed and all(axes.get(k) == v for k, v in mine.items() if k != key) and key in axes:
-            out.append(t)
-    return sorted(out, key=lambda t: (str(type(json.loads(t.axes_json)[key])), json.loads(t.axes_json)[key]))
 
 
 def side_by_side(pngs: list[bytes], titles: list[str], suptitle: str = "") -> bytes:
@@ -215,38 +143,3 @@ def side_by_side(pngs: list[bytes], titles: list[str], suptitle: str = "") -> by
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
-
-
-def show_recon(engine: Engine, row: db.TrialRow, out: str | Path, *, across: str | None = None,
-               data_root: str | None = None) -> list[str]:
-    """What ``mae-lab show TRIAL --recon OUT [--across AXIS]`` does: write the trial's reconstruction grid, or the
-    grids of the trials that differ from it only in ``across`` (same seed), side by side. Returns their labels."""
-    if across is None:
-        write_atomic(out, trial_recon_png(engine, row, data_root=data_root))
-        return [row.label]
-    key = _axis_key(row, across)
-    trials = siblings(engine, row, key)
-    pngs = [trial_recon_png(engine, t, data_root=data_root) for t in trials]
-    titles = [f"{key.split('.')[-1]}={json.loads(t.axes_json)[key]}" for t in trials]
-    write_atomic(out, side_by_side(pngs, titles, f"reconstructions across {key.split('.')[-1]} (seed {row.seed})"))
-    return [t.label for t in trials]
-
-
-def study_recon_png(engine: Engine, report) -> bytes | None:
-    """For a study page: the recorded reconstructions across the study's first axis (first seed), side by side;
-    None when its trials have no "recon" artifacts (pages never need the data or a checkpoint)."""
-    if not report.axes or not report.rows or not report.rows[0].trial_ids:
-        return None
-    first = next((t for t, _ in db.study_trials(engine, db.get_study(engine, report.name).id)
-                  if t.id == report.rows[0].trial_ids[0]), None)
-    if first is None:
-        return None
-    trials = siblings(engine, first, report.axes[0])
-    arts = [_artifact(engine, t.id, "recon") for t in trials]
-    pairs = [(t, a) for t, a in zip(trials, arts) if a is not None and Path(a.path).is_file()]
-    if not pairs:
-        return None
-    key = report.axes[0]
-    return side_by_side([Path(a.path).read_bytes() for _, a in pairs],
-                        [f"{key.split('.')[-1]}={json.loads(t.axes_json)[key]}" for t, _ in pairs],
-                        f"reconstructions across {key.split('.')[-1]} (seed {first.seed})")

@@ -27,10 +27,14 @@ from mae_lab import db
 from mae_lab.checkpoint import sha256_file
 from mae_lab.data import DataError, DatasetInfo, resolve_dataset, verify_split
 from mae_lab.expand import Trial, expand, mae_config
+from mae_lab.finetune import finetune
 from mae_lab.model import count_params, encoder_flops_per_image
+from mae_lab.pretrain import pretrain
+from mae_lab.probe import linear_probe
 from mae_lab.progress import Display, PlainDisplay
-from mae_lab.recon import save_trial_recon
+from mae_lab.recon_lookup import save_trial_recon
 from mae_lab.spec import DataSpec, Study, StudyError, TrialSpec, load_study, set_dotted
+from mae_lab.train_utils import DivergenceError
 
 
 class Pruned(Exception):
@@ -172,11 +176,6 @@ def run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: st
 def _run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: str, artifacts: Path,
                display: Display, on_pretrain_metrics: Callable[[dict[str, Any]], None] | None,
                dist_ctx: Any) -> str:
-    from mae_lab.finetune import finetune
-    from mae_lab.pretrain import pretrain
-    from mae_lab.train_utils import DivergenceError
-    from mae_lab.probe import linear_probe
-
     spec = TrialSpec.model_validate_json(row.spec_json)
     commit, dirty = code_version()
     db.set_provenance(engine, row.id, host=socket.gethostname(), git_commit=commit, git_dirty=dirty,

@@ -33,26 +33,18 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
 from mae_lab import db
-from mae_lab.spec import SearchParam, SearchSection, Study, StudyError
+from mae_lab.expand import Trial, pretrain_hash, resolve, trial_hash
+from mae_lab.optuna_store import PRIOR, searched, storage
+from mae_lab.progress import PlainDisplay
+from mae_lab.runner import Pruned, pick_device, plan, resolve_data, run_trial, study_hash
+from mae_lab.spec import SearchParam, SearchSection, Study, StudyError, get_dotted
 
 OBJECTIVES = {"linear": "linear_top1", "finetune": "finetune_top1"}  # objective -> ResultRow column
-PRIOR = "prior"  # user attribute of a trial told from results already in the database
 
 
-def storage(url: str | None = None) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage on the same URL as mae-lab's tables (default resolved as ``db.connect`` does). On
-    SQLite its transactions are made ``BEGIN IMMEDIATE`` too, so local processes queue instead of failing."""
-    url = db.resolve_url(url)
-    sqlite = make_url(url).get_backend_name() == "sqlite"
-    kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
-    st = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    if sqlite:
-        st.engine.dispose()
-        db.serialize_sqlite(st.engine)
-    return st
 
 
 def distributions(search: SearchSection) -> dict[str, BaseDistribution]:
@@ -119,15 +111,13 @@ def _label(point: dict[str, Any]) -> str:
     return ", ".join(f"{k.split('.')[-1]}={fmt(v)}" for k, v in point.items())
 
 
-def _searched(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    return [t for t in trials if PRIOR not in t.user_attrs]
 
 
 def _counted(trials: list[FrozenTrial]) -> int:
     """Searched trials that count towards n_trials: finished, running or queued; a failed trial that was asked
     again (``retry_of``) counts once, through its retry."""
     retried = {t.user_attrs.get("retry_of") for t in trials}
-    return sum(1 for t in _searched(trials)
+    return sum(1 for t in searched(trials)
                if t.state != TrialState.FAIL or t.number not in retried)
 
 
@@ -155,9 +145,6 @@ def prior_points(engine: Engine, study: Study, study_id: int | None) -> list[tup
                                                                                     list[str]]]:
     """Done trials of other studies whose spec is a point of the search space, for every seed of the study:
     (point, results in seed order, "study/trial id" sources)."""
-    from mae_lab.expand import resolve, trial_hash
-    from mae_lab.spec import get_dotted
-
     space, seeds = study.search.space, study.study.seeds
     found: dict[str, dict[int, tuple[db.ResultRow, str]]] = {}
     points: dict[str, dict[str, Any]] = {}
@@ -252,10 +239,6 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
                poll_s: float = 5.0) -> SearchSummary:
     """Run the ``[search]`` of the study at ``path`` until the Optuna study holds ``n_trials`` searched trials
     (default: the file's ``n_trials``), the grid is exhausted or ``timeout_s`` has passed."""
-    from mae_lab.expand import Trial, pretrain_hash, resolve, trial_hash
-    from mae_lab.progress import PlainDisplay
-    from mae_lab.runner import Pruned, pick_device, plan, resolve_data, run_trial, study_hash
-
     display = display or PlainDisplay()
     study, _ = plan(path, data_override)  # validates the file and the space's bounds
     search = study.search
@@ -395,55 +378,6 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
     return summary
 
 
-# --- reading, for the report ------------------------------------------------------------------------------------
-
-@dataclass
-class SearchReport:
-    objectives: list[str]
-    states: dict[str, int]  # Optuna state -> searched trials
-    priors: int
-    best: list[dict[str, Any]]  # best trials (single objective: top 5) or the Pareto front (two), best first
-    pareto: bool
-    importances: dict[str, dict[str, float]]  # objective -> param -> importance (normalized)
-    note: str = ""  # why importances are missing, when they are
 
 
-def search_report(engine: Engine, name: str, objectives: list[str], top: int = 5) -> SearchReport | None:
-    """The Optuna side of a searched study: best trials or Pareto front, parameter importances. None when the
-    database holds no Optuna study of that name."""
-    url = engine.url.render_as_string(hide_password=False)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        ostudy = optuna.load_study(study_name=name, storage=storage(url))
-    except KeyError:
-        return None
-    trials = ostudy.get_trials(deepcopy=False)
-    states: dict[str, int] = {}
-    for t in _searched(trials):
-        states[t.state.name] = states.get(t.state.name, 0) + 1
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    pareto = len(ostudy.directions) > 1
 
-    def entry(t: FrozenTrial) -> dict[str, Any]:
-        return {"number": t.number, "values": dict(zip(objectives, t.values)), "params": dict(t.params),
-                "prior": PRIOR in t.user_attrs}
-
-    if pareto:
-        best = sorted((entry(t) for t in ostudy.best_trials), key=lambda e: -list(e["values"].values())[0])
-    else:
-        best = [entry(t) for t in sorted(complete, key=lambda t: -t.values[0])[:top]]
-    importances: dict[str, dict[str, float]] = {}
-    note = ""
-    if len(complete) < 2:
-        note = "parameter importances need at least 2 completed trials"
-    else:
-        for i, obj in enumerate(objectives):
-            try:
-                importances[obj] = optuna.importance.get_param_importances(
-                    ostudy, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
-                    target=lambda t, i=i: t.values[i])
-            except (RuntimeError, ValueError) as exc:
-                note = f"parameter importances unavailable: {exc}"
-                break
-    return SearchReport(list(objectives), states, len(trials) - len(_searched(trials)), best, pareto, importances,
-                        note)

@@ -21,7 +21,8 @@ from mae_lab.model import MaskedAutoencoder
 from mae_lab.presets import config_from_preset
 from mae_lab.plots import SIZES, study_plots
 from mae_lab.recon import reconstruct
-from mae_lab.report import headline, render, render_text, summarize
+from mae_lab.report import headline, summarize
+from mae_lab.report_format import render, render_text
 from mae_lab.runner import trial_rows
 from mae_lab.spec import parse_study
 from mae_lab.stats import t_ppf, welch_interval
@@ -273,7 +274,7 @@ finetune = { epochs = 1, batch_size = 128 }
 
 
 def test_a_real_study_gives_pages_plots_and_reconstructions(workdir: Path):
-    from mae_lab.recon import save_trial_recon, val_images
+    from mae_lab.recon_lookup import save_trial_recon, val_images
     from mae_lab.runner import run_study
 
     (workdir / "tiny.toml").write_text(TINY)

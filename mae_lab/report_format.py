@@ -1,0 +1,321 @@
+"""A StudyReport as text: the rich table for a terminal, Markdown, booktabs LaTeX, CSV and JSON."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from mae_lab.report import LEGEND, NOISE_MARK, Row, Stat, StudyReport, has_finetune, has_memory, title, verdicts
+from mae_lab.report_search import render_search, search_markdown
+from mae_lab.stats import Interval
+
+FORMATS = ("table", "md", "csv", "latex", "json")
+
+
+def fmt_stat(s: Stat) -> str:
+    if s.mean is None:
+        return "-"
+    return f"{s.mean:.1f} ± {s.std:.1f} (n={s.n})"
+
+
+def fmt_diff(row: Row, attr: str) -> str:
+    d: Interval | None = getattr(row, f"{attr}_diff")
+    if row.is_default:
+        return "default"
+    if d is None:
+        return "-"
+    if d.low is None:
+        return f"{d.delta:+.1f} (n=1)"
+    mark = f" {NOISE_MARK}" if d.within_noise else ""
+    return f"{d.delta:+.1f} [{d.low:+.1f}, {d.high:+.1f}]{mark}"
+
+
+def _num(v: float | None, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def axis_cells(report: StudyReport, row: Row) -> list[str]:
+    return [str(row.axes.get(a, "default")) for a in report.axes] or ["default"]
+
+
+def axis_names(report: StudyReport) -> list[str]:
+    return [a.split(".")[-1] for a in report.axes] or ["point"]
+
+
+def _columns(report: StudyReport) -> list[str]:
+    cols = axis_names(report) + ["linear %", "Δ linear [95% CI]"]
+    cols += ["fine-tune %", "Δ fine-tune [95% CI]"] if has_finetune(report) else []
+    if report.comparison is not None and report.comparison.rule != "none":
+        cols += ["paper setting", "paper lin", "paper ft"]
+    return cols + ["pretrain s", "speed vs default", "encoder GFLOPs"] + (["peak MiB"] if has_memory(report) else []) \
+        + ["trials"]
+
+
+def _cells(report: StudyReport, row: Row) -> list[str]:
+    cells = axis_cells(report, row) + [fmt_stat(row.linear), fmt_diff(row, "linear")]
+    cells += [fmt_stat(row.finetune), fmt_diff(row, "finetune")] if has_finetune(report) else []
+    if report.comparison is not None and report.comparison.rule != "none":
+        p = row.paper
+        cells += ["-", "-", "-"] if p is None else [p.setting, _num(p.lin), _num(p.ft)]
+    rel = report.relative_speed(row)
+    cells += [_num(row.pretrain_s.mean, ".0f"), "-" if rel is None else f"{rel:.2f}x", _num(row.gflops, ".3g")]
+    cells += [_num(row.peak_mem_mib.mean, ".0f")] if has_memory(report) else []
+    cells += [", ".join(f"{v} {k}" for k, v in sorted(row.status.items()))]
+    return cells
+
+
+# columns a narrow terminal drops first (the first listed goes first)
+OPTIONAL_COLUMNS = ("peak MiB", "encoder GFLOPs", "pretrain s", "trials", "speed vs default", "paper setting", "paper ft",
+                    "paper lin")
+
+
+def _compact(cells: list[str], n_axes: int, n_metrics: int) -> list[str]:
+    """Narrow-terminal cells: n moves to the header, a difference's interval goes on a second line."""
+    out = list(cells)
+    for i in range(n_axes, n_axes + n_metrics):  # alternately "mean ± std (n=k)" and "delta [low, high] mark"
+        out[i] = out[i].split(" (n=")[0]
+        delta, sep, rest = out[i].partition(" [")
+        if sep:
+            interval, _, mark = rest.partition("]")
+            out[i] = f"{delta}{mark}\n[{interval}]"
+    return out
+
+
+def rich_table(report: StudyReport, width: int | None = None) -> Table:
+    """The paper-style table for a terminal: default row bold, best mean per metric starred.
+
+    Given the terminal ``width``, optional columns (OPTIONAL_COLUMNS, in that order) are left out until the rest
+    fits; if it still does not, the cells get compact (n in the header, intervals on a second line) and may wrap.
+    """
+    n_axes = len(axis_names(report))
+    best_lin = max((r.linear.mean for r in report.rows if r.linear.mean is not None), default=None)
+    best_ft = max((r.finetune.mean for r in report.rows if r.finetune.mean is not None), default=None)
+    cols = _columns(report)
+    metrics = [(n_axes, "linear")] + ([(n_axes + 2, "finetune")] if has_finetune(report) else [])  # (column, attr)
+    grid = []
+    for r in report.rows:
+        cells = _cells(report, r)
+        if r.is_default:
+            cells[0] += " (default)"
+        if best_lin is not None and r.linear.mean == best_lin:
+            cells[n_axes] += " ★"
+        if best_ft is not None and r.finetune.mean == best_ft:
+            cells[n_axes + 2] += " ★"
+        grid.append(cells)
+
+    def width_of(i: int, rows: list[list[str]], headers: list[str]) -> int:
+        return max([len(w) for w in headers[i].split()] + [max(len(x) for x in g[i].split("\n")) for g in rows])
+
+    def fits(keep: list[str], rows: list[list[str]], headers: list[str]) -> bool:
+        need = sum(width_of(i, rows, headers) + 3 for i, c in enumerate(cols) if c in keep)
+        return width is None or need + 1 <= width
+
+    keep, headers, compact = list(cols), list(cols), False
+    for c in OPTIONAL_COLUMNS:
+        if fits(keep, grid, headers):
+            break
+        if c.startswith("paper") and not compact:  # rather compact cells than no paper columns
+            compact = True
+            grid = [_compact(g, n_axes, 2 * len(metrics)) for g in grid]
+            for i, attr in metrics:
+                ns = {getattr(r, attr).n for r in report.rows if getattr(r, attr).n}
+                headers[i] += f" (n={ns.pop()})" if len(ns) == 1 else " (n varies)"
+            if fits(keep, grid, headers):
+                break
+        if c in keep:
+            keep.remove(c)
+    table = Table(title=title(report), caption=report.description or None, show_lines=compact)
+    for i, col in enumerate(cols):
+        if col in keep:
+            table.add_column(headers[i], justify="left" if i < n_axes or col == "paper setting" else "right",
+                             width=width_of(i, grid, headers) if fits(keep, grid, headers) else None)
+    for r, cells in zip(report.rows, grid):
+        cells = [c.replace("[", r"\[") for c in cells]
+        if r.is_default:
+            cells[0] = f"[bold]{cells[0].removesuffix(' (default)')}[/bold] (default)"
+        for i, _ in metrics:
+            if cells[i].endswith(" ★"):
+                cells[i] = f"[green]{cells[i]}[/green]"
+        table.add_row(*(c for c, col in zip(cells, cols) if col in keep))
+    return table
+
+
+def render(report: StudyReport, console: Console) -> None:
+    """Print the paper-style table of one study, its verdicts against the paper and the legend."""
+    console.print(rich_table(report, console.width))
+    for line in verdicts(report) + [LEGEND]:
+        console.print(line, markup=False, highlight=False)
+    if report.search is not None:
+        render_search(report.search, console)
+
+
+def to_markdown(report: StudyReport, *, heading: str = "##") -> str:
+    """A GitHub Markdown section: heading (none when ``heading`` is empty), table, verdicts, legend."""
+    def esc(s: str) -> str:
+        return s.replace("|", r"\|")
+
+    cols = _columns(report)
+    lines = [f"{heading} {esc(title(report))}", ""] if heading else []
+    if report.description:
+        lines += [report.description, ""]
+    lines += ["| " + " | ".join(cols) + " |",
+              "|" + "|".join(":---" if i < len(axis_names(report)) or c == "paper setting" else "---:"
+                         for i, c in enumerate(cols)) + "|"]
+    for r in report.rows:
+        cells = [esc(c) for c in _cells(report, r)]
+        if r.is_default:
+            cells[0] = f"**{cells[0]}** (default)"
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"- {esc(v)}" for v in verdicts(report)]
+    lines += [f"- {LEGEND}", "- accuracies: top-1 %, mean ± sample std over seeds; differences in percentage points, "
+              "row minus default", ""]
+    if report.search is not None:
+        lines += search_markdown(report.search)
+    return "\n".join(lines)
+
+
+def _tex(s: str) -> str:
+    out = []
+    for ch in s:
+        out.append({"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "Δ": r"$\Delta$",
+                    "±": r"$\pm$", "≈": r"$\approx$", "—": "---", "ρ": r"$\rho$"}.get(ch, ch))
+    return "".join(out)
+
+
+def _tex_stat(s: Stat) -> str:
+    return "--" if s.mean is None else f"${s.mean:.1f} \\pm {s.std:.1f}$ ({s.n})"
+
+
+def _tex_diff(row: Row, attr: str) -> str:
+    d: Interval | None = getattr(row, f"{attr}_diff")
+    if row.is_default:
+        return "default"
+    if d is None:
+        return "--"
+    if d.low is None:
+        return f"${d.delta:+.1f}$ (n=1)"
+    mark = r" $\approx$" if d.within_noise else ""
+    return f"${d.delta:+.1f}$ [${d.low:+.1f}$, ${d.high:+.1f}$]{mark}"
+
+
+def to_latex(report: StudyReport) -> str:
+    """A booktabs table (needs ``\\usepackage{booktabs}``): default row bold, paper columns when matched."""
+    with_paper = report.comparison is not None and report.comparison.rule != "none"
+    ft = has_finetune(report)
+    cols = [_tex(a) for a in axis_names(report)] + ["linear", r"$\Delta$ linear [95\% CI]"]
+    cols += ["fine-tune", r"$\Delta$ fine-tune [95\% CI]"] if ft else []
+    if with_paper:
+        cols += ["paper setting", "paper lin", "paper ft"]
+    align = "l" * len(axis_names(report)) + ("rrrr" if ft else "rr") + ("lrr" if with_paper else "")
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", f"\\begin{{tabular}}{{{align}}}", r"\toprule",
+             " & ".join(cols) + r" \\", r"\midrule"]
+    for r in report.rows:
+        cells = [_tex(c) for c in axis_cells(report, r)]
+        if r.is_default:
+            cells[0] = f"\\textbf{{{cells[0]}}}"
+        cells += [_tex_stat(r.linear), _tex_diff(r, "linear")]
+        cells += [_tex_stat(r.finetune), _tex_diff(r, "finetune")] if ft else []
+        if with_paper:
+            p = r.paper
+            cells += ["--", "--", "--"] if p is None else [_tex(p.setting), _num(p.lin).replace("-", "--"),
+                                                           _num(p.ft).replace("-", "--")]
+        lines.append(" & ".join(cells) + r" \\")
+    caption = (f"{report.description or report.name}. Top-1 \\% (mean $\\pm$ std over seeds, n in parentheses); "
+               f"$\\Delta$: difference to the default (bold) in points with a 95\\% Welch interval, $\\approx$ when "
+               f"it contains 0 (within seed noise).")
+    if with_paper:
+        caption += " " + " ".join(_tex(v) + "." for v in verdicts(report) if "Spearman" in v)
+    lines += [r"\bottomrule", r"\end{tabular}", f"\\caption{{{caption}}}",
+              f"\\label{{tab:{report.name.replace('_', '-')}}}", r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+def _stat_dict(s: Stat) -> dict[str, Any]:
+    return {"mean": s.mean, "std": s.std, "n": s.n, "values": list(s.values)}
+
+
+def _diff_dict(d: Interval | None) -> dict[str, Any] | None:
+    if d is None:
+        return None
+    return {"delta": d.delta, "low": d.low, "high": d.high, "df": d.df, "level": d.level,
+            "within_noise": d.within_noise, "note": d.note}
+
+
+def to_dict(report: StudyReport) -> dict[str, Any]:
+    comp = report.comparison
+    return {
+        "study": report.name, "description": report.description, "paper": report.paper, "axes": report.axes,
+        "units": "top-1 %; differences in percentage points, row minus default; Welch 95% interval",
+        "rows": [{
+            "label": r.label, "axes": r.axes, "is_default": r.is_default, "status": r.status, "trials": r.trials,
+            "seeds": r.seeds, "linear": _stat_dict(r.linear), "linear_diff": _diff_dict(r.linear_diff),
+            "finetune": _stat_dict(r.finetune), "finetune_diff": _diff_dict(r.finetune_diff),
+            "pretrain_s": r.pretrain_s.mean, "images_per_s": r.images_per_s.mean,
+            "speed_vs_default": report.relative_speed(r), "encoder_gflops": r.gflops,
+            "peak_mem_mib": r.peak_mem_mib.mean,
+            "paper": None if r.paper is None else {"setting": r.paper.setting, "lin": r.paper.lin, "ft": r.paper.ft},
+        } for r in report.rows],
+        "paper_comparison": None if comp is None else {
+            "table": comp.table.key, "title": comp.table.title, "rule": comp.rule, "rule_text": comp.rule_text(),
+            "agreement": {m: {"spearman": rho, "points": n} for m, (rho, n) in comp.agreement.items()},
+            "unmatched": comp.unmatched, "notes": list(comp.table.notes)},
+        "search": None if report.search is None else dataclasses.asdict(report.search),
+    }
+
+
+CSV_COLUMNS = ("label", "is_default", "linear_mean", "linear_std", "linear_n", "linear_delta", "linear_ci_low",
+               "linear_ci_high", "linear_within_noise", "finetune_mean", "finetune_std", "finetune_n",
+               "finetune_delta", "finetune_ci_low", "finetune_ci_high", "finetune_within_noise", "paper_setting",
+               "paper_lin", "paper_ft", "pretrain_s", "images_per_s", "speed_vs_default", "encoder_gflops",
+               "peak_mem_mib", "done",
+               "trials")
+
+
+def to_csv(report: StudyReport) -> str:
+    """One line per point: axis columns (dotted keys), then CSV_COLUMNS; empty cells for missing values."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(list(report.axes) + list(CSV_COLUMNS))
+
+    def v(x: Any) -> Any:
+        return "" if x is None else x
+
+    for r in report.rows:
+        cells: list[Any] = [json.dumps(r.axes[a]) if isinstance(r.axes.get(a), bool) else v(r.axes.get(a))
+                            for a in report.axes]
+        cells += [r.label, r.is_default]
+        for attr in ("linear", "finetune"):
+            s, d = getattr(r, attr), getattr(r, f"{attr}_diff")
+            cells += [v(s.mean), v(s.std), s.n]
+            cells += [v(None if d is None else d.delta), v(None if d is None else d.low),
+                      v(None if d is None else d.high), v(None if d is None else d.within_noise)]
+        p = r.paper
+        cells += [v(p and p.setting), v(p and p.lin), v(p and p.ft), v(r.pretrain_s.mean), v(r.images_per_s.mean),
+                  v(report.relative_speed(r)), v(r.gflops), v(r.peak_mem_mib.mean), r.status.get("done", 0),
+                  len(r.trials)]
+        w.writerow(cells)
+    return buf.getvalue()
+
+
+def render_text(report: StudyReport, fmt: str, *, width: int = 200) -> str:
+    """The report as text in one of FORMATS ("table" is the rich table without colour, ``width`` wide)."""
+    if fmt == "md":
+        return to_markdown(report)
+    if fmt == "csv":
+        return to_csv(report)
+    if fmt == "latex":
+        return to_latex(report)
+    if fmt == "json":
+        return json.dumps(to_dict(report), indent=2) + "\n"
+    if fmt == "table":
+        console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False)
+        render(report, console)
+        return console.file.getvalue()
+    raise ValueError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
