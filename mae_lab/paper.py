@@ -12,8 +12,8 @@ the report prints beside its verdict:
    our lowest value when that is below every value-matched paper setting.
 
 Rows with no counterpart (Table 1d's PCA and dVAE targets) stay unmatched. The ordering of the matched points is
-compared by Spearman's rank correlation, per metric, over the points where both numbers exist (ties get average
-ranks; with 2 points rho is +1 or -1, i.e. whether the pair is ordered the same way).
+compared by Spearman's rank correlation (``stats.spearman``), per metric, over the points where both numbers exist
+(ties get average ranks; with 2 points rho is +1 or -1, i.e. whether the pair is ordered the same way).
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Sequence
+
+from mae_lab.stats import spearman
 
 
 @dataclass(frozen=True)
@@ -128,35 +130,6 @@ def match_rows(table: PaperTable, ours: Sequence[tuple[Any, ...]]) -> tuple[str,
     return rule, matches, ""
 
 
-def ranks(xs: Sequence[float]) -> list[float]:
-    """1-based ranks, ties sharing their average rank."""
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    out = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
-def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
-    """Spearman's rho (Pearson correlation of the ranks); None with fewer than 2 points or a constant side."""
-    if len(xs) != len(ys) or len(xs) < 2:
-        return None
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sxx = sum((a - mx) ** 2 for a in rx)
-    syy = sum((b - my) ** 2 for b in ry)
-    if sxx == 0 or syy == 0:
-        return None
-    return sxy / math.sqrt(sxx * syy)
-
-
 def compare(table: PaperTable, ours: Sequence[tuple[Any, ...]], linear: Sequence[float | None],
             finetune: Sequence[float | None]) -> Comparison:
     """Match our rows (their values of ``table.axes`` and metric means) to the table; rank-correlate per metric."""
@@ -167,3 +140,12 @@ def compare(table: PaperTable, ours: Sequence[tuple[Any, ...]], linear: Sequence
                  if p is not None and m is not None and getattr(p, attr) is not None]
         comp.agreement[metric] = (spearman([a for a, _ in pairs], [b for _, b in pairs]), len(pairs))
     return comp
+
+
+def paper_delta(row: PaperRow | None, default: PaperRow | None, metric: str) -> float | None:
+    """The paper's (row - default) for ``metric`` ("linear" or "finetune"): the direction a verdict checks; None
+    when either row or its number is missing."""
+    attr = "lin" if metric == "linear" else "ft"
+    if row is None or default is None or getattr(row, attr) is None or getattr(default, attr) is None:
+        return None
+    return round(getattr(row, attr) - getattr(default, attr), 6)

@@ -12,7 +12,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 
 class StudyError(ValueError):
@@ -160,11 +161,68 @@ class TrialSpec(_Strict):
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+MAX_SEEDS = 32  # the most seeds an adaptive study may give one point
+
+
+class SeedPlan(_Strict):
+    """Adaptive seeds, ``[study] seeds = { min = 2, max = 8, until = "decided", min_effect = 1.0 }``: every point
+    starts with seeds 0 .. min-1; after each round a point that is not decided gets the next seed (and the default
+    point with it, so that the pairs stay matched), until it is decided or has ``max`` (see ``adaptive.py``)."""
+
+    min: int = Field(2, ge=2, description="seeds every point gets first (2: the fewest with an interval)")
+    max: int = Field(8, ge=2, le=MAX_SEEDS, description=f"the most seeds a point gets (at most {MAX_SEEDS})")
+    until: Literal["decided"] = Field("decided", description="decided: the paired 95% interval of the difference "
+                                      "to the default excludes 0, or lies within +-min_effect")
+    min_effect: float = Field(gt=0, description="the smallest effect of interest, in top-1 points")
+    metrics: list[Literal["linear", "finetune"]] = Field(["linear"], min_length=1,
+                                                         description="the validation top-1s that must be decided")
+
+    @field_validator("min_effect", mode="before")
+    @classmethod
+    def _int_as_float(cls, v: Any) -> Any:
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("max")
+    @classmethod
+    def _at_least_min(cls, v: int, info: ValidationInfo) -> int:
+        if "min" in info.data and v < info.data["min"]:
+            raise ValueError(f"max {v} is below min {info.data['min']}")
+        return v
+
+
 class StudySection(_Strict):
     name: str
     description: str = ""
     paper: str | None = Field(None, description="the paper table this study mirrors, e.g. '1a' or 'fig5'")
-    seeds: list[int] = Field([0], min_length=1)
+    seeds: list[int] = Field([0], min_length=1, description="a list, or an adaptive table (SeedPlan): then the "
+                             "first round's seeds 0 .. min-1")
+    adaptive: SeedPlan | None = Field(None, description="set from a seeds table, never written in a study")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_table(cls, data: Any) -> Any:
+        """``seeds = {...}`` -> ``adaptive`` (the plan) and ``seeds`` (its first round); errors keep the key
+        ``seeds.<field>``."""
+        if not isinstance(data, dict):
+            return data
+        if "adaptive" in data:
+            raise ValidationError.from_exception_data("StudySection", [
+                {"type": "value_error", "loc": ("adaptive",), "input": data["adaptive"], "ctx": {"error": ValueError(
+                    "unknown key (adaptive seeds are written seeds = { min, max, until, min_effect })")}}])
+        if not isinstance(data.get("seeds"), dict):
+            return data
+        try:
+            plan = SeedPlan.model_validate(data["seeds"])
+        except ValidationError as exc:
+            errors = []
+            for e in exc.errors():
+                if e["type"] == "extra_forbidden":  # name the table's own keys, not the study's
+                    e = {**e, "type": "value_error",
+                         "ctx": {"error": ValueError(f"unknown key (valid: {', '.join(SeedPlan.model_fields)})")}}
+                errors.append({"type": e["type"], "loc": ("seeds", *e["loc"]), "input": e["input"],
+                               **({"ctx": e["ctx"]} if "ctx" in e else {})})
+            raise ValidationError.from_exception_data("StudySection", errors) from None
+        return {**data, "seeds": list(range(plan.min)), "adaptive": plan}
 
     @field_validator("name")
     @classmethod

@@ -1,84 +1,48 @@
-"""Small statistics without scipy: Student-t quantiles and Welch's confidence interval for a difference of means."""
+"""Intervals and verdicts for differences of top-1 between a study point and its default (scipy.stats underneath).
+
+- ``paired_interval``: seed s gives every arm of a study the same init, data order and masks (common random
+  numbers), so the per-seed differences ``a[s] - b[s]`` are the sample: mean difference +- t_{(1+level)/2, n-1} *
+  sd / sqrt(n), the interval of ``scipy.stats.ttest_rel``.
+- ``welch_interval``: the arms treated as independent samples (``scipy.stats.ttest_ind(equal_var=False)``); wider
+  when the seeds are correlated, shown beside the paired one.
+- ``verdict``: what an interval says about the paper's direction ("reproduces", "opposite", "not detected").
+
+scipy returns NaN where an interval does not exist; these functions say why instead (``Interval.note``).
+"""
 from __future__ import annotations
 
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
+from scipy import stats as sps
 
-def _beta_cf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz, Numerical Recipes 6.4)."""
-    tiny, eps = 1e-300, 1e-15
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_cf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_cf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with ``df`` (> 0, not necessarily whole) degrees of freedom."""
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
+Kind = Literal["paired", "welch"]
 
 
 def t_ppf(p: float, df: float) -> float:
-    """The p-quantile of Student's t with ``df`` degrees of freedom (bisection on ``t_cdf``; |error| < 1e-10)."""
+    """The p-quantile of Student's t with ``df`` (> 0, not necessarily whole) degrees of freedom."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"p must be in (0, 1); got {p}")
     if df <= 0:
         raise ValueError(f"df must be positive; got {df}")
-    if p < 0.5:
-        return -t_ppf(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        lo, hi = hi, hi * 2.0
-    while hi - lo > 1e-12 * max(1.0, hi):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return 0.5 * (lo + hi)
+    return float(sps.t.ppf(p, df))
 
 
 @dataclass(frozen=True)
 class Interval:
-    """mean(a) - mean(b) with its Welch confidence interval; ``low``/``high`` are None when an n is 1."""
+    """A difference (row minus default, in points) with its confidence interval; ``low``/``high`` are None when
+    there is no interval (``note`` says why: "n=1", or "no pairs" for a paired interval without shared seeds)."""
 
-    delta: float
+    delta: float | None
     low: float | None
     high: float | None
     df: float | None
     level: float
-    note: str = ""  # "n=1" when a side has one value, "no spread" when both sides have zero variance
+    kind: Kind = "welch"
+    n: int = 0  # paired: the number of seed pairs; welch: the smaller of the two sample sizes
+    note: str = ""  # "n=1", "no pairs", or "no spread" (every difference equal: a zero-width interval)
 
     @property
     def within_noise(self) -> bool | None:
@@ -87,20 +51,93 @@ class Interval:
             return None
         return self.low <= 0.0 <= self.high
 
+    @property
+    def largest_bound(self) -> float | None:
+        """max(|low|, |high|): an interval containing 0 rules out every effect at least this large."""
+        if self.low is None or self.high is None:
+            return None
+        return max(abs(self.low), abs(self.high))
+
+
+def paired_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Interval:
+    """The t interval of mean(a - b) over pairs (``a[i]`` and ``b[i]`` share seed i), as ``ttest_rel`` gives it."""
+    if len(a) != len(b):
+        raise ValueError(f"paired samples need equal lengths; got {len(a)} and {len(b)}")
+    if not a:
+        return Interval(None, None, None, None, level, "paired", 0, "no pairs")
+    diffs = [x - y for x, y in zip(a, b)]
+    delta = statistics.fmean(diffs)
+    n = len(diffs)
+    if n < 2:
+        return Interval(delta, None, None, None, level, "paired", n, "n=1")
+    sd = statistics.stdev(diffs)
+    if sd == 0.0:
+        return Interval(delta, delta, delta, n - 1, level, "paired", n, "no spread")
+    half = t_ppf(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
+    return Interval(delta, delta - half, delta + half, float(n - 1), level, "paired", n)
+
 
 def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Interval:
-    """Welch's t interval for mean(a) - mean(b): delta +- t_{(1+level)/2, df} * se, with
-    se^2 = var_a / n_a + var_b / n_b (sample variances) and the Welch-Satterthwaite
-    df = se^4 / ((var_a / n_a)^2 / (n_a - 1) + (var_b / n_b)^2 / (n_b - 1))."""
+    """Welch's t interval for mean(a) - mean(b) (unequal variances, Welch-Satterthwaite df), as
+    ``ttest_ind(a, b, equal_var=False)`` gives it."""
     if not a or not b:
         raise ValueError("both samples need at least one value")
     delta = statistics.fmean(a) - statistics.fmean(b)
-    if len(a) < 2 or len(b) < 2:
-        return Interval(delta, None, None, None, level, "n=1")
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    se2 = va + vb
-    if se2 == 0.0:
-        return Interval(delta, delta, delta, None, level, "no spread")
-    df = se2**2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = t_ppf(0.5 + level / 2.0, df) * math.sqrt(se2)
-    return Interval(delta, delta - half, delta + half, df, level)
+    n = min(len(a), len(b))
+    if n < 2:
+        return Interval(delta, None, None, None, level, "welch", n, "n=1")
+    if statistics.variance(a) == 0.0 and statistics.variance(b) == 0.0:
+        return Interval(delta, delta, delta, None, level, "welch", n, "no spread")
+    res = sps.ttest_ind(a, b, equal_var=False)
+    ci = res.confidence_interval(confidence_level=level)
+    return Interval(delta, float(ci.low), float(ci.high), float(res.df), level, "welch", n)
+
+
+def by_seed(a: dict[int, float], b: dict[int, float]) -> tuple[list[int], list[float], list[float]]:
+    """The seeds both sides have, in order, with their values: the pairs of a paired interval."""
+    seeds = sorted(set(a) & set(b))
+    return seeds, [a[s] for s in seeds], [b[s] for s in seeds]
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Spearman's rho (``scipy.stats.spearmanr``, ties get average ranks); None with fewer than 2 points or a
+    constant side."""
+    if len(xs) != len(ys) or len(xs) < 2 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return None
+    return float(sps.spearmanr(xs, ys).statistic)
+
+
+Verdict = Literal["reproduces", "opposite", "not detected", "detected", "no interval"]
+
+
+def verdict(interval: Interval | None, paper_delta: float | None) -> Verdict:
+    """What an interval of (row - default) says, against the paper's (row - default) when there is one.
+
+    - "reproduces": the interval excludes 0 on the paper's side;
+    - "opposite": it excludes 0 on the other side (or the paper saw no difference at all);
+    - "not detected": it contains 0 (``Interval.largest_bound`` is the smallest effect it rules out);
+    - "detected": it excludes 0 and the paper has no number to compare with;
+    - "no interval": one seed, or no pairs.
+    """
+    if interval is None or interval.low is None or interval.high is None:
+        return "no interval"
+    if interval.within_noise:
+        return "not detected"
+    if paper_delta is None:
+        return "detected"
+    if paper_delta != 0 and (interval.low > 0) == (paper_delta > 0):
+        return "reproduces"
+    return "opposite"
+
+
+def verdict_text(interval: Interval | None, paper_delta: float | None) -> str:
+    """``verdict`` in words with the interval kind, e.g. "not detected (paired, rules out |Δ| ≥ 1.3)"."""
+    word = verdict(interval, paper_delta)
+    if word == "no interval":
+        return f"no interval ({interval.note if interval is not None else 'no data'})"
+    kind = "paired" if interval.kind == "paired" else "Welch"
+    if word == "not detected":
+        return f"not detected ({kind}; rules out |Δ| > {interval.largest_bound:.1f})"
+    if word == "opposite" and paper_delta == 0:
+        return f"opposite ({kind}; the paper saw no difference)"
+    return f"{word} ({kind})"
