@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from mae_lab.init_ref import FieldError, resolve_fields
 from mae_lab.presets import PRESETS, MAEConfig, grid_k
 from mae_lab.spec import Study, StudyError, TrialSpec, get_dotted, set_dotted, validate_trial
 
@@ -94,7 +95,10 @@ def resolve(study: Study, point: dict[str, Any], seed: int) -> TrialSpec:
     except ValueError as exc:  # anything MAEConfig checks beyond the above (e.g. widths for sin-cos tables)
         key = next((f"grid.{k}" for k in point if k.startswith("model.")), "model")
         raise StudyError(study.path, key, str(exc)) from None
-    return spec
+    try:  # probed blocks, fine-tune size, and the init file's sha256 into the spec (issue 17)
+        return resolve_fields(spec)
+    except FieldError as exc:
+        raise StudyError(study.path, f"grid.{exc.key}" if exc.key in point else exc.key, exc.reason) from None
 
 
 def search_values(study: Study) -> dict[str, list[tuple[str, Any]]]:

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from timm.models import save_for_hf
 
 from mae_lab import db
-from mae_lab.checkpoint import CheckpointError, load_checkpoint
+from mae_lab.init_weights import InitError, trial_checkpoint
 from mae_lab.model import MaskedAutoencoder
 from mae_lab.presets import MAEConfig
 
@@ -39,18 +39,9 @@ class ExportError(ValueError):
 
 def trial_encoder(engine: Engine, ref: str) -> tuple[db.TrialRow, MaskedAutoencoder]:
     """The done trial ``ref`` (id or hash prefix) and its MAE, loaded from its sha256-checked checkpoint."""
-    row = db.find_trial(engine, ref)
-    if row is None:
-        raise ExportError(f"trial {ref!r}: no single trial matches (give the id or a longer hash prefix)")
-    if row.status != "done":
-        raise ExportError(f"trial {row.hash[:12]}: status is {row.status!r}, not 'done'; run its study first")
-    _, _, arts = db.trial_details(engine, row.id)
-    ckpt = next((a for a in arts if a.kind == "checkpoint"), None)
-    if ckpt is None:
-        raise ExportError(f"trial {row.hash[:12]}: has no pretraining checkpoint (pretrain.epochs = 0?)")
     try:
-        state = load_checkpoint(ckpt.path, sha256=ckpt.sha256)
-    except CheckpointError as exc:
+        row, state = trial_checkpoint(engine, ref)
+    except InitError as exc:
         raise ExportError(str(exc)) from None
     model = MaskedAutoencoder(MAEConfig(**state["config"]))
     model.load_state_dict(state["model"])

@@ -5,6 +5,7 @@ the head alone).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -15,6 +16,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 
 from mae_lab.data import DatasetInfo
+from mae_lab.init_ref import at_finetune_size
+from mae_lab.init_weights import resize_pos_embed
 from mae_lab.loaders import eval_loader, finetune_loader
 from mae_lab.model import MaskedAutoencoder, build_timm_vit
 from mae_lab.pretrain import epoch_seed
@@ -61,8 +64,11 @@ def param_groups_lrd(model: VisionTransformer, weight_decay: float, no_weight_de
 def build_classifier(spec: TrialSpec, model: MaskedAutoencoder, num_classes: int) -> VisionTransformer:
     """timm ViT carrying the MAE encoder's weights, a fresh head (std 2e-5) and the `last_k_blocks` freezing."""
     ft = spec.eval.finetune
-    vit = build_timm_vit(model.config, num_classes, global_pool=ft.global_pool, drop_path_rate=ft.drop_path)
-    msg = vit.load_state_dict(model.encoder_state_dict(), strict=False)
+    config = dataclasses.replace(model.config, img_size=ft.img_size or model.config.img_size)
+    vit = build_timm_vit(config, num_classes, global_pool=ft.global_pool, drop_path_rate=ft.drop_path)
+    encoder = model.encoder_state_dict()
+    encoder["pos_embed"] = resize_pos_embed(encoder["pos_embed"], config.grid_size)  # eval.finetune.img_size
+    msg = vit.load_state_dict(encoder, strict=False)
     odd = set(msg.missing_keys) - HEAD_KEYS | set(msg.unexpected_keys) - DROPPED_KEYS
     assert not odd, f"encoder weights do not fit the timm ViT: {sorted(odd)}"
     nn.init.trunc_normal_(vit.head.weight, std=2e-5)  # as the official fine-tuning
@@ -86,6 +92,7 @@ def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, de
     """
     t_start = time.perf_counter()
     ft = spec.eval.finetune
+    spec = at_finetune_size(spec)  # the loaders make eval.finetune.img_size images
     dev = torch.device(device)
     amp = use_bf16(spec.pretrain.amp, dev, model.config.embed_dim)
     seed_all(spec.seed)

@@ -28,6 +28,7 @@ from mae_lab.checkpoint import sha256_file
 from mae_lab.data import DataError, DatasetInfo, resolve_dataset, verify_split
 from mae_lab.expand import Trial, expand, mae_config
 from mae_lab.finetune import finetune
+from mae_lab.init_weights import check_inits, init_model
 from mae_lab.model import count_params, encoder_flops_per_image
 from mae_lab.pretrain import pretrain
 from mae_lab.probe import linear_probe
@@ -214,8 +215,9 @@ def _run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: s
                 world_size = dist_ctx.world_size
                 dist_ctx.announce({"spec_json": row.spec_json, "info": info,
                                    "ckpt": str(ckpt) if spec.pretrain.epochs else None})
+            start = init_model(spec, engine) if spec.pretrain.init else None  # DDP copies rank 0's weights
             pre = pretrain(spec, info, device=device, ckpt_path=ckpt if spec.pretrain.epochs else None,
-                           resume=True, on_epoch=on_pretrain_epoch, world_size=world_size)
+                           resume=True, on_epoch=on_pretrain_epoch, world_size=world_size, model=start)
         for epoch, loss in enumerate(pre.loss_history, start=1):  # epochs run before a resume, or shared
             db.record_metrics(engine, row.id, "pretrain", epoch, {"loss": loss})
         result: dict[str, Any] = {"pretrain_loss": pre.final_loss, "pretrain_wall_s": pre.wall_s,
@@ -303,6 +305,7 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
         raise StudyError(study.path, "search", "this study is a search: run it with 'mae-lab search'")
     infos = resolve_data(study, trials, data_root, allow_pipe)
     device = pick_device(device)
+    check_inits(study, trials, db_url)  # a bad pretrain.init ends here, before anything is written
     engine = db.connect(db_url)
     artifacts = Path(artifacts or db.artifacts_dir(db_url)).resolve()
     s = study.study

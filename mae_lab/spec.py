@@ -94,6 +94,10 @@ class PretrainSpec(_Strict):
         "auto", description="bf16 autocast; auto: where it pays (CUDA with bf16; a CPU with native bf16 from width 192)")
     compile: bool = False
     probe_every: int = Field(0, ge=0, description="every N epochs, a kNN probe on cached features (0: never)")
+    init: str | None = Field(None, description="start from these weights: an official MAE checkpoint (encoder-only or "
+                             "full), a timm ViT state dict (.pth / .safetensors) or a done trial's hash")
+    init_sha256: str | None = Field(None, description="sha256 of the init's weights file: filled in when the study is "
+                                    "expanded (the trial's identity); give it to pin the file")
 
     @field_validator("base_lr", "min_lr", "weight_decay", "warmup_epochs", mode="before")
     @classmethod
@@ -111,6 +115,8 @@ class LinearSpec(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     warmup_epochs: float = Field(5.0, ge=0)
     pool: Literal["cls", "mean"] = "cls"
+    blocks: list[int] = Field([], description="also probe the features after these blocks (1 = the first), "
+                              "one forward pass for all; with pretrain.probe_every, at those epochs too")
 
     @field_validator("base_lr", "momentum", "weight_decay", "warmup_epochs", mode="before")
     @classmethod
@@ -135,6 +141,8 @@ class FinetuneSpec(_Strict):
     flip: bool = Field(True, description="random horizontal flips while fine-tuning")
     global_pool: Literal["avg", "token"] = "avg"
     last_k_blocks: int | None = Field(None, ge=0, description="tune only the last k blocks (paper Fig. 9)")
+    img_size: int | None = Field(None, ge=1, description="fine-tune and evaluate at this size, the position "
+                                 "embeddings interpolated (None: model.img_size)")
 
     @field_validator("base_lr", "layer_decay", "weight_decay", "warmup_epochs", "drop_path", "label_smoothing",
                      "mixup", "cutmix", "min_crop_scale", mode="before")
