@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -43,6 +44,11 @@ def mae_config(spec: TrialSpec) -> MAEConfig:
     return MAEConfig(**spec.model.model_dump(exclude={"preset"}))
 
 
+@functools.cache
+def _mae_defaults() -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(MAEConfig)}
+
+
 def resolve(study: Study, point: dict[str, Any], seed: int) -> TrialSpec:
     """Fill the model from its preset and check what depends on several fields; errors name the key."""
     raw = set_dotted(study.base, "seed", seed)
@@ -51,8 +57,7 @@ def resolve(study: Study, point: dict[str, Any], seed: int) -> TrialSpec:
     if model.preset not in PRESETS:
         key = "grid.model.preset" if "model.preset" in point else "model.preset"
         raise StudyError(study.path, key, f"unknown preset {model.preset!r} (valid: {', '.join(PRESETS)})")
-    defaults = {f.name: f.default for f in dataclasses.fields(MAEConfig)}
-    full = {**defaults, **PRESETS[model.preset], **model.model_dump(exclude_none=True)}
+    full = {**_mae_defaults(), **PRESETS[model.preset], **model.model_dump(exclude_none=True)}
     spec = spec.model_copy(update={"model": type(model).model_validate(full)})
 
     def where(*keys: str) -> str:
@@ -134,8 +139,9 @@ def expand(study: Study) -> list[Trial]:
         check_search(study)
     trials = []
     for point in study.points:
+        first = resolve(study, point, study.study.seeds[0])  # validated once per point: seeds change only `seed`
         for seed in study.study.seeds:
-            spec = resolve(study, point, seed)
+            spec = first if seed == first.seed else first.model_copy(update={"seed": seed})
             trials.append(Trial(spec, trial_hash(spec), pretrain_hash(spec), dict(point)))
     return trials
 

@@ -84,9 +84,10 @@ def parse_data_override(text: str | None) -> dict[str, str]:
     return out
 
 
-def plan(path: str | Path, data_override: dict[str, str] | None = None) -> tuple[Study, list[Trial]]:
+def plan(path: str | Path, data_override: dict[str, str] | None = None, allow_large_grid: bool = False
+         ) -> tuple[Study, list[Trial]]:
     """Load, validate and expand a study file (raises StudyError; writes nothing)."""
-    study = load_study(path)
+    study = load_study(path, allow_large_grid=allow_large_grid)
     if data_override:
         data = dict(study.base.get("data", {}))
         if "train" in data_override or "val" in data_override:
@@ -113,7 +114,26 @@ def resolve_data(study: Study, trials: list[Trial], data_root: str | None, allow
             infos[key] = info
         except DataError as exc:
             raise StudyError(study.path, "data", str(exc)) from None
+    check_batches(study, trials, infos)
     return infos
+
+
+def check_batches(study: Study, trials: list[Trial], infos: dict[str, DatasetInfo]) -> None:
+    """Refuse a training batch the training split cannot fill once (pretraining and fine-tuning drop the last
+    partial batch, so an epoch would have no step); the linear probe caps its batch at the split."""
+    for t in trials:
+        info, d, pt, ft = infos[t.spec.data.model_dump_json()], t.spec.data, t.spec.pretrain, t.spec.eval.finetune
+        n = min(info.num_train, d.train_samples or info.num_train)
+        where = f"{n} training samples" + (" (data.train_samples)" if n == d.train_samples else "")
+        if pt.epochs and pt.batch_size * pt.accum_iter > n:
+            key = next((f"grid.{k}" for k in ("pretrain.batch_size", "pretrain.accum_iter") if k in t.axes),
+                       "pretrain.batch_size")
+            raise StudyError(study.path, key, f"a batch of {pt.batch_size} x accum_iter {pt.accum_iter} is more "
+                             f"than the {where}: an epoch would have no optimizer step")
+        if ft.enabled and ft.batch_size > n:
+            key = "grid." * ("eval.finetune.batch_size" in t.axes) + "eval.finetune.batch_size"
+            raise StudyError(study.path, key, f"a batch of {ft.batch_size} is more than the {where}: "
+                             "fine-tuning would have no step")
 
 
 @functools.lru_cache(maxsize=1)
@@ -289,7 +309,8 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
               artifacts: str | Path | None = None, data_override: dict[str, str] | None = None, rerun: bool = False,
               max_trials: int | None = None, allow_pipe: bool = False, display: Display | None = None,
               stale_after_s: float = db.STALE_AFTER_S, heartbeat_s: float = db.HEARTBEAT_S,
-              wait: bool = False, poll_s: float = 10.0, dist_ctx: Any = None) -> RunSummary:
+              wait: bool = False, poll_s: float = 10.0, dist_ctx: Any = None,
+              allow_large_grid: bool = False) -> RunSummary:
     """Validate ``path`` fully, record its trials, then run every trial not done yet.
 
     The trials table is the queue: each trial is claimed in one transaction, so any number of processes (``mae-lab
@@ -300,7 +321,7 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
     ``dist_ctx``: this is rank 0 of a DistributedDataParallel run (``distributed.run_study_ddp``).
     """
     display = display or PlainDisplay()
-    study, trials = plan(path, data_override)
+    study, trials = plan(path, data_override, allow_large_grid)
     if study.search is not None:
         raise StudyError(study.path, "search", "this study is a search: run it with 'mae-lab search'")
     infos = resolve_data(study, trials, data_root, allow_pipe)

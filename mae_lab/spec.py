@@ -7,6 +7,7 @@ reason. This module imports nothing else of mae-lab's: presets are resolved in `
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -25,7 +26,17 @@ class StudyError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+SEED_LIMIT = 2**32
+
+
+def check_seed(seed: int) -> int:
+    """A seed is an integer in [0, 2^32) (what every RNG we seed accepts); raise ValueError saying so."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed {seed} is out of range: seeds are integers in [0, 2^32)")
+    return seed
 
 
 Augmentation = Literal["none", "fixed_crop", "random_resized_crop", "rrc_color_jitter"]
@@ -166,6 +177,22 @@ class TrialSpec(_Strict):
     eval: EvalSpec = EvalSpec()
 
 
+def schedule_problem(spec: TrialSpec) -> tuple[str, str] | None:
+    """(key, reason) when a stage that runs has a warmup of at least its epochs: its learning rate would never leave
+    the warmup ramp (a probe that never reaches its peak lr can land below chance); None when every schedule is fine.
+    Checked when a study is expanded, not on recorded specs, so that older databases stay readable."""
+    stages = (("pretrain", spec.pretrain, spec.pretrain.epochs > 0),
+              ("eval.linear", spec.eval.linear, spec.eval.linear.enabled),
+              ("eval.finetune", spec.eval.finetune, spec.eval.finetune.enabled))
+    for key, stage, runs in stages:
+        if runs and stage.warmup_epochs >= stage.epochs:
+            given = "" if "warmup_epochs" in stage.model_fields_set else " (the default)"
+            return (f"{key}.warmup_epochs", f"a warmup of {stage.warmup_epochs:g} epochs{given} is not below "
+                    f"{key}.epochs = {stage.epochs}: the learning rate would never leave its warmup; set "
+                    f"{key}.warmup_epochs below the epochs (0 for none)")
+    return None
+
+
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -242,8 +269,11 @@ class StudySection(_Strict):
     @field_validator("seeds")
     @classmethod
     def _unique(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"duplicate seeds in {v}")
+        if isinstance(v, list):
+            for seed in v:
+                check_seed(seed)
+            if len(set(v)) != len(v):
+                raise ValueError(f"duplicate seeds in {v}")
         return v
 
 
@@ -371,7 +401,23 @@ def validate_trial(path: str | Path, raw: dict, point: dict[str, Any] | None = N
         _raise(path, exc, TrialSpec)
 
 
-def _points(path: str | Path, f: StudyFile) -> list[dict[str, Any]]:
+MAX_TRIALS = 10_000  # a larger study is refused unless the user allows it (a typo in a grid multiplies fast)
+
+
+def _non_finite(value: Any, key: str = "") -> tuple[str, float] | None:
+    """The first inf or nan anywhere in a parsed TOML value, with its dotted key (list positions left out)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key, value
+    items = value.items() if isinstance(value, dict) else ((None, v) for v in value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _non_finite(v, key if k is None else f"{key}.{k}" if key else str(k))
+        if found:
+            return found
+    return None
+
+
+def _points(path: str | Path, f: StudyFile, allow_large: bool) -> list[dict[str, Any]]:
+    """The grid's cartesian product, crossed with every case: each case is combined with every grid point."""
     for key, values in f.grid.items():
         if not values:
             raise StudyError(path, f"grid.{key}", "empty axis: give at least one value")
@@ -379,6 +425,14 @@ def _points(path: str | Path, f: StudyFile) -> list[dict[str, Any]]:
         dup = next((v for i, v in enumerate(seen) if v in seen[:i]), None)
         if dup is not None:
             raise StudyError(path, f"grid.{key}", f"duplicate value {dup}")
+    both = next((k for case in f.cases for k in case if k in f.grid), None)
+    if both is not None:
+        raise StudyError(path, f"grid.{both}", f"'{both}' is also a case key: every case is crossed with every "
+                         "grid point, so the grid would override the case's value; set it in one place")
+    count = math.prod(len(v) for v in f.grid.values()) * max(1, len(f.cases)) * len(f.study.seeds)
+    if count > MAX_TRIALS and not allow_large:
+        raise StudyError(path, "grid", f"{count:,} trials (grid points x cases x seeds) is over {MAX_TRIALS:,}: "
+                         "check the grid for a typo, or pass --allow-large-grid")
     points: list[dict[str, Any]] = [{}]
     for key, values in f.grid.items():
         points = [{**p, key: v} for p in points for v in values]
@@ -457,12 +511,18 @@ def _check_search(path: str | Path, search: SearchSection, base: dict[str, Any])
                              "> 0 (a kNN top-1 every that many pretraining epochs)")
 
 
-def parse_study(text: str, path: str | Path = "<study>") -> Study:
-    """Parse and validate a study's TOML text; raise StudyError naming ``path`` and the key."""
+def parse_study(text: str, path: str | Path = "<study>", *, allow_large_grid: bool = False) -> Study:
+    """Parse and validate a study's TOML text; raise StudyError naming ``path`` and the key. A study of more than
+    MAX_TRIALS trials is refused unless ``allow_large_grid``."""
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark, as some editors write
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise StudyError(path, "", f"TOML syntax error: {exc}") from None
+    bad = _non_finite(raw)
+    if bad is not None:
+        raise StudyError(path, bad[0], f"{bad[1]} is not a finite number (TOML allows inf and nan; no setting can "
+                         "use them)")
     try:
         f = StudyFile.model_validate(raw)
     except ValidationError as exc:
@@ -473,17 +533,21 @@ def parse_study(text: str, path: str | Path = "<study>") -> Study:
     validate_trial(path, base)  # the base alone must be valid
     if f.search is not None:
         _check_search(path, f.search, base)
-    points = _points(path, f)
-    for p in points:
-        validate_trial(path, base, p)
+    points = _points(path, f, allow_large_grid)
+    # each value alone on the base (combinations are checked when the study is expanded): cheap for large grids
+    for key, values in f.grid.items():
+        for value in values:
+            validate_trial(path, base, {key: value})
+    for case in f.cases:
+        validate_trial(path, base, case)
     return Study(path=str(path), text=text, study=f.study, base=base, points=points, search=f.search)
 
 
-def load_study(path: str | Path) -> Study:
-    """Read and validate a study file."""
+def load_study(path: str | Path, *, allow_large_grid: bool = False) -> Study:
+    """Read and validate a study file (UTF-8, with or without a byte-order mark)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise StudyError(path, "", f"cannot read the study file ({exc.__class__.__name__}: {exc})") from None
-    return parse_study(text, p)
+    return parse_study(text, p, allow_large_grid=allow_large_grid)

@@ -16,6 +16,7 @@ GOOD = """
 name = "good"
 [pretrain]
 epochs = 1
+warmup_epochs = 0
 """
 
 

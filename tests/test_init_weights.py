@@ -15,7 +15,8 @@ from conftest import dump_db
 from mae_lab.data import resolve_dataset
 from mae_lab.expand import expand, mae_config
 from mae_lab.finetune import build_classifier, finetune
-from mae_lab.init_weights import checkpoint_kind, init_model, read_state, resize_pos_embed
+from mae_lab import db as dbm
+from mae_lab.init_weights import checkpoint_kind, init_model, read_state, resize_pos_embed, trial_checkpoint
 from mae_lab.model import MaskedAutoencoder, build_timm_vit
 from mae_lab.spec import parse_study
 
@@ -175,3 +176,26 @@ def test_bad_init_exits_2_and_writes_nothing(workdir, case):
     line = res.output.strip()
     assert "\n" not in line and line.startswith("error: bad.toml:") and key in line and name in line, line
     assert dump_db(db) == [] and not db.exists()  # no database was even created
+
+
+def test_a_trial_hash_starts_another_study(workdir):
+    """A done trial's hash as the init: its checkpoint's encoder, at another image size."""
+    no_eval = "{ enabled = false }"
+    (workdir / "first.toml").write_text(study_text("first", epochs=1).replace(
+        'linear = { epochs = 15, batch_size = 128, warmup_epochs = 1, pool = "cls" }', f"linear = {no_eval}"))
+    assert CliRunner().invoke(app, ["run", "first.toml", "--device", "cpu"]).exit_code == 0
+    db = workdir / "db" / "mae_lab.db"
+    with sqlite3.connect(db) as c:
+        (first,) = c.execute("SELECT hash FROM mae_trials").fetchone()
+    _, ckpt = trial_checkpoint(dbm.connect(f"sqlite:///{db}", create=False), first)
+    spec = spec_of(study_text("second", img=16, init=first))
+    assert spec.pretrain.init_sha256 is None  # a trial hash is its own identity
+    model = init_model(spec, dbm.connect(f"sqlite:///{db}", create=False))
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, ckpt["model"]["blocks.0.attn.qkv.weight"])
+    assert model.pos_embed.shape == (1, 65, 64)
+    (workdir / "second.toml").write_text(study_text("second", img=16, epochs=1, init=first))
+    res = CliRunner().invoke(app, ["run", "second.toml", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT status FROM mae_trials t JOIN mae_studies s ON s.id = t.study_id "
+                         "WHERE s.name = 'second'").fetchone() == ("done",)

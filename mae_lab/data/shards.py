@@ -38,7 +38,7 @@ def _is_local(pattern: str) -> bool:
 def _check_pipe(pattern: str, allow_pipe: bool) -> None:
     if pattern.startswith("pipe:") and not allow_pipe:
         raise DataError(f"refusing shard pattern {pattern!r}: 'pipe:' runs a shell command; "
-                        "pass allow_pipe=True to allow it")
+                        "pass --allow-pipe to allow it (allow_pipe=True from Python)")
 
 
 def expand_shards(pattern: str, *, allow_pipe: bool = False) -> list[str]:

@@ -1,0 +1,96 @@
+"""The CLI's boundary: bad input of every kind ends in one line on stderr and exit 2, never a traceback; the few
+inputs that look odd but are fine (a UTF-8 byte-order mark, a large grid with --allow-large-grid) are accepted."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from conftest import dump_db
+
+STUDY = """[study]
+name = "combo"
+seeds = [0, 1]
+[pretrain]
+epochs = 2
+warmup_epochs = 0
+[eval]
+linear = { epochs = 2, warmup_epochs = 0 }
+finetune = { enabled = false }
+[grid]
+"model.decoder_depth" = [1, 2]
+[[cases]]
+"model.mask_sampling" = "random"
+"model.mask_ratio" = 0.75
+[[cases]]
+"model.mask_sampling" = "block"
+"model.mask_ratio" = 0.5
+"""
+
+
+def one_line_error(res, *want: str) -> str:
+    assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    lines = [line for line in res.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert "Traceback" not in res.output
+    for w in want:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def test_a_byte_order_mark_is_read_as_utf8(workdir: Path):
+    (workdir / "plain.toml").write_text(STUDY, encoding="utf-8")
+    (workdir / "bom.toml").write_bytes(b"\xef\xbb\xbf" + STUDY.encode())
+    runner = CliRunner()
+    res = runner.invoke(app, ["validate", "bom.toml"])
+    assert res.exit_code == 0, res.output
+    plain = runner.invoke(app, ["run", "--dry-run", "plain.toml"]).output
+    bom = runner.invoke(app, ["run", "--dry-run", "bom.toml"]).output
+    assert plain.replace("plain.toml", "") == bom.replace("bom.toml", "")  # the same trials, the same hashes
+
+
+def test_every_case_is_crossed_with_every_grid_point(workdir: Path):
+    from mae_lab.expand import expand
+    from mae_lab.spec import parse_study
+
+    trials = expand(parse_study(STUDY, "combo.toml"))
+    points = [(t.spec.model.mask_sampling, t.spec.model.mask_ratio, t.spec.model.decoder_depth, t.spec.seed)
+              for t in trials]
+    assert points == [(s, r, d, seed) for s, r in (("random", 0.75), ("block", 0.5)) for d in (1, 2)
+                      for seed in (0, 1)]
+
+
+def test_a_large_grid_runs_with_its_flag(workdir: Path):
+    large = Path(__file__).parent / "bad_studies" / "large_by_seeds.toml"
+    runner = CliRunner()
+    one_line_error(runner.invoke(app, ["validate", str(large)]), "12,000 trials", "--allow-large-grid")
+    res = runner.invoke(app, ["validate", "--allow-large-grid", str(large)])
+    assert res.exit_code == 0 and "ok (12000 trials)" in res.output, res.output
+    res = runner.invoke(app, ["run", "--dry-run", "--allow-large-grid", str(large)])
+    assert res.exit_code == 0, res.output
+    assert len(res.output.splitlines()) == 12_000 + 2  # a title, a header, one line per trial
+    assert not (workdir / "db").exists()  # a dry run writes nothing
+
+
+def test_missing_and_unreadable_paths_are_one_line(workdir: Path):
+    runner = CliRunner()
+    one_line_error(runner.invoke(app, ["data", "pack", "no_such_dir", "out"]), "no_such_dir")
+    assert not (workdir / "out").exists()
+    one_line_error(runner.invoke(app, ["validate", "no_such.toml"]), "no_such.toml")
+    (workdir / "folder.toml").mkdir()
+    one_line_error(runner.invoke(app, ["validate", "folder.toml"]), "folder.toml")
+    (workdir / "latin1.toml").write_bytes(b'[study]\nname = "caf\xe9"\n')
+    one_line_error(runner.invoke(app, ["validate", "latin1.toml"]), "latin1.toml")
+    one_line_error(runner.invoke(app, ["run", "folder.toml"]), "folder.toml")
+    assert dump_db(workdir / "db" / "mae_lab.db") == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_a_study_without_read_permission_is_one_line(workdir: Path):
+    (workdir / "locked.toml").write_text(STUDY)
+    (workdir / "locked.toml").chmod(0)
+    one_line_error(CliRunner().invoke(app, ["validate", "locked.toml"]), "locked.toml", "Permission")
