@@ -126,11 +126,10 @@ def peak_memory(step) -> float | None:
 
 def cifar_batches(batch: int, n_batches: int) -> list[torch.Tensor]:
     """The first n_batches * batch CIFAR-10 train images, normalised, in fixed batches."""
-    from mae_lab.data import CIFAR10_MEAN, CIFAR10_STD, ImageTransform
-    from mae_lab.loaders import first_samples
+    from mae_lab.data import CIFAR10_MEAN, CIFAR10_STD, ImageTransform, first_samples
 
     meta = json.loads((CIFAR10 / "dataset.json").read_text())["splits"]["train"]
-    images, _ = first_samples(str(CIFAR10 / meta["shards"]), meta["samples"], batch * n_batches)
+    images, _ = first_samples(str(CIFAR10 / meta["shards"]), batch * n_batches)
     x = ImageTransform(lambda im: im, CIFAR10_MEAN, CIFAR10_STD).normalize(images)
     return list(x.split(batch))
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from mae_lab import db
 from mae_lab.atomic import write_atomic
 from mae_lab.checkpoint import CheckpointError, load_checkpoint
-from mae_lab.data import DataError, DatasetInfo, resolve_dataset
+from mae_lab.data import DataError, DatasetInfo, resolve_spec_data
 from mae_lab.expand import mae_config
 from mae_lab.loaders import eval_loader
 from mae_lab.model import MaskedAutoencoder
@@ -58,8 +58,7 @@ def trial_recon_png(engine: Engine, row: db.TrialRow, *, data_root: str | None =
     spec = TrialSpec.model_validate_json(row.spec_json)
     try:
         state = load_checkpoint(ckpt.path, sha256=ckpt.sha256)
-        d = spec.data
-        info = resolve_dataset(None if d.train else d.dataset, train=d.train, val=d.val, data_root=data_root)
+        info = resolve_spec_data(spec.data, data_root=data_root)
     except (CheckpointError, DataError) as exc:
         raise ReconError(str(exc)) from None
     model = MaskedAutoencoder(mae_config(spec))

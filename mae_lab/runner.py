@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 
 from mae_lab import db
 from mae_lab.checkpoint import sha256_file
-from mae_lab.data import DataError, DatasetInfo, resolve_dataset, verify_split
+from mae_lab.data import DataError, DatasetInfo, resolve_spec_data, verify_dataset
 from mae_lab.expand import Trial, expand, mae_config
 from mae_lab.finetune import finetune
 from mae_lab.init_weights import check_inits, init_model

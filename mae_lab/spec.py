@@ -50,6 +50,12 @@ class DataSpec(_Strict):
     train_samples: int | None = Field(None, ge=1, description="use only the first N training samples")
     num_workers: int = Field(0, ge=0)
     in_memory: bool = Field(False, description="decode the dataset once and keep it in memory")
+    val_holdout: int | None = Field(None, ge=1, description="training samples held out as the val split when the "
+                                    "dataset has no val split (None: 10%); ignored where it has one")
+    val_seed: int = Field(0, ge=0, description="which training samples the held-out val split takes")
+    label_key: str = Field("label", min_length=1, description="the label's field in a sample's .json (without .cls)")
+    pretrain_dataset: str | None = Field(None, description="pretrain on this named dataset's train split instead")
+    pretrain_shards: str | None = Field(None, description="pretrain on these (unlabeled) shards instead")
 
     @model_validator(mode="before")
     @classmethod
@@ -65,6 +71,8 @@ class DataSpec(_Strict):
             raise ValueError("give both 'train' and 'val' shard patterns, or neither")
         if self.train is not None and self.dataset is not None:
             raise ValueError("give either 'dataset' or 'train'/'val' patterns, not both")
+        if self.pretrain_dataset is not None and self.pretrain_shards is not None:
+            raise ValueError("give either 'pretrain_dataset' or 'pretrain_shards', not both")
         return self
 
 

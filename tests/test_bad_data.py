@@ -55,7 +55,7 @@ def study(train: str, val: str) -> str:
 
 CASES = {
     "undecodable": "sample 's0003': image could not be decoded",
-    "missing_label": "sample 's0003': missing label ('cls')",
+    "missing_label": "sample 's0003': missing label ('cls' or field 'label' of 'json')",
     "non_integer_label": "sample 's0003': label 'cat' is not an integer",
     "missing_image": "sample 's0003': no image",
 }

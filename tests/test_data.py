@@ -120,11 +120,16 @@ def test_digits_loader_yields_normalised_rgb_batches(tmp_path):
 @needs_cifar
 def test_cifar10_resolves_from_data_root():
     info = D.resolve_dataset("cifar10", data_root=SHARED)
-    assert (info.num_train, info.num_val, info.num_classes, info.image_size) == (50000, 10000, 10, (32, 32))
-    assert info.val.endswith("cifar10-test-{000000..000001}.tar") and Path(info.train).is_absolute()
+    assert (info.num_train, info.num_val, info.num_test, info.num_classes, info.image_size) == \
+        (45000, 5000, 10000, 10, (32, 32))
+    assert info.test.endswith("cifar10-test-{000000..000001}.tar") and Path(info.train).is_absolute()
+    assert info.val == info.train and len(info.holdout) == 5000
     assert info.mean == D.CIFAR10_MEAN and len(D.expand_shards(info.train)) == 10
+    assert D.resolve_dataset("cifar10", data_root=SHARED, val_holdout=1000).num_train == 49000
+    other = D.resolve_dataset("cifar10", data_root=SHARED, val_seed=1)
+    assert other.holdout != info.holdout and other.fingerprint == info.fingerprint  # same data, another holdout
     # explicit patterns beside a dataset.json read its counts and classes
-    explicit = D.resolve_dataset(train=info.train, val=info.val)
+    explicit = D.resolve_dataset(train=info.train, val=info.test)
     assert (explicit.num_train, explicit.classes, explicit.mean) == (50000, info.classes, D.CIFAR10_MEAN)
 
 
@@ -141,7 +146,7 @@ def test_explicit_patterns_are_counted_once_and_cached(tmp_path, monkeypatch):
     info = D.resolve_dataset(train=train, val=val, cache_dir=tmp_path / "cache")
     assert (info.num_train, info.num_val, info.num_classes, info.image_size) == (12, 4, 12, (4, 4))
     assert info.mean == D.IMAGENET_MEAN
-    monkeypatch.setattr(D.catalog, "_scan", lambda shards: pytest.fail("counted again"))
+    monkeypatch.setattr(D.catalog, "scan", lambda shards, **_: pytest.fail("counted again"))
     assert D.resolve_dataset(train=train, val=val, cache_dir=tmp_path / "cache") == info
 
 
@@ -227,7 +232,7 @@ def test_in_memory_loader_matches_streaming(tmp_path):
             kw = dict(num_samples=n, transform=tiny_eval(), batch_size=8, shuffle=True, epoch=4, rank=rank,
                       world_size=world_size, num_workers=workers)
             memory, stream = D.make_loader(pattern, in_memory=True, **kw), D.make_loader(pattern, **kw)
-            assert len(memory) == len(stream) and memory.split == "memory"
+            assert len(memory) == len(stream) and isinstance(memory, D.MemoryLoader)
             got = labels_of(memory)
             assert len(got) == memory.num_samples
             seen += got
@@ -277,7 +282,7 @@ def test_pipe_patterns_are_refused(tmp_path):
 @pytest.mark.parametrize(("members", "message"), [
     ([("a.png", png(1)), ("a.cls", b"1"), ("b.jpg", b"not an image"), ("b.cls", b"2")],
      r"bad.tar: sample 'b': image could not be decoded \(cannot identify image file\)"),
-    ([("a.png", png(1)), ("a.cls", b"1"), ("b.png", png(2))], r"bad.tar: sample 'b': missing label \('cls'\)"),
+    ([("a.png", png(1)), ("a.cls", b"1"), ("b.png", png(2))], r"bad.tar: sample 'b': missing label \('cls' or field 'label' of 'json'\)"),
     ([("a.png", png(1)), ("a.cls", b"abc")], r"bad.tar: sample 'a': label 'abc' is not an integer"),
     ([("a.cls", b"1")], r"bad.tar: sample 'a': no image"),
 ])

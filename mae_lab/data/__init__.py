@@ -6,19 +6,21 @@ shard, optional mean/std). `"digits"` (scikit-learn's bundled 8x8 digits) is pac
 so everything runs offline.
 
 Modules, by job: `shards` (patterns, reading samples, labels, decoding), `transforms`, `loading` (streams,
-ShardLoader, the in-memory loader), `catalog` (dataset.json, resolve, verify, summaries), `pack` (writing shards),
+ShardLoader, the in-memory loader), `catalog` (dataset.json, splits, resolve), `verify` (checksums, up-front checks, summaries), `pack` (writing shards),
 `digits` (the embedded dataset). This package re-exports their public names.
 """
 
-from mae_lab.data.catalog import (CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, dataset_info,
-                                  resolve_dataset, verify_split)
+from mae_lab.data.catalog import (CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, resolve_dataset,
+                                  resolve_spec_data, verify_dataset)
 from mae_lab.data.digits import DIGITS_NUM_VAL, DIGITS_SEED
-from mae_lab.data.loading import ShardLoader, load_split, make_loader
+from mae_lab.data.loading import MemoryLoader, ShardLoader, first_samples, load_split, make_loader
 from mae_lab.data.pack import DOWNLOADABLE, get_dataset, pack_imagefolder
-from mae_lab.data.shards import IMAGE_EXTS, DataError, expand_shards
+from mae_lab.data.shards import IMAGE_EXTS, DataError, Subset, expand_shards
 from mae_lab.data.transforms import AUGMENTATIONS, ImageTransform, eval_transform, pretrain_transform
+from mae_lab.data.verify import dataset_info, verify_split
 
 __all__ = ["AUGMENTATIONS", "CIFAR10_MEAN", "CIFAR10_STD", "DIGITS_NUM_VAL", "DIGITS_SEED", "DOWNLOADABLE",
            "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTS", "DataError", "DatasetInfo", "ImageTransform",
-           "ShardLoader", "dataset_info", "eval_transform", "expand_shards", "get_dataset", "load_split",
-           "make_loader", "pack_imagefolder", "pretrain_transform", "resolve_dataset", "verify_split"]
+           "ShardLoader", "Subset", "dataset_info", "eval_transform", "expand_shards", "first_samples", "get_dataset",
+           "load_split", "make_loader", "MemoryLoader", "pack_imagefolder", "pretrain_transform", "resolve_dataset",
+           "resolve_spec_data", "verify_dataset", "verify_split"]

@@ -1,4 +1,9 @@
-"""Datasets: dataset.json, resolving a name or patterns to a DatasetInfo, summaries and up-front verification."""
+"""Datasets: dataset.json, resolving a name or shard patterns (plus an optional pretraining source) to a DatasetInfo.
+
+Splits: `train`; `val` is the dataset's own "val" split, else `val_holdout` training samples (default 10%) held
+out by `val_seed`; `test` is the dataset's "test" split or None. CIFAR-10 (train/test on disk) gives 45,000 train,
+5,000 val, 10,000 test; the digits keep their own train/val split.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,32 @@ import hashlib
 import json
 import os
 import re
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+
+from mae_lab import rng
 from mae_lab.atomic import write_atomic
 from mae_lab.data.digits import _pack_digits
 from mae_lab.data.pack import _data_root
-from mae_lab.data.shards import DataError, _decode, _image_size, _is_local, _label, _raw_samples, expand_shards
+from mae_lab.data.shards import DataError, Subset, _image_size, _is_local, expand_shards, read_samples, shard_keys
+from mae_lab.data.verify import cache_root, scan, shard_sha256, verify_split
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DEFAULT_HOLDOUT = 0.1  # fraction of the training split held out as val when a dataset has no val split
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Where a dataset's splits live and what they hold; `image_size` is (H, W) of the stored images."""
+    """Where a dataset's splits live and what they hold; `image_size` is (H, W) of the stored images.
+
+    With a non-empty `holdout` (the (shard file name, key) of held-out training samples), `val` is the same pattern
+    as `train`: the train split skips those samples and the val split is exactly them (`split()` says which).
+    `fingerprint` is the sha256 of the data's identity (dataset.json, or the shards' checksums), never its path.
+    `pretrain` is a separate pretraining source ([data] pretrain_dataset / pretrain_shards), or None: pretrain on
+    `train`.
+    """
 
     name: str
     train: str  # brace shard pattern: absolute path or http(s) URL
@@ -32,50 +47,41 @@ class DatasetInfo:
     image_size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    test: str | None = None
+    num_test: int = 0
+    holdout: frozenset[tuple[str, str]] = field(default=frozenset(), repr=False)
+    fingerprint: str = ""
+    sha256: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # (shard file name, sha256) to verify
+    pretrain: DatasetInfo | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def split(self, name: str) -> tuple[str, int, Subset | None]:
+        """(pattern, samples, subset or None) of "train", "val" or "test"."""
+        held = Subset(self.holdout, keep=name == "val") if self.holdout else None
+        if name == "train":
+            return self.train, self.num_train, held
+        if name == "val":
+            return self.val, self.num_val, held
+        if name == "test":
+            if self.test is None:
+                raise DataError(f"dataset {self.name!r} has no test split")
+            return self.test, self.num_test, None
+        raise DataError(f"split must be 'train', 'val' or 'test'; got {name!r}")
 
-# --------------------------------------------------------------------------------------------------- dataset summary
+    @property
+    def pretrain_data(self) -> DatasetInfo:
+        """The dataset pretraining reads (its train split): `pretrain`, else this one."""
+        return self.pretrain or self
 
-
-def _scan(shards: list[str]) -> dict:
-    """Read every sample's label and image header: counts per shard and class, image sizes."""
-    per_shard, per_class, sizes = {}, Counter(), Counter()
-    first_size = None
-    for shard in shards:
-        n = 0
-        for key, files in _raw_samples(shard):
-            per_class[_label(shard, key, files)] += 1
-            size = _image_size(shard, key, files)
-            sizes[size] += 1
-            first_size = first_size or size
-            n += 1
-        per_shard[os.path.basename(shard)] = n
-    return {"per_shard": per_shard, "per_class": per_class, "sizes": sizes, "first_size": first_size}
-
-
-def dataset_info(pattern: str, *, allow_pipe: bool = False) -> dict:
-    """Summary of a shard pattern (reads every sample's label and image header; decodes no pixels)."""
-    shards = expand_shards(pattern, allow_pipe=allow_pipe)
-    scan = _scan(shards)
-    return {
-        "pattern": pattern,
-        "shards": len(shards),
-        "samples": sum(scan["per_shard"].values()),
-        "samples_per_shard": scan["per_shard"],
-        "samples_per_class": dict(sorted(scan["per_class"].items())),
-        "image_sizes": {f"{h}x{w}": n for (h, w), n in scan["sizes"].most_common()},
-    }
-
-
-# ------------------------------------------------------------------------------------------------ resolving datasets
-
-
-def _cache_root(cache_dir) -> Path:
-    return Path(cache_dir or os.environ.get("MAE_LAB_CACHE") or "db/cache").resolve()
+    @property
+    def pretrain_fingerprint(self) -> str:
+        """sha256 of exactly what pretraining reads: the source's fingerprint and the samples held out of it."""
+        src = self.pretrain_data
+        held = "\n".join(f"{s}/{k}" for s, k in sorted(src.holdout))
+        return hashlib.sha256(f"{src.fingerprint}\n{held}".encode()).hexdigest()
 
 
 def _stats(meta: dict, name: str) -> tuple[tuple, tuple]:
@@ -91,28 +97,66 @@ def _read_json(path: Path) -> dict:
         raise DataError(f"{path}: cannot read dataset.json ({e})") from None
 
 
-def _info_from_json(folder: Path, meta: dict, *, allow_pipe: bool) -> DatasetInfo:
-    """DatasetInfo of a dataset folder's train split and its val split ("val", else "test")."""
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def holdout_keys(pattern: str, count: int | None, seed: int, *, allow_pipe: bool = False
+                 ) -> tuple[frozenset[tuple[str, str]], int]:
+    """(`count` training samples chosen by `seed`, as (shard file name, key); samples in all); None: 10%."""
+    shards = expand_shards(pattern, allow_pipe=allow_pipe)
+    keys = []
+    for shard in shards:
+        found = shard_keys(shard)
+        if found is None:
+            raise DataError(f"{pattern!r}: holding out a val split needs local shards (or a dataset with a val split)")
+        keys += [(os.path.basename(shard), k) for k in found]
+    n = len(keys)
+    count = round(n * DEFAULT_HOLDOUT) if count is None else count
+    if not 0 < count < n:
+        raise DataError(f"data.val_holdout = {count} must be at least 1 and below the {n} samples of the training "
+                        f"split {os.path.basename(pattern)}", key="data.val_holdout")
+    picked = rng.numpy_rng(seed, "holdout").choice(n, size=count, replace=False)  # (count,) sample indices
+    return frozenset(keys[i] for i in picked), n
+
+
+def _with_holdout(info: DatasetInfo, val_holdout: int | None, val_seed: int, allow_pipe: bool) -> DatasetInfo:
+    held, n = holdout_keys(info.train, val_holdout, val_seed, allow_pipe=allow_pipe)
+    if n != info.num_train:
+        raise DataError(f"{info.train}: the shards hold {n} samples but dataset.json says {info.num_train}")
+    return DatasetInfo(**{**info.__dict__, "val": info.train, "num_train": n - len(held), "num_val": len(held),
+                          "holdout": held})
+
+
+def _info_from_json(folder: Path, meta: dict, *, val_holdout: int | None, val_seed: int,
+                    allow_pipe: bool) -> DatasetInfo:
+    """DatasetInfo of a dataset folder: train, val (its own, else held out of train) and test (or None)."""
     name, splits = meta.get("name", folder.name), meta.get("splits", {})
-    val = "val" if "val" in splits else "test"
-    for split in ("train", val):
-        if split not in splits or "shards" not in splits[split] or "samples" not in splits[split]:
-            raise DataError(f"{folder / 'dataset.json'}: no {split!r} split with 'shards' and 'samples'")
+    for split in ("train", "val", "test"):
+        if split in splits and ("shards" not in splits[split] or "samples" not in splits[split]):
+            raise DataError(f"{folder / 'dataset.json'}: split {split!r} needs 'shards' and 'samples'")
+    if "train" not in splits:
+        raise DataError(f"{folder / 'dataset.json'}: no 'train' split")
+    if not isinstance(meta.get("classes", []), list):
+        raise DataError(f"{folder / 'dataset.json'}: 'classes' is not a list")
 
-    def where(split: str) -> str:
+    def where(split: str) -> str | None:
+        if split not in splits:
+            return None
         shards = splits[split]["shards"]
-        return str(folder / shards) if _is_local(shards) else shards
-
-    if not isinstance(meta.get("classes"), list):
-        raise DataError(f"{folder / 'dataset.json'}: no 'classes' list")
-    train, val_pattern = where("train"), where(val)
-    for pattern in (train, val_pattern):
+        pattern = str(folder / shards) if _is_local(shards) else shards
         expand_shards(pattern, allow_pipe=allow_pipe)
+        return pattern
+
+    train, val, test = where("train"), where("val"), where("test")
     size = meta.get("image_size") or _first_image_size(train, allow_pipe=allow_pipe)
     mean, std = _stats(meta, name)
-    return DatasetInfo(name=name, train=train, val=val_pattern, num_train=int(splits["train"]["samples"]),
-                       num_val=int(splits[val]["samples"]), classes=tuple(meta["classes"]),
-                       image_size=(int(size[0]), int(size[1])), mean=mean, std=std)
+    count = {s: int(splits[s]["samples"]) if s in splits else 0 for s in ("train", "val", "test")}
+    info = DatasetInfo(name=name, train=train, val=val or train, num_train=count["train"], num_val=count["val"],
+                       classes=tuple(meta.get("classes", [])), image_size=(int(size[0]), int(size[1])), mean=mean,
+                       std=std, test=test, num_test=count["test"], fingerprint=_digest(meta),
+                       sha256=tuple(sorted(meta.get("sha256", {}).items())))
+    return info if val is not None else _with_holdout(info, val_holdout, val_seed, allow_pipe)
 
 
 def _json_beside(pattern: str) -> tuple[dict, str] | None:
@@ -131,112 +175,132 @@ def _json_beside(pattern: str) -> tuple[dict, str] | None:
 
 def _first_image_size(pattern: str, *, allow_pipe: bool) -> tuple[int, int]:
     shard = expand_shards(pattern, allow_pipe=allow_pipe)[0]
-    for key, files in _raw_samples(shard):
+    for key, files in read_samples(shard):
         return _image_size(shard, key, files)
     raise DataError(f"{os.path.basename(shard)}: shard holds no samples")
 
 
-def _scanned_facts(pattern: str, cache_dir, *, allow_pipe: bool) -> dict:
-    """samples, num_classes and image_size of a pattern: scanned once, cached by pattern and shard sizes/mtimes."""
+def _scanned_facts(pattern: str, cache_dir, *, label_key: str, allow_pipe: bool) -> dict:
+    """samples, num_classes, image_size and fingerprint of a pattern: scanned once, cached by pattern and shards."""
     shards = expand_shards(pattern, allow_pipe=allow_pipe)
-    stamp = [pattern] + [(s, os.stat(s).st_size, os.stat(s).st_mtime_ns) for s in shards if _is_local(s)]
-    path = _cache_root(cache_dir) / "counts" / f"{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:20]}.json"
+    stamp = [pattern, label_key] + [(s, os.stat(s).st_size, os.stat(s).st_mtime_ns) for s in shards if _is_local(s)]
+    path = cache_root(cache_dir) / "counts" / f"{_digest(stamp)[:20]}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    scan = _scan(shards)
-    facts = {"pattern": pattern, "samples": sum(scan["per_shard"].values()),
-             "num_classes": max(scan["per_class"], default=-1) + 1, "image_size": list(scan["first_size"] or (0, 0))}
+    found = scan(shards, label_key=label_key)
+    sums = [(os.path.basename(s), shard_sha256(s, cache_dir) if _is_local(s) else s) for s in shards]
+    facts = {"pattern": pattern, "samples": sum(found["per_shard"].values()),
+             "num_classes": max(found["per_class"], default=-1) + 1, "image_size": list(found["first_size"] or (0, 0)),
+             "fingerprint": _digest(sums)}
     if facts["samples"] == 0:
         raise DataError(f"{pattern!r}: the shards hold no samples")
     write_atomic(path, json.dumps(facts))
     return facts
 
 
-def _split_facts(pattern: str, cache_dir, *, allow_pipe: bool) -> tuple[str, dict, dict | None]:
-    """(absolute pattern, {samples, num_classes, image_size}, the dataset.json it is a split of, or None)."""
+def _split_facts(pattern: str, cache_dir, *, label_key: str, allow_pipe: bool) -> tuple[str, dict, dict | None]:
+    """(absolute pattern, {samples, num_classes, image_size, fingerprint}, the dataset.json it is a split of)."""
     pattern = str(Path(pattern).resolve()) if _is_local(pattern) else pattern
     found = _json_beside(pattern)
     if found is None:
-        return pattern, _scanned_facts(pattern, cache_dir, allow_pipe=allow_pipe), None
+        return pattern, _scanned_facts(pattern, cache_dir, label_key=label_key, allow_pipe=allow_pipe), None
     meta, split = found
     expand_shards(pattern, allow_pipe=allow_pipe)
     size = meta.get("image_size") or _first_image_size(pattern, allow_pipe=allow_pipe)
-    facts = {"samples": int(meta["splits"][split]["samples"]), "num_classes": len(meta["classes"]), "image_size": size}
+    facts = {"samples": int(meta["splits"][split]["samples"]), "num_classes": len(meta.get("classes", [])),
+             "image_size": size, "fingerprint": _digest([meta, split])}
     return pattern, facts, meta
 
 
-def _explicit(train: str, val: str, cache_dir, *, allow_pipe: bool) -> DatasetInfo:
+def _explicit(train: str, val: str | None, cache_dir, *, label_key: str, allow_pipe: bool) -> DatasetInfo:
     """DatasetInfo of explicit patterns: facts from a dataset.json beside the shards, else from one cached scan."""
-    train, train_facts, train_meta = _split_facts(train, cache_dir, allow_pipe=allow_pipe)
-    val, val_facts, val_meta = _split_facts(val, cache_dir, allow_pipe=allow_pipe)
+    train, train_facts, train_meta = _split_facts(train, cache_dir, label_key=label_key, allow_pipe=allow_pipe)
+    val_facts, val_meta = {"samples": 0, "num_classes": 0, "fingerprint": ""}, None
+    if val is not None:
+        val, val_facts, val_meta = _split_facts(val, cache_dir, label_key=label_key, allow_pipe=allow_pipe)
     meta = train_meta or val_meta or {}
     num_classes = max(train_facts["num_classes"], val_facts["num_classes"])
     if len(meta.get("classes", ())) == num_classes:
-        classes, name = tuple(meta["classes"]), meta.get("name", "custom")
+        classes, name = tuple(meta.get("classes", ())), meta.get("name", "custom")
     else:
         classes, name = tuple(str(i) for i in range(num_classes)), "custom"
     mean, std = _stats(meta, name)
     size = train_facts["image_size"]
-    return DatasetInfo(name=name, train=train, val=val, num_train=train_facts["samples"], num_val=val_facts["samples"],
-                       classes=classes, image_size=(int(size[0]), int(size[1])), mean=mean, std=std)
+    sha256 = {**(train_meta or {}).get("sha256", {}), **(val_meta or {}).get("sha256", {})}
+    return DatasetInfo(name=name, train=train, val=val or train, num_train=train_facts["samples"],
+                       num_val=val_facts["samples"], classes=classes, image_size=(int(size[0]), int(size[1])),
+                       mean=mean, std=std, fingerprint=_digest([train_facts["fingerprint"], val_facts["fingerprint"]]),
+                       sha256=tuple(sorted(sha256.items())))
 
 
 def resolve_dataset(dataset: str | None = None, *, train: str | None = None, val: str | None = None,
                     data_root: str | Path | None = None, cache_dir: str | Path | None = None,
-                    allow_pipe: bool = False) -> DatasetInfo:
-    """A dataset name ("digits" built in; else <data_root>/<name>/dataset.json) or explicit train/val patterns."""
+                    allow_pipe: bool = False, val_holdout: int | None = None, val_seed: int = 0,
+                    label_key: str = "label", pretrain_dataset: str | None = None,
+                    pretrain_shards: str | None = None) -> DatasetInfo:
+    """A dataset name ("digits" built in; else <data_root>/<name>/dataset.json) or explicit train/val patterns,
+    plus an optional pretraining source: another named dataset (its train split) or a pattern of (unlabeled)
+    shards."""
     if train is not None or val is not None:
         if dataset is not None:
             raise DataError(f"pass a dataset name or train/val patterns, not both (got {dataset!r} and patterns)")
         if train is None or val is None:
             raise DataError("pass both a train and a val shard pattern")
-        return _explicit(train, val, cache_dir, allow_pipe=allow_pipe)
-    dataset = dataset or "digits"
+        info = _explicit(train, val, cache_dir, label_key=label_key, allow_pipe=allow_pipe)
+    else:
+        info = _named(dataset or "digits", data_root, cache_dir, val_holdout=val_holdout, val_seed=val_seed,
+                      allow_pipe=allow_pipe)
+    if pretrain_dataset is not None and pretrain_shards is not None:
+        raise DataError("give data.pretrain_dataset or data.pretrain_shards, not both")
+    if pretrain_dataset is not None:
+        source = _named(pretrain_dataset, data_root, cache_dir, val_holdout=val_holdout, val_seed=val_seed,
+                        allow_pipe=allow_pipe)
+        info = DatasetInfo(**{**info.__dict__, "pretrain": source})
+    elif pretrain_shards is not None:
+        source = _explicit(pretrain_shards, None, cache_dir, label_key=label_key, allow_pipe=allow_pipe)
+        info = DatasetInfo(**{**info.__dict__, "pretrain": source})
+    return info
+
+
+def _named(dataset: str, data_root, cache_dir, *, val_holdout: int | None, val_seed: int,
+           allow_pipe: bool) -> DatasetInfo:
     if dataset == "digits":
-        folder = _pack_digits(_cache_root(cache_dir))
-        return _info_from_json(folder, _read_json(folder / "dataset.json"), allow_pipe=False)
+        folder = _pack_digits(cache_root(cache_dir))
+        return _info_from_json(folder, _read_json(folder / "dataset.json"), val_holdout=val_holdout,
+                               val_seed=val_seed, allow_pipe=False)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", dataset):
         raise DataError(f"dataset name {dataset!r} is not valid: use letters, digits, '_', '-', '.'")
-    root = _data_root(data_root)
-    path = root / dataset / "dataset.json"
+    path = _data_root(data_root) / dataset / "dataset.json"
     if not path.is_file():
-        raise DataError(f"dataset {dataset!r} not found: no {path}; fetch it with 'mae-lab data get {dataset}' or "
-                        "point --data-root / MAE_LAB_DATA at a folder that has it")
-    return _info_from_json(path.parent, _read_json(path), allow_pipe=allow_pipe)
+        raise DataError(f"dataset {dataset!r} not found: no {path}; fetch it with 'mae-lab data get {dataset}', "
+                        "pack it with 'mae-lab data pack', or point --data-root / MAE_LAB_DATA at a folder that has it")
+    return _info_from_json(path.parent, _read_json(path), val_holdout=val_holdout, val_seed=val_seed,
+                           allow_pipe=allow_pipe)
 
 
-# ------------------------------------------------------------------------------------------------------ verification
+def resolve_spec_data(d, *, data_root: str | Path | None = None, cache_dir: str | Path | None = None,
+                      allow_pipe: bool = False) -> DatasetInfo:
+    """The DatasetInfo of a trial spec's [data] section (a `spec.DataSpec`)."""
+    return resolve_dataset(None if d.train else d.dataset, train=d.train, val=d.val, data_root=data_root,
+                           cache_dir=cache_dir, allow_pipe=allow_pipe, val_holdout=d.val_holdout,
+                           val_seed=d.val_seed, label_key=d.label_key, pretrain_dataset=d.pretrain_dataset,
+                           pretrain_shards=d.pretrain_shards)
 
-def verify_split(pattern: str, expected: int | None = None, *, num_classes: int | None = None,
-                 cache_dir=None, allow_pipe: bool = False) -> int:
-    """Read and decode every sample of a split once, before any training: a truncated tar, an undecodable image,
-    a missing or non-integer label, or a count that disagrees with ``expected`` (dataset.json) raises DataError
-    naming the shard and key. A local shard that passed is remembered (by path, size and mtime) under the cache,
-    so the check costs a full decode only the first time. Returns the number of samples."""
-    marks = _cache_root(cache_dir) / "verified"
-    total = 0
-    for shard in expand_shards(pattern, allow_pipe=allow_pipe):
-        mark = None
-        if _is_local(shard):
-            st = os.stat(shard)
-            ident = f"{os.path.abspath(shard)}|{st.st_size}|{st.st_mtime_ns}|{num_classes}"
-            mark = marks / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".json")
-            if mark.exists():
-                total += json.loads(mark.read_text())["samples"]
-                continue
-        n = 0
-        for key, files in _raw_samples(shard):
-            _, label = _decode(shard, key, files)
-            if num_classes is not None and label >= num_classes:
-                raise DataError(f"{os.path.basename(shard)}: sample {key!r}: label {label} is out of range "
-                                f"for {num_classes} classes")
-            n += 1
-        total += n
-        if mark is not None:
-            mark.parent.mkdir(parents=True, exist_ok=True)
-            tmp = mark.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"shard": shard, "samples": n}))
-            os.replace(tmp, mark)
-    if expected is not None and total != expected:
-        raise DataError(f"{pattern}: the shards hold {total} samples but dataset.json says {expected}")
-    return total
+
+def verify_dataset(info: DatasetInfo, *, need_label: bool = True, label_key: str = "label", cache_dir=None,
+                   allow_pipe: bool = False) -> None:
+    """`verify_split` every split a trial reads (checksums, counts, decoding, labels where `need_label`), before
+    any training; the pretraining source's labels are never needed."""
+    sha256 = dict(info.sha256)
+    classes = info.num_classes if need_label else None
+    check = dict(label_key=label_key, cache_dir=cache_dir, allow_pipe=allow_pipe)
+    verify_split(info.train, info.num_train + (info.num_val if info.holdout else 0), num_classes=classes,
+                 sha256=sha256, need_label=need_label, **check)
+    if info.val != info.train:
+        verify_split(info.val, info.num_val, num_classes=classes, sha256=sha256, need_label=need_label, **check)
+    if info.test is not None:
+        verify_split(info.test, info.num_test, num_classes=classes, sha256=sha256, need_label=need_label, **check)
+    if info.pretrain is not None:
+        src = info.pretrain
+        verify_split(src.train, src.num_train + (src.num_val if src.holdout else 0), sha256=dict(src.sha256),
+                     need_label=False, **check)

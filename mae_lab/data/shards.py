@@ -1,27 +1,54 @@
-"""Shard patterns and reading samples: brace expansion, the sample reader, labels and image decoding.
+"""Shard patterns and reading samples: brace expansion, webdataset's tar reader, labels and image decoding.
 
-Every error is a one-line DataError naming the shard and the sample key.
+Samples are read by webdataset's own pipeline (`url_opener`-style stream -> `tar_file_expander` -> `group_by_keys`,
+which handles .tar, .tar.gz and .tgz). What it lacks, kept here and small: a `handler` that turns every failure
+into one DataError line naming the shard and the sample key (webdataset's exceptions carry neither reliably), and
+a header-only scan of local shards (`shard_keys`) that catches a shard cut at a member boundary, which a streaming
+tar reader takes for a normal end.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import json
 import os
 import re
-from collections.abc import Callable, Iterator
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
+import braceexpand
 import numpy as np
 import torch
+import webdataset as wds
 from torch import Tensor
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-IMAGE_EXTS = ("jpg", "jpeg", "png")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # tried first, in this order; then any other extension PIL decodes
+COMPRESSED = (".tar.gz", ".tgz")
 
 
 class DataError(ValueError):
-    """Bad data or a bad data argument; the message is one line naming the pattern/shard and sample key."""
+    """Bad data or a bad data argument; the message is one line naming the pattern/shard and sample key.
+    `key` is the study key to blame (a setting such as "data.val_holdout"; "data" for the data itself)."""
 
+    def __init__(self, message: str, key: str = "data"):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Subset:
+    """Some samples of a shard pattern, named by (shard file name, sample key): `keys` are the only ones read
+    (keep=True) or the ones skipped (keep=False). A held-out validation split is one such pair."""
+
+    keys: frozenset[tuple[str, str]]
+    keep: bool
+
+    def admits(self, shard: str, key: str) -> bool:
+        return ((os.path.basename(shard), key) in self.keys) == self.keep
 
 
 # ----------------------------------------------------------------------------------------------------------- patterns
@@ -43,8 +70,6 @@ def _check_pipe(pattern: str, allow_pipe: bool) -> None:
 
 def expand_shards(pattern: str, *, allow_pipe: bool = False) -> list[str]:
     """Brace-expand `pattern` into shard paths/URLs; local shards must all exist."""
-    import braceexpand  # a webdataset dependency
-
     _check_pipe(pattern, allow_pipe)
     if "://" in pattern.split(" ")[0] and not _is_url(pattern):
         raise DataError(f"unsupported shard URL {pattern!r}: use a local path, http(s):// or pipe:")
@@ -60,156 +85,154 @@ def expand_shards(pattern: str, *, allow_pipe: bool = False) -> list[str]:
     return shards
 
 
-# ---------------------------------------------------------------------------------------------------------- tar reading
-
-_BLOCK = 512
-_NAME_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key/extension split: key = path up to first dot
+# ------------------------------------------------------------------------------------------------------ reading shards
 
 
 def _open_shard(shard: str) -> BinaryIO:
     """Open a local path, http(s) URL or (already allowed) pipe: command for streaming reads."""
-    name = os.path.basename(shard)
     try:
         if _is_url(shard):
-            import urllib.request
+            import urllib.request  # stdlib; webdataset's gopen would need curl for http
 
             return urllib.request.urlopen(shard, timeout=60)  # noqa: S310 - http(s) only, checked above
         if shard.startswith("pipe:"):
-            import webdataset
-
-            return webdataset.gopen(shard, "rb")
+            return wds.gopen(shard, "rb")
         return open(shard, "rb", buffering=1 << 20)
     except OSError as e:
-        raise DataError(f"{name}: cannot open shard ({e})") from None
+        raise DataError(f"{os.path.basename(shard)}: cannot open shard ({e})") from None
 
 
-def _read_exact(f: BinaryIO, n: int) -> bytes:
-    """Read n bytes unless the stream ends first."""
-    buf = f.read(n)
-    while len(buf) < n:
-        more = f.read(n - len(buf))
-        if not more:
-            break
-        buf += more
-    return buf
+def _why(exn: BaseException) -> str:
+    text = str(exn.args[0]) if exn.args else type(exn).__name__
+    return re.sub(r"\s*@ <.*$|\s*<_io\.\w+ object at 0x[0-9a-f]+>", "", text.splitlines()[0] if text else "")
 
 
-def _skip(f: BinaryIO, n: int) -> bool:
-    """Skip n bytes; False if the stream ended first (a seek past the end shows up at the next header read)."""
-    if n > 1 << 16 and f.seekable():  # small skips: reading beats seeking a buffered file
-        f.seek(n, os.SEEK_CUR)
-        return True
-    return len(_read_exact(f, n)) == n
-
-
-def _tar_number(field: bytes) -> int:
-    if field[0] & 0x80:  # GNU base-256
-        return int.from_bytes(field[1:], "big")
-    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
-
-
-def _tar_members(f: BinaryIO, where: Callable[..., str], *, read: bool = True) -> Iterator[tuple[str, bytes | None]]:
-    """Yield (name, data) of each regular file in a tar stream; data None when read=False (skipped by seeking).
-
-    Strict where tarfile is lenient: a stream that ends before the end-of-archive block is an error.
-    `where(detail, member=None)` formats an error message naming the shard and the sample.
-    """
-    long_name, pax = None, {}
-    while True:
-        header = _read_exact(f, _BLOCK)
-        if len(header) < _BLOCK:
-            raise DataError(where("truncated tar (ends before the end-of-archive marker)"))
-        if header.count(0) == _BLOCK:
-            return
-        stored = _tar_number(header[148:156])
-        if stored != sum(header[:148]) + sum(header[156:]) + 8 * 32:
-            raise DataError(where("corrupt tar header (bad checksum)"))
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-        if header[257:262] == b"ustar" and header[345] != 0:
-            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
-        size, kind = _tar_number(header[124:136]), header[156:157]
-        size = int(pax.get("size", size))
-        name = long_name or pax.get("path", name)
-        padded = -(-size // _BLOCK) * _BLOCK
-        if kind in (b"L", b"x", b"g"):  # GNU long name, pax header, pax global header
-            data = _read_exact(f, padded)
-            if len(data) < padded:
-                raise DataError(where("truncated tar (ends inside a header)"))
-            if kind == b"L":
-                long_name = data[:size].split(b"\0", 1)[0].decode("utf-8", "replace")
-            elif kind == b"x":
-                pax = _pax_records(data[:size])
-            continue
-        long_name, pax = None, {}
-        if kind not in (b"0", b"\0", b"7") or not read:
-            if not _skip(f, padded):
-                raise DataError(where(f"truncated tar (ends inside {name!r})", name))
-            if kind in (b"0", b"\0", b"7"):
-                yield name, None
-            continue
-        data = _read_exact(f, padded)
-        if len(data) < padded:
-            raise DataError(where(f"truncated tar (ends inside {name!r})", name))
-        yield name, data[:size]
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    out, pos = {}, 0
-    while pos < len(data):
-        length = int(data[pos : data.index(b" ", pos)])
-        key, _, value = data[data.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
-        out[key.decode()] = value.decode("utf-8", "replace")
-        pos += length
-    return out
-
-
-def _raw_samples(shard: str, *, read: bool = True) -> Iterator[tuple[str, dict[str, bytes | None]]]:
-    """Yield (key, {ext: bytes}) for each sample of a shard, grouping consecutive files that share a key."""
+def read_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) for each sample of a shard, read by webdataset; any failure is one DataError."""
     name = os.path.basename(shard)
-    key, files = None, {}
+    member = [None]  # the member being read, noted by select_files (called before each member's data is read)
 
-    def where(detail: str, member: str | None = None) -> str:
-        m = _NAME_RE.match(member or "")
-        k = m.group(1) if m else key
-        return f"{name}: sample {k!r}: {detail}" if k is not None else f"{name}: {detail} at the start of the shard"
+    def note(fname: str) -> bool:
+        member[0] = fname
+        return True
 
-    with _open_shard(shard) as f:
-        for path, data in _tar_members(f, where, read=read):
-            m = _NAME_RE.match(path)
-            if m is None:
-                continue  # a directory-like or extension-less entry: not part of any sample
-            k, ext = m.group(1), m.group(2).lower()
-            if k != key:
-                if key is not None:
-                    yield key, files
-                key, files = k, {}
-            if ext in files:
-                raise DataError(where(f"duplicate file {path!r}"))
-            files[ext] = data
-        if key is not None:
-            yield key, files
+    def handler(exn: BaseException) -> bool:
+        if isinstance(exn, DataError):  # already ours (tar_file_expander hands on what an inner handler raised)
+            raise exn
+        where = f"{name}: sample {base_plus_ext(member[0])[0]!r}" if member[0] else name
+        why = _why(exn)
+        if member[0] is None and isinstance(exn, tarfile.ReadError):
+            raise DataError(f"{name}: not a tar archive ({why})")
+        if isinstance(exn, (EOFError, tarfile.ReadError)) and ("end" in why or isinstance(exn, EOFError)):
+            raise DataError(f"{where}: truncated tar (ends inside {member[0]!r})")
+        if "duplicate file name" in why:
+            raise DataError(f"{where}: duplicate file {why.split(':')[0]!r}")
+        raise DataError(f"{where}: unreadable shard ({type(exn).__name__}: {why})")
 
-
-def _label(shard: str, key: str, files: dict[str, bytes | None]) -> int:
-    raw = files.get("cls")
-    if raw is None:
-        raise DataError(f"{os.path.basename(shard)}: sample {key!r}: missing label ('cls')")
-    text = raw.decode("utf-8", "replace").strip()
+    stream = _open_shard(shard)
     try:
-        label = int(text)
-    except ValueError:
-        raise DataError(f"{os.path.basename(shard)}: sample {key!r}: label {text[:40]!r} is not an integer") from None
+        files = tar_file_expander([{"url": shard, "stream": stream}], handler=handler, select_files=note)
+        for sample in group_by_keys(files, handler=handler):
+            key = sample.pop("__key__")
+            yield key, {k: v for k, v in sample.items() if not k.startswith("__")}
+    finally:
+        stream.close()
+
+
+@functools.lru_cache(maxsize=4096)
+def _keys_of_local_shard(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
+    name, keys, last, end = os.path.basename(path), [], None, 0
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for m in tar:
+                if m.isreg() and (key := base_plus_ext(m.name)[0]) is not None:
+                    if key != (keys[-1] if keys else None):
+                        keys.append(key)
+                    last, end = m.name, m.offset_data + -(-m.size // 512) * 512
+    except tarfile.ReadError as e:
+        if last is None:
+            raise DataError(f"{name}: not a tar archive ({_why(e)})") from None
+        if "end of data" in _why(e):
+            raise DataError(f"{name}: sample {keys[-1]!r}: truncated tar (ends inside {last!r})") from None
+        raise DataError(f"{name}: sample {keys[-1]!r}: unreadable tar ({_why(e)})") from None
+    except (EOFError, OSError) as e:  # a cut .tar.gz
+        where = f"{name}: sample {keys[-1]!r}" if keys else name
+        raise DataError(f"{where}: truncated ({_why(e)})") from None
+    if not path.endswith(COMPRESSED):  # tarfile ends quietly where a cut or corrupt header is: check the marker
+        with open(path, "rb") as f:
+            f.seek(end)
+            marker = f.read(1024)
+        if end > size:
+            raise DataError(f"{name}: sample {keys[-1]!r}: truncated tar (ends inside {last!r})")
+        if len(marker) < 1024 or marker.count(0) != 1024:
+            where = f"{name}: sample {keys[-1]!r}" if keys else name
+            detail = "ends before the end-of-archive marker" if len(marker) < 1024 else "corrupt header follows"
+            raise DataError(f"{where}: truncated tar ({detail})")
+    return tuple(keys)
+
+
+def shard_keys(shard: str) -> tuple[str, ...] | None:
+    """Sample keys of a local shard in order, from tar headers only (cached by path, size, mtime); None if remote.
+    A cut or corrupt shard raises DataError naming it and the last good key."""
+    if not _is_local(shard):
+        return None
+    st = os.stat(shard)
+    return _keys_of_local_shard(os.path.abspath(shard), st.st_size, st.st_mtime_ns)
+
+
+def _shard_count(shard: str) -> int | None:
+    """Samples in a shard if it is a local file (header scan), else None."""
+    keys = shard_keys(shard)
+    return None if keys is None else len(keys)
+
+
+# ---------------------------------------------------------------------------------------------- labels and decoding
+
+
+def _label(shard: str, key: str, files: dict[str, bytes], *, label_key: str = "label", required: bool = True) -> int:
+    """The label from `{key}.cls`, else field `label_key` of `{key}.json`; -1 where missing and not required."""
+    where = f"{os.path.basename(shard)}: sample {key!r}"
+    if "cls" in files:
+        value = files["cls"].decode("utf-8", "replace").strip()
+    elif "json" in files:
+        try:
+            value = json.loads(files["json"]).get(label_key)
+        except (ValueError, AttributeError):
+            raise DataError(f"{where}: {key}.json is not a JSON object") from None
+    else:
+        value = None
+    if value is None:
+        if required:
+            raise DataError(f"{where}: missing label ('cls' or field {label_key!r} of 'json')")
+        return -1
+    try:
+        if isinstance(value, (bool, float)):
+            raise ValueError
+        label = int(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: label {str(value)[:40]!r} is not an integer") from None
     if label < 0:
-        raise DataError(f"{os.path.basename(shard)}: sample {key!r}: label {label} is negative")
+        raise DataError(f"{where}: label {label} is negative")
     return label
 
 
-def _image_bytes(shard: str, key: str, files: dict[str, bytes | None]) -> bytes:
+@functools.lru_cache(maxsize=1)
+def _pil_exts() -> frozenset[str]:
+    from PIL import Image
+
+    return frozenset(e.lstrip(".").lower() for e in Image.registered_extensions())
+
+
+def _image_bytes(shard: str, key: str, files: dict[str, bytes]) -> bytes:
     for ext in IMAGE_EXTS:
         if ext in files:
             return files[ext]
+    for ext in sorted(files):
+        if ext in _pil_exts():
+            return files[ext]
     found = ", ".join(sorted(files)) or "nothing"
-    raise DataError(f"{os.path.basename(shard)}: sample {key!r}: no image (expected jpg, jpeg or png; found {found})")
+    raise DataError(f"{os.path.basename(shard)}: sample {key!r}: no image (expected jpg, jpeg, png, webp or "
+                    f"another format PIL reads; found {found})")
 
 
 def _undecodable(shard: str, key: str, e: Exception) -> DataError:
@@ -217,21 +240,22 @@ def _undecodable(shard: str, key: str, e: Exception) -> DataError:
     return DataError(f"{os.path.basename(shard)}: sample {key!r}: image could not be decoded ({why})")
 
 
-def _decode(shard: str, key: str, files: dict[str, bytes | None]) -> tuple[Tensor, int]:
-    """Raw sample -> (uint8 image (3, H, W), label)."""
+def _decode(shard: str, key: str, files: dict[str, bytes], *, label_key: str = "label",
+            need_label: bool = True) -> tuple[Tensor, int]:
+    """Raw sample -> (uint8 image (3, H, W) in RGB, label; -1 when missing and not needed)."""
     from PIL import Image
 
-    label, data = _label(shard, key, files), _image_bytes(shard, key, files)
+    label, data = _label(shard, key, files, label_key=label_key, required=need_label), _image_bytes(shard, key, files)
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            arr = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # (H, W, 3)
+            arr = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # (H, W, 3): gray, RGBA, palette -> RGB
     except Exception as e:  # PIL raises many types for bad data
         raise _undecodable(shard, key, e) from None
     return torch.from_numpy(arr).permute(2, 0, 1), label
 
 
-def _image_size(shard: str, key: str, files: dict[str, bytes | None]) -> tuple[int, int]:
+def _image_size(shard: str, key: str, files: dict[str, bytes]) -> tuple[int, int]:
     """(H, W) from the image header, without decoding the pixels."""
     from PIL import Image
 
@@ -242,17 +266,3 @@ def _image_size(shard: str, key: str, files: dict[str, bytes | None]) -> tuple[i
         raise
     except Exception as e:
         raise _undecodable(shard, key, e) from None
-
-
-@functools.lru_cache(maxsize=4096)
-def _count_local_shard(path: str, size: int, mtime_ns: int) -> int:
-    """Samples in a local shard, from tar headers only (size/mtime make the cache key)."""
-    return sum(1 for _ in _raw_samples(path, read=False))
-
-
-def _shard_count(shard: str) -> int | None:
-    """Samples in a shard if it is a local file (cheap header scan), else None."""
-    if not _is_local(shard):
-        return None
-    st = os.stat(shard)
-    return _count_local_shard(os.path.abspath(shard), st.st_size, st.st_mtime_ns)
