@@ -78,8 +78,9 @@ def parse_data_override(text: str | None) -> dict[str, str]:
     out = {}
     for part in text.split(","):
         key, sep, value = part.partition("=")
-        if not sep or key.strip() not in ("dataset", "train", "val"):
-            raise ValueError(f"--data {text!r}: expected dataset=NAME or train=PATTERN,val=PATTERN")
+        if not sep or key.strip() not in ("dataset", "train", "val", "pretrain_dataset", "pretrain_shards"):
+            raise ValueError(f"--data {text!r}: expected dataset=NAME or train=PATTERN,val=PATTERN (and optionally "
+                             "pretrain_dataset=NAME or pretrain_shards=PATTERN)")
         out[key.strip()] = value.strip()
     return out
 
@@ -99,7 +100,12 @@ def plan(path: str | Path, data_override: dict[str, str] | None = None, allow_la
 
 def resolve_data(study: Study, trials: list[Trial], data_root: str | None, allow_pipe: bool = False
                  ) -> dict[str, DatasetInfo]:
-    """Resolve every distinct [data] of the trials up front; a DataError names the study file."""
+    """Resolve and verify every distinct [data] of the trials up front; a DataError names the study file and key.
+    Labels are checked where some trial with that [data] probes or fine-tunes."""
+    need_label: dict[str, bool] = {}
+    for t in trials:
+        key = t.spec.data.model_dump_json()
+        need_label[key] = need_label.get(key, False) or t.spec.eval.linear.enabled or t.spec.eval.finetune.enabled
     infos: dict[str, DatasetInfo] = {}
     for t in trials:
         d: DataSpec = t.spec.data
@@ -107,13 +113,11 @@ def resolve_data(study: Study, trials: list[Trial], data_root: str | None, allow
         if key in infos:
             continue
         try:
-            info = resolve_dataset(None if d.train else d.dataset, train=d.train, val=d.val,
-                                   data_root=data_root, allow_pipe=allow_pipe)
-            for pattern, count in ((info.train, info.num_train), (info.val, info.num_val)):
-                verify_split(pattern, count, num_classes=info.num_classes, allow_pipe=allow_pipe)
+            info = resolve_spec_data(d, data_root=data_root, allow_pipe=allow_pipe)
+            verify_dataset(info, need_label=need_label[key], label_key=d.label_key, allow_pipe=allow_pipe)
             infos[key] = info
         except DataError as exc:
-            raise StudyError(study.path, "data", str(exc)) from None
+            raise StudyError(study.path, exc.key, str(exc)) from None
     check_batches(study, trials, infos)
     return infos
 
