@@ -269,16 +269,19 @@ def report(
     plots: Annotated[Optional[Path], typer.Option("--plots", help="Also write the study's PNG plots here.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="One Markdown page per study, with its plots, under --out "
                                                      "(e.g. docs/results/).")] = False,
+    from_csv: Annotated[Optional[Path], typer.Option(
+        "--from", help="Read the trials from a trials.csv written by --all instead of the database.")] = None,
 ):
-    """Per point: mean ± std and n over seeds, the difference to the default with a 95% Welch interval (≈ when
-    within seed noise), and the paper's numbers with a rank-correlation verdict."""
+    """Per point: mean ± std and n over seeds, the difference to the default with its paired 95% interval over
+    seeds (Welch's beside it), a computed verdict against the paper, and the paper's numbers."""
     from mae_lab.report_site import report_command
 
     if all_ and study:
         raise fail("give a study name or --all, not both")
-    engine = _open_db(db, create=False)
+    engine = None if from_csv is not None else _open_db(db, create=False)
     try:
-        written = report_command(engine, study, fmt=fmt, out=out_path, plots=plots, site=all_, console=out())
+        written = report_command(engine, study, fmt=fmt, out=out_path, plots=plots, site=all_, console=out(),
+                                 from_csv=from_csv)
     except KeyError as exc:
         raise fail(str(exc.args[0])) from None
     except (ValueError, OSError) as exc:

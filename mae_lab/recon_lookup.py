@@ -106,10 +106,10 @@ def show_recon(engine: Engine, row: db.TrialRow, out: str | Path, *, across: str
 def study_recon_png(engine: Engine, report: StudyReport) -> bytes | None:
     """For a study page: the recorded reconstructions across the study's first axis (first seed), side by side;
     None when its trials have no "recon" artifacts (pages never need the data or a checkpoint)."""
-    if not report.axes or not report.rows or not report.rows[0].trial_ids:
+    if not report.axes or not report.rows or not report.rows[0].trials:
         return None
     first = next((t for t, _ in db.study_trials(engine, db.get_study(engine, report.name).id)
-                  if t.id == report.rows[0].trial_ids[0]), None)
+                  if t.hash == report.rows[0].trials[0]), None)
     if first is None:
         return None
     trials = siblings(engine, first, report.axes[0])

@@ -1,15 +1,17 @@
-"""Database -> the report model: one row per study point, mean +- std and n over seeds, the difference to the
-study's default with a Welch 95% interval, and the paper's numbers beside ours with a rank-correlation verdict.
+"""Trial records -> the report model: one row per study point, mean +- std and n over seeds, the difference to the
+study's default with its paired 95% interval over shared seeds and the unpaired (Welch) one beside it, verdicts
+against the paper's direction, and the paper's numbers beside ours with a rank-correlation check.
 
-Accuracies are top-1 in percent and differences in percentage points (row minus default). A difference whose
-interval contains 0 is marked ``≈``: within seed noise. With one seed on either side there is no interval ("n=1").
-``summarize`` builds a StudyReport; ``report_format`` renders it (rich table, Markdown, LaTeX, CSV, JSON) and
-``report_site`` writes files, plots and the per-study pages. A searched study (``mae-lab search``) also carries its
-Optuna side (``report_search``).
+Accuracies are top-1 in percent on the validation split unless a column says "test"; differences are in
+percentage points (row minus default). Seed s gives every arm the same init, data order and masks, so the
+difference of each point is taken per seed against the default's same seed (paired); a verdict uses the paired
+interval and says so, or Welch's when fewer than 2 seeds are shared. A difference whose interval contains 0 is
+marked ``≈``. ``summarize_records`` builds a StudyReport from ``trial_records`` (from the database or a committed
+trials.csv); ``report_format`` renders it and ``report_site`` writes files, plots and the per-study pages. A searched
+study (``mae-lab search``) also carries its Optuna side (``report_search``).
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -19,17 +21,21 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
 from mae_lab import db
+from mae_lab.adaptive import Decision, is_decided, point_decisions
 from mae_lab.expand import resolve
-from mae_lab.paper import Comparison, PaperRow, compare, get_table
+from mae_lab.paper import Comparison, PaperRow, compare, get_table, paper_delta
 from mae_lab.report_search import SearchReport, search_report
-from mae_lab.spec import StudyError, get_dotted, parse_study
-from mae_lab.stats import Interval, welch_interval
+from mae_lab.spec import SeedPlan, Study, StudyError, get_dotted, parse_study
+from mae_lab.stats import Interval, by_seed, paired_interval, verdict, verdict_text, welch_interval
+from mae_lab.trial_records import StudyRecords, from_db
 
 NOISE_MARK = "≈"
+METRICS = (("linear", "linear"), ("finetune", "fine-tune"))  # (attribute, name)
 
 
-LEGEND = (f"{NOISE_MARK}: the 95% Welch interval of the difference to the default contains 0 (within seed noise); "
-          "n=1: one seed, no interval")
+LEGEND = (f"Δ: row minus default in points with its 95% interval, paired over the seeds both share (Welch's "
+          f"unpaired interval when fewer than 2 are shared; the Welch column shows it for every point); "
+          f"{NOISE_MARK}: the interval contains 0; n=1: one seed, no interval")
 
 
 @dataclass(frozen=True)
@@ -57,23 +63,37 @@ class Row:
     axes: dict[str, Any]
     spec: dict[str, Any] = field(default_factory=dict)  # the resolved spec of the point's first trial
     trials: list[str] = field(default_factory=list)  # hashes
-    trial_ids: list[int] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     status: dict[str, int] = field(default_factory=dict)
-    linear: Stat = Stat(())  # top-1 %
-    finetune: Stat = Stat(())  # top-1 %
+    linear: Stat = Stat(())  # top-1 %, validation split
+    finetune: Stat = Stat(())  # top-1 %, validation split
+    linear_test: Stat = Stat(())  # top-1 %, test split (when the dataset has one)
+    finetune_test: Stat = Stat(())
+    by_seed: dict[str, dict[int, float]] = field(default_factory=lambda: {"linear": {}, "finetune": {}})
     pretrain_s: Stat = Stat(())  # a shared pretraining counts with the figures of the trial that ran it
     images_per_s: Stat = Stat(())  # likewise
     peak_mem_mib: Stat = Stat(())  # likewise
+    pretrain_tflops: Stat = Stat(())  # encoder training compute: 3 x forward GFLOPs x images seen / 1000
+    losses: list[tuple[int, list[float]]] = field(default_factory=list)  # (seed, pretraining loss per epoch)
     gflops: float | None = None
     is_default: bool = False
-    linear_diff: Interval | None = None  # to the default row
+    linear_diff: Interval | None = None  # to the default row: the interval the verdict uses (paired if it can)
     finetune_diff: Interval | None = None
+    linear_welch: Interval | None = None  # the unpaired interval, beside it
+    finetune_welch: Interval | None = None
+    verdict: dict[str, str] = field(default_factory=dict)  # metric -> verdict_text
+    decisions: list[Decision] = field(default_factory=list)  # adaptive seeds: per metric of the plan
+    decided: bool | None = None  # None: the study's seeds are a fixed list
     paper: PaperRow | None = None
 
     @property
     def speed(self) -> float | None:
         return self.images_per_s.mean
+
+    @property
+    def n(self) -> int:
+        """Seeds with a validation result."""
+        return max(self.linear.n, self.finetune.n)
 
 
 @dataclass
@@ -85,6 +105,7 @@ class StudyReport:
     rows: list[Row]
     comparison: Comparison | None = None
     search: SearchReport | None = None  # for a searched study
+    plan: SeedPlan | None = None  # adaptive seeds
 
     def default_row(self) -> Row | None:
         return next((r for r in self.rows if r.is_default), None)
@@ -97,16 +118,21 @@ class StudyReport:
         return row.speed / base.speed
 
 
-def _base_values(spec_text: str, axes: list[str]) -> dict[str, Any] | None:
-    """The study's default value of every axis (from its base settings and model preset)."""
+def _parse(toml: str) -> Study | None:
     try:
-        study = parse_study(spec_text, "<recorded study>")
-        base = resolve(study, {}, study.study.seeds[0])
-    except (StudyError, ValueError):
+        return parse_study(toml, "<recorded study>")
+    except StudyError:
+        return None
+
+
+def _base_values(study: Study | None, axes: list[str]) -> dict[str, Any] | None:
+    """The study's default value of every axis (from its base settings and model preset)."""
+    if study is None:
         return None
     try:
+        base = resolve(study, {}, study.study.seeds[0])
         return {k: get_dotted(base, k) for k in axes}
-    except (AttributeError, KeyError):
+    except (StudyError, ValueError, AttributeError, KeyError):
         return None
 
 
@@ -117,43 +143,53 @@ def _add(stat: Stat, value: float | None, scale: float = 1.0) -> Stat:
 
 
 def summarize(engine: Engine, name: str) -> StudyReport:
-    """Group a study's active trials by point; keep done trials' results; compare to the default and the paper."""
+    """The report of one study in the database (KeyError for an unknown study), with its Optuna side."""
+    out = summarize_records(from_db(engine, name))
     study = db.get_study(engine, name)
-    if study is None:
-        raise KeyError(f"no study named {name!r} in the database")
+    out.search = _search(engine, study)
+    return out
+
+
+def summarize_records(records: StudyRecords) -> StudyReport:
+    """Group a study's trial records by point; keep done trials' results; compare to the default and the paper."""
     rows: dict[str, Row] = {}
     axes: list[str] = []
-    trials = db.study_trials(engine, study.id)
-    reused = {t.pretrain_hash for t, r in trials if t.status == "done" and r is not None and r.pretrain_reused}
-    ran = db.pretraining_results(engine, reused) if reused else {}  # where shared pretrainings were timed
-    for trial, result in trials:
-        point = json.loads(trial.axes_json)
+    for t in records.trials:
+        point = t["axes"]
         for k in point:
             if k not in axes:
                 axes.append(k)
-        key = json.dumps(point, sort_keys=True)
-        row = rows.setdefault(key, Row(label=trial.label, axes=point, spec=json.loads(trial.spec_json)))
-        row.trials.append(trial.hash)
-        row.trial_ids.append(trial.id)
-        row.seeds.append(trial.seed)
-        row.status[trial.status] = row.status.get(trial.status, 0) + 1
-        if trial.status == "done" and result is not None:
-            row.linear = _add(row.linear, result.linear_top1, 100.0)
-            row.finetune = _add(row.finetune, result.finetune_top1, 100.0)
-            timed = ran.get(trial.pretrain_hash) if result.pretrain_reused else result
-            if timed is not None:
-                row.pretrain_s = _add(row.pretrain_s, timed.pretrain_wall_s)
-                if timed.pretrain_images_per_s:
-                    row.images_per_s = _add(row.images_per_s, timed.pretrain_images_per_s)
-                row.peak_mem_mib = _add(row.peak_mem_mib, timed.pretrain_peak_mem_mib)
-            row.gflops = result.encoder_gflops
-    out = StudyReport(study.name, study.description, study.paper, axes, list(rows.values()))
-    base = _base_values(study.spec_text, axes)
+        key = repr(sorted(point.items()))
+        row = rows.setdefault(key, Row(label=t["label"], axes=point, spec=t["spec"]))
+        row.trials.append(t["hash"])
+        row.seeds.append(t["seed"])
+        row.status[t["status"]] = row.status.get(t["status"], 0) + 1
+        if t["status"] != "done":
+            continue
+        for attr, col in (("linear", "linear_val_top1"), ("finetune", "finetune_val_top1"),
+                          ("linear_test", "linear_test_top1"), ("finetune_test", "finetune_test_top1")):
+            setattr(row, attr, _add(getattr(row, attr), t[col], 100.0))
+            if attr in row.by_seed and t[col] is not None:
+                row.by_seed[attr][t["seed"]] = 100.0 * t[col]
+        row.pretrain_s = _add(row.pretrain_s, t["timed_pretrain_wall_s"])
+        if t["timed_pretrain_images_per_s"]:
+            row.images_per_s = _add(row.images_per_s, t["timed_pretrain_images_per_s"])
+            if t["encoder_gflops"] is not None and t["timed_pretrain_wall_s"] is not None:
+                seen = t["timed_pretrain_images_per_s"] * t["timed_pretrain_wall_s"]
+                row.pretrain_tflops = _add(row.pretrain_tflops, 3.0 * t["encoder_gflops"] * seen / 1000.0)
+        row.peak_mem_mib = _add(row.peak_mem_mib, t["timed_pretrain_peak_mem_mib"])
+        row.gflops = t["encoder_gflops"]
+        if t["pretrain_losses"]:
+            row.losses.append((t["seed"], list(t["pretrain_losses"])))
+    study = _parse(records.toml)
+    out = StudyReport(records.name, records.description, records.paper, axes, list(rows.values()),
+                      plan=None if study is None else study.study.adaptive)
+    base = _base_values(study, axes)
     for row in out.rows:
         row.is_default = base is not None and all(row.axes.get(k, base[k]) == base[k] for k in axes)
     _differences(out)
     _paper(out)
-    out.search = _search(engine, study)
+    _verdicts(out)
     return out
 
 
@@ -169,16 +205,26 @@ def _search(engine: Engine, study: db.StudyRow) -> SearchReport | None:
 
 
 def _differences(report: StudyReport) -> None:
+    """Per point and metric: the paired interval over shared seeds (Welch's when fewer than 2 are shared) and the
+    Welch interval; for adaptive seeds, the decision of every metric of the plan."""
     base = report.default_row()
     if base is None:
         return
     for row in report.rows:
         if row is base:
             continue
-        for attr in ("linear", "finetune"):
+        for attr, _ in METRICS:
             mine, ref = getattr(row, attr), getattr(base, attr)
-            if mine.n and ref.n:
-                setattr(row, f"{attr}_diff", welch_interval(mine.values, ref.values))
+            if not (mine.n and ref.n):
+                continue
+            welch = welch_interval(mine.values, ref.values)
+            _, a, b = by_seed(row.by_seed[attr], base.by_seed[attr])
+            paired = paired_interval(a, b)
+            setattr(row, f"{attr}_welch", welch)
+            setattr(row, f"{attr}_diff", paired if paired.low is not None else welch)
+        if report.plan is not None:
+            row.decisions = point_decisions(report.plan, row.by_seed, base.by_seed)
+            row.decided = is_decided(row.decisions)
 
 
 def _paper(report: StudyReport) -> None:
@@ -201,6 +247,28 @@ def _paper(report: StudyReport) -> None:
         row.paper = match
 
 
+def _verdicts(report: StudyReport) -> None:
+    """Each point's verdict per metric, against the paper's direction from our default's paper row."""
+    base = report.default_row()
+    for row in report.rows:
+        for attr, _ in METRICS:
+            d = getattr(row, f"{attr}_diff")
+            if d is not None:
+                row.verdict[attr] = verdict_text(d, paper_delta(row.paper, base.paper if base else None, attr))
+
+
+def verdict_counts(report: StudyReport, attr: str = "linear") -> dict[str, int]:
+    """How many points got each verdict word for ``attr``."""
+    counts: dict[str, int] = {}
+    for row in report.rows:
+        d = getattr(row, f"{attr}_diff")
+        if d is not None:
+            base = report.default_row()
+            word = verdict(d, paper_delta(row.paper, base.paper if base else None, attr))
+            counts[word] = counts.get(word, 0) + 1
+    return counts
+
+
 def has_finetune(report: StudyReport) -> bool:
     """Whether any point has a fine-tuning result (tables leave the fine-tune columns out otherwise)."""
     return any(r.finetune.mean is not None for r in report.rows)
@@ -211,17 +279,39 @@ def has_memory(report: StudyReport) -> bool:
     return any(r.peak_mem_mib.mean is not None for r in report.rows)
 
 
-def verdicts(report: StudyReport) -> list[str]:
-    """How many differences are within seed noise; then, per metric, whether our ordering agrees with the
-    paper's, the matching rule and the paper's notes."""
+def _fmt_interval(d: Interval) -> str:
+    if d.low is None:
+        return f"{d.delta:+.1f} ({d.note})"
+    return f"{d.delta:+.1f} [{d.low:+.1f}, {d.high:+.1f}]"
+
+
+def point_verdicts(report: StudyReport) -> list[str]:
+    """One line per point and metric: the difference with the interval its verdict uses, the verdict, the paper's
+    difference, and for adaptive seeds n and whether the point is decided."""
+    base = report.default_row()
     lines = []
-    for attr, name in (("linear", "linear"), ("finetune", "fine-tune")):
-        diffs = [getattr(r, f"{attr}_diff") for r in report.rows if getattr(r, f"{attr}_diff") is not None]
-        with_ci = [d for d in diffs if d.low is not None]
-        if diffs:
-            lines.append(f"{name}: {sum(bool(d.within_noise) for d in with_ci)} of {len(with_ci)} differences to "
-                         f"the default are within seed noise" + (f" ({len(diffs) - len(with_ci)} with n=1, no "
-                                                                  "interval)" if len(with_ci) < len(diffs) else ""))
+    for attr, name in METRICS:
+        for row in report.rows:
+            d = getattr(row, f"{attr}_diff")
+            if d is None:
+                continue
+            p = paper_delta(row.paper, base.paper if base else None, attr)
+            line = f"{name}, {row.label}: Δ {_fmt_interval(d)} -> {row.verdict[attr]}"
+            line += "" if p is None else f"; paper Δ {p:+.1f}"
+            if row.decided is not None:
+                line += f"; n={row.n}, " + ("decided" if row.decided else "not decided")
+            lines.append(line)
+    return lines
+
+
+def verdicts(report: StudyReport) -> list[str]:
+    """Per point the computed verdict (``point_verdicts``); then, per metric, whether our ordering agrees with the
+    paper's, the best point here (over every point) and in the paper, the matching rule and the paper's notes."""
+    lines = point_verdicts(report)
+    if report.plan is not None:
+        plan = report.plan
+        lines.append(f"adaptive seeds: {plan.min} to {plan.max} per point until the paired interval of "
+                     f"{' and '.join(plan.metrics)} excludes 0 or lies within ±{plan.min_effect:g} points")
     comp = report.comparison
     if comp is None:
         return lines
@@ -238,14 +328,15 @@ def verdicts(report: StudyReport) -> list[str]:
         else:
             word = "agrees with" if rho > 0.5 else ("is opposite to" if rho < -0.5 else "does not match")
             attr, short = ("linear", "lin") if metric == "linear" else ("finetune", "ft")
-            pairs = [(r, p) for r, p in zip(report.rows, comp.matches) if p is not None
-                     and getattr(r, attr).mean is not None and getattr(p, short) is not None]
-            top_ours = max(getattr(r, attr).mean for r, _ in pairs)
-            top_paper = max(getattr(p, short) for _, p in pairs)
-            ours = " = ".join(r.label for r, _ in pairs if getattr(r, attr).mean == top_ours)
-            theirs = " = ".join(p.setting for _, p in pairs if getattr(p, short) == top_paper)
+            done = [r for r in report.rows if getattr(r, attr).mean is not None]
+            top_ours = max(getattr(r, attr).mean for r in done)
+            papers = [p for p in comp.matches if p is not None and getattr(p, short) is not None]
+            top_paper = max(getattr(p, short) for p in papers)
+            ours = " = ".join(r.label for r in done if getattr(r, attr).mean == top_ours)
+            theirs = " = ".join(p.setting for p in papers if getattr(p, short) == top_paper)
             lines.append(f"{comp.table.title}, {name}: our ordering {word} the paper's "
-                         f"(Spearman rho = {rho:+.2f} over {n} points); best here {ours}, in the paper {theirs}")
+                         f"(Spearman rho = {rho:+.2f} over {n} matched points); best here {ours}, in the paper "
+                         f"{theirs}")
     lines.append(f"matching: {comp.rule_text()}")
     if comp.unmatched:
         lines.append(f"paper settings without a counterpart here: {', '.join(comp.unmatched)}")
@@ -261,7 +352,7 @@ def title(report: StudyReport) -> str:
 
 
 def headline(report: StudyReport) -> tuple[str, str, str]:
-    """(best point by linear top-1, our linear ordering against the paper's, differences within seed noise)."""
+    """(best point by linear top-1 over every point, our linear ordering against the paper's, linear verdicts)."""
     done = [r for r in report.rows if r.linear.mean is not None]
     best = max(done, key=lambda r: r.linear.mean, default=None)
     best_text = "-" if best is None else f"{best.label} ({best.linear.mean:.1f})"
@@ -271,9 +362,8 @@ def headline(report: StudyReport) -> tuple[str, str, str]:
     else:
         word = "agrees" if rho > 0.5 else ("opposite" if rho < -0.5 else "does not match")
         order = f"{word} (ρ = {rho:+.2f}, {n} points)"
-    with_ci = [r.linear_diff for r in report.rows if r.linear_diff is not None and r.linear_diff.low is not None]
-    noise = f"{sum(bool(d.within_noise) for d in with_ci)} of {len(with_ci)}" if with_ci else "-"
-    return best_text, order, noise
+    counts = verdict_counts(report, "linear")
+    return best_text, order, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"
 
 
 def study_names(engine: Engine, name: str | None) -> list[str]:

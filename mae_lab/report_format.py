@@ -15,6 +15,10 @@ from mae_lab.report_search import render_search, search_markdown
 from mae_lab.stats import Interval
 
 FORMATS = ("table", "md", "csv", "latex", "json")
+UNITS = ("accuracies: top-1 %, mean ± sample std over seeds, on the validation split (val; what every choice and "
+         "verdict uses) or the test split (test; reported, never chosen on); differences in percentage points, row "
+         "minus default; pretrain TFLOPs: encoder training compute, 3 x forward GFLOPs per image x images seen "
+         "(the decoder not counted)")
 
 
 def fmt_stat(s: Stat) -> str:
@@ -30,9 +34,24 @@ def fmt_diff(row: Row, attr: str) -> str:
     if d is None:
         return "-"
     if d.low is None:
-        return f"{d.delta:+.1f} (n=1)"
+        return f"{d.delta:+.1f} ({d.note})"
     mark = f" {NOISE_MARK}" if d.within_noise else ""
-    return f"{d.delta:+.1f} [{d.low:+.1f}, {d.high:+.1f}]{mark}"
+    kind = " Welch" if d.kind == "welch" else ""  # fewer than 2 seeds shared with the default
+    return f"{d.delta:+.1f} [{d.low:+.1f}, {d.high:+.1f}]{mark}{kind}"
+
+
+def fmt_welch(row: Row, attr: str) -> str:
+    d: Interval | None = getattr(row, f"{attr}_welch")
+    if row.is_default:
+        return "default"
+    if d is None or d.low is None:
+        return "-"
+    return f"[{d.low:+.1f}, {d.high:+.1f}]"
+
+
+def has_test(report: StudyReport, attr: str) -> bool:
+    """Whether any point has a test-split number for ``attr`` (a dataset with a test split)."""
+    return any(getattr(r, f"{attr}_test").mean is not None for r in report.rows)
 
 
 def _num(v: float | None, spec: str = ".1f") -> str:
@@ -48,30 +67,44 @@ def axis_names(report: StudyReport) -> list[str]:
 
 
 def _columns(report: StudyReport) -> list[str]:
-    cols = axis_names(report) + ["linear %", "Δ linear [95% CI]"]
-    cols += ["fine-tune %", "Δ fine-tune [95% CI]"] if has_finetune(report) else []
+    """Every format's columns: the metric pairs first (their positions are fixed), then what may be dropped."""
+    ft = has_finetune(report)
+    cols = axis_names(report) + ["linear val %", "Δ linear [95% CI]"]
+    cols += ["fine-tune val %", "Δ fine-tune [95% CI]"] if ft else []
+    cols += ["Δ linear Welch"] + (["Δ fine-tune Welch"] if ft else [])
+    cols += ["linear test %"] if has_test(report, "linear") else []
+    cols += ["fine-tune test %"] if has_test(report, "finetune") else []
+    cols += ["n", "decided"] if report.plan is not None else []
     if report.comparison is not None and report.comparison.rule != "none":
         cols += ["paper setting", "paper lin", "paper ft"]
-    return cols + ["pretrain s", "speed vs default", "encoder GFLOPs"] + (["peak MiB"] if has_memory(report) else []) \
-        + ["trials"]
+    return cols + ["pretrain s", "pretrain TFLOPs", "speed vs default", "encoder GFLOPs"] \
+        + (["peak MiB"] if has_memory(report) else []) + ["trials"]
 
 
 def _cells(report: StudyReport, row: Row) -> list[str]:
+    ft = has_finetune(report)
     cells = axis_cells(report, row) + [fmt_stat(row.linear), fmt_diff(row, "linear")]
-    cells += [fmt_stat(row.finetune), fmt_diff(row, "finetune")] if has_finetune(report) else []
+    cells += [fmt_stat(row.finetune), fmt_diff(row, "finetune")] if ft else []
+    cells += [fmt_welch(row, "linear")] + ([fmt_welch(row, "finetune")] if ft else [])
+    cells += [fmt_stat(row.linear_test)] if has_test(report, "linear") else []
+    cells += [fmt_stat(row.finetune_test)] if has_test(report, "finetune") else []
+    if report.plan is not None:
+        cells += [str(row.n), "default" if row.is_default else ("-" if row.decided is None else
+                                                                "yes" if row.decided else "no")]
     if report.comparison is not None and report.comparison.rule != "none":
         p = row.paper
         cells += ["-", "-", "-"] if p is None else [p.setting, _num(p.lin), _num(p.ft)]
     rel = report.relative_speed(row)
-    cells += [_num(row.pretrain_s.mean, ".0f"), "-" if rel is None else f"{rel:.2f}x", _num(row.gflops, ".3g")]
+    cells += [_num(row.pretrain_s.mean, ".0f"), _num(row.pretrain_tflops.mean, ".3g"),
+              "-" if rel is None else f"{rel:.2f}x", _num(row.gflops, ".3g")]
     cells += [_num(row.peak_mem_mib.mean, ".0f")] if has_memory(report) else []
     cells += [", ".join(f"{v} {k}" for k, v in sorted(row.status.items()))]
     return cells
 
 
 # columns a narrow terminal drops first (the first listed goes first)
-OPTIONAL_COLUMNS = ("peak MiB", "encoder GFLOPs", "pretrain s", "trials", "speed vs default", "paper setting", "paper ft",
-                    "paper lin")
+OPTIONAL_COLUMNS = ("Δ fine-tune Welch", "Δ linear Welch", "peak MiB", "encoder GFLOPs", "pretrain TFLOPs",
+                    "pretrain s", "trials", "speed vs default", "paper setting", "paper ft", "paper lin")
 
 
 def _compact(cells: list[str], n_axes: int, n_metrics: int) -> list[str]:
@@ -148,7 +181,7 @@ def rich_table(report: StudyReport, width: int | None = None) -> Table:
 def render(report: StudyReport, console: Console) -> None:
     """Print the paper-style table of one study, its verdicts against the paper and the legend."""
     console.print(rich_table(report, console.width))
-    for line in verdicts(report) + [LEGEND]:
+    for line in verdicts(report) + [LEGEND, UNITS]:
         console.print(line, markup=False, highlight=False)
     if report.search is not None:
         render_search(report.search, console)
@@ -173,8 +206,7 @@ def to_markdown(report: StudyReport, *, heading: str = "##") -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines += [f"- {esc(v)}" for v in verdicts(report)]
-    lines += [f"- {LEGEND}", "- accuracies: top-1 %, mean ± sample std over seeds; differences in percentage points, "
-              "row minus default", ""]
+    lines += [f"- {LEGEND}", f"- {UNITS}", ""]
     if report.search is not None:
         lines += search_markdown(report.search)
     return "\n".join(lines)
@@ -200,9 +232,10 @@ def _tex_diff(row: Row, attr: str) -> str:
     if d is None:
         return "--"
     if d.low is None:
-        return f"${d.delta:+.1f}$ (n=1)"
+        return f"${d.delta:+.1f}$ ({d.note})"
     mark = r" $\approx$" if d.within_noise else ""
-    return f"${d.delta:+.1f}$ [${d.low:+.1f}$, ${d.high:+.1f}$]{mark}"
+    kind = " (Welch)" if d.kind == "welch" else ""
+    return f"${d.delta:+.1f}$ [${d.low:+.1f}$, ${d.high:+.1f}$]{mark}{kind}"
 
 
 def to_latex(report: StudyReport) -> str:
@@ -228,8 +261,8 @@ def to_latex(report: StudyReport) -> str:
                                                            _num(p.ft).replace("-", "--")]
         lines.append(" & ".join(cells) + r" \\")
     caption = (f"{report.description or report.name}. Top-1 \\% (mean $\\pm$ std over seeds, n in parentheses); "
-               f"$\\Delta$: difference to the default (bold) in points with a 95\\% Welch interval, $\\approx$ when "
-               f"it contains 0 (within seed noise).")
+               f"$\\Delta$: difference to the default (bold) in points with a 95\\% interval paired over seeds (Welch's "
+               f"where fewer than 2 are shared), $\\approx$ when it contains 0. Validation split.")
     if with_paper:
         caption += " " + " ".join(_tex(v) + "." for v in verdicts(report) if "Spearman" in v)
     lines += [r"\bottomrule", r"\end{tabular}", f"\\caption{{{caption}}}",
@@ -244,7 +277,7 @@ def _stat_dict(s: Stat) -> dict[str, Any]:
 def _diff_dict(d: Interval | None) -> dict[str, Any] | None:
     if d is None:
         return None
-    return {"delta": d.delta, "low": d.low, "high": d.high, "df": d.df, "level": d.level,
+    return {"delta": d.delta, "low": d.low, "high": d.high, "df": d.df, "level": d.level, "kind": d.kind, "n": d.n,
             "within_noise": d.within_noise, "note": d.note}
 
 
@@ -252,12 +285,18 @@ def to_dict(report: StudyReport) -> dict[str, Any]:
     comp = report.comparison
     return {
         "study": report.name, "description": report.description, "paper": report.paper, "axes": report.axes,
-        "units": "top-1 %; differences in percentage points, row minus default; Welch 95% interval",
+        "units": "top-1 % on the validation split (*_test: the test split); differences in percentage points, row "
+                 "minus default; *_diff: the interval the verdict uses (paired over seeds, Welch's when fewer than 2 "
+                 "are shared); *_welch: the unpaired interval",
+        "adaptive": None if report.plan is None else report.plan.model_dump(),
         "rows": [{
             "label": r.label, "axes": r.axes, "is_default": r.is_default, "status": r.status, "trials": r.trials,
             "seeds": r.seeds, "linear": _stat_dict(r.linear), "linear_diff": _diff_dict(r.linear_diff),
             "finetune": _stat_dict(r.finetune), "finetune_diff": _diff_dict(r.finetune_diff),
-            "pretrain_s": r.pretrain_s.mean, "images_per_s": r.images_per_s.mean,
+            "linear_welch": _diff_dict(r.linear_welch), "finetune_welch": _diff_dict(r.finetune_welch),
+            "linear_test": _stat_dict(r.linear_test), "finetune_test": _stat_dict(r.finetune_test),
+            "verdict": r.verdict, "n": r.n, "decided": r.decided,
+            "pretrain_s": r.pretrain_s.mean, "pretrain_tflops": r.pretrain_tflops.mean, "images_per_s": r.images_per_s.mean,
             "speed_vs_default": report.relative_speed(r), "encoder_gflops": r.gflops,
             "peak_mem_mib": r.peak_mem_mib.mean,
             "paper": None if r.paper is None else {"setting": r.paper.setting, "lin": r.paper.lin, "ft": r.paper.ft},
@@ -271,11 +310,12 @@ def to_dict(report: StudyReport) -> dict[str, Any]:
 
 
 CSV_COLUMNS = ("label", "is_default", "linear_mean", "linear_std", "linear_n", "linear_delta", "linear_ci_low",
-               "linear_ci_high", "linear_within_noise", "finetune_mean", "finetune_std", "finetune_n",
-               "finetune_delta", "finetune_ci_low", "finetune_ci_high", "finetune_within_noise", "paper_setting",
-               "paper_lin", "paper_ft", "pretrain_s", "images_per_s", "speed_vs_default", "encoder_gflops",
-               "peak_mem_mib", "done",
-               "trials")
+               "linear_ci_high", "linear_within_noise", "linear_ci_kind", "linear_welch_low", "linear_welch_high",
+               "linear_verdict", "finetune_mean", "finetune_std", "finetune_n", "finetune_delta", "finetune_ci_low",
+               "finetune_ci_high", "finetune_within_noise", "finetune_ci_kind", "finetune_welch_low",
+               "finetune_welch_high", "finetune_verdict", "linear_test_mean", "finetune_test_mean", "decided",
+               "paper_setting", "paper_lin", "paper_ft", "pretrain_s", "pretrain_tflops", "images_per_s",
+               "speed_vs_default", "encoder_gflops", "peak_mem_mib", "done", "trials")
 
 
 def to_csv(report: StudyReport) -> str:
@@ -292,12 +332,16 @@ def to_csv(report: StudyReport) -> str:
                             for a in report.axes]
         cells += [r.label, r.is_default]
         for attr in ("linear", "finetune"):
-            s, d = getattr(r, attr), getattr(r, f"{attr}_diff")
+            s, d, w_ = getattr(r, attr), getattr(r, f"{attr}_diff"), getattr(r, f"{attr}_welch")
             cells += [v(s.mean), v(s.std), s.n]
             cells += [v(None if d is None else d.delta), v(None if d is None else d.low),
-                      v(None if d is None else d.high), v(None if d is None else d.within_noise)]
+                      v(None if d is None else d.high), v(None if d is None else d.within_noise),
+                      v(None if d is None else d.kind), v(None if w_ is None else w_.low),
+                      v(None if w_ is None else w_.high), v(r.verdict.get(attr))]
+        cells += [v(r.linear_test.mean), v(r.finetune_test.mean), v(r.decided)]
         p = r.paper
-        cells += [v(p and p.setting), v(p and p.lin), v(p and p.ft), v(r.pretrain_s.mean), v(r.images_per_s.mean),
+        cells += [v(p and p.setting), v(p and p.lin), v(p and p.ft), v(r.pretrain_s.mean), v(r.pretrain_tflops.mean),
+                  v(r.images_per_s.mean),
                   v(report.relative_speed(r)), v(r.gflops), v(r.peak_mem_mib.mean), r.status.get("done", 0),
                   len(r.trials)]
         w.writerow(cells)

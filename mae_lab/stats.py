@@ -42,7 +42,7 @@ class Interval:
     level: float
     kind: Kind = "welch"
     n: int = 0  # paired: the number of seed pairs; welch: the smaller of the two sample sizes
-    note: str = ""  # "n=1", "no pairs", or "no spread" (every difference equal: a zero-width interval)
+    note: str = ""  # "n=1", "no pairs", or "no spread" (every difference equal: no estimate of the spread)
 
     @property
     def within_noise(self) -> bool | None:
@@ -71,8 +71,9 @@ def paired_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95)
     if n < 2:
         return Interval(delta, None, None, None, level, "paired", n, "n=1")
     sd = statistics.stdev(diffs)
-    if sd == 0.0:
-        return Interval(delta, delta, delta, n - 1, level, "paired", n, "no spread")
+    if sd <= 1e-9 * max(1.0, abs(delta)):  # every pair differs by the same amount (up to rounding): no estimate
+        # of the spread, so no interval
+        return Interval(delta, None, None, None, level, "paired", n, "no spread")
     half = t_ppf(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
     return Interval(delta, delta - half, delta + half, float(n - 1), level, "paired", n)
 
@@ -87,7 +88,7 @@ def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) 
     if n < 2:
         return Interval(delta, None, None, None, level, "welch", n, "n=1")
     if statistics.variance(a) == 0.0 and statistics.variance(b) == 0.0:
-        return Interval(delta, delta, delta, None, level, "welch", n, "no spread")
+        return Interval(delta, None, None, None, level, "welch", n, "no spread")
     res = sps.ttest_ind(a, b, equal_var=False)
     ci = res.confidence_interval(confidence_level=level)
     return Interval(delta, float(ci.low), float(ci.high), float(res.df), level, "welch", n)
@@ -104,7 +105,7 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     constant side."""
     if len(xs) != len(ys) or len(xs) < 2 or len(set(xs)) < 2 or len(set(ys)) < 2:
         return None
-    return float(sps.spearmanr(xs, ys).statistic)
+    return round(float(sps.spearmanr(xs, ys).statistic), 12)  # so that a perfect (anti)correlation is exactly +-1
 
 
 Verdict = Literal["reproduces", "opposite", "not detected", "detected", "no interval"]

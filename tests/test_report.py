@@ -25,7 +25,6 @@ from mae_lab.report import headline, summarize
 from mae_lab.report_format import render, render_text
 from mae_lab.runner import trial_rows
 from mae_lab.spec import parse_study
-from mae_lab.stats import t_ppf, welch_interval
 
 DEPTH_STUDY = """# recorded by hand: a Table 1a study whose results are known exactly
 [study]
@@ -79,32 +78,6 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 # --- statistics -----------------------------------------------------------------------------------------------
 
-def test_t_quantiles_match_the_printed_table():
-    for df, t in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423), (1e6, 1.9600)):
-        assert t_ppf(0.975, df) == pytest.approx(t, abs=1e-4)
-    assert t_ppf(0.025, 4) == pytest.approx(-2.7764, abs=1e-4)
-    scipy_stats = pytest.importorskip("scipy.stats")
-    for df in (1.44, 2.94, 7.5, 123.4):
-        assert t_ppf(0.975, df) == pytest.approx(scipy_stats.t.ppf(0.975, df), rel=1e-9)
-
-
-def test_welch_interval_matches_a_hand_computation():
-    # depth 1 vs the default: means 60 and 72, sample variances 4 and 4, n = 3 each
-    # se = sqrt(4/3 + 4/3) = 1.632993; df = (8/3)^2 / ((4/3)^2/2 + (4/3)^2/2) = 4; t(0.975, 4) = 2.776445
-    ci = welch_interval([58, 60, 62], [70, 72, 74])
-    half = 2.776445 * math.sqrt(8 / 3)
-    assert ci.delta == pytest.approx(-12.0)
-    assert ci.df == pytest.approx(4.0)
-    assert (ci.low, ci.high) == (pytest.approx(-12 - half, abs=1e-5), pytest.approx(-12 + half, abs=1e-5))
-    assert ci.within_noise is False
-    # unequal variances: df = (1/3 + 4/3)^2 / ((1/3)^2/2 + (4/3)^2/2) = 50/17
-    ci = welch_interval([69, 70, 71], [70, 72, 74])
-    assert ci.df == pytest.approx(50 / 17)
-    assert ci.low < 0 < ci.high and ci.within_noise is True
-    one = welch_interval([70], [70, 72, 74])
-    assert one.low is None and one.note == "n=1" and one.within_noise is None
-
-
 # --- formats --------------------------------------------------------------------------------------------------
 
 def test_every_format_renders_the_recorded_values(depth_db, tmp_path):
@@ -114,11 +87,18 @@ def test_every_format_renders_the_recorded_values(depth_db, tmp_path):
 
     md = render_text(rep, "md")
     assert "| **2** (default) | 72.0 ± 2.0 (n=3) | default |" in md
-    assert "| 1 | 60.0 ± 2.0 (n=3) | -12.0 [-16.5, -7.5] | 81.0 ± 1.0 (n=3) |" in md
+    # depth 1 differs from the default by exactly -12 on every seed: no spread, so the verdict falls back to Welch
+    assert "| 1 | 60.0 ± 2.0 (n=3) | -12.0 [-16.5, -7.5] Welch | 81.0 ± 1.0 (n=3) |" in md
+    # depth 4: per-seed differences -1, -2, -3: mean -2, sd 1, t(0.975, 2) = 4.302653 -> -2 +- 2.484
     row4 = next(line for line in md.splitlines() if line.startswith("| 4 |"))
-    assert "70.0 ± 1.0 (n=3)" in row4 and "≈" in row4 and "| 4 blocks | 71.9 | 84.9 |" in row4
+    assert "70.0 ± 1.0 (n=3) | -2.0 [-4.5, +0.5] ≈ |" in row4 and "| 4 blocks | 71.9 | 84.9 |" in row4
+    assert "| [-6.2, +2.2] |" in row4  # Welch's interval beside it: wider, the seeds' shared spread left in
+    assert "linear, decoder_depth=8: Δ +3.0 [+0.5, +5.5] -> reproduces (paired); paper Δ +3.5" in md
+    assert "linear, decoder_depth=4: Δ -2.0 [-4.5, +0.5] -> not detected (paired; rules out |Δ| > 4.5)" \
+        in md.replace("\\|", "|")
+    assert "fine-tune, decoder_depth=8: Δ -1.0 (no spread) -> no interval (no spread)" not in md
     # ours 60 < 70 < 72 < 75 against the paper's 65.5 < 70.0 < 71.9 < 73.5: one swapped pair, rho = 1 - 6*2/60
-    assert "linear: our ordering agrees with the paper's (Spearman rho = +0.80 over 4 points)" in md
+    assert "linear: our ordering agrees with the paper's (Spearman rho = +0.80 over 4 matched points)" in md
     assert "matched to ours by equal axis values" in md and "12 blocks" in md  # the unmatched paper setting
 
     rows = {r["model.decoder_depth"]: r for r in csv.DictReader(io.StringIO(render_text(rep, "csv")))}
@@ -126,16 +106,19 @@ def test_every_format_renders_the_recorded_values(depth_db, tmp_path):
     assert float(rows["1"]["linear_mean"]) == pytest.approx(60.0)
     assert float(rows["1"]["linear_ci_low"]) == pytest.approx(lo, abs=1e-5)
     assert float(rows["1"]["linear_ci_high"]) == pytest.approx(hi, abs=1e-5)
+    assert rows["1"]["linear_ci_kind"] == "welch" and rows["8"]["linear_ci_kind"] == "paired"
+    assert rows["8"]["linear_verdict"] == "reproduces (paired)"
     assert rows["4"]["linear_within_noise"] == "True" and rows["2"]["is_default"] == "True"
     assert float(rows["8"]["paper_lin"]) == 73.5 and float(rows["8"]["finetune_mean"]) == pytest.approx(82.0)
     assert float(rows["4"]["speed_vs_default"]) == pytest.approx((250 + 1) / (500 + 1))
     assert float(rows["8"]["peak_mem_mib"]) == pytest.approx(801.0)  # mean over seeds k = 0, 1, 2
-    assert headline(rep) == ("decoder_depth=8 (75.0)", "agrees (ρ = +0.80, 4 points)", "2 of 3")
+    assert headline(rep) == ("decoder_depth=8 (75.0)", "agrees (ρ = +0.80, 4 points)",
+                             "not detected 1, reproduces 2")
 
     data = json.loads(render_text(rep, "json"))
     first = data["rows"][0]
     assert first["axes"] == {"model.decoder_depth": 1} and first["linear"]["values"] == pytest.approx([58, 60, 62])
-    assert first["linear_diff"]["low"] == pytest.approx(lo, abs=1e-5) and first["linear_diff"]["df"] == 4.0
+    assert first["linear_diff"]["low"] == pytest.approx(lo, abs=1e-5) and first["linear_diff"]["df"] == pytest.approx(4.0)
     assert data["paper_comparison"]["agreement"]["linear"] == {"spearman": pytest.approx(0.8), "points": 4}
     assert data["rows"][1]["is_default"] and data["rows"][1]["linear_diff"] is None
 
@@ -189,7 +172,7 @@ def test_tables_leave_out_fine_tune_columns_when_nothing_was_fine_tuned(tmp_path
     record(url, DEPTH_STUDY, LINEAR, None, "model.decoder_depth")
     rep = summarize(db.connect(url, create=False), "depth")
     md, tex = render_text(rep, "md"), render_text(rep, "latex")
-    assert "linear %" in md and "fine-tune %" not in md and "| 8 | 75.0 ± 1.0 (n=3) |" in md
+    assert "linear val %" in md and "fine-tune" not in md.split("\n- ")[0] and "| 8 | 75.0 ± 1.0 (n=3) |" in md
     assert "fine-tune" not in tex.split(r"\midrule")[0] and "{lrrlrr}" in tex
     console = Console(width=200, record=True)
     render(rep, console)
@@ -201,7 +184,7 @@ def test_paper_matching_rules():
     fig5 = paper.get_table("fig5")
     comp = paper.compare(fig5, [(0.25,), (0.5,), (0.75,), (0.9,)], [40, 50, 60, 55], [70, 71, 72, 73])
     assert [m and m.setting for m in comp.matches] == ["lowest ratio tried", None, "75%", None]
-    assert comp.agreement == {"linear": (1.0, 2), "finetune": (None, 0)}
+    assert comp.agreement == {"linear": (pytest.approx(1.0), 2), "finetune": (None, 1)}  # 84.9 at 75%
     t1f = paper.get_table("1f")
     comp = paper.compare(t1f, [("random", 0.75), ("block", 0.5), ("grid", 0.75)], [70, 69, 60], [None] * 3)
     assert comp.rule == "value" and [m.ft for m in comp.matches] == [84.9, 83.9, 84.0]
@@ -212,12 +195,54 @@ def test_paper_matching_rules():
     assert paper.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)
 
 
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_site_regenerates_from_trials_csv_byte_for_byte(depth_db, tmp_path):
+    runner = CliRunner()
+    site, again = tmp_path / "site", tmp_path / "again"
+    site.mkdir()
+    (site / "summary_intro.md").write_text("# Results\n\nWritten by hand.\n")
+    res = runner.invoke(app, ["report", "--all", "--db", depth_db, "--out", str(site)])
+    assert res.exit_code == 0, res.output
+    first = tree(site)
+    assert {"index.md", "summary.md", "trials.csv", "trials.json", "depth.md", "depth/loss.png"} <= set(first)
+    summary = (site / "summary.md").read_text()
+    assert summary.startswith("# Results\n\nWritten by hand.\n") and "| [depth](depth.md) | decoder_depth=8 | " \
+        "linear | +3.0 [+0.5, +5.5] | +3.5 | reproduces (paired) | 3 | - |" in summary
+    rows = list(csv.DictReader(io.StringIO((site / "trials.csv").read_text())))
+    assert len(rows) == 12 and rows[0]["linear_val_top1"] == "0.58" and rows[0]["seed"] == "0"
+    assert json.loads((site / "trials.json").read_text())["splits"]["linear_test_top1"] == "test"
+    res = runner.invoke(app, ["report", "--from", str(site / "trials.csv"), "--all", "--out", str(again)])
+    assert res.exit_code == 0, res.output
+    assert tree(again) == first  # every page, plot, summary and the trials files themselves, without the database
+    # one study, one format, from the file
+    res = runner.invoke(app, ["report", "depth", "--from", str(site / "trials.csv"), "--format", "md"])
+    assert res.exit_code == 0 and "| 4 | 70.0 ± 1.0 (n=3) | -2.0 [-4.5, +0.5] ≈ |" in res.output
+
+
+def test_a_trials_file_without_a_column_is_refused(depth_db, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["report", "--all", "--db", depth_db, "--out", str(tmp_path / "site")])
+    assert res.exit_code == 0, res.output
+    lines = (tmp_path / "site" / "trials.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    drop = header.index("linear_val_top1")
+    cut = tmp_path / "cut.csv"
+    cut.write_text("\n".join(",".join(c for i, c in enumerate(line.split(",")) if i != drop) for line in lines[:1])
+                   + "\n")
+    res = runner.invoke(app, ["report", "--from", str(cut), "--all", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "missing column 'linear_val_top1'" in res.output
+    assert str(cut) in res.output and not (tmp_path / "out").exists()
+
+
 # --- plots and reconstructions --------------------------------------------------------------------------------
 
 def test_plots_are_pngs_of_the_expected_size(depth_db, tmp_path):
     engine = db.connect(depth_db, create=False)
-    paths = study_plots(engine, summarize(engine, "depth"), tmp_path / "plots")
-    assert sorted(p.name for p in paths) == ["axis-decoder_depth.png", "loss.png", "speed.png"]
+    paths = study_plots(summarize(engine, "depth"), tmp_path / "plots")
+    assert sorted(p.name for p in paths) == ["axis-decoder_depth.png", "compute.png", "loss.png"]
     for p in paths:
         kind = "axis" if p.name.startswith("axis") else p.stem
         assert png_size(p.read_bytes()) == SIZES[kind], p.name
@@ -289,6 +314,10 @@ def test_a_real_study_gives_pages_plots_and_reconstructions(workdir: Path):
     for link in links:
         assert png_size((workdir / "docs/results" / link).read_bytes())
     assert "[tiny](tiny.md)" in (workdir / "docs/results/index.md").read_text()
+    # the committed per-trial data regenerate every page and plot (the reconstructions carried over) byte for byte
+    res = runner.invoke(app, ["report", "--from", "docs/results/trials.csv", "--all", "--out", "regen"])
+    assert res.exit_code == 0, res.output
+    assert tree(workdir / "regen") == tree(workdir / "docs/results") and "tiny/recon.png" in tree(workdir / "regen")
 
     engine = db.connect("sqlite:///db/mae_lab.db", create=False)
     trials = [t for t, _ in db.study_trials(engine, db.get_study(engine, "tiny").id)]

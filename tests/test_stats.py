@@ -40,7 +40,7 @@ def test_paired_interval_without_an_interval():
     one = paired_interval([71.0], [70.0])
     assert one.delta == 1.0 and one.low is None and one.note == "n=1" and one.within_noise is None
     flat = paired_interval([71.0, 72.0], [70.0, 71.0])
-    assert (flat.low, flat.high, flat.note) == (1.0, 1.0, "no spread") and flat.within_noise is False
+    assert (flat.delta, flat.low, flat.note) == (1.0, None, "no spread") and flat.within_noise is None
     with pytest.raises(ValueError):
         paired_interval([1.0, 2.0], [1.0])
 
