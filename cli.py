@@ -12,10 +12,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
-from typer.core import TyperGroup
+from sqlalchemy.exc import SQLAlchemyError
+from typer.core import TyperCommand, TyperGroup
+
+from mae_lab import db as dbm
+from mae_lab.progress import make_display
+from mae_lab.spec import StudyError
 
 # The errors of bad input (a study, data, a database URL, a checkpoint), as (module, class). The boundary looks a
 # class up only once its module is loaded (an error's class is loaded by the time one is raised), so the front door
@@ -80,10 +86,6 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 def trial_errors(resume_hint: str, display: bool = True) -> Iterator[object]:
     """Yield a progress display (None if not `display`) and turn bad input into one line with exit 2, and Ctrl-C
     into exit 130 with `resume_hint`."""
-    from mae_lab.db import DbError
-    from mae_lab.progress import make_display
-    from mae_lab.spec import StudyError
-
     try:
         shown = make_display(out()) if display else None
         try:
@@ -91,7 +93,7 @@ def trial_errors(resume_hint: str, display: bool = True) -> Iterator[object]:
         finally:
             if shown is not None:
                 shown.close()
-    except (StudyError, DbError, ValueError) as exc:
+    except (StudyError, dbm.DbError, ValueError) as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:
         Console(stderr=True).print(f"interrupted: the running trial is marked interrupted; {resume_hint}")
@@ -99,16 +101,40 @@ def trial_errors(resume_hint: str, display: bool = True) -> Iterator[object]:
 
 
 def _open_db(url: str | None, create: bool = True):
-    from mae_lab.db import DbError, connect
-
     try:
-        return connect(url, create=create)
-    except DbError as exc:
+        return dbm.connect(url, create=create)
+    except dbm.DbError as exc:
         raise fail(str(exc)) from None
 
 
-@app.command()
+class KeepArgs(TyperCommand):
+    """A command that keeps the argument vector it was given (``ctx.meta["argv"]``), for --nproc to forward."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def torchrun_argv(argv: list[str], study: Path) -> list[str]:
+    """The ``run`` arguments every torchrun process gets: the user's own, unchanged, minus ``--nproc N`` (or
+    ``--nproc=N``). ValueError for a study the processes cannot each read again (a pipe, /dev/stdin)."""
+    if not study.is_file():
+        raise ValueError(f"--nproc: {study} is not a regular file, and each of torchrun's processes reads the study "
+                         "again: save it to a file first")
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True  # its value is the next argument
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+@app.command(cls=KeepArgs)
 def run(
+    ctx: typer.Context,
     study: Annotated[Path, typer.Argument(help="The study TOML file.")],
     db: DbOpt = None,
     device: DeviceOpt = "auto",
@@ -131,6 +157,11 @@ def run(
     ddp = world_size_from_env() > 1  # this process is one rank of a torchrun
     rank0 = not ddp or os.environ.get("RANK", "0") == "0"
     launcher = dry_run or (nproc > 1 and not ddp)
+    if nproc > 1 and not ddp and not dry_run:
+        try:
+            forward = torchrun_argv(ctx.meta["argv"], study)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
     with trial_errors("run the same command to resume it", display=rank0 and not launcher) as display:
         override = parse_data_override(data)
         if launcher:
@@ -138,13 +169,7 @@ def run(
             resolve_data(spec, trials, data_root, allow_pipe)
             if dry_run:
                 return _print_plan(spec, trials, db)
-            args = [str(study), "--device", device, "--stale-after", str(stale_after)]
-            args += [a for flag, value in (("--db", db), ("--data-root", data_root), ("--data", data),
-                                           ("--max-trials", max_trials)) if value is not None
-                     for a in (flag, str(value))]
-            args += (["--rerun"] if rerun else []) + (["--allow-pipe"] if allow_pipe else [])
-            args += ["--allow-large-grid"] if allow_large_grid else []
-            raise typer.Exit(launch(nproc, args))
+            raise typer.Exit(launch(nproc, forward))
         kwargs = dict(db_url=db, device=device, data_root=data_root, data_override=override, rerun=rerun,
                       max_trials=max_trials, allow_pipe=allow_pipe, display=display, stale_after_s=stale_after,
                       allow_large_grid=allow_large_grid)
@@ -197,7 +222,7 @@ def search(
     allow_pipe: PipeOpt = False,
     stale_after: StaleOpt = 600.0,
 ):
-    """Optuna search over STUDY's [search] space, stored in the same database (optuna-dashboard reads it):
+    """Optuna search over STUDY's \\[search] space, stored in the same database (optuna-dashboard reads it):
     each sampled point is trained by the same runner as 'run'; points done before are told, not trained."""
     from mae_lab.runner import parse_data_override
     from mae_lab.search import run_search
@@ -221,17 +246,13 @@ PLAIN_PLAN = 500  # a dry run of more trials prints tab-separated lines instead 
 
 
 def _print_plan(study, trials, db_url: str | None) -> None:
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from mae_lab import db
-
     status: dict[str, str] = {}
     try:  # read-only: a missing database just means every trial is pending
-        engine = db.connect(db_url, create=False)
-        row = db.get_study(engine, study.study.name)
+        engine = dbm.connect(db_url, create=False)
+        row = dbm.get_study(engine, study.study.name)
         if row is not None:
-            status = {t.hash: t.status for t, _ in db.study_trials(engine, row.id)}
-    except (db.DbError, SQLAlchemyError):
+            status = {t.hash: t.status for t, _ in dbm.study_trials(engine, row.id)}
+    except (dbm.DbError, SQLAlchemyError):
         pass
     if len(trials) > PLAIN_PLAN:  # a rich table lays out every row first: plain lines list 10,000 trials in ~0.1 s
         rows = (f"{i}\t{t.hash[:12]}\t{t.pretrain_hash[:8]}\t{t.spec.seed}\t{t.label}\t{status.get(t.hash, 'pending')}"
@@ -293,8 +314,6 @@ def report(
 @app.command("list")
 def list_(db: DbOpt = None):
     """List the studies in the database with their trials counted by status."""
-    from mae_lab import db as dbm
-
     engine = _open_db(db, create=False)
     table = Table(title="studies")
     table.add_column("study")
@@ -314,8 +333,6 @@ def show(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix.")],
                               "(e.g. mask_ratio), same seed.")] = None,
          data_root: DataRootOpt = None):
     """Show one trial: spec, provenance, metrics, results and artifacts; --recon writes its reconstructions."""
-    from mae_lab import db as dbm
-
     engine = _open_db(db, create=False)
     row = dbm.find_trial(engine, trial)
     if row is None:
