@@ -218,6 +218,9 @@ def connect(url: str | None = None, *, create: bool = True) -> Engine:
         _check_schema(engine, create)
     except DbError:
         raise
+    except ModuleNotFoundError as exc:  # the URL's driver: postgresql:// needs psycopg, the extra mae-lab[postgres]
+        extra = " (pip install 'mae-lab[postgres]')" if parsed.get_backend_name() == "postgresql" else ""
+        raise DbError(f"database {safe_url(url)} needs the Python package {exc.name!r}{extra}") from None
     except (SQLAlchemyError, ImportError, OSError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         raise DbError(f"database {safe_url(url)} cannot be opened: {reason}") from None
