@@ -106,3 +106,50 @@ def test_a_seeds_table_and_a_list_both_parse():
     assert s.study.seeds == [0, 1, 2] and s.study.adaptive == SeedPlan(min=3, max=6, min_effect=0.5)
     s = parse_study(STUDY.format("[4, 7]"), "ok.toml")
     assert s.study.seeds == [4, 7] and s.study.adaptive is None
+
+
+ADAPTIVE = """[study]
+name = "adaptive"
+seeds = { min = 2, max = 3, until = "decided", min_effect = 0.001 }
+
+[model]
+preset = "vit_digits"
+
+[pretrain]
+epochs = 1
+batch_size = 256
+warmup_epochs = 0
+
+[eval]
+linear = { epochs = 1, warmup_epochs = 0 }
+finetune = { enabled = false }
+
+[grid]
+"model.mask_ratio" = [0.5, 0.75]
+"""
+
+
+def test_a_real_adaptive_study_runs_round_after_round_and_resumes(workdir):
+    from mae_lab import db
+    from mae_lab.runner import run_study
+
+    (workdir / "adaptive.toml").write_text(ADAPTIVE)
+    first = run_study("adaptive.toml", device="cpu", max_trials=5)  # stopped inside the second round
+    assert first.ok and len(first.ran) == 5
+    engine = db.connect("sqlite:///db/mae_lab.db", create=False)
+    study = db.get_study(engine, "adaptive")
+
+    def seeds() -> dict[float, list[int]]:
+        out: dict[float, list[int]] = {}
+        for t, _ in db.study_trials(engine, study.id):
+            out.setdefault(t.axes["model.mask_ratio"], []).append(t.seed)
+        return {k: sorted(v) for k, v in out.items()}
+
+    # an effect of interest of 0.001 points cannot be ruled out by 2 seeds: both points get seed 2
+    assert seeds() == {0.5: [0, 1, 2], 0.75: [0, 1, 2]}
+    second = run_study("adaptive.toml", device="cpu")  # the rerun recomputes the round from the database
+    assert second.ok and len(second.ran) == 1 and second.skipped == 5
+    assert seeds() == {0.5: [0, 1, 2], 0.75: [0, 1, 2]}  # max = 3: no fourth seed
+    assert all(t.status == "done" for t, _ in db.study_trials(engine, study.id))
+    third = run_study("adaptive.toml", device="cpu")
+    assert third.ran == [] and third.skipped == 6
