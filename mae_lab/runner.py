@@ -23,7 +23,7 @@ import timm
 import torch
 from sqlalchemy.engine import Engine
 
-from mae_lab import db
+from mae_lab import db, rounds
 from mae_lab.checkpoint import sha256_file
 from mae_lab.data import DataError, DatasetInfo, resolve_spec_data, verify_dataset
 from mae_lab.expand import Trial, expand, mae_config
@@ -334,36 +334,50 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
     engine = db.connect(db_url)
     artifacts = Path(artifacts or db.artifacts_dir(db_url)).resolve()
     s = study.study
-    row = db.sync_study(engine, name=s.name, description=s.description, paper=s.paper, path=str(path),
-                        spec_text=study.text, spec_hash=study_hash(study), trials=trial_rows(study, trials))
-    if rerun:
-        for ckpt in db.reset_trials(engine, row.id, [t.hash for t in trials]):
-            Path(ckpt.path).unlink(missing_ok=True)
-    by_hash = {t.hash: t for t in trials}
-    status = {t.hash: t.status for t, _ in db.study_trials(engine, row.id)}
-    summary = RunSummary(total=len(trials), skipped=sum(1 for h in by_hash if status.get(h) == "done"))
-    todo = len(trials) - summary.skipped
-    display.message(f"study {s.name}: {len(trials)} trials, {summary.skipped} done, {todo} to run on {device}")
-    tried: set[int] = set()
-    waiting = False
-    while max_trials is None or len(summary.ran) < max_trials:
-        claimed = db.claim_next(engine, row.id, skip=tried, stale_after_s=stale_after_s)
-        if claimed is None:
-            busy = [t for t, _ in db.study_trials(engine, row.id) if t.status == "running" and t.hash in by_hash]
-            if not wait or not busy:
+    summary, tried, synced, todo = RunSummary(), set(), set(), 0
+    while True:  # rounds: one, unless the seeds are adaptive (rounds.py recomputes the next round from the DB)
+        if s.adaptive is not None and (synced or not rerun):
+            trials = rounds.current_trials(engine, study, trials, trusted=lambda h: not rerun or h in synced)
+        new = [t for t in trials if t.hash not in synced]
+        if synced and not new:
+            if not any(t.status == "running" for t, _ in db.study_trials(engine, row.id)):
                 break
-            if not waiting:
-                display.message(f"waiting for {len(busy)} trial(s) running on other workers "
-                                f"(taken over if a worker dies or has no heartbeat for {stale_after_s:.0f}s)")
-            waiting = True
-            time.sleep(poll_s)
-            continue
+            time.sleep(poll_s)  # another process runs this round's last trials: their results decide the next
+        else:
+            row = db.sync_study(engine, name=s.name, description=s.description, paper=s.paper, path=str(path),
+                                spec_text=study.text, spec_hash=study_hash(study), trials=trial_rows(study, trials))
+            if rerun:
+                for ckpt in db.reset_trials(engine, row.id, [t.hash for t in new]):
+                    Path(ckpt.path).unlink(missing_ok=True)
+            synced.update(t.hash for t in new)
+            status = {t.hash: t.status for t, _ in db.study_trials(engine, row.id)}
+            done = sum(1 for t in new if status.get(t.hash) == "done")
+            summary.total, summary.skipped, todo = len(trials), summary.skipped + done, todo + len(new) - done
+            display.message(f"study {s.name}: {len(trials)} trials, {summary.skipped} done, {todo - len(summary.ran)}"
+                            f" to run on {device}" + (" (adaptive seeds: next round)" if len(synced) > len(new)
+                                                      else ""))
+        by_hash = {t.hash: t for t in trials}
         waiting = False
-        tried.add(claimed.id)
-        trial = by_hash[claimed.hash]
-        display.trial_start(len(summary.ran) + 1, todo, claimed.label, claimed.hash)
-        result = run_trial(engine, claimed, infos[trial.spec.data.model_dump_json()], device=device,
-                           artifacts=artifacts, display=display, heartbeat_s=heartbeat_s, dist_ctx=dist_ctx)
-        summary.ran.append((claimed.hash, result))
-        display.trial_end(_summary_line(engine, claimed, result))
+        while max_trials is None or len(summary.ran) < max_trials:
+            claimed = db.claim_next(engine, row.id, skip=tried, stale_after_s=stale_after_s)
+            if claimed is None:
+                busy = [t for t, _ in db.study_trials(engine, row.id) if t.status == "running" and t.hash in by_hash]
+                if not wait or not busy:
+                    break
+                if not waiting:
+                    display.message(f"waiting for {len(busy)} trial(s) running on other workers "
+                                    f"(taken over if a worker dies or has no heartbeat for {stale_after_s:.0f}s)")
+                waiting = True
+                time.sleep(poll_s)
+                continue
+            waiting = False
+            tried.add(claimed.id)
+            trial = by_hash[claimed.hash]
+            display.trial_start(len(summary.ran) + 1, todo, claimed.label, claimed.hash)
+            result = run_trial(engine, claimed, infos[trial.spec.data.model_dump_json()], device=device,
+                               artifacts=artifacts, display=display, heartbeat_s=heartbeat_s, dist_ctx=dist_ctx)
+            summary.ran.append((claimed.hash, result))
+            display.trial_end(_summary_line(engine, claimed, result))
+        if s.adaptive is None or (max_trials is not None and len(summary.ran) >= max_trials):
+            break
     return summary
