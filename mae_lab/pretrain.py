@@ -32,6 +32,8 @@ from mae_lab.expand import mae_config
 from mae_lab.loaders import pretrain_loader
 from mae_lab.model import MaskedAutoencoder
 from mae_lab.probe import knn_top1
+from mae_lab.probe_surface import STAGE as SURFACE
+from mae_lab.probe_surface import probe_surface
 from mae_lab.spec import TrialSpec
 from mae_lab.train_utils import (
     LOSS_SYNC_EVERY,
@@ -196,6 +198,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
                    "images_per_s": n_images / epoch_s, "peak_mem_mib": peak_memory_mib(dev)}
         if pt.probe_every and epoch % pt.probe_every == 0 and rank == 0:
             metrics["knn_top1"] = knn_top1(model, info, spec, device)
+            metrics[SURFACE] = probe_surface(spec, model, info, device)  # {} without eval.linear.blocks
         sha = save(epoch)
         metrics["ckpt_sha256"] = sha
         metrics["wall_s"] = time.perf_counter() - t_start

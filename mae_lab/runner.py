@@ -32,6 +32,8 @@ from mae_lab.init_weights import check_inits, init_model
 from mae_lab.model import count_params, encoder_flops_per_image
 from mae_lab.pretrain import pretrain
 from mae_lab.probe import linear_probe
+from mae_lab.probe_surface import STAGE as SURFACE
+from mae_lab.probe_surface import probe_surface
 from mae_lab.progress import Display, PlainDisplay
 from mae_lab.recon_lookup import save_trial_recon
 from mae_lab.spec import DataSpec, Study, StudyError, TrialSpec, load_study, set_dotted
@@ -209,6 +211,9 @@ def _run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: s
     last: dict[str, Any] = {}  # the latest pretraining metrics, for a pruned trial's result
 
     def on_pretrain_epoch(m: dict[str, Any]) -> None:
+        surface = m.pop(SURFACE, None)  # {"block{b}": top-1} every pretrain.probe_every epochs
+        if surface:
+            db.record_metrics(engine, row.id, SURFACE, m["epoch"], surface)
         if m.get("ckpt_sha256"):
             db.record_checkpoint(engine, row.pretrain_hash, str(ckpt), m["ckpt_sha256"], m["epoch"])
         db.record_metrics(engine, row.id, "pretrain", m["epoch"],
@@ -254,6 +259,8 @@ def _run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: s
             display.stage("linear", lin.epochs)
             out = linear_probe(spec, model, info, device=device, on_epoch=on_eval_epoch("linear", lin.epochs))
             result.update(linear_top1=out["top1"], linear_wall_s=out["wall_s"])
+            if lin.blocks:  # the probe surface at the last epoch (one forward pass for every block)
+                db.record_metrics(engine, row.id, SURFACE, pre.epochs, probe_surface(spec, model, info, device))
         if ft.enabled:
             db.clear_metrics(engine, row.id, "finetune")
             display.stage("finetune", ft.epochs)
