@@ -34,8 +34,8 @@ class PlainDisplay:
         self.console = console or Console(file=sys.stdout, highlight=False, soft_wrap=True)
         self.t0 = time.time()
 
-    def _print(self, line: str) -> None:
-        self.console.print(f"[{time.time() - self.t0:7.1f}s] {line}", markup=False)
+    def _print(self, line: str) -> None:  # soft_wrap: one event, one line, whatever the console's width
+        self.console.print(f"[{time.time() - self.t0:7.1f}s] {line}", markup=False, soft_wrap=True)
 
     def trial_start(self, k, n, label, hash):
         self._print(f"trial {k}/{n} {hash[:8]} {label}")
