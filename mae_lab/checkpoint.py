@@ -9,6 +9,8 @@ A pretraining checkpoint is one ``torch.save`` of a dict that ``torch.load(weigh
     rng           {"torch": ByteTensor (CPU generator state), "cuda": list[ByteTensor] | None}
     config        dict, the MAEConfig's fields
     spec          dict, the TrialSpec as JSON-able data (``spec.model_dump(mode="json")``)
+    identity      dict, the pretraining identity it was written for (``expand.pretrain_identity``; a resume must
+                  match it key for key); absent in checkpoints written before it existed
     loss_history  list[float], mean pretraining loss of each completed epoch
 
 Files are written atomically (temp file in the same folder, fsync, ``os.replace``, fsync of the folder) and identified
@@ -29,7 +31,7 @@ import torch
 
 from mae_lab.atomic import atomic_file
 
-FORMAT_KEYS = ("model", "optimizer", "epoch", "step", "rng", "config", "spec", "loss_history")
+FORMAT_KEYS = ("model", "optimizer", "epoch", "step", "rng", "config", "spec", "identity", "loss_history")
 
 
 class CheckpointError(RuntimeError):

@@ -2,9 +2,11 @@
 
 Every state change of a trial, and every result, is written in one transaction. On SQLite every transaction is
 ``BEGIN IMMEDIATE`` (WAL mode, busy timeout), so two processes that claim trials at once are serialized instead of
-failing with "database is locked"; on PostgreSQL a claim is ``SELECT ... FOR UPDATE SKIP LOCKED``. The trials table
-is the work queue: a running trial carries its worker (host:pid) and a heartbeat that a background thread refreshes
-while the trial runs (``Heartbeat``), so a worker that died is noticed and its trial claimed again.
+failing with "database is locked"; on PostgreSQL a claim is ``SELECT ... LIMIT 1 FOR UPDATE SKIP LOCKED``. The
+trials table is the work queue: a running trial carries its claim (worker host:pid and attempt number), a heartbeat
+and a progress note that a background thread refreshes while the trial runs (``Heartbeat``), so a worker that died,
+or hangs while alive, is noticed and its trial claimed again; every later write of the old worker is then refused
+(``LostClaim``). Schema changes migrate in place (MIGRATIONS); tests/fixtures holds a database of an older release.
 """
 from __future__ import annotations
 
@@ -14,18 +16,26 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-from sqlalchemy import Column, Text, UniqueConstraint, event, insert, inspect, text
+from sqlalchemy import Column, Text, UniqueConstraint, and_, event, insert, inspect, or_, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, create_engine, delete, select
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # version reached -> statements that bring a database of the version before up to it (run inside one transaction)
-MIGRATIONS = {2: ["ALTER TABLE mae_results ADD COLUMN pretrain_peak_mem_mib FLOAT"]}
+MIGRATIONS = {
+    2: ["ALTER TABLE mae_results ADD COLUMN pretrain_peak_mem_mib FLOAT"],
+    3: [f"ALTER TABLE mae_trials ADD COLUMN {c}" for c in (
+        "progress VARCHAR", "progress_at TIMESTAMP", "mae_lab_version VARCHAR", "device_name VARCHAR",
+        "world_size INTEGER", "resolved_precision VARCHAR", "data_root VARCHAR", "data_fingerprint VARCHAR")]
+       + [f"ALTER TABLE mae_results ADD COLUMN {c}" for c in (
+        "linear_test_top1 FLOAT", "finetune_test_top1 FLOAT", "artifact_error TEXT")],
+}
 DEFAULT_URL = "sqlite:///db/mae_lab.db"
 STATUSES = ("pending", "running", "done", "failed", "diverged", "interrupted", "pruned")
 FINAL = ("done", "failed", "diverged", "pruned")  # statuses a trial keeps until --rerun
@@ -75,14 +85,23 @@ class TrialRow(SQLModel, table=True):
     spec_json: str = Field(sa_column=Column(Text))
     status: str = Field(default="pending", index=True)
     attempts: int = 0
-    worker: str | None = None  # host:pid of the process running it
+    worker: str | None = None  # host:pid of the process running it; (worker, attempts) is its claim
     heartbeat_at: datetime | None = None
+    progress: str | None = None  # e.g. "pretrain step 120" (schema 3)
+    progress_at: datetime | None = None  # when progress last changed: a hung worker stops advancing it (schema 3)
+    # provenance: how the trial ran (none of it changes the trial's identity)
     host: str | None = None
     git_commit: str | None = None
     git_dirty: bool | None = None
     torch_version: str | None = None
     timm_version: str | None = None
+    mae_lab_version: str | None = None  # schema 3
     device: str | None = None
+    device_name: str | None = None  # e.g. "NVIDIA H100 80GB HBM3" or the CPU model (schema 3)
+    world_size: int | None = None  # processes that pretrained it (schema 3)
+    resolved_precision: str | None = None  # resolved pretraining precision: bf16 or fp32 (schema 3)
+    data_root: str | None = None  # where the data was read from (schema 3)
+    data_fingerprint: str | None = None  # the data's identity, part of the hash (schema 3)
     started_at: datetime | None = None
     ended_at: datetime | None = None
     error: str | None = Field(default=None, sa_column=Column(Text))
@@ -109,8 +128,10 @@ class ResultRow(SQLModel, table=True):
     __tablename__ = "mae_results"
     id: int | None = Field(default=None, primary_key=True)
     trial_id: int = Field(foreign_key="mae_trials.id", unique=True)
-    linear_top1: float | None = None
-    finetune_top1: float | None = None
+    linear_top1: float | None = None  # the validation split (what search, pruning and probe_every read)
+    finetune_top1: float | None = None  # the validation split
+    linear_test_top1: float | None = None  # the test split; None without one (schema 3)
+    finetune_test_top1: float | None = None  # the test split; None without one (schema 3)
     knn_top1: float | None = None
     pretrain_loss: float | None = None
     pretrain_wall_s: float | None = None
@@ -122,6 +143,7 @@ class ResultRow(SQLModel, table=True):
     encoder_params: int | None = None
     total_params: int | None = None
     pretrain_reused: bool = False  # the pretraining was shared with another trial
+    artifact_error: str | None = Field(default=None, sa_column=Column(Text))  # FLOPs / recon failed after the result
 
 
 class ArtifactRow(SQLModel, table=True):
@@ -363,64 +385,131 @@ def reset_trials(engine: Engine, study_id: int, hashes: list[str]) -> list[Check
         return dropped
 
 
-def _is_stale(row: TrialRow, stale_after_s: float) -> bool:
-    """A running trial whose worker is gone: a dead pid on this host, or no heartbeat for ``stale_after_s``."""
-    host, _, pid = (row.worker or ":").rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-    beat = row.heartbeat_at
-    if beat is None:
-        return True
-    if beat.tzinfo is None:
-        beat = beat.replace(tzinfo=timezone.utc)
-    return (now() - beat).total_seconds() > stale_after_s
+# --- the queue: claims, heartbeats and fenced writes ----------------------------------------------------------
+# A claim is (trial, worker, attempt). Every write a worker makes for its trial after claiming it checks, in the
+# same transaction, that the row still carries its claim; a worker whose trial was taken over (it looked dead or
+# hung) gets LostClaim and stops, so it cannot overwrite its successor's metrics, checkpoint record or result.
+
+@dataclass(frozen=True)
+class Claim:
+    trial_id: int
+    worker: str
+    attempt: int
+
+
+class LostClaim(RuntimeError):
+    """This worker's claim on a trial is gone: another worker took the trial over (or it was reset)."""
+
+    def __init__(self, claim: Claim, holder: str | None):
+        self.claim = claim
+        super().__init__(f"trial {claim.trial_id}: this worker ({claim.worker}, attempt {claim.attempt}) lost its "
+                         f"claim{f' to {holder}' if holder else ''}; it stops without writing more")
+
+
+def claim_of(row: TrialRow) -> Claim:
+    return Claim(row.id, row.worker, row.attempts)
+
+
+def _fenced(s: Session, claim: Claim | None, trial_id: int) -> TrialRow:
+    """The trial row, locked on PostgreSQL; raises LostClaim when ``claim`` is given and no longer holds it."""
+    stmt = select(TrialRow).where(TrialRow.id == trial_id)
+    if s.bind.dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    row = s.exec(stmt).one()
+    if claim is not None and (row.status != "running" or row.worker != claim.worker or row.attempts != claim.attempt):
+        raise LostClaim(claim, f"{row.worker} (attempt {row.attempts})" if row.status == "running" else row.status)
+    return row
+
+
+def _runnable(stale_after_s: float):
+    """SQL: pending or interrupted, or running with no heartbeat or no progress for ``stale_after_s`` (a dead
+    worker on another host, or a hung one that still beats)."""
+    cutoff = now() - timedelta(seconds=stale_after_s)
+    stale = or_(TrialRow.heartbeat_at == None, TrialRow.heartbeat_at < cutoff,  # noqa: E711
+                TrialRow.progress_at < cutoff)
+    return or_(TrialRow.status.in_(["pending", "interrupted"]), and_(TrialRow.status == "running", stale))
 
 
 def _take(row: TrialRow) -> None:
-    row.status, row.worker, row.heartbeat_at = "running", worker_id(), now()
+    row.status, row.worker, row.progress = "running", worker_id(), None
+    row.heartbeat_at = row.progress_at = now()
     row.attempts += 1
     row.started_at = row.started_at or now()
     row.ended_at = None
 
 
-def claim_next(engine: Engine, study_id: int, *, retry_failed: bool = False, stale_after_s: float = STALE_AFTER_S,
+def release_dead_local(engine: Engine, study_id: int) -> int:
+    """Mark interrupted the running trials whose worker is a dead process on this host (no need to wait for the
+    heartbeat to go stale); returns how many. Each update is fenced by the dead worker's claim."""
+    host = socket.gethostname()
+    with Session(engine) as s:
+        rows = s.exec(select(TrialRow).where(TrialRow.study_id == study_id, TrialRow.status == "running",
+                                             TrialRow.worker.startswith(f"{host}:"))).all()
+    dead = [claim_of(r) for r in rows if not _pid_alive(r.worker.rpartition(":")[2])]
+    for claim in dead:
+        with transaction(engine) as s:
+            try:
+                row = _fenced(s, claim, claim.trial_id)
+            except LostClaim:
+                continue
+            row.status, row.worker, row.error = "interrupted", None, f"worker {claim.worker} died"
+    return len(dead)
+
+
+def _pid_alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_next(engine: Engine, study_id: int, *, stale_after_s: float = STALE_AFTER_S,
                skip: set[int] = frozenset()) -> TrialRow | None:
-    """Atomically claim the next runnable trial (pending, interrupted, or running with a dead worker)."""
-    runnable = ["pending", "interrupted"] + (["failed", "diverged"] if retry_failed else [])
+    """Claim the next runnable trial of the study (in study order): one row per transaction, chosen in SQL with
+    LIMIT 1 (FOR UPDATE SKIP LOCKED on PostgreSQL, so workers claiming at the same instant take different rows)."""
+    release_dead_local(engine, study_id)
     with transaction(engine) as s:
         stmt = (select(TrialRow)
                 .where(TrialRow.study_id == study_id, TrialRow.active == True,  # noqa: E712
-                       TrialRow.status.in_(runnable + ["running"]))
-                .order_by(TrialRow.position))
+                       _runnable(stale_after_s), TrialRow.id.notin_(sorted(skip)))
+                .order_by(TrialRow.position, TrialRow.id).limit(1))
         if s.bind.dialect.name == "postgresql":  # SQLite is serialized by BEGIN IMMEDIATE instead
             stmt = stmt.with_for_update(skip_locked=True)
-        for row in s.exec(stmt).all():
-            if row.id in skip:
-                continue
-            if row.status in runnable or (row.status == "running" and _is_stale(row, stale_after_s)):
-                _take(row)
-                s.add(row)
-                return row
-        return None
+        row = s.exec(stmt).first()
+        if row is None:
+            return None
+        _take(row)
+        s.add(row)
+        return row
+
+
+def has_runnable(engine: Engine, study_id: int, *, stale_after_s: float = STALE_AFTER_S,
+                 skip: set[int] = frozenset()) -> bool:
+    """Whether a trial of the study is runnable now (a claim that found none may have lost a race for it)."""
+    with Session(engine) as s:
+        return s.exec(select(TrialRow.id).where(TrialRow.study_id == study_id, TrialRow.active == True,  # noqa
+                                                _runnable(stale_after_s), TrialRow.id.notin_(sorted(skip)))
+                      .limit(1)).first() is not None
 
 
 def claim_trial(engine: Engine, trial_id: int, *, stale_after_s: float = STALE_AFTER_S) -> TrialRow | None:
-    """Atomically claim one given trial if it is runnable (pending, interrupted, failed, diverged, or running
-    with a dead worker); None when another live worker runs it or it is done or pruned."""
+    """Claim one given trial if it is runnable (pending, interrupted, failed, diverged, or running with a stale
+    heartbeat or progress); None when another live worker runs it or it is done or pruned."""
+    row = get_trials(engine, [trial_id])
+    if row:
+        release_dead_local(engine, row[0].study_id)
     with transaction(engine) as s:
-        stmt = select(TrialRow).where(TrialRow.id == trial_id)
+        stmt = select(TrialRow).where(TrialRow.id == trial_id,
+                                      or_(_runnable(stale_after_s), TrialRow.status.in_(["failed", "diverged"])))
         if s.bind.dialect.name == "postgresql":
-            stmt = stmt.with_for_update()
+            stmt = stmt.with_for_update(skip_locked=True)
         row = s.exec(stmt).first()
-        if row is None or row.status in ("done", "pruned"):
-            return None
-        if row.status == "running" and not _is_stale(row, stale_after_s):
+        if row is None:
             return None
         _take(row)
         s.add(row)
@@ -428,35 +517,57 @@ def claim_trial(engine: Engine, trial_id: int, *, stale_after_s: float = STALE_A
 
 
 def is_stale(row: TrialRow, stale_after_s: float = STALE_AFTER_S) -> bool:
-    """Whether a running trial's worker is gone (see ``claim_next``)."""
-    return row.status == "running" and _is_stale(row, stale_after_s)
+    """Whether a running trial's worker is gone or hung: a dead pid on this host, or no heartbeat or no progress
+    for ``stale_after_s`` (what ``claim_next`` takes over)."""
+    if row.status != "running":
+        return False
+    host, _, pid = (row.worker or ":").rpartition(":")
+    if host == socket.gethostname() and not _pid_alive(pid):
+        return True
+    cutoff = now() - timedelta(seconds=stale_after_s)
+    return any(t is None or _aware(t) < cutoff for t in (row.heartbeat_at, row.progress_at or row.heartbeat_at))
 
 
-def heartbeat(engine: Engine, trial_id: int) -> None:
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+
+
+def heartbeat(engine: Engine, claim: Claim, progress: str | None = None) -> None:
+    """Write the claim's heartbeat, and its progress (e.g. "pretrain step 120") with the time it last changed."""
     with transaction(engine) as s:
-        row = s.get(TrialRow, trial_id)
+        row = _fenced(s, claim, claim.trial_id)
         row.heartbeat_at = now()
+        if progress is not None and progress != row.progress:
+            row.progress, row.progress_at = progress, now()
 
 
 class Heartbeat:
-    """While a trial runs, a daemon thread writes its heartbeat every ``interval_s`` in its own short transactions
-    (and calls ``also``, e.g. Optuna's own heartbeat), so a long epoch is not taken for a dead worker. A failed
-    write is retried at the next beat: a busy database never stops the trial."""
+    """While a trial runs, a daemon thread writes its heartbeat and progress every ``interval_s`` in its own short
+    transactions. ``progress`` is set by the training loop (a string that changes as it advances): a process that
+    still beats but whose progress stands still for ``--stale-after`` is taken over. A failed write is retried at
+    the next beat; a lost claim is kept in ``lost`` for the loop to stop on (``check``)."""
 
-    def __init__(self, engine: Engine, trial_id: int, interval_s: float = HEARTBEAT_S,
-                 also: Callable[[], None] | None = None):
-        self.engine, self.trial_id, self.interval_s, self.also = engine, trial_id, interval_s, also
+    def __init__(self, engine: Engine, claim: Claim, interval_s: float = HEARTBEAT_S):
+        self.engine, self.claim, self.interval_s = engine, claim, interval_s
+        self.progress: str | None = None
+        self.lost: LostClaim | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.trial_id}", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                heartbeat(self.engine, self.trial_id)
-                if self.also is not None:
-                    self.also()
+                heartbeat(self.engine, self.claim, self.progress)
+            except LostClaim as exc:
+                self.lost = exc
+                return
             except Exception:  # noqa: BLE001 - the next beat tries again
                 pass
+
+    def check(self) -> None:
+        """Raise LostClaim when a beat found the claim gone."""
+        if self.lost is not None:
+            raise self.lost
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -467,16 +578,19 @@ class Heartbeat:
         self._thread.join()
 
 
-def set_provenance(engine: Engine, trial_id: int, **fields: Any) -> None:
+def set_provenance(engine: Engine, trial_id: int, *, claim: Claim | None = None, **fields: Any) -> None:
     with transaction(engine) as s:
-        row = s.get(TrialRow, trial_id)
+        row = _fenced(s, claim, trial_id)
         for k, v in fields.items():
             setattr(row, k, v)
 
 
-def record_metrics(engine: Engine, trial_id: int, stage: str, epoch: int, values: dict[str, float]) -> None:
-    """Write one epoch's metrics, replacing any earlier row for the same (trial, stage, epoch, name)."""
+def record_metrics(engine: Engine, trial_id: int, stage: str, epoch: int, values: dict[str, float], *,
+                   claim: Claim | None = None) -> None:
+    """Write one epoch's metrics, replacing any earlier row for the same (trial, stage, epoch, name); fenced by
+    ``claim`` when given."""
     with transaction(engine) as s:
+        _fenced(s, claim, trial_id)
         names = list(values)
         s.exec(delete(MetricRow).where(MetricRow.trial_id == trial_id, MetricRow.stage == stage,
                                        MetricRow.epoch == epoch, MetricRow.name.in_(names)))
@@ -484,13 +598,17 @@ def record_metrics(engine: Engine, trial_id: int, stage: str, epoch: int, values
             s.add(MetricRow(trial_id=trial_id, stage=stage, epoch=epoch, name=name, value=float(value)))
 
 
-def clear_metrics(engine: Engine, trial_id: int, stage: str) -> None:
+def clear_metrics(engine: Engine, trial_id: int, stage: str, *, claim: Claim | None = None) -> None:
     with transaction(engine) as s:
+        _fenced(s, claim, trial_id)
         s.exec(delete(MetricRow).where(MetricRow.trial_id == trial_id, MetricRow.stage == stage))
 
 
-def record_checkpoint(engine: Engine, pretrain_hash: str, path: str, sha256: str, epoch: int) -> None:
+def record_checkpoint(engine: Engine, pretrain_hash: str, path: str, sha256: str, epoch: int, *,
+                      claim: Claim | None = None) -> None:
     with transaction(engine) as s:
+        if claim is not None:
+            _fenced(s, claim, claim.trial_id)
         row = s.get(CheckpointRow, pretrain_hash)
         if row is None:
             s.add(CheckpointRow(pretrain_hash=pretrain_hash, path=path, sha256=sha256, epoch=epoch))
@@ -513,11 +631,11 @@ def done_with_results(engine: Engine) -> list[tuple[TrialRow, ResultRow]]:
                                           .where(TrialRow.status == "done").order_by(TrialRow.id))]
 
 
-def adopt_result(engine: Engine, trial_id: int, source: ResultRow) -> None:
+def adopt_result(engine: Engine, trial_id: int, source: ResultRow, claim: Claim | None = None) -> None:
     """Close a trial as done with a copy of another trial's result (same spec, run before): nothing is trained."""
     fields = source.model_dump(exclude={"id", "trial_id"})
     fields["pretrain_reused"] = True
-    finish_trial(engine, trial_id, "done", result=fields)
+    finish_trial(engine, trial_id, "done", result=fields, claim=claim)
 
 
 def get_trials(engine: Engine, ids: list[int]) -> list[TrialRow]:
@@ -537,17 +655,32 @@ def get_checkpoint(engine: Engine, pretrain_hash: str) -> CheckpointRow | None:
 
 
 def finish_trial(engine: Engine, trial_id: int, status: str, *, result: dict[str, Any] | None = None,
-                 artifacts: dict[str, tuple[str, str]] | None = None, error: str | None = None) -> None:
-    """Close a trial: its status, result row and artifacts land together or not at all."""
+                 artifacts: dict[str, tuple[str, str]] | None = None, error: str | None = None,
+                 claim: Claim | None = None) -> None:
+    """Close a trial: its status, result row and artifacts land together or not at all; fenced by ``claim``."""
     with transaction(engine) as s:
-        row = s.get(TrialRow, trial_id)
+        row = _fenced(s, claim, trial_id)
         row.status, row.error, row.ended_at, row.worker = status, error, now(), None
         if result is not None:
             s.exec(delete(ResultRow).where(ResultRow.trial_id == trial_id))
             s.add(ResultRow(trial_id=trial_id, **result))
-        for kind, (path, sha) in (artifacts or {}).items():
-            s.exec(delete(ArtifactRow).where(ArtifactRow.trial_id == trial_id, ArtifactRow.kind == kind))
-            s.add(ArtifactRow(trial_id=trial_id, kind=kind, path=path, sha256=sha))
+        _put_artifacts(s, trial_id, artifacts)
+
+
+def record_artifacts(engine: Engine, trial_id: int, artifacts: dict[str, tuple[str, str]],
+                     update: dict[str, Any]) -> None:
+    """After a done trial's result: its artifacts, and ``update`` to its result row (FLOPs, artifact_error)."""
+    with transaction(engine) as s:
+        _put_artifacts(s, trial_id, artifacts)
+        result = s.exec(select(ResultRow).where(ResultRow.trial_id == trial_id)).one()
+        for k, v in update.items():
+            setattr(result, k, v)
+
+
+def _put_artifacts(s: Session, trial_id: int, artifacts: dict[str, tuple[str, str]] | None) -> None:
+    for kind, (path, sha) in (artifacts or {}).items():
+        s.exec(delete(ArtifactRow).where(ArtifactRow.trial_id == trial_id, ArtifactRow.kind == kind))
+        s.add(ArtifactRow(trial_id=trial_id, kind=kind, path=path, sha256=sha))
 
 
 # --- reading --------------------------------------------------------------------------------------------------

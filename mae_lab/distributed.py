@@ -77,7 +77,7 @@ def follow(ctx: DistContext) -> int:
         ckpt = Path(message["ckpt"]) if message["ckpt"] else None
         try:
             pretrain(spec, message["info"], device=ctx.device, ckpt_path=ckpt, resume=True, rank=ctx.rank,
-                     world_size=ctx.world_size)
+                     world_size=ctx.world_size, identity=message.get("identity"))
         except DivergenceError:
             pass  # every rank saw it (the loss is averaged over ranks); rank 0 records it
         n += 1

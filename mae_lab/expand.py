@@ -27,17 +27,95 @@ class Trial:
         return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in self.axes.items()) or "default"
 
 
+# Identity: what determines a trial's numbers. Execution choices are provenance, left out of every hash; the loaders
+# and the RNG streams (rng.py) make them unable to change the numbers.
+EXECUTION = ("data.num_workers", "data.in_memory", "pretrain.compile")
+# A field added after identities were first stored leaves the hash alone at the value that means "as before": list it
+# here with that value when you add it (tests/test_identity.py fails for a field that is in neither list).
+HASH_NEUTRAL: dict[str, Any] = {
+    "data.val_holdout": None,
+    "data.val_seed": 0,
+    "data.label_key": "label",
+    "data.pretrain_dataset": None,
+    "data.pretrain_shards": None,
+    "pretrain.init": None,
+    "pretrain.init_sha256": None,
+    "eval.linear.blocks": [],
+    "eval.finetune.img_size": None,
+}
+DATA_LOCATION = ("data.dataset", "data.train", "data.val", "data.pretrain_dataset", "data.pretrain_shards")
+PRETRAIN_SECTIONS = ("seed", "data", "model", "pretrain")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a trial's identity needs from how it runs: the data's content, the process count, the precision."""
+
+    fingerprint: str | None = None  # DatasetInfo.fingerprint; None: the data as the spec names it
+    world_size: int = 1  # processes at pretrain.batch_size each: the global batch is what counts
+    precision: str | None = None  # "bf16" or "fp32", resolved for the device; None: pretrain.amp as written
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-def trial_hash(spec: TrialSpec) -> str:
-    return _digest(spec.model_dump(mode="json"))
+def identity(spec: TrialSpec, ctx: RunContext = RunContext()) -> dict[str, Any]:
+    """The canonical dotted-key form of what determines ``spec``'s numbers under ``ctx``.
+
+    Left out: execution choices (EXECUTION) and HASH_NEUTRAL fields at their neutral value. Replaced: the data's
+    name and shard patterns by its fingerprint (when known), ``pretrain.batch_size`` by the global batch
+    ``pretrain.global_batch`` (batch x accum x world size; ``accum_iter`` stays), ``pretrain.amp`` by the resolved
+    ``pretrain.precision`` (when known).
+    """
+    flat = _flatten(spec.model_dump(mode="json"))
+    for key in EXECUTION:
+        flat.pop(key, None)
+    for key, neutral in HASH_NEUTRAL.items():
+        if key in flat and flat[key] == neutral:
+            del flat[key]
+    if ctx.fingerprint is not None:  # the content, not its name or folder
+        for key in DATA_LOCATION:
+            flat.pop(key, None)
+        flat["data.fingerprint"] = ctx.fingerprint
+    if flat.get("pretrain.init_sha256") is not None:  # the init's content, not where it was read from
+        flat.pop("pretrain.init", None)
+    pt = spec.pretrain
+    del flat["pretrain.batch_size"]
+    flat["pretrain.global_batch"] = pt.batch_size * pt.accum_iter * ctx.world_size
+    if ctx.precision is not None:
+        del flat["pretrain.amp"]
+        flat["pretrain.precision"] = ctx.precision
+    return flat
 
 
-def pretrain_hash(spec: TrialSpec) -> str:
-    """Hash of the fields that affect pretraining: seed, data, model, pretrain (not eval)."""
-    return _digest(spec.model_dump(mode="json", include={"seed", "data", "model", "pretrain"}))
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def trial_hash(spec: TrialSpec, ctx: RunContext = RunContext()) -> str:
+    return _digest(identity(spec, ctx))
+
+
+def pretrain_identity(spec: TrialSpec, ctx: RunContext = RunContext()) -> dict[str, Any]:
+    """The part of ``identity`` that determines pretraining: seed, data, model, pretrain (not eval)."""
+    return {k: v for k, v in identity(spec, ctx).items() if k.split(".")[0] in PRETRAIN_SECTIONS}
+
+
+def pretrain_hash(spec: TrialSpec, ctx: RunContext = RunContext()) -> str:
+    """Hash of the fields that affect pretraining (shared by trials that differ only in evaluation)."""
+    return _digest(pretrain_identity(spec, ctx))
+
+
+def bind(trial: Trial, ctx: RunContext) -> Trial:
+    """``trial`` with the hashes it has under ``ctx`` (what the database records)."""
+    return dataclasses.replace(trial, hash=trial_hash(trial.spec, ctx), pretrain_hash=pretrain_hash(trial.spec, ctx))
 
 
 def mae_config(spec: TrialSpec) -> MAEConfig:

@@ -15,14 +15,15 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 
+from mae_lab import rng
 from mae_lab.data import DatasetInfo
 from mae_lab.init_ref import at_finetune_size
 from mae_lab.init_weights import resize_pos_embed
 from mae_lab.loaders import eval_loader, finetune_loader
 from mae_lab.model import MaskedAutoencoder, build_timm_vit
-from mae_lab.pretrain import epoch_seed
+from mae_lab.probe import has_test_split
 from mae_lab.spec import TrialSpec
-from mae_lab.train_utils import LOSS_SYNC_EVERY, lr_at, read_losses, seed_all, use_bf16
+from mae_lab.train_utils import LOSS_SYNC_EVERY, lr_at, read_losses, use_bf16
 
 HEAD_KEYS = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}  # new in the classifier
 DROPPED_KEYS = {"norm.weight", "norm.bias"}  # the encoder's final norm, replaced by fc_norm with global_pool "avg"
@@ -71,7 +72,7 @@ def build_classifier(spec: TrialSpec, model: MaskedAutoencoder, num_classes: int
     msg = vit.load_state_dict(encoder, strict=False)
     odd = set(msg.missing_keys) - HEAD_KEYS | set(msg.unexpected_keys) - DROPPED_KEYS
     assert not odd, f"encoder weights do not fit the timm ViT: {sorted(odd)}"
-    nn.init.trunc_normal_(vit.head.weight, std=2e-5)  # as the official fine-tuning
+    nn.init.trunc_normal_(vit.head.weight, std=2e-5, generator=rng.generator(spec.seed, "finetune", "head"))
     nn.init.zeros_(vit.head.bias)
     if ft.last_k_blocks is not None:
         first_tuned = len(vit.blocks) - ft.last_k_blocks
@@ -84,9 +85,9 @@ def build_classifier(spec: TrialSpec, model: MaskedAutoencoder, num_classes: int
 
 def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, device: str,
              on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Fine-tune a copy of `model`'s encoder as `spec.eval.finetune` says; top-1 on the val split.
+    """Fine-tune a copy of `model`'s encoder as `spec.eval.finetune` says; top-1 on the val and test splits.
 
-    `model` itself is not changed. Returns {"top1", "wall_s", "images_per_s" (training), "epochs", "model" (the
+    `model` itself is not changed. Returns {"top1" (validation), "test_top1" (None without a test split), "wall_s", "images_per_s" (training), "epochs", "model" (the
     fine-tuned timm ViT)};
     `on_epoch` gets {"epoch", "loss", "lr", "images_per_s"} after every epoch.
     """
@@ -95,7 +96,7 @@ def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, de
     spec = at_finetune_size(spec)  # the loaders make eval.finetune.img_size images
     dev = torch.device(device)
     amp = use_bf16(spec.pretrain.amp, dev, model.config.embed_dim)
-    seed_all(spec.seed)
+    rng.seed_globals(spec.seed, "finetune", "build")  # timm's own init, overwritten by the encoder and head
     vit = build_classifier(spec, model, info.num_classes).to(dev)
 
     groups = param_groups_lrd(vit, ft.weight_decay, set(vit.no_weight_decay()), ft.layer_decay)
@@ -123,7 +124,7 @@ def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, de
     step, train_s, images = 0, 0.0, 0
     for epoch in range(ft.epochs):
         t_epoch = time.perf_counter()
-        seed_all(epoch_seed(spec.seed, epoch, 2))  # augmentation, mixup, drop path
+        rng.seed_globals(spec.seed, "finetune", epoch)  # mixup and drop path (augmentation: the loader's stream)
         vit.train()
         loss_sum, n_images, lr = 0.0, 0, 0.0
         pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet read back from the device
@@ -155,14 +156,22 @@ def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, de
             on_epoch({"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "lr": lr,
                       "images_per_s": n_images / epoch_s})
 
+    top1 = evaluate(vit, spec, info, "val", dev, amp)
+    test_top1 = evaluate(vit, spec, info, "test", dev, amp) if has_test_split(info) else None
+    return {"top1": top1, "test_top1": test_top1, "wall_s": time.perf_counter() - t_start,
+            "images_per_s": images / max(train_s, 1e-9), "epochs": ft.epochs, "model": vit}
+
+
+@torch.no_grad()
+def evaluate(vit: VisionTransformer, spec: TrialSpec, info: DatasetInfo, split: str, dev: torch.device,
+             amp: bool) -> float:
+    """Top-1 of the fine-tuned classifier on one split ("val" or "test")."""
     vit.eval()
     correct, total = 0, 0
-    with torch.no_grad():
-        for imgs, labels in eval_loader(spec, info, "val", ft.batch_size):
-            imgs, labels = imgs.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                logits = vit(imgs)  # (B, num_classes)
-            correct += (logits.argmax(dim=1) == labels).sum().item()
-            total += labels.numel()
-    return {"top1": correct / max(1, total), "wall_s": time.perf_counter() - t_start,
-            "images_per_s": images / max(train_s, 1e-9), "epochs": ft.epochs, "model": vit}
+    for imgs, labels in eval_loader(spec, info, split, spec.eval.finetune.batch_size):
+        imgs, labels = imgs.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)  # (B, C, H, W), (B,)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            logits = vit(imgs)  # (B, num_classes)
+        correct += (logits.argmax(dim=1) == labels).sum().item()
+        total += labels.numel()
+    return correct / max(1, total)

@@ -5,6 +5,7 @@ forward returns (loss, pred, mask) with mask 1 = removed, 0 = kept. Parameter na
 checkpoints, and the encoder's names load into timm's VisionTransformer.
 """
 
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -85,8 +86,13 @@ class MaskedAutoencoder(nn.Module):
 
         self.initialize_weights()
 
-    def initialize_weights(self):
-        """Official init: sin-cos tables, xavier_uniform Linear and patch conv, LayerNorm 1/0, tokens N(0, 0.02)."""
+    def initialize_weights(self, generators: Callable[[str], torch.Generator | None] = lambda name: None):
+        """Official init: sin-cos tables, xavier_uniform Linear and patch conv, LayerNorm 1/0, tokens N(0, 0.02).
+
+        ``generators(parameter name)``: the generator each random parameter draws from (``rng.init_generators``:
+        arms whose parameters share a name and shape start equal); by default torch's global RNG, as officially.
+        """
+        gen = generators
         g = self.config.grid_size
         pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], g, g, cls_token=True)
         self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
@@ -94,17 +100,18 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_pos_embed.data.copy_(torch.from_numpy(dec_pos).float().unsqueeze(0))
 
         w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))  # like nn.Linear, not the conv fan
-        nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]), generator=gen("patch_embed.proj.weight"))  # nn.Linear fan
+        nn.init.normal_(self.cls_token, std=0.02, generator=gen("cls_token"))
+        nn.init.normal_(self.mask_token, std=0.02, generator=gen("mask_token"))
         if self.config.mask_token_in_encoder:
-            nn.init.normal_(self.enc_mask_token, std=0.02)
-        self.apply(self._init_weights)
+            nn.init.normal_(self.enc_mask_token, std=0.02, generator=gen("enc_mask_token"))
+        names = {id(m): name for name, m in self.named_modules()}
+        self.apply(lambda m: self._init_weights(m, gen(f"{names[id(m)]}.weight")))  # apply's order, as officially
 
     @staticmethod
-    def _init_weights(m: nn.Module):
+    def _init_weights(m: nn.Module, generator: torch.Generator | None = None):
         if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
+            nn.init.xavier_uniform_(m.weight, generator=generator)
             if m.bias is not None:
                 nn.init.constant_(m.bias, 0)
         elif isinstance(m, nn.LayerNorm):

@@ -2,8 +2,8 @@
 
 AdamW betas (0.9, 0.95), weight decay on >= 2-D weights only, lr = base_lr * batch_size * accum_iter / 256 with a
 per-step linear warmup then a half-cosine to min_lr, gradient accumulation, optional bf16 autocast and
-torch.compile. Every epoch reseeds all the randomness it uses from (seed, epoch), and the checkpoint written after
-it holds everything else (weights, optimizer, step), so a resumed run equals an uninterrupted one bit for bit.
+torch.compile. Every epoch draws its randomness from named streams of (seed, epoch) (`rng.py`), and the checkpoint
+written after it holds everything else (weights, optimizer, step), so a resumed run equals an uninterrupted one bit for bit.
 
 With `world_size` > 1 (a process group already initialised, see `distributed.py`) the model is wrapped in
 DistributedDataParallel: each rank takes its share of every global batch of `batch_size * world_size` (the loaders
@@ -22,13 +22,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from mae_lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
+from mae_lab import rng
 from mae_lab.data import DatasetInfo
-from mae_lab.expand import mae_config
+from mae_lab.expand import RunContext, mae_config, pretrain_identity
 from mae_lab.loaders import pretrain_loader
 from mae_lab.model import MaskedAutoencoder
 from mae_lab.probe import knn_top1
@@ -43,7 +43,6 @@ from mae_lab.train_utils import (
     peak_memory_mib,
     read_losses,
     reset_peak_memory,
-    seed_all,
     use_bf16,
 )
 
@@ -61,28 +60,30 @@ class PretrainResult:
     peak_mem_mib: float | None = None  # peak memory while training (CUDA: allocated; CPU: process RSS); None: none
 
 
-def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
-    """A 63-bit seed for one (seed, epoch, stream): independent streams, a pure function of its arguments."""
-    return int(np.random.SeedSequence((seed, epoch, stream)).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path | None, resume: bool = True,
              on_epoch: Callable[[dict], None] | None = None, model: MaskedAutoencoder | None = None,
-             ckpt_sha256: str | None = None, rank: int = 0, world_size: int = 1) -> PretrainResult:
+             rank: int = 0, world_size: int = 1, identity: dict | None = None,
+             on_step: Callable[[int], None] | None = None) -> PretrainResult:
     """Pretrain an MAE on `info`'s train split as `spec.pretrain` says; checkpoint and report after each epoch.
 
-    With `resume` and an existing `ckpt_path` the run continues from it (its sha256 is checked when `ckpt_sha256`
-    is given, and its config and spec must match); a checkpoint that already has every epoch returns at once.
-    `model` replaces the freshly built MaskedAutoencoder (e.g. to continue from imported weights).
+    With `resume` and an existing `ckpt_path` the run continues from it (its `identity`, ``expand.pretrain_identity``
+    under the run's context, must match the one it was written with; CheckpointError names the first key that
+    differs); a checkpoint that already has every epoch returns at once. The weights start from the ``init``
+    streams (one per parameter name), so arms of a study share every parameter whose name and shape agree;
+    `model` replaces them (``pretrain.init``: released or earlier weights). `on_step(step)` follows every
+    optimizer step (the runner's heartbeat progress; it may raise to stop the run).
     `rank` / `world_size`: this process in a DistributedDataParallel run (module docstring); every rank calls this
     with the same spec and checkpoint path. Raises DivergenceError when the loss is not finite.
     """
     t_start = time.perf_counter()
     pt = spec.pretrain
     dev = torch.device(device)
-    torch.manual_seed(spec.seed)
+    if identity is None:  # the data as the spec names it, the precision as written
+        identity = pretrain_identity(spec, RunContext(world_size=world_size))
     if model is None:
-        model = MaskedAutoencoder(mae_config(spec))
+        with rng.seeded(spec.seed, "init", "defaults"):  # what the official init leaves at torch's default
+            model = MaskedAutoencoder(mae_config(spec))  # (the patch conv's bias: drawn first, so shared too)
+        model.initialize_weights(rng.init_generators(spec.seed))
     model.to(dev)
 
     eff_batch = pt.batch_size * pt.accum_iter * world_size  # the global batch of one optimizer step
@@ -96,10 +97,10 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
     epoch, step, loss_history, sha = 0, 0, [], None
     ckpt_path = Path(ckpt_path) if ckpt_path is not None else None
     if ckpt_path is not None and resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, sha256=ckpt_sha256, map_location="cpu")
-        if ckpt.get("config") != config_dump or _pretrain_part(ckpt.get("spec")) != _pretrain_part(spec_dump):
-            raise CheckpointError(f"{ckpt_path}: was written for another model config or pretraining spec; "
-                                  "delete it or run without resume")
+        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+        mismatch = checkpoint_mismatch(ckpt, config_dump, identity)
+        if mismatch:
+            raise CheckpointError(f"{ckpt_path}: {mismatch[0]}: {mismatch[1]}; delete it or run without resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         epoch, step, loss_history = ckpt["epoch"], ckpt["step"], list(ckpt["loss_history"])
@@ -109,7 +110,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
         if epoch >= pt.epochs:  # nothing left to train
             return PretrainResult(model, epoch, step, time.perf_counter() - t_start, 0.0,
                                   loss_history[-1] if loss_history else None, loss_history,
-                                  ckpt_sha256 or sha256_file(ckpt_path))
+                                  sha256_file(ckpt_path))
 
     def save(epoch_done: int) -> str | None:
         if ckpt_path is None or rank != 0:
@@ -118,7 +119,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch_done, "step": step,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "config": config_dump, "spec": spec_dump, "loss_history": loss_history,
+            "config": config_dump, "spec": spec_dump, "identity": identity, "loss_history": loss_history,
         })
 
     if pt.epochs == 0:  # the random-init baseline
@@ -149,10 +150,9 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
     train_s, images = 0.0, 0
     while epoch < pt.epochs:
         t_epoch = time.perf_counter()
-        seed_all(epoch_seed(spec.seed, epoch, 0))  # augmentation and anything else on the global RNGs
-        mask_gen = torch.Generator().manual_seed(epoch_seed(spec.seed, epoch, 1))  # masking (CPU generator)
-        if world_size > 1 and not global_noise:  # block / grid masking: a stream per rank
-            mask_gen = torch.Generator().manual_seed(epoch_seed(spec.seed, epoch, 2 + rank))
+        mask_gen = rng.generator(spec.seed, "mask", epoch)  # masking (CPU generator): the global batch's noise
+        if world_size > 1 and not global_noise:  # block / grid masking: a stream per rank (depends on --nproc)
+            mask_gen = rng.generator(spec.seed, "mask", epoch, f"rank{rank}")
         loader = pretrain_loader(spec, info, epoch, rank=rank, world_size=world_size)
         model.train()
         optimizer.zero_grad(set_to_none=True)
@@ -182,6 +182,8 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                if on_step is not None and rank == 0:
+                    on_step(step)  # progress for the heartbeat (cheap: no device sync)
             if len(pending) >= sync_every:  # the loss is read (a host-device sync) only every sync_every batches
                 loss_sum += read_losses(pending, world_size, reduce_dev)
             n_micro += 1
@@ -220,8 +222,20 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
                           loss_history[-1], loss_history, sha, peak_memory_mib(dev))
 
 
-def _pretrain_part(spec_dump: dict | None) -> dict | None:
-    """The parts of a dumped spec that determine pretraining (as in expand.pretrain_hash)."""
-    if spec_dump is None:
+def checkpoint_mismatch(ckpt: dict, config_dump: dict, identity: dict | None) -> tuple[str, str] | None:
+    """(the first key that differs, why) when a checkpoint cannot continue this pretraining, else None.
+
+    A checkpoint stores the pretraining identity it was written for (``expand.pretrain_identity``); one written
+    before identities were stored is checked by its model config alone."""
+    theirs_config = ckpt.get("config") or {}
+    for key in sorted(set(config_dump) | set(theirs_config)):
+        if theirs_config.get(key) != config_dump.get(key):
+            return f"model.{key}", f"the checkpoint was written for {theirs_config.get(key)!r}, this trial has " \
+                                   f"{config_dump.get(key)!r}"
+    theirs = ckpt.get("identity")
+    if identity is None or theirs is None:
         return None
-    return {k: spec_dump.get(k) for k in ("seed", "data", "model", "pretrain")}
+    for key in sorted(set(identity) | set(theirs)):
+        if theirs.get(key) != identity.get(key):
+            return key, f"the checkpoint was written for {theirs.get(key)!r}, this trial has {identity.get(key)!r}"
+    return None

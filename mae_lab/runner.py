@@ -5,10 +5,13 @@ checkpoint; a file lock serializes two processes that reach the same pretraining
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import functools
 import hashlib
+import importlib.metadata
 import json
+import platform
 import socket
 import subprocess
 import time
@@ -24,20 +27,20 @@ import torch
 from sqlalchemy.engine import Engine
 
 from mae_lab import db, rounds
-from mae_lab.checkpoint import sha256_file
+from mae_lab.checkpoint import CheckpointError, load_checkpoint, sha256_file
 from mae_lab.data import DataError, DatasetInfo, resolve_spec_data, verify_dataset
-from mae_lab.expand import Trial, expand, mae_config
+from mae_lab.expand import RunContext, Trial, bind, expand, mae_config, pretrain_identity
 from mae_lab.finetune import finetune
 from mae_lab.init_weights import check_inits, init_model
 from mae_lab.model import count_params, encoder_flops_per_image
-from mae_lab.pretrain import pretrain
+from mae_lab.pretrain import checkpoint_mismatch, pretrain
 from mae_lab.probe import linear_probe
 from mae_lab.probe_surface import STAGE as SURFACE
 from mae_lab.probe_surface import probe_surface
 from mae_lab.progress import Display, PlainDisplay
 from mae_lab.recon_lookup import save_trial_recon
 from mae_lab.spec import DataSpec, Study, StudyError, TrialSpec, load_study, set_dotted
-from mae_lab.train_utils import DivergenceError
+from mae_lab.train_utils import DivergenceError, use_bf16
 
 
 class Pruned(Exception):
@@ -171,6 +174,27 @@ def study_hash(study: Study) -> str:
     return hashlib.sha256(study.text.encode()).hexdigest()[:16]
 
 
+def check_checkpoints(study: Study, trials: list[Trial], infos: dict[str, DatasetInfo], device: str,
+                      world_size: int, artifacts: Path) -> None:
+    """Every pretraining checkpoint a trial would resume must have been written for its pretraining identity;
+    StudyError names the first key that differs (before anything is written to the database)."""
+    seen: set[str] = set()
+    for t in trials:
+        path = artifacts / "pretrain" / f"{t.pretrain_hash}.pt"
+        if t.pretrain_hash in seen or not path.exists():
+            continue
+        seen.add(t.pretrain_hash)
+        try:
+            ckpt = load_checkpoint(path, map_location="cpu")
+        except CheckpointError:
+            continue  # unreadable: set aside and pretrained again when the trial runs (_verified_checkpoint)
+        ctx = run_context(t.spec, infos[t.spec.data.model_dump_json()], device, world_size)
+        mismatch = checkpoint_mismatch(ckpt, dataclasses.asdict(mae_config(t.spec)), pretrain_identity(t.spec, ctx))
+        if mismatch:
+            raise StudyError(study.path, mismatch[0], f"cannot resume {path}: {mismatch[1]} (delete the checkpoint "
+                             "to pretrain again)")
+
+
 def _verified_checkpoint(engine: Engine, pretrain_hash: str, path: Path, display: Display) -> None:
     """Keep ``path`` only if its sha256 is the one the database recorded; otherwise set it aside."""
     if not path.exists():
@@ -184,41 +208,93 @@ def _verified_checkpoint(engine: Engine, pretrain_hash: str, path: Path, display
                     "pretraining from scratch")
 
 
+def run_context(spec: TrialSpec, info: DatasetInfo, device: str, world_size: int = 1) -> RunContext:
+    """What the trial's identity takes from how it runs: the data's fingerprint, the process count, and the
+    precision ``pretrain.amp`` resolves to on ``device``."""
+    bf16 = use_bf16(spec.pretrain.amp, torch.device(device), spec.model.embed_dim)
+    fingerprint = info.fingerprint
+    if info.pretrain is not None:  # pretraining reads another dataset: both are the data's identity
+        fingerprint = hashlib.sha256(f"{info.fingerprint}\n{info.pretrain.fingerprint}".encode()).hexdigest()
+    return RunContext(fingerprint=fingerprint or None, world_size=world_size, precision="bf16" if bf16 else "fp32")
+
+
+def device_name(device: str) -> str:
+    """The accelerator's name (CUDA), else the CPU model."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(info: DatasetInfo, device: str, ctx: RunContext, data_root: str | None) -> dict[str, Any]:
+    """How a trial ran (TrialRow's provenance columns): none of it is part of its identity."""
+    commit, dirty = code_version()
+    try:
+        version = importlib.metadata.version("mae-lab")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return dict(host=socket.gethostname(), git_commit=commit, git_dirty=dirty, torch_version=torch.__version__,
+                timm_version=timm.__version__, mae_lab_version=version, device=device,
+                device_name=device_name(device), world_size=ctx.world_size, resolved_precision=ctx.precision,
+                data_root=data_root, data_fingerprint=ctx.fingerprint)
+
+
 def run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: str, artifacts: Path,
               display: Display, on_pretrain_metrics: Callable[[dict[str, Any]], None] | None = None,
-              heartbeat_s: float = db.HEARTBEAT_S, heartbeat_also: Callable[[], None] | None = None,
-              dist_ctx: Any = None) -> str:
+              heartbeat_s: float = db.HEARTBEAT_S, dist_ctx: Any = None, data_root: str | None = None) -> str:
     """Pretrain (or resume / reuse), probe, fine-tune and record one claimed trial; return its final status.
 
     ``on_pretrain_metrics`` sees every pretraining epoch's metrics after they are recorded (``knn_top1`` every
-    ``pretrain.probe_every`` epochs); raising ``Pruned`` there closes the trial as "pruned" with what it has. A
-    background thread writes the trial's heartbeat every ``heartbeat_s`` (and calls ``heartbeat_also``).
+    ``pretrain.probe_every`` epochs, on the validation split); raising ``Pruned`` there closes the trial as
+    "pruned" with what it has. A background thread writes the trial's heartbeat and progress every
+    ``heartbeat_s``. Every write is fenced by the claim in ``row``: a worker whose trial was taken over stops
+    with "lost" (and says so). The result is recorded before the artifacts (FLOPs, reconstructions): an artifact
+    failure is noted in ``artifact_error`` and the trial stays done with its numbers.
     ``dist_ctx`` (a ``distributed.DistContext``, this being rank 0): the other ranks pretrain alongside.
     """
-    with db.Heartbeat(engine, row.id, heartbeat_s, also=heartbeat_also):
-        return _run_trial(engine, row, info, device=device, artifacts=artifacts, display=display,
-                          on_pretrain_metrics=on_pretrain_metrics, dist_ctx=dist_ctx)
+    claim = db.claim_of(row)
+    with db.Heartbeat(engine, claim, heartbeat_s) as beat:
+        try:
+            return _run_trial(engine, row, claim, beat, info, device=device, artifacts=artifacts, display=display,
+                              on_pretrain_metrics=on_pretrain_metrics, dist_ctx=dist_ctx, data_root=data_root)
+        except db.LostClaim as exc:
+            display.message(f"  {exc}")
+            if dist_ctx is not None:
+                raise
+            return "lost"
 
 
-def _run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: str, artifacts: Path,
-               display: Display, on_pretrain_metrics: Callable[[dict[str, Any]], None] | None,
-               dist_ctx: Any) -> str:
+def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heartbeat, info: DatasetInfo, *,
+               device: str, artifacts: Path, display: Display,
+               on_pretrain_metrics: Callable[[dict[str, Any]], None] | None, dist_ctx: Any,
+               data_root: str | None) -> str:
     spec = TrialSpec.model_validate_json(row.spec_json)
-    commit, dirty = code_version()
-    db.set_provenance(engine, row.id, host=socket.gethostname(), git_commit=commit, git_dirty=dirty,
-                      torch_version=torch.__version__, timm_version=timm.__version__, device=device)
+    world_size = dist_ctx.world_size if dist_ctx is not None else 1
+    ctx = run_context(spec, info, device, world_size)
+    db.set_provenance(engine, row.id, claim=claim, **provenance(info, device, ctx, data_root))
     ckpt = artifacts / "pretrain" / f"{row.pretrain_hash}.pt"
     last: dict[str, Any] = {}  # the latest pretraining metrics, for a pruned trial's result
+
+    def on_step(stage: str, step: int) -> None:
+        beat.progress = f"{stage} step {step}"
+        beat.check()
 
     def on_pretrain_epoch(m: dict[str, Any]) -> None:
         surface = m.pop(SURFACE, None)  # {"block{b}": top-1} every pretrain.probe_every epochs
         if surface:
-            db.record_metrics(engine, row.id, SURFACE, m["epoch"], surface)
+            db.record_metrics(engine, row.id, SURFACE, m["epoch"], surface, claim=claim)
         if m.get("ckpt_sha256"):
-            db.record_checkpoint(engine, row.pretrain_hash, str(ckpt), m["ckpt_sha256"], m["epoch"])
+            db.record_checkpoint(engine, row.pretrain_hash, str(ckpt), m["ckpt_sha256"], m["epoch"], claim=claim)
         db.record_metrics(engine, row.id, "pretrain", m["epoch"],
-                          {k: v for k, v in m.items() if k not in ("epoch", "ckpt_sha256") and v is not None})
-        db.heartbeat(engine, row.id)
+                          {k: v for k, v in m.items() if k not in ("epoch", "ckpt_sha256") and v is not None},
+                          claim=claim)
+        beat.progress = f"pretrain epoch {m['epoch']}/{spec.pretrain.epochs}"
         display.epoch("pretrain", m["epoch"], spec.pretrain.epochs, m)
         last.update({k: v for k, v in m.items() if v is not None})
         if on_pretrain_metrics is not None:
@@ -227,7 +303,8 @@ def _run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: s
     def on_eval_epoch(stage: str, total: int):
         def cb(m: dict[str, Any]) -> None:
             db.record_metrics(engine, row.id, stage, m["epoch"],
-                              {k: v for k, v in m.items() if k != "epoch" and v is not None})
+                              {k: v for k, v in m.items() if k != "epoch" and v is not None}, claim=claim)
+            beat.progress = f"{stage} epoch {m['epoch']}/{total}"
             display.epoch(stage, m["epoch"], total, m)
         return cb
 
@@ -238,64 +315,79 @@ def _run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: s
             done_before = db.get_checkpoint(engine, row.pretrain_hash)
             reused = ckpt.exists() and done_before is not None and done_before.epoch >= spec.pretrain.epochs > 0
             if ckpt.exists() and done_before is not None:
-                db.set_provenance(engine, row.id, resumed_from_epoch=done_before.epoch)
-            world_size = 1
+                db.set_provenance(engine, row.id, claim=claim, resumed_from_epoch=done_before.epoch)
             if dist_ctx is not None:
-                world_size = dist_ctx.world_size
-                dist_ctx.announce({"spec_json": row.spec_json, "info": info,
+                dist_ctx.announce({"spec_json": row.spec_json, "info": info, "identity": pretrain_identity(spec, ctx),
                                    "ckpt": str(ckpt) if spec.pretrain.epochs else None})
             start = init_model(spec, engine) if spec.pretrain.init else None  # DDP copies rank 0's weights
             pre = pretrain(spec, info, device=device, ckpt_path=ckpt if spec.pretrain.epochs else None,
-                           resume=True, on_epoch=on_pretrain_epoch, world_size=world_size, model=start)
+                           resume=True, on_epoch=on_pretrain_epoch, world_size=world_size, model=start,
+                           identity=pretrain_identity(spec, ctx), on_step=functools.partial(on_step, "pretrain"))
         for epoch, loss in enumerate(pre.loss_history, start=1):  # epochs run before a resume, or shared
-            db.record_metrics(engine, row.id, "pretrain", epoch, {"loss": loss})
+            db.record_metrics(engine, row.id, "pretrain", epoch, {"loss": loss}, claim=claim)
         result: dict[str, Any] = {"pretrain_loss": pre.final_loss, "pretrain_wall_s": pre.wall_s,
                                   "pretrain_images_per_s": pre.images_per_s,
                                   "pretrain_peak_mem_mib": pre.peak_mem_mib, "pretrain_reused": reused}
         model = pre.model
         lin, ft = spec.eval.linear, spec.eval.finetune
         if lin.enabled:
-            db.clear_metrics(engine, row.id, "linear")
+            db.clear_metrics(engine, row.id, "linear", claim=claim)
             display.stage("linear", lin.epochs)
             out = linear_probe(spec, model, info, device=device, on_epoch=on_eval_epoch("linear", lin.epochs))
-            result.update(linear_top1=out["top1"], linear_wall_s=out["wall_s"])
+            result.update(linear_top1=out["top1"], linear_test_top1=out["test_top1"], linear_wall_s=out["wall_s"])
             if lin.blocks:  # the probe surface at the last epoch (one forward pass for every block)
-                db.record_metrics(engine, row.id, SURFACE, pre.epochs, probe_surface(spec, model, info, device))
+                db.record_metrics(engine, row.id, SURFACE, pre.epochs, probe_surface(spec, model, info, device),
+                                  claim=claim)
         if ft.enabled:
-            db.clear_metrics(engine, row.id, "finetune")
+            db.clear_metrics(engine, row.id, "finetune", claim=claim)
             display.stage("finetune", ft.epochs)
             out = finetune(spec, model, info, device=device, on_epoch=on_eval_epoch("finetune", ft.epochs))
-            result.update(finetune_top1=out["top1"], finetune_wall_s=out["wall_s"])
-        config = mae_config(spec)
-        result.update(encoder_gflops=encoder_flops_per_image(config), total_params=count_params(model),
-                      encoder_params=sum(v.numel() for v in model.encoder_state_dict().values()))
-        arts = {"checkpoint": (str(ckpt), sha256_file(ckpt))} if ckpt.exists() else {}
-        recon_png = artifacts / "recon" / f"{row.hash}.png"
-        arts["recon"] = (str(recon_png), save_trial_recon(model, spec, info, recon_png))
+            result.update(finetune_top1=out["top1"], finetune_test_top1=out["test_top1"],
+                          finetune_wall_s=out["wall_s"])
         if "knn_top1" in last:
             result["knn_top1"] = last["knn_top1"]
-        db.finish_trial(engine, row.id, "done", result=result, artifacts=arts)
-        return "done"
+        arts = {"checkpoint": (str(ckpt), sha256_file(ckpt))} if ckpt.exists() else {}
+        db.finish_trial(engine, row.id, "done", result=result, artifacts=arts, claim=claim)
     except Pruned as exc:
-        db.finish_trial(engine, row.id, "pruned", error=str(exc),
+        db.finish_trial(engine, row.id, "pruned", error=str(exc), claim=claim,
                         result={"pretrain_loss": last.get("loss"), "knn_top1": last.get("knn_top1"),
                                 "pretrain_wall_s": last.get("wall_s")})
         return "pruned"
     except DivergenceError as exc:
-        db.finish_trial(engine, row.id, "diverged", error=str(exc))
+        db.finish_trial(engine, row.id, "diverged", error=str(exc), claim=claim)
         return "diverged"
+    except db.LostClaim:
+        raise
     except KeyboardInterrupt:
-        db.finish_trial(engine, row.id, "interrupted", error="interrupted by the user (Ctrl-C)")
+        db.finish_trial(engine, row.id, "interrupted", error="interrupted by the user (Ctrl-C)", claim=claim)
         raise
     except torch.cuda.OutOfMemoryError:
         db.finish_trial(engine, row.id, "failed", error="CUDA out of memory: lower pretrain.batch_size and raise "
-                        "pretrain.accum_iter to keep the effective batch\n" + traceback.format_exc())
+                        "pretrain.accum_iter to keep the effective batch\n" + traceback.format_exc(), claim=claim)
         return "failed"
     except Exception:  # noqa: BLE001 - a failing trial is recorded and the study goes on
-        db.finish_trial(engine, row.id, "failed", error=traceback.format_exc())
+        db.finish_trial(engine, row.id, "failed", error=traceback.format_exc(), claim=claim)
         if dist_ctx is not None:
             raise  # the other ranks may be stuck in a collective of this trial: end the run (torchrun stops them)
         return "failed"
+    record_artifacts(engine, row, spec, model, info, artifacts)
+    return "done"
+
+
+def record_artifacts(engine: Engine, row: db.TrialRow, spec: TrialSpec, model: Any, info: DatasetInfo,
+                     artifacts: Path) -> None:
+    """After a done trial's result: encoder FLOPs and parameter counts, and its reconstruction PNG. A failure here
+    is recorded in the result's ``artifact_error``; the trial stays done with its numbers."""
+    update: dict[str, Any] = {}
+    arts: dict[str, tuple[str, str]] = {}
+    try:
+        update.update(encoder_gflops=encoder_flops_per_image(mae_config(spec)), total_params=count_params(model),
+                      encoder_params=sum(v.numel() for v in model.encoder_state_dict().values()))
+        recon_png = artifacts / "recon" / f"{row.hash}.png"
+        arts["recon"] = (str(recon_png), save_trial_recon(model, spec, info, recon_png))
+    except Exception as exc:  # noqa: BLE001 - the result is already recorded; say what is missing
+        update["artifact_error"] = f"{type(exc).__name__}: {exc}"
+    db.record_artifacts(engine, row.id, arts, update)
 
 
 def _summary_line(engine: Engine, row: db.TrialRow, status: str) -> str:
@@ -337,14 +429,22 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
         raise StudyError(study.path, "search", "this study is a search: run it with 'mae-lab search'")
     infos = resolve_data(study, trials, data_root, allow_pipe)
     device = pick_device(device)
+    world_size = dist_ctx.world_size if dist_ctx is not None else 1
+
+    def bind_run(t: Trial) -> Trial:  # the hashes under this run's data, process count and precision
+        return bind(t, run_context(t.spec, infos[t.spec.data.model_dump_json()], device, world_size))
+
+    trials = [bind_run(t) for t in trials]
     check_inits(study, trials, db_url)  # a bad pretrain.init ends here, before anything is written
-    engine = db.connect(db_url)
     artifacts = Path(artifacts or db.artifacts_dir(db_url)).resolve()
+    check_checkpoints(study, trials, infos, device, world_size, artifacts)  # likewise a checkpoint to resume
+    engine = db.connect(db_url)
     s = study.study
     summary, tried, synced, todo = RunSummary(), set(), set(), 0
     while True:  # rounds: one, unless the seeds are adaptive (rounds.py recomputes the next round from the DB)
         if s.adaptive is not None and (synced or not rerun):
-            trials = rounds.current_trials(engine, study, trials, trusted=lambda h: not rerun or h in synced)
+            trials = rounds.current_trials(engine, study, trials, bind=bind_run,
+                                           trusted=lambda h: not rerun or h in synced)
         new = [t for t in trials if t.hash not in synced]
         if synced and not new:
             if not any(t.status == "running" for t, _ in db.study_trials(engine, row.id)):
@@ -367,13 +467,17 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
         waiting = False
         while max_trials is None or len(summary.ran) < max_trials:
             claimed = db.claim_next(engine, row.id, skip=tried, stale_after_s=stale_after_s)
+            if claimed is None and db.has_runnable(engine, row.id, stale_after_s=stale_after_s, skip=tried):
+                time.sleep(0.05)  # another worker's claim held the row we reached for: look again, never exit
+                continue
             if claimed is None:
                 busy = [t for t, _ in db.study_trials(engine, row.id) if t.status == "running" and t.hash in by_hash]
                 if not wait or not busy:
                     break
                 if not waiting:
                     display.message(f"waiting for {len(busy)} trial(s) running on other workers "
-                                    f"(taken over if a worker dies or has no heartbeat for {stale_after_s:.0f}s)")
+                                    f"(taken over if a worker dies, or its heartbeat or progress stops for "
+                                    f"{stale_after_s:.0f}s)")
                 waiting = True
                 time.sleep(poll_s)
                 continue
@@ -382,7 +486,8 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
             trial = by_hash[claimed.hash]
             display.trial_start(len(summary.ran) + 1, todo, claimed.label, claimed.hash)
             result = run_trial(engine, claimed, infos[trial.spec.data.model_dump_json()], device=device,
-                               artifacts=artifacts, display=display, heartbeat_s=heartbeat_s, dist_ctx=dist_ctx)
+                               artifacts=artifacts, display=display, heartbeat_s=heartbeat_s, dist_ctx=dist_ctx,
+                               data_root=data_root)
             summary.ran.append((claimed.hash, result))
             display.trial_end(_summary_line(engine, claimed, result))
         if s.adaptive is None or (max_trials is not None and len(summary.ran) >= max_trials):

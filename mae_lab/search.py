@@ -36,11 +36,11 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import Engine
 
 from mae_lab import db
-from mae_lab.expand import Trial, pretrain_hash, resolve, trial_hash
+from mae_lab.expand import Trial, bind, pretrain_hash, resolve, trial_hash
 from mae_lab.optuna_store import PRIOR, searched, storage
 from mae_lab.progress import PlainDisplay
-from mae_lab.runner import Pruned, pick_device, plan, resolve_data, run_trial, study_hash
-from mae_lab.spec import SearchParam, SearchSection, Study, StudyError, get_dotted
+from mae_lab.runner import Pruned, pick_device, plan, resolve_data, run_context, run_trial, study_hash
+from mae_lab.spec import SearchParam, SearchSection, Study, StudyError, TrialSpec, get_dotted
 
 OBJECTIVES = {"linear": "linear_top1", "finetune": "finetune_top1"}  # objective -> ResultRow column
 
@@ -161,9 +161,10 @@ def prior_points(engine: Engine, study: Study, study_id: int | None) -> list[tup
         if any(getattr(result, OBJECTIVES[o]) is None for o in study.search.objectives):
             continue
         try:
-            if trial_hash(resolve(study, point, row.seed)) != row.hash:
-                continue  # differs from the study's base in something the search does not vary
-        except StudyError:
+            ran = TrialSpec.model_validate_json(row.spec_json)
+            if trial_hash(resolve(study, point, row.seed)) != trial_hash(ran):
+                continue  # differs from the study's base in something the search does not vary (not how it ran)
+        except ValueError:  # StudyError, or a spec this version no longer reads
             continue
         key = json.dumps(point, sort_keys=True)
         points[key] = point
@@ -307,12 +308,15 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
                 summary.reused += 1
                 return current.status
             time.sleep(poll_s)
+        summary.trained += 1
+        return run_trial(engine, claimed, data_info(t), device=device, artifacts=artifacts, display=display,
+                         on_pretrain_metrics=report, heartbeat_s=heartbeat_s, data_root=data_root)
+
+    def data_info(t: Trial) -> Any:
         key = t.spec.data.model_dump_json()
         if key not in infos:
             infos[key] = resolve_data(study, [t], data_root, allow_pipe)[key]
-        summary.trained += 1
-        return run_trial(engine, claimed, infos[key], device=device, artifacts=artifacts, display=display,
-                         on_pretrain_metrics=report, heartbeat_s=heartbeat_s)
+        return infos[key]
 
     deadline = time.monotonic() + search.timeout_s if search.timeout_s else None
     while True:
@@ -337,6 +341,7 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
             display.trial_end(f"  #{trial.number} {label}: invalid combination: {exc.reason}")
             continue
         planned = [Trial(spec, trial_hash(spec), pretrain_hash(spec), dict(point)) for spec in specs]
+        planned = [bind(t, run_context(t.spec, data_info(t), device)) for t in planned]  # the hashes `run` records
         rows = [db.add_trial(engine, row.id, {"hash": t.hash, "pretrain_hash": t.pretrain_hash, "seed": t.spec.seed,
                                               "label": label, "axes_json": json.dumps(point),
                                               "spec_json": t.spec.model_dump_json()}, optuna_trial=trial.number)

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import dump_db
+from conftest import dump_db, query
 from mae_lab import db
 
 STUDY = '[study]\nname = "s"\n[pretrain]\nepochs = 1\n'
@@ -26,23 +26,39 @@ def test_newer_schema_is_refused(workdir: Path):
     assert dump_db(workdir / "db" / "mae_lab.db") == before
 
 
-def test_an_older_schema_is_migrated_in_place_keeping_its_rows(tmp_path: Path):
-    path = tmp_path / "old.db"
-    engine = db.connect(f"sqlite:///{path}")
-    engine.dispose()
-    with sqlite3.connect(path) as c:  # make it a schema-1 database holding a result
+RELEASE_DB = Path(__file__).parent / "fixtures" / "release_620180e.db"  # written by release 620180e (schema 2)
+
+
+def test_a_release_database_migrates_and_list_report_show_read_it(workdir: Path):
+    path = workdir / "old.db"
+    path.write_bytes(RELEASE_DB.read_bytes())
+    before = {t: query(path, f"SELECT * FROM {t}") for t in ("mae_studies", "mae_trials", "mae_results")}
+    runner = CliRunner()
+    res = runner.invoke(app, ["list", "--db", str(path)])
+    assert res.exit_code == 0 and "tiny" in res.output, res.output
+    res = runner.invoke(app, ["report", "tiny", "--db", str(path)])
+    assert res.exit_code == 0 and "mask_ratio" in res.output, res.output
+    res = runner.invoke(app, ["show", "1", "--db", str(path)])
+    assert res.exit_code == 0 and "febd791f9f13755a" in res.output and "precision None" in res.output, res.output
+    assert query(path, "SELECT value FROM mae_meta") == [(str(db.SCHEMA_VERSION),)]
+    cols = [r[1] for r in query(path, "PRAGMA table_info(mae_results)")]
+    assert {"linear_test_top1", "finetune_test_top1", "artifact_error"} <= set(cols)
+    for table, rows in before.items():  # every old row kept, its old columns unchanged, new ones NULL
+        after = query(path, f"SELECT * FROM {table}")
+        assert [r[:len(rows[0])] for r in after] == rows and all(v is None for r in after for v in r[len(rows[0]):])
+
+
+def test_a_schema_1_database_migrates_through_every_version(workdir: Path):
+    path = workdir / "old.db"
+    path.write_bytes(RELEASE_DB.read_bytes())
+    with sqlite3.connect(path) as c:  # the release's schema 2, taken back to schema 1
         c.execute("ALTER TABLE mae_results DROP COLUMN pretrain_peak_mem_mib")
         c.execute("UPDATE mae_meta SET value = '1' WHERE key = 'schema_version'")
-        c.execute("INSERT INTO mae_studies (id, name, description, path, spec_text, spec_hash, created_at, "
-                  "updated_at) VALUES (1, 's', '', 's.toml', '', 'h', '2026-01-01', '2026-01-01')")
-    engine = db.connect(f"sqlite:///{path}", create=False)
-    engine.dispose()
-    with sqlite3.connect(path) as c:
-        cols = [r[1] for r in c.execute("PRAGMA table_info(mae_results)")]
-        assert "pretrain_peak_mem_mib" in cols
-        version = c.execute("SELECT value FROM mae_meta WHERE key = 'schema_version'").fetchone()
-        assert version == (str(db.SCHEMA_VERSION),)
-        assert c.execute("SELECT name FROM mae_studies").fetchall() == [("s",)]
+    db.connect(f"sqlite:///{path}", create=False).dispose()
+    cols = [r[1] for r in query(path, "PRAGMA table_info(mae_results)")]
+    assert "pretrain_peak_mem_mib" in cols and "linear_test_top1" in cols
+    assert query(path, "SELECT value FROM mae_meta") == [(str(db.SCHEMA_VERSION),)]
+    assert len(query(path, "SELECT * FROM mae_results")) == 2
 
 
 @pytest.mark.parametrize("url, reason", [
@@ -101,3 +117,50 @@ def test_finish_trial_is_all_or_nothing(workdir: Path):
         db.finish_trial(engine, row.id, "done", result={"linear_top1": 0.5}, artifacts={"checkpoint": ("path",)})
     trial, result = db.study_trials(engine, study.id)[0]
     assert trial.status == "running" and result is None
+
+
+def _study(engine, n: int = 1):
+    trials = [{"hash": f"h{i}", "pretrain_hash": f"p{i}", "seed": 0, "label": str(i), "axes_json": "{}",
+               "spec_json": "{}"} for i in range(n)]
+    return db.sync_study(engine, name="s", description="", paper=None, path="s.toml", spec_text=STUDY,
+                         spec_hash="x", trials=trials)
+
+
+def test_a_worker_taken_over_cannot_write_and_says_so(workdir: Path):
+    engine = db.connect("sqlite:///db/mae_lab.db")
+    study = _study(engine)
+    first = db.claim_next(engine, study.id)
+    old = db.claim_of(first)
+    with db.transaction(engine) as s:  # its heartbeat went stale: another worker takes the trial over
+        s.get(db.TrialRow, first.id).heartbeat_at = db.now() - db.timedelta(seconds=3600)
+    second = db.claim_next(engine, study.id, stale_after_s=600)
+    assert second is not None and second.attempts == 2
+    new = db.claim_of(second)
+    db.finish_trial(engine, second.id, "done", result={"linear_top1": 0.9}, claim=new)
+    for write in (lambda: db.record_metrics(engine, first.id, "pretrain", 1, {"loss": 9.0}, claim=old),
+                  lambda: db.record_checkpoint(engine, "p0", "x.pt", "sha", 1, claim=old),
+                  lambda: db.finish_trial(engine, first.id, "done", result={"linear_top1": 0.1}, claim=old),
+                  lambda: db.heartbeat(engine, old, "pretrain step 3")):
+        with pytest.raises(db.LostClaim, match="lost its claim"):
+            write()
+    trial, result = db.study_trials(engine, study.id)[0]
+    assert trial.status == "done" and result.linear_top1 == 0.9
+    assert db.get_checkpoint(engine, "p0") is None and db.trial_details(engine, trial.id)[0] == []
+
+
+def test_a_hung_worker_that_still_beats_is_taken_over(workdir: Path):
+    engine = db.connect("sqlite:///db/mae_lab.db")
+    study = _study(engine)
+    row = db.claim_next(engine, study.id)
+    claim = db.claim_of(row)
+    db.heartbeat(engine, claim, "pretrain step 1")
+    assert db.claim_next(engine, study.id, stale_after_s=1.0) is None  # alive and advancing
+    with db.transaction(engine) as s:  # progress last moved an hour ago
+        s.get(db.TrialRow, row.id).progress_at = db.now() - db.timedelta(seconds=3600)
+    db.heartbeat(engine, claim, "pretrain step 1")  # beats on, same progress: still stale
+    assert db.is_stale(db.get_trials(engine, [row.id])[0], 600)
+    again = db.claim_next(engine, study.id, stale_after_s=600)
+    assert again is not None and again.attempts == 2
+    db.heartbeat(engine, db.claim_of(again), "pretrain step 5")
+    shown = db.get_trials(engine, [row.id])[0]
+    assert shown.progress == "pretrain step 5" and not db.is_stale(shown, 600)
