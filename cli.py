@@ -385,29 +385,40 @@ def export(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix (a
 
 
 @data_app.command("pack")
-def data_pack(src: Annotated[Path, typer.Argument(help="ImageFolder tree (class folders of images).")],
-              out: Annotated[Path, typer.Argument(help="Output folder for shards + dataset.json.")],
+def data_pack(src: Annotated[Path, typer.Argument(help="Image folder: class folders of images, train/ + val/ of "
+                                                      "class folders, or images with no class folders (unlabeled, "
+                                                      "for pretraining).")],
+              dest: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder for shards + dataset.json.")],
               shard_size: Annotated[int, typer.Option(min=1)] = 5000,
               name: Annotated[Optional[str], typer.Option()] = None,
               val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.0):
-    """Pack an ImageFolder tree into WebDataset shards plus dataset.json."""
+    """Pack an image folder into WebDataset shards plus dataset.json (image files stored as they are)."""
+    from rich.progress import Progress
+
     from mae_lab.data import DataError, pack_imagefolder
 
-    try:
-        meta = pack_imagefolder(src, out, shard_size=shard_size, name=name, val_fraction=val_fraction)
-    except DataError as exc:
-        raise fail(str(exc)) from None
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("packing", total=None)
+        try:
+            meta = pack_imagefolder(src, dest, shard_size=shard_size, name=name, val_fraction=val_fraction,
+                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except DataError as exc:
+            raise fail(str(exc)) from None
     splits = ", ".join(f"{k}: {v['samples']}" for k, v in meta["splits"].items())
-    out().print(f"packed {meta['name']} into {out}: {splits}; {len(meta['classes'])} classes")
+    kind = f"{len(meta['classes'])} classes" if meta["classes"] else "unlabeled"
+    out().print(f"packed {meta['name']} into {dest}: {splits}; {kind}; {len(meta['sha256'])} shards", markup=False,
+                soft_wrap=True)
 
 
 @data_app.command("info")
-def data_info(pattern: Annotated[str, typer.Argument(help="Shard pattern, e.g. 'data/x-{000000..000009}.tar'.")]):
-    """Count the samples and classes of some shards."""
+def data_info(pattern: Annotated[str, typer.Argument(help="Shard pattern, e.g. 'data/x-{000000..000009}.tar'.")],
+              label_key: Annotated[str, typer.Option(help="the label's field in .json (without .cls)")] = "label"):
+    """Count the samples, classes and image sizes of some shards."""
     from mae_lab.data import DataError, dataset_info
 
     try:
-        info = dataset_info(pattern)
+        info = dataset_info(pattern, label_key=label_key)
     except DataError as exc:
         raise fail(str(exc)) from None
     out().print_json(json.dumps(info, default=str))

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from mae_lab import data as D
-from mae_lab.data import catalog as _catalog, pack as _pack  # noqa: F401  (D.catalog, D.pack)
+from mae_lab.data import catalog as _catalog, verify as _verify  # noqa: F401  (D.catalog, D.verify)
 from mae_lab.data import DataError
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared/data"
@@ -75,14 +75,14 @@ def test_digits_packs_once_with_a_fixed_split(tmp_path):
     info = D.resolve_dataset(cache_dir=tmp_path / "a")
     assert (info.name, info.num_train, info.num_val, info.num_classes) == ("digits", 1497, 300, 10)
     assert info.image_size == (8, 8)
-    meta_path = tmp_path / "a" / "digits" / "dataset.json"
+    meta_path = tmp_path / "a" / "digits-v2" / "dataset.json"
     stamp = meta_path.stat().st_mtime_ns
     assert D.resolve_dataset("digits", cache_dir=tmp_path / "a") == info
     assert meta_path.stat().st_mtime_ns == stamp  # not repacked
-    assert os.listdir(tmp_path / "a") == ["digits"]  # no temp folders left behind
+    assert os.listdir(tmp_path / "a") == ["digits-v2"]  # no temp folders left behind
     meta = json.loads(meta_path.read_text())
     D.resolve_dataset(cache_dir=tmp_path / "b")
-    other = json.loads((tmp_path / "b/digits/dataset.json").read_text())
+    other = json.loads((tmp_path / "b/digits-v2/dataset.json").read_text())
     assert meta["sha256"] == other["sha256"]  # same split, byte-identical shards
     assert info.mean == tuple(meta["mean"]) and 0.2 < info.mean[0] < 0.4
 
@@ -95,7 +95,7 @@ def test_digits_pack_survives_a_race(tmp_path):
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0, 0]
-    assert os.listdir(tmp_path) == ["digits"]
+    assert os.listdir(tmp_path) == ["digits-v2"]
     assert D.resolve_dataset(cache_dir=tmp_path).num_train == 1497
 
 
@@ -357,7 +357,7 @@ def test_pack_imagefolder_round_trip(tmp_path):
     assert {k: v["samples"] for k, v in meta["splits"].items()} == {"train": 4, "val": 2}
     assert json.loads((tmp_path / "out/dataset.json").read_text()) == meta
     for name, digest in meta["sha256"].items():
-        assert D.pack._sha256(tmp_path / "out" / name) == digest
+        assert D.verify.file_sha256(tmp_path / "out" / name) == digest
     info = D.resolve_dataset(train=str(tmp_path / "out" / meta["splits"]["train"]["shards"]),
                              val=str(tmp_path / "out" / meta["splits"]["val"]["shards"]), cache_dir=tmp_path / "c")
     assert (info.name, info.classes, info.num_train, info.num_val) == ("out", ("cat", "dog"), 4, 2)

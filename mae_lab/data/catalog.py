@@ -156,7 +156,9 @@ def _info_from_json(folder: Path, meta: dict, *, val_holdout: int | None, val_se
                        classes=tuple(meta.get("classes", [])), image_size=(int(size[0]), int(size[1])), mean=mean,
                        std=std, test=test, num_test=count["test"], fingerprint=_digest(meta),
                        sha256=tuple(sorted(meta.get("sha256", {}).items())))
-    return info if val is not None else _with_holdout(info, val_holdout, val_seed, allow_pipe)
+    if val is not None or not info.classes:  # an unlabeled dataset (pretraining only) has no val to hold out
+        return info
+    return _with_holdout(info, val_holdout, val_seed, allow_pipe)
 
 
 def _json_beside(pattern: str) -> tuple[dict, str] | None:

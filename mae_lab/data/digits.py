@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from mae_lab.data.loading import _rng
 from mae_lab.data.pack import _png, _pixel_stats, _write_dataset
+from mae_lab.data.shards import expand_shards, read_samples
 
 DIGITS_NUM_VAL, DIGITS_SEED = 300, 0  # fixed split of sklearn's 1,797 digits: 1,497 train / 300 val
+# The cache folder: "-v2" since the shards are written by webdataset's TarWriter (another member order than the
+# first packing), so a cache of the old packing is never reused and every machine fingerprints the same bytes.
+DIGITS_FOLDER = "digits-v2"
 
 
 def _pack_digits(cache: Path) -> Path:
-    """scikit-learn's bundled digits as shards under <cache>/digits (once; atomic, so racing processes are fine)."""
-    out = cache / "digits"
+    """scikit-learn's bundled digits as shards under <cache>/digits-v2 (once; atomic: racing processes are fine)."""
+    out = cache / DIGITS_FOLDER
     if (out / "dataset.json").is_file():
         return out
     from sklearn.datasets import load_digits
@@ -31,3 +37,18 @@ def _pack_digits(cache: Path) -> Path:
     except FileExistsError:
         pass
     return out
+
+
+def export_images(folder: str | Path, *, cache: str | Path | None = None) -> int:
+    """Write the digits' training images (not the val split) as PNG files into `folder`, no labels: an unlabeled
+    image folder for `mae-lab data pack` (studies/pretrain_unlabeled.toml). Returns how many were written."""
+    src = _pack_digits(Path(cache or os.environ.get("MAE_LAB_CACHE") or "db/cache").resolve())
+    pattern = src / json.loads((src / "dataset.json").read_text())["splits"]["train"]["shards"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for shard in expand_shards(str(pattern)):
+        for key, files in read_samples(shard):
+            (folder / f"{key}.png").write_bytes(files["png"])
+            n += 1
+    return n

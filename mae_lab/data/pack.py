@@ -1,13 +1,14 @@
-"""Writing datasets: shards + dataset.json, atomically; ImageFolder packing and CIFAR download."""
+"""Writing datasets: shards (webdataset's ShardWriter) + dataset.json, atomically; image folders and CIFAR.
+
+Shards are deterministic: members carry mtime 0, fixed owner and mode, and sample keys `{split}_{i:06d}` in a
+seeded order, so the same source gives byte-identical shards. Image files are stored as they are (no re-encoding).
+"""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import shutil
-import tarfile
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -15,11 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import webdataset as wds
 
 from mae_lab.data.loading import _rng
-from mae_lab.data.shards import IMAGE_EXTS, DataError
+from mae_lab.data.shards import DataError, _pil_exts
+from mae_lab.data.verify import file_sha256
 
 DOWNLOADABLE = ("cifar10", "cifar100")
+Progress = Callable[[int, int], None]  # (samples written, samples in all)
 
 
 def _data_root(data_root) -> Path:
@@ -39,47 +43,44 @@ def _atomic_dir(out: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)  # fixed metadata: the same samples give byte-identical shards
-    info.size, info.mode, info.mtime = len(data), 0o644, 0
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_split(folder: Path, prefix: str, split: str, samples: list, shard_size: int,
-                 read: Callable[[object], tuple[str, bytes]]) -> tuple[dict, dict[str, str]]:
-    """Write (source, label) samples as `prefix-split-NNNNNN.tar` shards; `read(source)` gives (ext, bytes)."""
-    num_shards = max(1, -(-len(samples) // shard_size))
-    digests = {}
-    for s in range(num_shards):
-        path = folder / f"{prefix}-{split}-{s:06d}.tar"
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in range(s * shard_size, min(len(samples), (s + 1) * shard_size)):
-                source, label = samples[i]
-                ext, data = read(source)
-                _tar_add(tar, f"{split}_{i:06d}.{ext}", data)
-                _tar_add(tar, f"{split}_{i:06d}.cls", str(label).encode())
-        digests[path.name] = _sha256(path)
-    shards = f"{prefix}-{split}-{{000000..{num_shards - 1:06d}}}.tar"
-    return {"samples": len(samples), "shards": shards}, digests
+                 read: Callable[[object], tuple[str, bytes]], progress: Callable[[], None]) -> tuple[dict, dict]:
+    """Write (source, label or None) samples as `prefix-split-NNNNNN.tar`; `read(source)` gives (ext, bytes)."""
+    pattern = str(folder / f"{prefix}-{split}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=shard_size, maxsize=float("inf"), verbose=0, encoder=False, mtime=0,
+                         user="", group="", mode=0o644) as sink:
+        for i, (source, label) in enumerate(samples):
+            ext, data = read(source)
+            sample = {"__key__": f"{split}_{i:06d}", ext: data}
+            if label is not None:
+                sample["cls"] = str(label).encode()
+            sink.write(sample)
+            progress()
+    names = sorted(p.name for p in folder.glob(f"{prefix}-{split}-*.tar"))
+    shards = f"{prefix}-{split}-{{000000..{len(names) - 1:06d}}}.tar"
+    return {"samples": len(samples), "shards": shards}, {n: file_sha256(folder / n) for n in names}
 
 
 def _write_dataset(out: Path, *, name: str, classes: list[str], image_size: tuple[int, int], mean, std,
-                   splits: dict[str, list], shard_size: int, read: Callable[[object], tuple[str, bytes]]) -> dict:
+                   splits: dict[str, list], shard_size: int, read: Callable[[object], tuple[str, bytes]],
+                   sizes: Counter | None = None, progress: Progress | None = None) -> dict:
     """Pack splits into shards + dataset.json inside `out`, atomically; return the dataset.json dict."""
     meta = {"name": name, "classes": list(classes), "image_size": list(image_size), "splits": {}, "sha256": {},
             "mean": [round(float(m), 4) for m in mean], "std": [round(float(s), 4) for s in std]}
+    if sizes:
+        meta["image_sizes"] = {"min": [min(h for h, _ in sizes), min(w for _, w in sizes)],
+                               "max": [max(h for h, _ in sizes), max(w for _, w in sizes)], "distinct": len(sizes)}
+    total, done = sum(len(s) for s in splits.values()), [0]
+
+    def step() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+
     try:
         with _atomic_dir(out) as tmp:
             for split, samples in splits.items():
-                meta["splits"][split], digests = _write_split(tmp, name, split, samples, shard_size, read)
+                meta["splits"][split], digests = _write_split(tmp, name, split, samples, shard_size, read, step)
                 meta["sha256"].update(digests)
             (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
     except OSError as e:
@@ -90,6 +91,8 @@ def _write_dataset(out: Path, *, name: str, classes: list[str], image_size: tupl
 
 
 def _png(array: np.ndarray) -> bytes:
+    import io
+
     from PIL import Image
 
     buf = io.BytesIO()
@@ -107,33 +110,20 @@ def _pixel_stats(images: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.sqrt(np.maximum(squares / n - mean * mean, 0))
 
 
-
 def _folder_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """Image files under `folder` (by extension: any PIL reads), sorted; hidden files skipped."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower().lstrip(".") in _pil_exts())
 
 
 def _read_image_file(path: Path) -> tuple[str, bytes]:
-    """jpg/jpeg/png bytes as they are; other formats PIL reads become RGB PNG."""
-    from PIL import Image
-
-    ext = path.suffix.lower().lstrip(".")
-    if ext in IMAGE_EXTS:
-        return ext, path.read_bytes()
-    with Image.open(path) as im:
-        return "png", _png(np.array(im.convert("RGB")))
+    """The file's bytes as they are, under its own (lower-case) extension."""
+    return path.suffix.lower().lstrip("."), path.read_bytes()
 
 
-def pack_imagefolder(src: Path, out: Path, *, shard_size: int = 5000, name: str | None = None,
-                     val_fraction: float = 0.0, seed: int = 0) -> dict:
-    """Pack an ImageFolder tree (class folders, or src/train + src/val|test) into shards + dataset.json in `out`.
-
-    Samples are shuffled once (seeded) so every shard mixes classes; with no val folder, `val_fraction` of them
-    becomes a "val" split. mean/std are estimated from up to 2,000 train images. Written atomically.
-    """
-    from PIL import Image
-
-    src, out = Path(src), Path(out)
-    name = name or out.name
+def _layout(src: Path, val_fraction: float, rng: np.random.Generator) -> tuple[list[str], dict[str, list]]:
+    """(classes, {split: [(path, label or None)]}) of an ImageFolder tree (class folders, or train/ + val/|test/
+    of class folders) or of a folder of images with no class folders (one unlabeled "train" split)."""
     roots = {"train": src / "train"}
     for val in ("val", "test"):
         if (src / val).is_dir():
@@ -141,37 +131,64 @@ def pack_imagefolder(src: Path, out: Path, *, shard_size: int = 5000, name: str 
             break
     if not roots["train"].is_dir() or len(roots) == 1:
         roots = {"train": src}
-    classes = sorted({d.name for root in roots.values() for d in root.iterdir() if d.is_dir()})
-    if not classes:
-        raise DataError(f"{src}: no class folders (expected <class>/<image> or train/<class>/<image>)")
-    rng = _rng(seed)
+    classes = sorted({d.name for root in roots.values() for d in root.iterdir() if d.is_dir() and _folder_images(d)})
+    if not classes:  # a folder of images: unlabeled, for pretraining
+        items = [(p, None) for p in _folder_images(src)]
+        return [], {"train": [items[i] for i in rng.permutation(len(items))]}
     splits = {}
     for split, root in roots.items():
-        items = [(p, classes.index(d.name)) for d in sorted(root.iterdir()) if d.is_dir() for p in _folder_images(d)]
-        splits[split] = [items[i] for i in rng.permutation(len(items))]
+        items = [(p, classes.index(d.name)) for d in sorted(root.iterdir()) if d.is_dir() and d.name in classes
+                 for p in _folder_images(d)]
+        splits[split] = [items[i] for i in rng.permutation(len(items))]  # every shard mixes the classes
     if len(roots) == 1 and val_fraction > 0:
         n_val = int(round(len(splits["train"]) * val_fraction))
-        splits = {"train": splits["train"][n_val:], "val": splits["train"][:n_val]}
+        if n_val:
+            splits = {"train": splits["train"][n_val:], "val": splits["train"][:n_val]}
+    return classes, splits
+
+
+def pack_imagefolder(src: Path, out: Path, *, shard_size: int = 5000, name: str | None = None,
+                     val_fraction: float = 0.0, seed: int = 0, progress: Progress | None = None) -> dict:
+    """Pack an image folder into shards + dataset.json in `out`: class folders, or src/train + src/val|test of class
+    folders (labeled), or a folder of images without class folders (an unlabeled "train" split for pretraining).
+
+    Samples are shuffled once (seeded) so every shard mixes classes; with no val folder, `val_fraction` of a labeled
+    tree becomes a "val" split. Image files are stored as they are; every one is opened once (its size goes into
+    dataset.json's image_sizes) and mean/std are estimated from up to 2,000 train images. Written atomically:
+    on any error there is no output folder.
+    """
+    from PIL import Image
+
+    src, out = Path(src), Path(out)
+    name = name or out.name
+    if not src.is_dir():
+        raise DataError(f"{src}: no such folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} already exists and is not empty; remove it or pick another output folder")
+    classes, splits = _layout(src, val_fraction, _rng(seed))
     if not splits["train"]:
-        raise DataError(f"{src}: no images found")
+        raise DataError(f"{src}: no images found (expected image files, class folders of them, or train/<class>/)")
     sizes = Counter()
     for split in splits.values():
         for path, _ in split:
             try:
                 with Image.open(path) as im:
                     sizes[(im.height, im.width)] += 1
-            except Exception as e:
-                raise DataError(f"{path}: not an image PIL can read ({e})") from None
+            except Exception as e:  # PIL raises many types for bad data
+                raise DataError(f"{path}: not an image PIL can read ({type(e).__name__})") from None
+
     def rgb(path: Path) -> np.ndarray:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
+        try:
+            with Image.open(path) as im:
+                return np.array(im.convert("RGB"))
+        except Exception as e:
+            raise DataError(f"{path}: image could not be decoded ({type(e).__name__}: {e})") from None
 
     mean, std = _pixel_stats(rgb(path) for path, _ in splits["train"][:2000])  # train is shuffled: a random sample
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out} already exists and is not empty; remove it or pick another output folder")
     try:
         return _write_dataset(out, name=name, classes=classes, image_size=sizes.most_common(1)[0][0], mean=mean,
-                              std=std, splits=splits, shard_size=shard_size, read=_read_image_file)
+                              std=std, splits=splits, shard_size=shard_size, read=_read_image_file, sizes=sizes,
+                              progress=progress)
     except FileExistsError:
         raise DataError(f"{out} was written by someone else meanwhile") from None
 
@@ -180,7 +197,7 @@ def get_dataset(name: str, data_root: str | Path | None = None) -> Path:
     """Download CIFAR-10/100 with torchvision and pack it as shards + dataset.json under <data_root>/<name>/."""
     if name not in DOWNLOADABLE:
         raise DataError(f"cannot fetch {name!r}: known datasets are {', '.join(DOWNLOADABLE)}; "
-                        "pack your own ImageFolder with pack_imagefolder ('mae-lab data pack')")
+                        "pack your own image folder with 'mae-lab data pack'")
     out = _data_root(data_root) / name
     if (out / "dataset.json").is_file():
         return out
