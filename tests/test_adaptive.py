@@ -101,6 +101,24 @@ def test_a_bad_seeds_table_names_its_key(table, key, words):
     assert "\n" not in line and line.startswith(f"bad.toml: {key}: ") and words in line
 
 
+def test_a_bad_seeds_table_ends_the_run_with_exit_2_and_leaves_the_database_alone(workdir):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from conftest import dump_db
+    from mae_lab import db
+
+    db.connect("sqlite:///db/mae_lab.db")  # an existing database
+    before = dump_db(workdir / "db" / "mae_lab.db")
+    for table, key in (("{ min = 4, max = 3, min_effect = 1.0 }", "study.seeds.max"),
+                       ("{ max = 33, min_effect = 1.0 }", "study.seeds.max"),
+                       ('{ until = "tired", min_effect = 1.0 }', "study.seeds.until")):
+        (workdir / "bad.toml").write_text(STUDY.format(table))
+        res = CliRunner().invoke(app, ["run", "bad.toml", "--device", "cpu"])
+        assert res.exit_code == 2 and res.output.count("\n") == 1 and f"bad.toml: {key}: " in res.output, res.output
+        assert dump_db(workdir / "db" / "mae_lab.db") == before
+
+
 def test_a_seeds_table_and_a_list_both_parse():
     s = parse_study(STUDY.format('{ min = 3, max = 6, until = "decided", min_effect = 0.5 }'), "ok.toml")
     assert s.study.seeds == [0, 1, 2] and s.study.adaptive == SeedPlan(min=3, max=6, min_effect=0.5)
