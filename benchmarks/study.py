@@ -48,7 +48,7 @@ warmup_epochs = 0.5
 
 [eval]
 linear = {{ epochs = {lin_epochs}, batch_size = 128 }}
-finetune = {{ epochs = 1, batch_size = 128 }}
+finetune = {{ epochs = 1, batch_size = 128, warmup_epochs = 0 }}
 
 [grid]
 "{axis}" = {values}

@@ -10,7 +10,7 @@ from typing import Any
 
 from mae_lab.init_ref import FieldError, resolve_fields
 from mae_lab.presets import PRESETS, MAEConfig, grid_k
-from mae_lab.spec import Study, StudyError, TrialSpec, get_dotted, set_dotted, validate_trial
+from mae_lab.spec import Study, StudyError, TrialSpec, get_dotted, schedule_problem, set_dotted, validate_trial
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,11 @@ def resolve(study: Study, point: dict[str, Any], seed: int) -> TrialSpec:
         key = "grid.eval.finetune.last_k_blocks" if "eval.finetune.last_k_blocks" in point \
             else "eval.finetune.last_k_blocks"
         raise StudyError(study.path, key, f"last_k_blocks {ft.last_k_blocks} exceeds the encoder depth {m.depth}")
+    problem = schedule_problem(spec)
+    if problem is not None:
+        key, reason = problem
+        stage = key.rsplit(".", 1)[0]
+        raise StudyError(study.path, next((f"grid.{k}" for k in (key, f"{stage}.epochs") if k in point), key), reason)
     try:
         mae_config(spec)
     except ValueError as exc:  # anything MAEConfig checks beyond the above (e.g. widths for sin-cos tables)

@@ -26,8 +26,8 @@ epochs = 2
 batch_size = 128
 
 [eval]
-linear = { epochs = 2 }
-finetune = { epochs = 1, batch_size = 128 }
+linear = { epochs = 2, warmup_epochs = 1 }
+finetune = { epochs = 1, batch_size = 128, warmup_epochs = 0 }
 
 [grid]
 "model.mask_ratio" = [0.5, 0.75]

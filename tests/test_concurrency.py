@@ -21,7 +21,7 @@ epochs = 2
 batch_size = 128
 
 [eval]
-linear = { epochs = 2 }
+linear = { epochs = 2, warmup_epochs = 1 }
 finetune = { enabled = false }
 
 [grid]

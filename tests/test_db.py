@@ -11,7 +11,7 @@ from cli import app
 from conftest import dump_db, query
 from mae_lab import db
 
-STUDY = '[study]\nname = "s"\n[pretrain]\nepochs = 1\n'
+STUDY = '[study]\nname = "s"\n[pretrain]\nepochs = 1\nwarmup_epochs = 0\n'
 
 
 def test_newer_schema_is_refused(workdir: Path):

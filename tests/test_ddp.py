@@ -29,10 +29,10 @@ preset = "vit_digits"
 epochs = {epochs}
 batch_size = {batch}
 base_lr = 1.5e-3
-warmup_epochs = 1
+warmup_epochs = 0.5
 
 [eval]
-linear = {{ epochs = 1 }}
+linear = {{ epochs = 1, warmup_epochs = 0 }}
 finetune = {{ enabled = false }}
 """
 

@@ -22,8 +22,9 @@ preset = "vit_digits"
 [pretrain]
 epochs = 1
 batch_size = 128
+warmup_epochs = 0
 [eval]
-linear = { epochs = 1 }
+linear = { epochs = 1, warmup_epochs = 0 }
 finetune = { enabled = false }
 """
 

@@ -27,6 +27,7 @@ depth = 2
 [pretrain]
 epochs = {epochs}
 batch_size = 64
+warmup_epochs = 0
 [eval]
 linear = {{ enabled = false }}
 finetune = {{ enabled = false }}

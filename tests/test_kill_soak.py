@@ -28,7 +28,7 @@ batch_size = 64
 
 [eval]
 linear = { epochs = 20 }
-finetune = { epochs = 1, batch_size = 128 }
+finetune = { epochs = 1, batch_size = 128, warmup_epochs = 0 }
 """
 
 

@@ -288,10 +288,11 @@ mask_ratio = 0.75
 [pretrain]
 epochs = 1
 batch_size = 128
+warmup_epochs = 0
 
 [eval]
-linear = { epochs = 1 }
-finetune = { epochs = 1, batch_size = 128 }
+linear = { epochs = 1, warmup_epochs = 0 }
+finetune = { epochs = 1, batch_size = 128, warmup_epochs = 0 }
 
 [grid]
 "model.mask_ratio" = [0.5, 0.75]

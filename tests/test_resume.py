@@ -24,8 +24,8 @@ epochs = 8
 batch_size = 64
 
 [eval]
-linear = { epochs = 3 }
-finetune = { epochs = 1, batch_size = 128 }
+linear = { epochs = 3, warmup_epochs = 1 }
+finetune = { epochs = 1, batch_size = 128, warmup_epochs = 0 }
 """
 
 

@@ -22,7 +22,7 @@ batch_size = 128
 probe_every = 1
 
 [eval]
-linear = { epochs = 2 }
+linear = { epochs = 2, warmup_epochs = 1 }
 finetune = { enabled = false }
 """
 
@@ -197,7 +197,7 @@ def test_report_shows_the_pareto_front_of_two_objectives(workdir: Path):
     from mae_lab.search import storage
 
     text = SEARCH.replace('pruner = "median"', 'objectives = ["linear", "finetune"]').replace(
-        "finetune = { enabled = false }", "finetune = { epochs = 1 }")
+        "finetune = { enabled = false }", "finetune = { epochs = 1, warmup_epochs = 0 }")
     engine = db.connect(URL)
     db.sync_study(engine, name="tiny_search", description="", paper=None, path="s.toml", spec_text=text,
                   spec_hash="h", trials=[], deactivate_missing=False)

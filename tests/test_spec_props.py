@@ -13,7 +13,7 @@ from mae_lab.spec import StudyError, TrialSpec, parse_study
 AXES = {
     "model.mask_ratio": st.sampled_from([0.0, 0.25, 0.5, 0.6, 0.75, 0.8, 0.9]),
     "model.decoder_depth": st.integers(1, 8),
-    "eval.linear.epochs": st.integers(1, 100),
+    "eval.linear.epochs": st.integers(6, 100),  # above the default warmup of 5
     "data.augmentation": st.sampled_from(["none", "fixed_crop", "random_resized_crop", "rrc_color_jitter"]),
     "pretrain.base_lr": st.sampled_from([1e-4, 1.5e-4, 1e-3]),
 }

@@ -153,7 +153,7 @@ def test_linear_probe_pretrained_beats_random_init(digits):
 
 def test_finetune_runs_with_mixup_and_randaug(digits):
     spec = make_spec(pretrain={"epochs": 0},
-                     eval_finetune={"epochs": 1, "batch_size": 64, "mixup": 0.8, "cutmix": 1.0,
+                     eval_finetune={"epochs": 1, "warmup_epochs": 0, "batch_size": 64, "mixup": 0.8, "cutmix": 1.0,
                                     "randaug": "rand-m9-mstd0.5-inc1", "global_pool": "avg"})
     model = pretrain(spec, digits, device="cpu", ckpt_path=None).model
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -166,7 +166,7 @@ def test_finetune_runs_with_mixup_and_randaug(digits):
 
 def test_finetune_last_k_blocks_zero_trains_only_the_head(digits):
     spec = make_spec(pretrain={"epochs": 0},
-                     eval_finetune={"epochs": 1, "batch_size": 128, "last_k_blocks": 0, "global_pool": "token"})
+                     eval_finetune={"epochs": 1, "warmup_epochs": 0, "batch_size": 128, "last_k_blocks": 0, "global_pool": "token"})
     model = pretrain(spec, digits, device="cpu", ckpt_path=None).model
     out = finetune(spec, model, digits, device="cpu")
     encoder, tuned = model.encoder_state_dict(), out["model"].state_dict()

@@ -37,7 +37,7 @@ epochs = {epochs}
 batch_size = 128
 
 [eval]
-linear = {{ epochs = 2 }}
+linear = {{ epochs = 2, warmup_epochs = 1 }}
 finetune = {{ enabled = false }}
 
 [grid]
