@@ -85,7 +85,8 @@ def heatmap_png(s: Surface) -> bytes:
     for i, row in enumerate(values):
         for j, v in enumerate(row):
             if v == v:  # not NaN
-                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize="x-small", color="w")
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize="x-small",
+                        color="k" if im.norm(v) > 0.6 else "w")  # dark text on the bright cells
     b, e, _ = s.best()
     ax.add_patch(plt.Rectangle((s.epochs.index(e) - 0.5, s.blocks.index(b) - 0.5), 1, 1, fill=False, ec="red", lw=2))
     ax.set_xticks(range(len(s.epochs)), [str(e) for e in s.epochs])
