@@ -3,7 +3,8 @@
 AdamW betas (0.9, 0.95), weight decay on >= 2-D weights only, lr = base_lr * batch_size * accum_iter / 256 with a
 per-step linear warmup then a half-cosine to min_lr, gradient accumulation, optional bf16 autocast and
 torch.compile. Every epoch draws its randomness from named streams of (seed, epoch) (`rng.py`), and the checkpoint
-written after it holds everything else (weights, optimizer, step), so a resumed run equals an uninterrupted one bit for bit.
+written after it holds everything else (weights, optimizer, step), so a resumed run equals an uninterrupted one bit
+for bit.
 
 With `world_size` > 1 (a process group already initialised, see `distributed.py`) the model is wrapped in
 DistributedDataParallel: each rank takes its share of every global batch of `batch_size * world_size` (the loaders
