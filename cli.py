@@ -433,7 +433,7 @@ def data_get(name: Annotated[str, typer.Argument(help="cifar10 or cifar100.")], 
         path = get_dataset(name, data_root)
     except DataError as exc:
         raise fail(str(exc)) from None
-    out().print(f"{name}: shards and dataset.json in {path}")
+    out().print(f"{name}: shards and dataset.json in {path}", markup=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

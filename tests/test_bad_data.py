@@ -46,6 +46,8 @@ def broken(kind: str) -> list[dict[str, bytes]]:
         samples[3]["cls"] = b"cat"
     elif kind == "missing_image":
         del samples[3]["png"]
+    elif kind == "json_label_not_integer":
+        samples[3] = {"png": samples[3]["png"], "json": b'{"label": "cat"}'}
     return samples
 
 
@@ -58,6 +60,7 @@ CASES = {
     "missing_label": "sample 's0003': missing label ('cls' or field 'label' of 'json')",
     "non_integer_label": "sample 's0003': label 'cat' is not an integer",
     "missing_image": "sample 's0003': no image",
+    "json_label_not_integer": "sample 's0003': label 'cat' is not an integer",
 }
 
 
@@ -94,7 +97,15 @@ def test_truncated_tar_is_named(workdir: Path):
     assert "train-000000.tar" in line and ("truncated" in line or "ends" in line), line
 
 
-def make_dataset(root: Path, *, declared_train: int, classes: int = 2) -> None:
+def test_not_a_tar_is_named(workdir: Path):
+    write_shard(workdir / "train-000000.tar", good(6))
+    (workdir / "train-000001.tar").write_bytes(b"<html>404 not found</html>" * 40)
+    write_shard(workdir / "val-000000.tar", good(4, 100))
+    line = run_refused(workdir, study(f"{workdir}/train-{{000000..000001}}.tar", f"{workdir}/val-000000.tar"))
+    assert "train-000001.tar: not a tar archive" in line, line
+
+
+def make_dataset(root: Path, *, declared_train: int, classes: int = 2, sha256: dict | None = None) -> None:
     folder = root / "toy"
     folder.mkdir(parents=True)
     write_shard(folder / "toy-train-000000.tar", good(6))
@@ -102,7 +113,7 @@ def make_dataset(root: Path, *, declared_train: int, classes: int = 2) -> None:
     (folder / "dataset.json").write_text(json.dumps({
         "name": "toy", "classes": [str(c) for c in range(classes)], "image_size": [8, 8],
         "splits": {"train": {"samples": declared_train, "shards": "toy-train-{000000..000000}.tar"},
-                   "test": {"samples": 4, "shards": "toy-test-{000000..000000}.tar"}}}))
+                   "test": {"samples": 4, "shards": "toy-test-{000000..000000}.tar"}}, "sha256": sha256 or {}}))
 
 
 def test_dataset_json_that_disagrees_with_the_shards(workdir: Path):
@@ -124,3 +135,40 @@ def test_a_good_shard_is_verified_once(workdir: Path, digits_cache: Path):
     assert verify_split(str(workdir / "t.tar"), 5, cache_dir=workdir / "c") == 5
     assert len(list((workdir / "c" / "verified").glob("*.json"))) == 1
     assert verify_split(str(workdir / "t.tar"), 5, cache_dir=workdir / "c") == 5  # from the mark
+
+
+def test_checksum_mismatch_is_refused(workdir: Path):
+    make_dataset(workdir / "data", declared_train=6, sha256={"toy-train-000000.tar": "0" * 64})
+    line = run_refused(workdir, '[study]\nname = "s"\n[data]\ndataset = "toy"\n', "--data-root", "data")
+    assert "toy-train-000000.tar: checksum mismatch" in line, line
+
+
+def test_a_matching_checksum_is_checked_once(workdir: Path):
+    from mae_lab.data import verify_split
+    from mae_lab.data.verify import file_sha256
+
+    write_shard(workdir / "t.tar", good(5))
+    digest = {"t.tar": file_sha256(workdir / "t.tar")}
+    assert verify_split(str(workdir / "t.tar"), 5, sha256=digest, cache_dir=workdir / "c") == 5
+    assert len(list((workdir / "c" / "sha256").glob("*.txt"))) == 1
+    with pytest.raises(Exception, match="checksum mismatch"):
+        verify_split(str(workdir / "t.tar"), 5, sha256={"t.tar": "f" * 64}, cache_dir=workdir / "c")
+
+
+def test_val_holdout_as_large_as_the_training_split_names_the_key(workdir: Path):
+    make_dataset(workdir / "data", declared_train=6)
+    line = run_refused(workdir, '[study]\nname = "s"\n[data]\ndataset = "toy"\nval_holdout = 6\n', "--data-root",
+                       "data")
+    assert "data.val_holdout" in line and "6 samples" in line, line
+
+
+def test_a_missing_label_is_refused_only_where_labels_are_needed(workdir: Path):
+    write_shard(workdir / "train-000000.tar", good(6))
+    write_shard(workdir / "train-000001.tar", broken("missing_label"))
+    write_shard(workdir / "val-000000.tar", good(4, 100))
+    text = study(f"{workdir}/train-{{000000..000001}}.tar", f"{workdir}/val-000000.tar")
+    text += "[pretrain]\nepochs = 1\nbatch_size = 4\nwarmup_epochs = 0\n[eval.linear]\nenabled = false\n" \
+            "[eval.finetune]\nenabled = false\n"
+    (workdir / "p.toml").write_text(text)
+    res = CliRunner().invoke(app, ["run", "p.toml"])  # pretraining only: the unlabeled sample is fine
+    assert res.exit_code == 0, res.output

@@ -123,7 +123,8 @@ def _read_image_file(path: Path) -> tuple[str, bytes]:
 
 def _layout(src: Path, val_fraction: float, rng: np.random.Generator) -> tuple[list[str], dict[str, list]]:
     """(classes, {split: [(path, label or None)]}) of an ImageFolder tree (class folders, or train/ + val/|test/
-    of class folders) or of a folder of images with no class folders (one unlabeled "train" split)."""
+    of class folders) or of a folder of images (images at its top, or no class folders: one unlabeled "train"
+    split, subfolders included)."""
     roots = {"train": src / "train"}
     for val in ("val", "test"):
         if (src / val).is_dir():
@@ -131,8 +132,9 @@ def _layout(src: Path, val_fraction: float, rng: np.random.Generator) -> tuple[l
             break
     if not roots["train"].is_dir() or len(roots) == 1:
         roots = {"train": src}
+    loose = any(p.is_file() and p.suffix.lower().lstrip(".") in _pil_exts() for p in src.iterdir())
     classes = sorted({d.name for root in roots.values() for d in root.iterdir() if d.is_dir() and _folder_images(d)})
-    if not classes:  # a folder of images: unlabeled, for pretraining
+    if loose or not classes:  # images at the top: a folder of images (any subfolders too), unlabeled
         items = [(p, None) for p in _folder_images(src)]
         return [], {"train": [items[i] for i in rng.permutation(len(items))]}
     splits = {}
