@@ -37,6 +37,7 @@ from sqlalchemy.engine import Engine
 
 from mae_lab import db
 from mae_lab.expand import Trial, bind, pretrain_hash, resolve, trial_hash
+from mae_lab.init_weights import check_inits
 from mae_lab.optuna_store import PRIOR, searched, storage
 from mae_lab.progress import PlainDisplay
 from mae_lab.runner import Pruned, pick_device, plan, resolve_data, run_context, run_trial, study_hash
@@ -241,7 +242,8 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
     """Run the ``[search]`` of the study at ``path`` until the Optuna study holds ``n_trials`` searched trials
     (default: the file's ``n_trials``), the grid is exhausted or ``timeout_s`` has passed."""
     display = display or PlainDisplay()
-    study, _ = plan(path, data_override)  # validates the file and the space's bounds
+    study, base = plan(path, data_override)  # validates the file and the space's bounds
+    check_inits(study, base, db_url)  # a bad pretrain.init of the base point: exit 2, nothing written
     search = study.search
     if search is None:
         raise StudyError(study.path, "search", "the study has no [search] table: run it with 'mae-lab run'")

@@ -199,3 +199,17 @@ def test_a_trial_hash_starts_another_study(workdir):
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT status FROM mae_trials t JOIN mae_studies s ON s.id = t.study_id "
                          "WHERE s.name = 'second'").fetchone() == ("done",)
+
+
+def test_a_search_with_a_bad_init_exits_2(workdir):
+    src = spec_of(study_text("x").replace("depth = 2", "depth = 2\nembed_dim = 32"))
+    torch.save({"model": MaskedAutoencoder(mae_config(src)).state_dict()}, workdir / "w.pth")
+    text = study_text("s", epochs=1, init="w.pth") + ('[search]\nn_trials = 1\n'
+                                                     '[search.space."pretrain.base_lr"]\ntype = "float"\n'
+                                                     'low = 1e-4\nhigh = 1e-3\n')
+    (workdir / "s.toml").write_text(text)
+    res = CliRunner().invoke(app, ["search", "s.toml", "--device", "cpu"])
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert "\n" not in line and line.startswith("error: s.toml: pretrain.init: w.pth:") and "embed_dim 64" in line
+    assert not (workdir / "db" / "mae_lab.db").exists()
