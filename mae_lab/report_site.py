@@ -141,7 +141,7 @@ def write_site(studies: list[StudyRecords], folder: str | Path, *, engine: Engin
     written: list[Path] = []
     index = ["# mae-lab results", "", "Summary with computed verdicts: [summary.md](summary.md); per-trial data: "
              "[trials.csv](trials.csv), [trials.json](trials.json).", "",
-             "| study | paper | points | trials done | best linear here | linear ordering vs the paper | "
+             "| study | paper | points | trials done | best linear (val) here | linear ordering vs the paper | "
              "linear verdicts |", "|:---|:---|---:|---:|:---|:---|:---|"]
     reports = []
     for s in studies:
