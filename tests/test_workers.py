@@ -79,8 +79,10 @@ def test_heartbeat_thread_and_stale_after(workdir: Path):
         r = s.get(db.TrialRow, row.id)
         r.worker, r.heartbeat_at = "elsewhere:1", db.now() - timedelta(seconds=120)
     assert db.claim_next(engine, study.id, stale_after_s=600) is None
-    with db.Heartbeat(engine, row.id, interval_s=0.05):
+    with db.Heartbeat(engine, db.Claim(row.id, "elsewhere:1", row.attempts), interval_s=0.05) as beat:
+        beat.progress = "pretrain step 1"
         time.sleep(0.3)
+    assert beat.lost is None and db.get_trials(engine, [row.id])[0].progress == "pretrain step 1"
     assert db.claim_next(engine, study.id, stale_after_s=60) is None  # the thread's beats are fresh
     with db.transaction(engine) as s:
         s.get(db.TrialRow, row.id).heartbeat_at = db.now() - timedelta(seconds=120)
@@ -182,3 +184,64 @@ def test_search_on_postgres(workdir: Path, pg_url: str):
     assert len(trials) == 2
     assert sorted(r[0] for r in pg_rows(pg_url, "SELECT optuna_trial FROM mae_trials")) == [0, 1]
     assert pg_rows(pg_url, "SELECT count(*) FROM mae_results") == [(2,)]
+
+
+def _drain(url: str, study: str, cwd: str, start, out) -> None:
+    """One worker process: wait for the others at the barrier, then run the study as `mae-lab worker` does, and
+    report what it ran and how many trials were still pending when it left."""
+    os.chdir(cwd)
+    from mae_lab.runner import run_study
+
+    start.wait()
+    summary = run_study(study, db_url=url, device="cpu", wait=True, poll_s=0.2)
+    engine = db.connect(url, create=False)
+    with db.Session(engine) as s:
+        pending = len(s.exec(db.select(db.TrialRow).where(db.TrialRow.status == "pending")).all())
+    out.put((os.getpid(), [h for h, _ in summary.ran], [st for _, st in summary.ran], pending))
+
+
+@pytest.mark.slow
+def test_eight_postgres_workers_starting_at_once_run_each_trial_once(workdir: Path, pg_url: str):
+    import multiprocessing as mp
+
+    (workdir / "eight.toml").write_text(grid_study("eight", [0.25, 0.5, 0.75, 0.9], [0, 1], epochs=1)
+                                        .replace("epochs = 1\nbatch_size", "epochs = 1\nwarmup_epochs = 0\n"
+                                                 "batch_size"))
+    db.connect(pg_url).dispose()  # the schema exists before the race, as on a server that has run before
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_drain, args=(pg_url, "eight.toml", str(workdir), start, out)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    reports = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    ran = [h for _, hashes, _, _ in reports for h in hashes]
+    assert len(ran) == 8 and len(set(ran)) == 8, reports  # every trial ran, and ran once
+    assert all(st == "done" for _, _, statuses, _ in reports for st in statuses)
+    assert all(pending == 0 for *_, pending in reports), reports  # no worker left while a trial was pending
+    trials = pg_rows(pg_url, "SELECT status, attempts FROM mae_trials")
+    assert sorted(trials) == [("done", 1)] * 8
+
+
+def test_a_fenced_stale_postgres_worker_cannot_overwrite_a_result(workdir: Path, pg_url: str):
+    engine = db.connect(pg_url)
+    study = db.sync_study(engine, name="s", description="", paper=None, path="s.toml", spec_text="", spec_hash="x",
+                          trials=[{"hash": "h", "pretrain_hash": "p", "seed": 0, "label": "", "axes_json": "{}",
+                                   "spec_json": "{}"}])
+    first = db.claim_next(engine, study.id)
+    stale = db.claim_of(first)
+    with db.transaction(engine) as s:  # its worker hangs: no heartbeat for two minutes
+        s.get(db.TrialRow, first.id).heartbeat_at = db.now() - timedelta(seconds=120)
+    second = db.claim_next(engine, study.id, stale_after_s=60)
+    assert second is not None and second.attempts == 2
+    db.finish_trial(engine, second.id, "done", result={"linear_top1": 0.8}, claim=db.claim_of(second))
+    with pytest.raises(db.LostClaim, match="attempt 1"):
+        db.finish_trial(engine, first.id, "done", result={"linear_top1": 0.1}, claim=stale)
+    with pytest.raises(db.LostClaim):
+        db.record_metrics(engine, first.id, "linear", 1, {"top1": 0.1}, claim=stale)
+    assert pg_rows(pg_url, "SELECT t.status, t.attempts, r.linear_top1 FROM mae_trials t JOIN mae_results r "
+                           "ON r.trial_id = t.id") == [("done", 2, 0.8)]
+    assert pg_rows(pg_url, "SELECT count(*) FROM mae_metrics") == [(0,)]
+    engine.dispose()
