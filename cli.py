@@ -350,8 +350,15 @@ def show(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix.")],
         return
     metrics, result, arts = dbm.trial_details(engine, row.id)
     out().print(f"[bold]trial {row.id}[/bold] {row.hash} {row.label} — {row.status}")
-    out().print(f"host {row.host}, device {row.device}, git {row.git_commit}{' (dirty)' if row.git_dirty else ''}, "
-                  f"torch {row.torch_version}, timm {row.timm_version}, started {row.started_at}, ended {row.ended_at}")
+    dirty = " (dirty)" if row.git_dirty else " (clean)" if row.git_dirty is False else ""
+    for line in (f"git {row.git_commit}{dirty}; mae-lab {row.mae_lab_version}, torch {row.torch_version}, "
+                 f"timm {row.timm_version}",
+                 f"host {row.host}, device {row.device} ({row.device_name}), world size {row.world_size}, "
+                 f"precision {row.resolved_precision}",
+                 f"data root {row.data_root}, data fingerprint {row.data_fingerprint}",
+                 f"started {row.started_at}, ended {row.ended_at}, attempts {row.attempts}"
+                 + (f", progress {row.progress}" if row.progress else "")):
+        out().print(line, markup=False)
     out().print_json(row.spec_json)
     if result is not None:
         out().print_json(json.dumps(result.model_dump(exclude={"id", "trial_id"})))

@@ -164,3 +164,38 @@ def test_a_hung_worker_that_still_beats_is_taken_over(workdir: Path):
     db.heartbeat(engine, db.claim_of(again), "pretrain step 5")
     shown = db.get_trials(engine, [row.id])[0]
     assert shown.progress == "pretrain step 5" and not db.is_stale(shown, 600)
+
+
+TINY = """[study]
+name = "tiny"
+[data]
+dataset = "digits"
+augmentation = "none"
+[model]
+preset = "vit_digits"
+[pretrain]
+epochs = 2
+batch_size = 128
+[eval]
+linear = { epochs = 2, warmup_epochs = 1 }
+finetune = { enabled = false }
+"""
+
+
+def test_an_artifact_failure_keeps_the_trial_done_with_its_numbers(workdir: Path):
+    (workdir / "tiny.toml").write_text(TINY)
+    (workdir / "db" / "artifacts").mkdir(parents=True)
+    (workdir / "db" / "artifacts" / "recon").write_text("a file where the recon folder goes")
+    res = CliRunner().invoke(app, ["run", "tiny.toml", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    engine = db.connect("sqlite:///db/mae_lab.db", create=False)
+    [(trial, result)] = db.study_trials(engine, db.get_study(engine, "tiny").id)
+    assert trial.status == "done" and trial.error is None
+    assert result.linear_top1 > 0 and result.pretrain_loss > 0 and result.encoder_gflops > 0  # recorded first
+    assert "recon" in result.artifact_error  # the failed artifact, said as such
+    _, _, arts = db.trial_details(engine, trial.id)
+    assert [a.kind for a in arts] == ["checkpoint"]
+    assert trial.resolved_precision in ("fp32", "bf16") and trial.world_size == 1 and trial.device_name
+    assert trial.data_fingerprint and trial.mae_lab_version and trial.git_commit
+    shown = CliRunner().invoke(app, ["show", str(trial.id)])
+    assert "world size 1" in shown.output and f"precision {trial.resolved_precision}" in shown.output, shown.output
