@@ -537,6 +537,8 @@ def parse_study(text: str, path: str | Path = "<study>", *, allow_large_grid: bo
         _raise(path, exc, StudyFile)
     if f.grid and f.search:
         raise StudyError(path, "search", "a study has either a [grid] / [[cases]] or a [search], not both")
+    if f.search and f.study.adaptive is not None:
+        raise StudyError(path, "study.seeds", "adaptive seeds are for grid studies: a [search] takes a list of seeds")
     base = {"data": f.data, "model": f.model, "pretrain": f.pretrain, "eval": f.eval}
     validate_trial(path, base)  # the base alone must be valid
     if f.search is not None:

@@ -171,3 +171,21 @@ def test_a_real_adaptive_study_runs_round_after_round_and_resumes(workdir):
     assert all(t.status == "done" for t, _ in db.study_trials(engine, study.id))
     third = run_study("adaptive.toml", device="cpu")
     assert third.ran == [] and third.skipped == 6
+    # the report shows n and whether each point is decided, from the same decision rule
+    from mae_lab.report import summarize
+    from mae_lab.report_format import render_text
+
+    rep = summarize(engine, "adaptive")
+    other = next(r for r in rep.rows if not r.is_default)
+    assert [r.n for r in rep.rows] == [3, 3] and other.decided is not None
+    assert other.decided == (other.decisions[0].why == "excludes 0")  # 0.001 points cannot be ruled out
+    md = render_text(rep, "md")
+    assert "| n | decided |" in md and "adaptive seeds: 2 to 3 per point" in md
+
+
+def test_a_search_refuses_adaptive_seeds():
+    text = STUDY.format("{ min = 2, min_effect = 1.0 }") + '[search.space]\n"model.mask_ratio" = ' \
+        '{ type = "float", low = 0.5, high = 0.9 }\n'
+    with pytest.raises(StudyError) as exc:
+        parse_study(text, "s.toml")
+    assert str(exc.value).startswith("s.toml: study.seeds: adaptive seeds are for grid studies")
