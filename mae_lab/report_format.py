@@ -261,8 +261,8 @@ def to_latex(report: StudyReport) -> str:
                                                            _num(p.ft).replace("-", "--")]
         lines.append(" & ".join(cells) + r" \\")
     caption = (f"{report.description or report.name}. Top-1 \\% (mean $\\pm$ std over seeds, n in parentheses); "
-               f"$\\Delta$: difference to the default (bold) in points with a 95\\% interval paired over seeds (Welch's "
-               f"where fewer than 2 are shared), $\\approx$ when it contains 0. Validation split.")
+               f"$\\Delta$: difference to the default (bold) in points with a 95\\% interval paired over seeds "
+               f"(Welch's where fewer than 2 are shared), $\\approx$ when it contains 0. Validation split.")
     if with_paper:
         caption += " " + " ".join(_tex(v) + "." for v in verdicts(report) if "Spearman" in v)
     lines += [r"\bottomrule", r"\end{tabular}", f"\\caption{{{caption}}}",
@@ -296,7 +296,8 @@ def to_dict(report: StudyReport) -> dict[str, Any]:
             "linear_welch": _diff_dict(r.linear_welch), "finetune_welch": _diff_dict(r.finetune_welch),
             "linear_test": _stat_dict(r.linear_test), "finetune_test": _stat_dict(r.finetune_test),
             "verdict": r.verdict, "n": r.n, "decided": r.decided,
-            "pretrain_s": r.pretrain_s.mean, "pretrain_tflops": r.pretrain_tflops.mean, "images_per_s": r.images_per_s.mean,
+            "pretrain_s": r.pretrain_s.mean, "pretrain_tflops": r.pretrain_tflops.mean,
+            "images_per_s": r.images_per_s.mean,
             "speed_vs_default": report.relative_speed(r), "encoder_gflops": r.gflops,
             "peak_mem_mib": r.peak_mem_mib.mean,
             "paper": None if r.paper is None else {"setting": r.paper.setting, "lin": r.paper.lin, "ft": r.paper.ft},

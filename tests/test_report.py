@@ -118,7 +118,8 @@ def test_every_format_renders_the_recorded_values(depth_db, tmp_path):
     data = json.loads(render_text(rep, "json"))
     first = data["rows"][0]
     assert first["axes"] == {"model.decoder_depth": 1} and first["linear"]["values"] == pytest.approx([58, 60, 62])
-    assert first["linear_diff"]["low"] == pytest.approx(lo, abs=1e-5) and first["linear_diff"]["df"] == pytest.approx(4.0)
+    assert first["linear_diff"]["low"] == pytest.approx(lo, abs=1e-5)
+    assert first["linear_diff"]["df"] == pytest.approx(4.0) and first["linear_diff"]["kind"] == "welch"
     assert data["paper_comparison"]["agreement"]["linear"] == {"spearman": pytest.approx(0.8), "points": 4}
     assert data["rows"][1]["is_default"] and data["rows"][1]["linear_diff"] is None
 
