@@ -3,10 +3,16 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import datetime
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
+from typer.testing import CliRunner
 
+from cli import app
+from conftest import dump_db
 from mae_lab.expand import expand
 from mae_lab.spec import StudyError, TrialSpec, parse_study
 
@@ -82,3 +88,89 @@ def test_random_tables_raise_only_study_errors(tables):
         expand(parse_study(text, "r.toml"))
     except StudyError as exc:
         assert str(exc).startswith("r.toml: ") and "\n" not in str(exc)
+
+
+# --- the CLI under random values: every TOML type in every field, only exit 0 or one line with exit 2 -------------
+
+def _fields(model, prefix: str = "") -> list[str]:
+    """Every dotted field of a schema (sub-models walked), e.g. 'eval.linear.warmup_epochs'."""
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _fields(ann, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+KEYS = _fields(TrialSpec) + ["study.name", "study.seeds", "study.description", "study.paper", "model.nope", "x.y"]
+SCALARS = st.one_of(
+    st.integers(-(2**70), 2**70), st.sampled_from([0, 1, -1, 2**32, 2**63]),
+    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.0, 0.5, 1.0, 1e308, 1e-320]),
+    st.booleans(), st.text(max_size=8), st.sampled_from(["", "digits", "none", "random", "pipe:true", "../x"]),
+    st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2100, 1, 1)))
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(["a", "epochs", "low", "type"]), inner, max_size=2)),
+    max_leaves=4)
+
+
+def toml(v) -> str:
+    """A TOML literal for any value hypothesis draws (inline tables for dicts)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, datetime):
+        return v.isoformat()
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml(x) for x in v) + "]"
+    return "{ " + ", ".join(f"{json.dumps(k)} = {toml(x)}" for k, x in v.items()) + " }"
+
+
+def study_text(key: str, value, where: str) -> str:
+    """A small valid study with `key` set to `value` in its base settings, as a grid axis or in a case."""
+    tables = {"study": {"name": "p"}, "pretrain": {"epochs": 1, "warmup_epochs": 0, "batch_size": 64},
+              "eval": {"linear": {"epochs": 2, "warmup_epochs": 0}, "finetune": {"enabled": False}}}
+    extra = ""
+    if where == "base" or key.startswith("study."):
+        node = tables
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+        node[last] = value
+    elif where == "grid":
+        extra = f"[grid]\n{json.dumps(key)} = {toml(value)}\n"
+    else:
+        extra = f"[[cases]]\n{json.dumps(key)} = {toml(value)}\n"
+    top = "".join(f"{json.dumps(k)} = {toml(v)}\n" for k, v in tables.items() if not isinstance(v, dict))
+    text = "".join(f"[{name}]\n" + "".join(f"{json.dumps(k)} = {toml(v)}\n" for k, v in body.items())
+                   for name, body in tables.items() if isinstance(body, dict))
+    return top + text + extra
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(KEYS), value=VALUES, where=st.sampled_from(["base", "grid", "case"]))
+def test_random_values_give_exit_0_or_one_line_and_no_database_change(workdir, key, value, where):
+    path = workdir / "p.toml"
+    path.write_text(study_text(key, value, where))
+    runner = CliRunner()
+    db = workdir / "db" / "mae_lab.db"
+    before = dump_db(db)
+    for args in (["validate", str(path)], ["run", "--dry-run", str(path)]):
+        res = runner.invoke(app, args)
+        assert res.exit_code in (0, 2), (path.read_text(), res.output, res.exception)
+        assert res.exception is None or isinstance(res.exception, SystemExit), (path.read_text(), res.exception)
+        assert "Traceback" not in res.output
+        if res.exit_code == 2:
+            lines = [line for line in res.output.splitlines() if line.strip()]
+            assert len(lines) == 1 and lines[0].startswith(f"error: {path}"), (path.read_text(), res.output)
+            res = runner.invoke(app, ["run", str(path)])  # refused before anything is written
+            assert res.exit_code == 2, (path.read_text(), res.output)
+            assert dump_db(db) == before
