@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mae_lab import rng
 from mae_lab.atomic import write_atomic
-from mae_lab.data.digits import _pack_digits
+from mae_lab.data.digits import _pack_digits, _pack_digits_unlabeled
 from mae_lab.data.pack import _data_root
 from mae_lab.data.shards import DataError, Subset, _image_size, _is_local, expand_shards, read_samples, shard_keys
 from mae_lab.data.verify import cache_root, scan, shard_sha256, verify_split
@@ -240,7 +240,8 @@ def resolve_dataset(dataset: str | None = None, *, train: str | None = None, val
                     allow_pipe: bool = False, val_holdout: int | None = None, val_seed: int = 0,
                     label_key: str = "label", pretrain_dataset: str | None = None,
                     pretrain_shards: str | None = None) -> DatasetInfo:
-    """A dataset name ("digits" built in; else <data_root>/<name>/dataset.json) or explicit train/val patterns,
+    """A dataset name ("digits" and the unlabeled "digits-unlabeled" built in; else <data_root>/<name>/dataset.json)
+    or explicit train/val patterns,
     plus an optional pretraining source: another named dataset (its train split) or a pattern of (unlabeled)
     shards."""
     if train is not None or val is not None:
@@ -266,8 +267,9 @@ def resolve_dataset(dataset: str | None = None, *, train: str | None = None, val
 
 def _named(dataset: str, data_root, cache_dir, *, val_holdout: int | None, val_seed: int,
            allow_pipe: bool) -> DatasetInfo:
-    if dataset == "digits":
-        folder = _pack_digits(cache_root(cache_dir))
+    if dataset in ("digits", "digits-unlabeled"):
+        pack = _pack_digits if dataset == "digits" else _pack_digits_unlabeled
+        folder = pack(cache_root(cache_dir))
         return _info_from_json(folder, _read_json(folder / "dataset.json"), val_holdout=val_holdout,
                                val_seed=val_seed, allow_pipe=False)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", dataset):

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from mae_lab.data.loading import _rng
-from mae_lab.data.pack import _png, _pixel_stats, _write_dataset
-from mae_lab.data.shards import expand_shards, read_samples
+from mae_lab.data.pack import _png, _pixel_stats, _write_dataset, pack_imagefolder
+from mae_lab.data.shards import DataError, expand_shards, read_samples
 
 DIGITS_NUM_VAL, DIGITS_SEED = 300, 0  # fixed split of sklearn's 1,797 digits: 1,497 train / 300 val
 # The cache folder: "-v2" since the shards are written by webdataset's TarWriter (another member order than the
 # first packing), so a cache of the old packing is never reused and every machine fingerprints the same bytes.
 DIGITS_FOLDER = "digits-v2"
+UNLABELED_FOLDER = "digits-unlabeled-v1"
 
 
 def _pack_digits(cache: Path) -> Path:
@@ -52,3 +54,20 @@ def export_images(folder: str | Path, *, cache: str | Path | None = None) -> int
             (folder / f"{key}.png").write_bytes(files["png"])
             n += 1
     return n
+
+
+def _pack_digits_unlabeled(cache: Path) -> Path:
+    """"digits-unlabeled": the digits' training images as an unlabeled dataset (no .cls, no val images), made by
+    `pack_imagefolder` from a folder of their PNG files, as `mae-lab data pack` would; once, under <cache>."""
+    out = cache / UNLABELED_FOLDER
+    if (out / "dataset.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".digits-images-", dir=out.parent) as tmp:
+        export_images(tmp, cache=cache)
+        try:
+            pack_imagefolder(Path(tmp), out, name="digits-unlabeled", shard_size=5000)
+        except DataError:
+            if not (out / "dataset.json").is_file():  # not a racing process that finished first
+                raise
+    return out
