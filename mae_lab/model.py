@@ -17,7 +17,6 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from mae_lab.masking import ids_from_noise, sample_mask_ids
 from mae_lab.presets import MAEConfig
 
-
 # --------------------------------------------------------------------------------------------------------------
 # 2-D sin-cos position embedding, as in the official util/pos_embed.py (MoCo v3)
 

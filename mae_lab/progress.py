@@ -61,9 +61,9 @@ class RichDisplay:
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console()
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=self.console, transient=True)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True)
         self.progress.start()
         self.task = None
         self.head = ""

@@ -21,6 +21,7 @@ from mae_lab.recon import NUM_IMAGES, recon_png, reconstruct, side_by_side, tria
 from mae_lab.report import StudyReport
 from mae_lab.spec import TrialSpec
 
+
 class ReconError(ValueError):
     """No reconstruction can be made or found (no artifact, no checkpoint, bad axis)."""
 

@@ -13,6 +13,7 @@ from sqlalchemy.engine import Engine
 
 from mae_lab.optuna_store import PRIOR, searched, storage
 
+
 @dataclass
 class SearchReport:
     objectives: list[str]

@@ -84,7 +84,7 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
     """Optuna's GridSampler without its ``study.stop()`` after the last point, which only works inside
     ``optimize``; the ask/tell loop checks ``is_exhausted`` itself."""
 
-    def after_trial(self, study, trial, state, values) -> None:  # noqa: ANN001
+    def after_trial(self, study, trial, state, values) -> None:
         pass
 
 
