@@ -94,3 +94,28 @@ def test_a_study_without_read_permission_is_one_line(workdir: Path):
     (workdir / "locked.toml").write_text(STUDY)
     (workdir / "locked.toml").chmod(0)
     one_line_error(CliRunner().invoke(app, ["validate", "locked.toml"]), "locked.toml", "Permission")
+
+
+@pytest.mark.slow
+def test_allow_pipe_works_from_the_cli(workdir: Path, digits_cache: Path):
+    """'pipe:' shards are refused with a hint naming --allow-pipe, and with the flag the study runs to done."""
+    shards = digits_cache / "digits-v2"
+    (workdir / "pipe.toml").write_text(f"""[study]
+name = "pipe"
+[data]
+train = "pipe:cat {shards / 'digits-train-000000.tar'}"
+val = "pipe:cat {shards / 'digits-val-000000.tar'}"
+[pretrain]
+epochs = 1
+warmup_epochs = 0
+batch_size = 128
+[eval]
+linear = {{ epochs = 1, warmup_epochs = 0 }}
+finetune = {{ enabled = false }}
+""")
+    runner = CliRunner()
+    one_line_error(runner.invoke(app, ["run", "pipe.toml"]), "pipe.toml", "pass --allow-pipe")
+    assert dump_db(workdir / "db" / "mae_lab.db") == []
+    res = runner.invoke(app, ["run", "pipe.toml", "--allow-pipe", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "1 trials: 0 already done, 1 done" in res.output

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -53,6 +53,7 @@ class DatasetInfo:
     fingerprint: str = ""
     sha256: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # (shard file name, sha256) to verify
     pretrain: DatasetInfo | None = None
+    allow_pipe: bool = False  # the user allowed 'pipe:' shards (--allow-pipe): the loaders, run later, may open them
 
     @property
     def num_classes(self) -> int:
@@ -284,11 +285,14 @@ def _named(dataset: str, data_root, cache_dir, *, val_holdout: int | None, val_s
 
 def resolve_spec_data(d, *, data_root: str | Path | None = None, cache_dir: str | Path | None = None,
                       allow_pipe: bool = False) -> DatasetInfo:
-    """The DatasetInfo of a trial spec's [data] section (a `spec.DataSpec`)."""
-    return resolve_dataset(None if d.train else d.dataset, train=d.train, val=d.val, data_root=data_root,
+    """The DatasetInfo of a trial spec's [data] section (a `spec.DataSpec`); `allow_pipe` travels with it."""
+    info = resolve_dataset(None if d.train else d.dataset, train=d.train, val=d.val, data_root=data_root,
                            cache_dir=cache_dir, allow_pipe=allow_pipe, val_holdout=d.val_holdout,
                            val_seed=d.val_seed, label_key=d.label_key, pretrain_dataset=d.pretrain_dataset,
                            pretrain_shards=d.pretrain_shards)
+    if allow_pipe:
+        info = replace(info, allow_pipe=True, pretrain=info.pretrain and replace(info.pretrain, allow_pipe=True))
+    return info
 
 
 def verify_dataset(info: DatasetInfo, *, need_label: bool = True, label_key: str = "label", cache_dir=None,
