@@ -88,7 +88,8 @@ def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, de
     """Fine-tune a copy of `model`'s encoder as `spec.eval.finetune` says; top-1 on the val and test splits.
 
     `model` itself is not changed. Returns {"top1" (validation), "test_top1" (None without a test split), "wall_s",
-    "images_per_s" (training), "epochs", "model" (the fine-tuned timm ViT)}; `on_epoch` gets {"epoch", "loss", "lr", "images_per_s"} after every epoch.
+    "images_per_s" (training), "epochs", "model" (the fine-tuned timm ViT)}; `on_epoch` gets {"epoch", "loss", "lr",
+    "images_per_s"} after every epoch.
     """
     t_start = time.perf_counter()
     ft = spec.eval.finetune

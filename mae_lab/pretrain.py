@@ -12,7 +12,8 @@ shard by rank), the lr is scaled by the global batch `batch_size * accum_iter * 
 each rank takes its rows of the global batch's mask noise, so the run follows the same batches and masks as one
 process with the whole batch. The loss is read back (and averaged over ranks, so all ranks see a divergence
 together) after every batch on CPU and every LOSS_SYNC_EVERY batches on CUDA, to keep host-device syncs out of the
-inner loop; a divergence still names the first step whose loss was not finite. Only rank 0 writes checkpoints, probes and calls `on_epoch`, whose exception (e.g. a pruned trial) stops every rank.
+inner loop; a divergence still names the first step whose loss was not finite. Only rank 0 writes checkpoints,
+probes and calls `on_epoch`, whose exception (e.g. a pruned trial) stops every rank.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mae_lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
 from mae_lab import rng
+from mae_lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
 from mae_lab.data import DatasetInfo
 from mae_lab.expand import RunContext, mae_config, pretrain_identity
 from mae_lab.loaders import pretrain_loader

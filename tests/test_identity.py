@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import dump_db
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import dump_db
 from mae_lab.data import resolve_dataset, resolve_spec_data
 from mae_lab.expand import HASH_NEUTRAL, RunContext, _flatten, identity, pretrain_hash, trial_hash
 from mae_lab.runner import run_context

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from mae_lab import db
-from mae_lab.data.pack import _png, _pixel_stats, _write_dataset
+from mae_lab.data.pack import _pixel_stats, _png, _write_dataset
 
 SEARCH = """# mae-lab search split.toml --data-root data
 [study]

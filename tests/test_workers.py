@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from test_resume import mae_lab
 
 from mae_lab import db
-from test_resume import mae_lab
 
 
 def grid_study(name: str, ratios: list[float], seeds: list[int], epochs: int = 2) -> str:
@@ -174,9 +174,9 @@ def test_a_killed_postgres_worker_is_taken_over(workdir: Path, pg_url: str):
 def test_search_on_postgres(workdir: Path, pg_url: str):
     """The Optuna study lives in the same PostgreSQL database as mae-lab's tables."""
     import optuna
+    from test_search import SEARCH
 
     from mae_lab.search import storage
-    from test_search import SEARCH
 
     (workdir / "s.toml").write_text(SEARCH.replace("n_trials = 6", "n_trials = 2"))
     finish([mae_lab("search", "s.toml", "--db", pg_url, "--device", "cpu", cwd=workdir)])
