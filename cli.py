@@ -152,7 +152,7 @@ def run(
 ):
     """Expand STUDY into trials and run every trial not done yet (pretrain, linear probe, fine-tune)."""
     from mae_lab.distributed import launch, run_study_ddp, world_size_from_env
-    from mae_lab.runner import parse_data_override, plan, resolve_data, run_study
+    from mae_lab.runner import bind_trial, parse_data_override, pick_device, plan, resolve_data, run_study
 
     ddp = world_size_from_env() > 1  # this process is one rank of a torchrun
     rank0 = not ddp or os.environ.get("RANK", "0") == "0"
@@ -166,8 +166,9 @@ def run(
         override = parse_data_override(data)
         if launcher:
             spec, trials = plan(study, override, allow_large_grid)
-            resolve_data(spec, trials, data_root, allow_pipe)
-            if dry_run:
+            infos = resolve_data(spec, trials, data_root, allow_pipe)
+            if dry_run:  # the hashes `run` records: under this data, process count and precision
+                trials = [bind_trial(t, infos=infos, device=pick_device(device), world_size=nproc) for t in trials]
                 return _print_plan(spec, trials, db)
             raise typer.Exit(launch(nproc, forward))
         kwargs = dict(db_url=db, device=device, data_root=data_root, data_override=override, rerun=rerun,

@@ -218,6 +218,11 @@ def run_context(spec: TrialSpec, info: DatasetInfo, device: str, world_size: int
     return RunContext(fingerprint=fingerprint or None, world_size=world_size, precision="bf16" if bf16 else "fp32")
 
 
+def bind_trial(t: Trial, *, infos: dict[str, DatasetInfo], device: str, world_size: int = 1) -> Trial:
+    """``t`` with the hashes it has under this run's data, process count and precision (what the DB records)."""
+    return bind(t, run_context(t.spec, infos[t.spec.data.model_dump_json()], device, world_size))
+
+
 def device_name(device: str) -> str:
     """The accelerator's name (CUDA), else the CPU model."""
     dev = torch.device(device)
@@ -431,9 +436,7 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
     device = pick_device(device)
     world_size = dist_ctx.world_size if dist_ctx is not None else 1
 
-    def bind_run(t: Trial) -> Trial:  # the hashes under this run's data, process count and precision
-        return bind(t, run_context(t.spec, infos[t.spec.data.model_dump_json()], device, world_size))
-
+    bind_run = functools.partial(bind_trial, infos=infos, device=device, world_size=world_size)
     trials = [bind_run(t) for t in trials]
     check_inits(study, trials, db_url)  # a bad pretrain.init ends here, before anything is written
     artifacts = Path(artifacts or db.artifacts_dir(db_url)).resolve()
@@ -483,9 +486,10 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
                 continue
             waiting = False
             tried.add(claimed.id)
-            trial = by_hash[claimed.hash]
+            trial = by_hash.get(claimed.hash)  # None: another process added the next round (adaptive seeds) first
+            spec = trial.spec if trial is not None else TrialSpec.model_validate_json(claimed.spec_json)
             display.trial_start(len(summary.ran) + 1, todo, claimed.label, claimed.hash)
-            result = run_trial(engine, claimed, infos[trial.spec.data.model_dump_json()], device=device,
+            result = run_trial(engine, claimed, infos[spec.data.model_dump_json()], device=device,
                                artifacts=artifacts, display=display, heartbeat_s=heartbeat_s, dist_ctx=dist_ctx,
                                data_root=data_root)
             summary.ran.append((claimed.hash, result))

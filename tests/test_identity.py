@@ -114,6 +114,9 @@ def test_a_resume_across_an_incompatible_checkpoint_exits_2_naming_the_key(workd
     (workdir / "s.toml").write_text(STUDY)
     res = CliRunner().invoke(app, ["run", "s.toml", "--device", "cpu"])
     assert res.exit_code == 0, res.output
+    [(recorded,)] = sqlite3.connect(workdir / "db" / "mae_lab.db").execute("SELECT hash FROM mae_trials").fetchall()
+    plan = CliRunner().invoke(app, ["run", "s.toml", "--device", "cpu", "--dry-run"], env={"COLUMNS": "200"})
+    assert recorded[:12] in plan.output and "done" in plan.output, plan.output  # the plan shows the recorded hash
     [ckpt] = (workdir / "db" / "artifacts" / "pretrain").glob("*.pt")
     saved = torch.load(ckpt, weights_only=True)
     saved["identity"]["pretrain.base_lr"] = 0.5  # as if written for another recipe under this file name
