@@ -7,6 +7,9 @@ trials table is the work queue: a running trial carries its claim (worker host:p
 and a progress note that a background thread refreshes while the trial runs (``Heartbeat``), so a worker that died,
 or hangs while alive, is noticed and its trial claimed again; every later write of the old worker is then refused
 (``LostClaim``). Schema changes migrate in place (MIGRATIONS); tests/fixtures holds a database of an older release.
+
+Over 400 lines on purpose: the tables, the queue and the writes stay together because every write checks the claim
+inside its own transaction (``_fenced``), and every module reaches the database through this one.
 """
 from __future__ import annotations
 
