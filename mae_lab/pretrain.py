@@ -8,9 +8,9 @@ for bit.
 
 With `world_size` > 1 (a process group already initialised, see `distributed.py`) the model is wrapped in
 DistributedDataParallel: each rank takes its share of every global batch of `batch_size * world_size` (the loaders
-shard by rank), the lr is scaled by the global batch `batch_size * accum_iter * world_size`, and with random masking
-each rank takes its rows of the global batch's mask noise, so the run follows the same batches and masks as one
-process with the whole batch. The loss is read back (and averaged over ranks, so all ranks see a divergence
+shard by rank), the lr is scaled by the global batch `batch_size * accum_iter * world_size`, and each rank takes its
+rows of the global batch's masks (any sampling: `global_mask_noise`), so the run follows the same batches and masks
+as one process with the whole batch. The loss is read back (and averaged over ranks, so all ranks see a divergence
 together) after every batch on CPU and every LOSS_SYNC_EVERY batches on CUDA, to keep host-device syncs out of the
 inner loop; a divergence still names the first step whose loss was not finite. Only rank 0 writes checkpoints,
 probes and calls `on_epoch`, whose exception (e.g. a pruned trial) stops every rank.
@@ -32,7 +32,9 @@ from mae_lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mae_lab.data import DatasetInfo
 from mae_lab.expand import RunContext, mae_config, pretrain_identity
 from mae_lab.loaders import pretrain_loader
+from mae_lab.masking import sample_mask_ids
 from mae_lab.model import MaskedAutoencoder
+from mae_lab.presets import MAEConfig
 from mae_lab.probe import knn_top1
 from mae_lab.probe_surface import STAGE as SURFACE
 from mae_lab.probe_surface import probe_surface
@@ -145,16 +147,13 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
     fwd = ddp or model
     fwd = torch.compile(fwd) if pt.compile else fwd
     amp = use_bf16(pt.amp, dev, model.config.embed_dim)
-    global_noise = world_size > 1 and model.config.mask_sampling == "random"
 
     sync_every = LOSS_SYNC_EVERY if dev.type == "cuda" else 1  # on CPU reading a loss costs nothing
     reset_peak_memory(dev)
     train_s, images = 0.0, 0
     while epoch < pt.epochs:
         t_epoch = time.perf_counter()
-        mask_gen = rng.generator(spec.seed, "mask", epoch)  # masking (CPU generator): the global batch's noise
-        if world_size > 1 and not global_noise:  # block / grid masking: a stream per rank (depends on --nproc)
-            mask_gen = rng.generator(spec.seed, "mask", epoch, f"rank{rank}")
+        mask_gen = rng.generator(spec.seed, "mask", epoch)  # masking (CPU generator): the global batch's masks
         loader = pretrain_loader(spec, info, epoch, rank=rank, world_size=world_size)
         model.train()
         optimizer.zero_grad(set_to_none=True)
@@ -168,9 +167,8 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
                 for g in optimizer.param_groups:
                     g["lr"] = lr
             imgs = imgs.to(dev, non_blocking=True)  # (B, C, H, W)
-            if global_noise:  # this rank's rows of the global batch's noise: rank r holds samples r, r + W, ...
-                B = imgs.shape[0]
-                noise = torch.rand(B * world_size, model.config.num_patches, generator=mask_gen)  # (B*W, L)
+            if world_size > 1:  # this rank's rows of the global batch's masks: rank r holds samples r, r + W, ...
+                noise = global_mask_noise(model.config, imgs.shape[0] * world_size, mask_gen)  # (B*W, L)
                 mask_kwargs = {"noise": noise[rank::world_size].to(dev)}  # (B, L)
             else:
                 mask_kwargs = {"generator": mask_gen}
@@ -222,6 +220,18 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
 
     return PretrainResult(model, epoch, step, time.perf_counter() - t_start, images / max(train_s, 1e-9),
                           loss_history[-1], loss_history, sha, peak_memory_mib(dev))
+
+
+def global_mask_noise(config: MAEConfig, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Noise (batch, L) whose official argsort masking gives exactly the masks ``config.mask_sampling`` draws for
+    ``batch`` samples from ``generator``: each rank takes its rows of the global batch's, so the masks do not depend
+    on the process count (random: the noise itself; block / grid: the mask, kept patches first, in grid order)."""
+    L = config.num_patches
+    if config.mask_sampling == "random":
+        return torch.rand(batch, L, generator=generator)  # (B, L)
+    g = config.grid_size
+    _, _, mask = sample_mask_ids(config.mask_sampling, batch, g, g, config.mask_ratio, generator)  # (B, L) 1: removed
+    return mask + torch.arange(L) / (2 * L)  # kept in [0, 0.5) sort before removed in [1, 1.5), each in grid order
 
 
 def checkpoint_mismatch(ckpt: dict, config_dump: dict, identity: dict | None) -> tuple[str, str] | None:

@@ -12,7 +12,7 @@ from mae_lab.data import resolve_dataset
 from mae_lab.expand import mae_config
 from mae_lab.loaders import pretrain_loader
 from mae_lab.model import MaskedAutoencoder
-from mae_lab.pretrain import pretrain
+from mae_lab.pretrain import global_mask_noise, pretrain
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +98,14 @@ def test_arms_draw_the_same_masks_where_ratio_and_sampling_agree(digits):
     assert all(torch.equal(a, b) for a, b in zip(base, other))
     assert not torch.equal(base[0], base[4])  # epochs draw from their own streams
     assert not all(torch.equal(a, b) for a, b in zip(base, _masks(digits, mask_ratio=0.5, decoder_depth=1)))
+
+
+@pytest.mark.parametrize("sampling", ["random", "block", "grid"])
+def test_ranks_take_their_rows_of_the_global_batchs_masks(sampling):
+    """Under --nproc 2 each rank masks its rows of the masks one process draws for the whole batch."""
+    spec = make_spec(model={"mask_sampling": sampling, "mask_ratio": 0.75}, pretrain={"epochs": 2})
+    model = MaskedAutoencoder(mae_config(spec))
+    one = model.mask_ids(16, 0.75, generator=rng.generator(0, "mask", 1))[2]  # (16, L): one process, batch 16
+    noise = global_mask_noise(model.config, 16, rng.generator(0, "mask", 1))  # (16, L): what every rank draws
+    ranks = [model.mask_ids(8, 0.75, noise=noise[r::2])[2] for r in range(2)]  # (8, L) each, as in the loop
+    assert torch.equal(ranks[0], one[0::2]) and torch.equal(ranks[1], one[1::2])
