@@ -93,6 +93,9 @@ def init_generators(seed: int) -> Callable[[str], torch.Generator]:
 def seeded(seed: int, name: str, *keys: int | str) -> Iterator[None]:
     """Run the block on torch's global CPU RNG seeded from the stream, and give the caller's state back after: for
     one sample's augmentation (keyed by the sample, so neither loader workers nor ranks change its draws)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stream_seed(seed, name, *keys))
+    saved = torch.get_rng_state()
+    torch.default_generator.manual_seed(stream_seed(seed, name, *keys))  # CPU only: torch.manual_seed costs 90 us
+    try:
         yield
+    finally:
+        torch.set_rng_state(saved)
