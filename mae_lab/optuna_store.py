@@ -5,7 +5,9 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from mae_lab import db
 
@@ -18,7 +20,19 @@ def storage(url: str | None = None) -> optuna.storages.RDBStorage:
     url = db.resolve_url(url)
     sqlite = make_url(url).get_backend_name() == "sqlite"
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
-    st = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    if sqlite:
+        st = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    else:  # processes that start at once queue on a lock instead of racing on Optuna's CREATE TABLE
+        lock = create_engine(url, poolclass=NullPool)
+        try:
+            with lock.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(7271102)"))
+                try:
+                    st = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(7271102)"))
+        finally:
+            lock.dispose()
     if sqlite:
         st.engine.dispose()
         db.serialize_sqlite(st.engine)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 from typing import Any
@@ -59,7 +60,22 @@ def _num(v: float | None, spec: str = ".1f") -> str:
 
 
 def axis_cells(report: StudyReport, row: Row) -> list[str]:
-    return [str(row.axes.get(a, "default")) for a in report.axes] or ["default"]
+    """A row's axis values; a float that needs more than 4 digits (a sampled value, e.g. 0.7195254015709299) is
+    rounded to the fewest significant digits, at least 4, that still tell its column's values apart."""
+    cells = []
+    for a in report.axes:
+        v = row.axes.get(a, "default")
+        if isinstance(v, float):
+            short = f"{v:.{_digits(tuple(r.axes[a] for r in report.rows if isinstance(r.axes.get(a), float)))}g}"
+            v = v if float(short) == v else short  # values written by hand keep their form (0.75, 2.0, 1e-05)
+        cells.append(str(v))
+    return cells or ["default"]
+
+
+@functools.lru_cache(maxsize=256)
+def _digits(column: tuple[float, ...]) -> int:
+    values = set(column)
+    return next((d for d in range(4, 17) if len({f"{v:.{d}g}" for v in values}) == len(values)), 17)
 
 
 def axis_names(report: StudyReport) -> list[str]:

@@ -119,3 +119,14 @@ finetune = {{ enabled = false }}
     res = runner.invoke(app, ["run", "pipe.toml", "--allow-pipe", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "1 trials: 0 already done, 1 done" in res.output
+
+
+@pytest.mark.parametrize("content", [b"", b"short", b"e\nplain text, not a tar archive\n" * 100],
+                         ids=["empty", "short", "text"])
+def test_a_shard_that_is_not_a_tar_archive_is_named(workdir: Path, content: bytes):
+    (workdir / "plain.tar").write_bytes(content)
+    one_line_error(CliRunner().invoke(app, ["data", "info", "plain.tar"]), "plain.tar", "not a tar archive")
+    (workdir / "s.toml").write_text('[study]\nname = "s"\n[data]\ntrain = "plain.tar"\nval = "plain.tar"\n')
+    for args in (["validate", "s.toml"], ["run", "s.toml"]):
+        one_line_error(CliRunner().invoke(app, args), "s.toml", "plain.tar", "not a tar archive")
+    assert dump_db(workdir / "db" / "mae_lab.db") == []
