@@ -16,12 +16,11 @@ import click
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.exc import SQLAlchemyError
 from typer.core import TyperCommand, TyperGroup
 
-from mae_lab import db as dbm
-from mae_lab.progress import make_display
-from mae_lab.spec import StudyError
+# Our library loads inside the commands that use it: --help imports only typer and rich (0.13 s; with
+# mae_lab.db and mae_lab.spec at the top, i.e. sqlmodel, SQLAlchemy and pydantic, 0.47 s on the same machine),
+# and validate, list and report never import torch (tests/test_house.py).
 
 # The errors of bad input (a study, data, a database URL, a checkpoint), as (module, class). The boundary looks a
 # class up only once its module is loaded (an error's class is loaded by the time one is raised), so the front door
@@ -86,6 +85,10 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 def trial_errors(resume_hint: str, display: bool = True) -> Iterator[object]:
     """Yield a progress display (None if not `display`) and turn bad input into one line with exit 2, and Ctrl-C
     into exit 130 with `resume_hint`."""
+    from mae_lab.db import DbError
+    from mae_lab.progress import make_display
+    from mae_lab.spec import StudyError
+
     try:
         shown = make_display(out()) if display else None
         try:
@@ -93,7 +96,7 @@ def trial_errors(resume_hint: str, display: bool = True) -> Iterator[object]:
         finally:
             if shown is not None:
                 shown.close()
-    except (StudyError, dbm.DbError, ValueError) as exc:
+    except (StudyError, DbError, ValueError) as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:
         Console(stderr=True).print(f"interrupted: the running trial is marked interrupted; {resume_hint}")
@@ -101,6 +104,8 @@ def trial_errors(resume_hint: str, display: bool = True) -> Iterator[object]:
 
 
 def _open_db(url: str | None, create: bool = True):
+    from mae_lab import db as dbm
+
     try:
         return dbm.connect(url, create=create)
     except dbm.DbError as exc:
@@ -247,6 +252,10 @@ PLAIN_PLAN = 500  # a dry run of more trials prints tab-separated lines instead 
 
 
 def _print_plan(study, trials, db_url: str | None) -> None:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from mae_lab import db as dbm
+
     status: dict[str, str] = {}
     try:  # read-only: a missing database just means every trial is pending
         engine = dbm.connect(db_url, create=False)
@@ -315,6 +324,8 @@ def report(
 @app.command("list")
 def list_(db: DbOpt = None):
     """List the studies in the database with their trials counted by status."""
+    from mae_lab import db as dbm
+
     engine = _open_db(db, create=False)
     table = Table(title="studies")
     table.add_column("study")
@@ -334,6 +345,8 @@ def show(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix.")],
                               "(e.g. mask_ratio), same seed.")] = None,
          data_root: DataRootOpt = None):
     """Show one trial: spec, provenance, metrics, results and artifacts; --recon writes its reconstructions."""
+    from mae_lab import db as dbm
+
     engine = _open_db(db, create=False)
     row = dbm.find_trial(engine, trial)
     if row is None:
