@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from mae_lab import rng
-from mae_lab.data.shards import DataError, Subset, _decode, expand_shards, read_samples, shard_keys
+from mae_lab.data.shards import DataError, Subset, _decode, check_end, expand_shards, read_samples, shard_keys
 from mae_lab.data.transforms import ImageTransform
 
 
@@ -93,7 +93,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         self.subset, self.label_key, self.need_label = subset, label_key, need_label
 
     def _samples(self, shard: str) -> Iterator[tuple[str, dict]]:
-        shard_keys(shard)  # local shards: a header scan (cached) catches a shard cut at a member boundary
+        check_end(shard)  # a local shard cut at a member boundary
         for key, files in read_samples(shard):
             if self.subset is None or self.subset.admits(shard, key):
                 yield key, files
@@ -284,7 +284,7 @@ def _stack(images: list[Tensor]) -> Tensor | list[Tensor]:
 def decode_shard(shard: str, *, subset: Subset | None = None, label_key: str = "label", need_label: bool = True,
                  limit: int | None = None) -> tuple[list[Tensor], list[int]]:
     """Decode the samples of one shard (those of `subset`; at most `limit`): uint8 (3, H, W) images and labels."""
-    shard_keys(shard)
+    check_end(shard)
     images, labels = [], []
     for key, files in read_samples(shard):
         if limit is not None and len(labels) >= limit:

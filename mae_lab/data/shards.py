@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tarfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # tried first, in this order; then any other extension PIL decodes
@@ -180,6 +182,18 @@ def shard_keys(shard: str) -> tuple[str, ...] | None:
     return _keys_of_local_shard(os.path.abspath(shard), st.st_size, st.st_mtime_ns)
 
 
+def check_end(shard: str) -> None:
+    """Cheap check before streaming a local .tar: a tar ends with two zero blocks, so a shard cut at a member boundary
+    (which a streaming reader takes for a normal end) shows in its last 1024 bytes; then `shard_keys` names it."""
+    if not _is_local(shard) or shard.endswith(COMPRESSED):
+        return
+    with open(shard, "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - 1024))
+        tail = f.read(1024)
+    if len(tail) < 1024 or tail.count(0) != 1024:
+        shard_keys(shard)  # raises DataError naming the shard and the last good key
+
+
 def _shard_count(shard: str) -> int | None:
     """Samples in a shard if it is a local file (header scan), else None."""
     keys = shard_keys(shard)
@@ -246,6 +260,12 @@ def _decode(shard: str, key: str, files: dict[str, bytes], *, label_key: str = "
     from PIL import Image
 
     label, data = _label(shard, key, files, label_key=label_key, required=need_label), _image_bytes(shard, key, files)
+    try:  # torchvision's decoder first (3-4x faster than PIL on small JPEGs; the same pixels), else PIL
+        with warnings.catch_warnings():  # it warns on every call that torchcodec will replace it; not a dependency
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB), label
+    except Exception:  # a format or mode it does not take (16-bit PNG, BMP, ...), or bad data: PIL decides
+        pass
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
