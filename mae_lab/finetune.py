@@ -84,12 +84,13 @@ def build_classifier(spec: TrialSpec, model: MaskedAutoencoder, num_classes: int
 
 
 def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, device: str,
-             on_epoch: Callable[[dict], None] | None = None) -> dict:
+             on_epoch: Callable[[dict], None] | None = None, on_progress: Callable[[str], None] | None = None
+             ) -> dict:
     """Fine-tune a copy of `model`'s encoder as `spec.eval.finetune` says; top-1 on the val and test splits.
 
     `model` itself is not changed. Returns {"top1" (validation), "test_top1" (None without a test split), "wall_s",
     "images_per_s" (training), "epochs", "model" (the fine-tuned timm ViT)}; `on_epoch` gets {"epoch", "loss", "lr",
-    "images_per_s"} after every epoch.
+    "images_per_s"} after every epoch; `on_progress` a note per optimizer step ("finetune step 120").
     """
     t_start = time.perf_counter()
     ft = spec.eval.finetune
@@ -146,6 +147,8 @@ def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, de
             optimizer.step()
             step += 1
             n_images += imgs.shape[0]
+            if on_progress is not None:
+                on_progress(f"finetune step {step}")
         loss_sum += read_losses(pending, stage="fine-tuning")
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)

@@ -52,18 +52,21 @@ class LARS(torch.optim.Optimizer):
 
 
 @torch.no_grad()
-def extract_features(model: MaskedAutoencoder, loader, device: str, pool: str = "cls",
-                     amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(model: MaskedAutoencoder, loader, device: str, pool: str = "cls", amp: bool = False,
+                     on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode every image of `loader` with the unmasked encoder in eval mode: (feats (N, D) float32, labels (N,)).
 
     pool "cls" takes the cls token after the final norm (official probe); "mean" averages the patch tokens.
-    The model's train/eval mode is restored afterwards. Features stay on `device`.
+    The model's train/eval mode is restored afterwards. Features stay on `device`. `on_batch(i)` follows every
+    batch (the runner's heartbeat progress).
     """
     dev = torch.device(device)
     was_training = model.training
     model.eval()
     feats, labels = [], []
-    for imgs, y in loader:
+    for i, (imgs, y) in enumerate(loader):
+        if on_batch is not None:
+            on_batch(i)
         imgs = imgs.to(dev, non_blocking=True)  # (B, C, H, W)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             x = model.forward_features(imgs)  # (B, 1+L, D)
@@ -75,22 +78,27 @@ def extract_features(model: MaskedAutoencoder, loader, device: str, pool: str = 
 
 
 def linear_probe(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, device: str,
-                 on_epoch: Callable[[dict], None] | None = None) -> dict:
+                 on_epoch: Callable[[dict], None] | None = None, on_progress: Callable[[str], None] | None = None
+                 ) -> dict:
     """Train BatchNorm1d(affine=False) + Linear on frozen features as `spec.eval.linear` says.
 
     Returns {"top1" (the validation split), "test_top1" (the test split; None without one), "wall_s",
     "images_per_s" (images encoded per second), "epochs"}. `on_epoch` gets {"epoch", "loss", "lr", "top1"} after
     every epoch: validation top-1 on the cached features, which costs next to nothing (the test split is read
-    once, after the last epoch, and never seen by anything that selects).
+    once, after the last epoch, and never seen by anything that selects). `on_progress` gets a note per batch
+    encoded ("linear encode val 12").
     """
     t_start = time.perf_counter()
     lin = spec.eval.linear
     dev = torch.device(device)
     amp = use_bf16(spec.pretrain.amp, dev, model.config.embed_dim)
     model.to(dev)
-    train_x, train_y = extract_features(model, eval_loader(spec, info, "train", lin.batch_size), device, lin.pool,
-                                        amp)  # (N, D), (N,)
-    val_x, val_y = extract_features(model, eval_loader(spec, info, "val", lin.batch_size), device, lin.pool, amp)
+    def encode(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        note = None if on_progress is None else (lambda i: on_progress(f"linear encode {split} {i}"))
+        return extract_features(model, eval_loader(spec, info, split, lin.batch_size), device, lin.pool, amp, note)
+
+    train_x, train_y = encode("train")  # (N, D), (N,)
+    val_x, val_y = encode("val")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     encode_s = time.perf_counter() - t_start
@@ -104,8 +112,7 @@ def linear_probe(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *
             on_epoch({"epoch": epoch + 1, "loss": loss, "lr": lr, "top1": top1})
     test_top1 = None
     if has_test_split(info):
-        test_x, test_y = extract_features(model, eval_loader(spec, info, "test", lin.batch_size), device, lin.pool,
-                                          amp)  # (Nt, D), (Nt,)
+        test_x, test_y = encode("test")  # (Nt, D), (Nt,)
         test_top1 = probe.top1(test_x, test_y)
 
     return {"top1": top1, "test_top1": test_top1, "wall_s": time.perf_counter() - t_start,

@@ -287,7 +287,10 @@ def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heart
     last: dict[str, Any] = {}  # the latest pretraining metrics, for a pruned trial's result
 
     def on_step(stage: str, step: int) -> None:
-        beat.progress = f"{stage} step {step}"
+        note(f"{stage} step {step}")
+
+    def note(progress: str) -> None:  # what the heartbeat shows; a claim lost meanwhile stops the trial here
+        beat.progress = progress
         beat.check()
 
     def on_pretrain_epoch(m: dict[str, Any]) -> None:
@@ -338,7 +341,8 @@ def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heart
         if lin.enabled:
             db.clear_metrics(engine, row.id, "linear", claim=claim)
             display.stage("linear", lin.epochs)
-            out = linear_probe(spec, model, info, device=device, on_epoch=on_eval_epoch("linear", lin.epochs))
+            out = linear_probe(spec, model, info, device=device, on_epoch=on_eval_epoch("linear", lin.epochs),
+                               on_progress=note)
             result.update(linear_top1=out["top1"], linear_test_top1=out["test_top1"], linear_wall_s=out["wall_s"])
             if lin.blocks:  # the probe surface at the last epoch (one forward pass for every block)
                 db.record_metrics(engine, row.id, SURFACE, pre.epochs, probe_surface(spec, model, info, device),
@@ -346,7 +350,8 @@ def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heart
         if ft.enabled:
             db.clear_metrics(engine, row.id, "finetune", claim=claim)
             display.stage("finetune", ft.epochs)
-            out = finetune(spec, model, info, device=device, on_epoch=on_eval_epoch("finetune", ft.epochs))
+            out = finetune(spec, model, info, device=device, on_epoch=on_eval_epoch("finetune", ft.epochs),
+                           on_progress=note)
             result.update(finetune_top1=out["top1"], finetune_test_top1=out["test_top1"],
                           finetune_wall_s=out["wall_s"])
         if "knn_top1" in last:
