@@ -105,7 +105,17 @@ def trial_hash(spec: TrialSpec, ctx: RunContext = RunContext()) -> str:
 
 def pretrain_identity(spec: TrialSpec, ctx: RunContext = RunContext()) -> dict[str, Any]:
     """The part of ``identity`` that determines pretraining: seed, data, model, pretrain (not eval)."""
-    return {k: v for k, v in identity(spec, ctx).items() if k.split(".")[0] in PRETRAIN_SECTIONS}
+    return _pretrain_part(identity(spec, ctx))
+
+
+def _pretrain_part(flat: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flat.items() if k.partition(".")[0] in PRETRAIN_SECTIONS}
+
+
+def hashes(spec: TrialSpec, ctx: RunContext = RunContext()) -> tuple[str, str]:
+    """(trial_hash, pretrain_hash), from one identity: what expansion and binding compute for every trial."""
+    flat = identity(spec, ctx)
+    return _digest(flat), _digest(_pretrain_part(flat))
 
 
 def pretrain_hash(spec: TrialSpec, ctx: RunContext = RunContext()) -> str:
@@ -115,7 +125,8 @@ def pretrain_hash(spec: TrialSpec, ctx: RunContext = RunContext()) -> str:
 
 def bind(trial: Trial, ctx: RunContext) -> Trial:
     """``trial`` with the hashes it has under ``ctx`` (what the database records)."""
-    return dataclasses.replace(trial, hash=trial_hash(trial.spec, ctx), pretrain_hash=pretrain_hash(trial.spec, ctx))
+    h, ph = hashes(trial.spec, ctx)
+    return dataclasses.replace(trial, hash=h, pretrain_hash=ph)
 
 
 def mae_config(spec: TrialSpec) -> MAEConfig:
@@ -225,7 +236,7 @@ def expand(study: Study) -> list[Trial]:
         first = resolve(study, point, study.study.seeds[0])  # validated once per point: seeds change only `seed`
         for seed in study.study.seeds:
             spec = first if seed == first.seed else first.model_copy(update={"seed": seed})
-            trials.append(Trial(spec, trial_hash(spec), pretrain_hash(spec), dict(point)))
+            trials.append(Trial(spec, *hashes(spec), dict(point)))
     return trials
 
 

@@ -1,14 +1,18 @@
 """Search claims, each with a test that fails when the claim is false: the median pruner prunes a deliberately bad
-trial (and only it), and two `mae-lab search` processes on one PostgreSQL database share one study."""
+trial (and only it), two `mae-lab search` processes on one PostgreSQL database share one study, and a killed search
+resumes its trial from the checkpoint."""
 from __future__ import annotations
 
 import re
+import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import mae_lab
+from test_resume import checkpoint_epoch, pretrained_epochs
 from test_search import SEARCH
 from test_workers import finish, pg_rows, pg_url  # noqa: F401 - pg_url is a fixture
 
@@ -91,3 +95,57 @@ def test_two_search_processes_share_one_postgres_study(workdir: Path, pg_url: st
     assert all(r[1] in ("done", "pruned") and r[2] == 1 for r in rows), rows
     assert sorted(r[3] for r in rows) == sorted(t.number for t in trials)
     assert pg_rows(pg_url, "SELECT count(*) FROM mae_studies") == [(1,)]
+
+
+KILLED = """# mae-lab search ks.toml
+[study]
+name = "ks"
+seeds = [0]
+
+[model]
+preset = "vit_digits"
+
+[pretrain]
+epochs = 6
+batch_size = 64
+
+[eval]
+linear = { epochs = 2, warmup_epochs = 1 }
+finetune = { enabled = false }
+
+[search]
+n_trials = 2
+sampler = "random"
+
+[search.space."model.mask_ratio"]
+type = "float"
+low = 0.5
+high = 0.9
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_its_trial_from_the_checkpoint(workdir: Path):
+    import optuna
+
+    from mae_lab.search import storage
+
+    (workdir / "kill.toml").write_text(KILLED)
+    db = workdir / "db" / "mae_lab.db"
+    proc = mae_lab("search", "kill.toml", "--device", "cpu", cwd=workdir)
+    deadline = time.time() + 300
+    while checkpoint_epoch(db) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    k = checkpoint_epoch(db)
+
+    out = finish([mae_lab("search", "kill.toml", "--device", "cpu", cwd=workdir)])[0]
+    # the killed point is asked again and resumes at epoch k+1; then the second point trains from epoch 1
+    assert pretrained_epochs(out) == list(range(k + 1, 7)) + list(range(1, 7)), out
+    trials = optuna.load_study(study_name="ks", storage=storage("sqlite:///db/mae_lab.db")).get_trials()
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE", "FAIL"]  # the killed one, retried
+    with sqlite3.connect(db) as c:
+        rows = c.execute("SELECT status, attempts FROM mae_trials ORDER BY id").fetchall()
+    assert rows == [("done", 2), ("done", 1)], rows

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import dump_db
-from mae_lab.expand import expand
+from mae_lab.expand import expand, pretrain_hash, trial_hash
 from mae_lab.spec import StudyError, TrialSpec, parse_study
 
 AXES = {
@@ -55,8 +55,7 @@ def test_expansion_is_the_cartesian_product(case):
             assert node == value
         # the identity is a pure function of the resolved spec: a JSON round trip keeps it
         again = TrialSpec.model_validate_json(t.spec.model_dump_json())
-        from mae_lab.expand import trial_hash
-        assert trial_hash(again) == t.hash
+        assert (trial_hash(again), pretrain_hash(again)) == (t.hash, t.pretrain_hash)
     # trials that differ only in evaluation settings share their pretraining
     by_pre = {}
     for t in trials:
