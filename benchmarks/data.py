@@ -29,8 +29,15 @@ import time
 import _bench  # noqa: F401
 from _bench import CIFAR10, ROOT, header, interleaved, mae_train_step, pass_fail, table
 
-from mae_lab.data import CIFAR10_MEAN, CIFAR10_STD, MemoryLoader, first_samples, load_split, make_loader, \
-    pretrain_transform
+from mae_lab.data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    MemoryLoader,
+    first_samples,
+    load_split,
+    make_loader,
+    pretrain_transform,
+)
 from mae_lab.presets import config_from_preset
 
 TARGET, READER_TARGET = 5.0, 0.9

@@ -9,8 +9,16 @@ read the labeled train split, validation reads "val" (the dataset's own, or the 
 from __future__ import annotations
 
 from mae_lab import rng
-from mae_lab.data import (DataError, DatasetInfo, ImageTransform, MemoryLoader, eval_transform, first_samples,
-                          make_loader, pretrain_transform)
+from mae_lab.data import (
+    DataError,
+    DatasetInfo,
+    ImageTransform,
+    MemoryLoader,
+    eval_transform,
+    first_samples,
+    make_loader,
+    pretrain_transform,
+)
 from mae_lab.spec import TrialSpec
 
 
@@ -32,14 +40,15 @@ def _split_loader(spec: TrialSpec, info: DatasetInfo, split: str, transform, *, 
     served from memory)."""
     d = spec.data
     pattern, n, subset = info.split(split)
-    labels = dict(subset=subset, label_key=d.label_key, need_label=need_label)
     if limit is not None and limit < n:
-        images, targets = first_samples(pattern, limit, allow_pipe=info.allow_pipe, **labels)
+        images, targets = first_samples(pattern, limit, allow_pipe=info.allow_pipe, subset=subset,
+                                        label_key=d.label_key, need_label=need_label)
         return MemoryLoader(images, targets, transform=transform, batch_size=batch_size, shuffle=shuffle,
                             seed=seed, epoch=epoch, rank=rank, world_size=world_size, drop_last=drop_last)
     return make_loader(pattern, num_samples=n, transform=transform, batch_size=batch_size, shuffle=shuffle, seed=seed,
                        epoch=epoch, num_workers=d.num_workers, rank=rank, world_size=world_size, drop_last=drop_last,
-                       in_memory=d.in_memory, allow_pipe=info.allow_pipe, **labels)
+                       in_memory=d.in_memory, allow_pipe=info.allow_pipe, subset=subset, label_key=d.label_key,
+                       need_label=need_label)
 
 
 def pretrain_loader(spec: TrialSpec, info: DatasetInfo, epoch: int, *, rank: int = 0, world_size: int = 1):

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import dump_db
 from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import dump_db
 
 
 def png(seed: int) -> bytes:
@@ -72,7 +72,7 @@ def run_refused(workdir: Path, text: str, *extra: str) -> str:
     (workdir / "s.toml").write_text(text)
     res = CliRunner().invoke(app, ["run", "s.toml", *extra])
     assert res.exit_code == 2, res.output
-    lines = [l for l in res.output.splitlines() if l.strip()]
+    lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1, res.output
     assert "s.toml" in lines[0]
     assert dump_db(workdir / "db" / "mae_lab.db") == before

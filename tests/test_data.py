@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from mae_lab import data as D
-from mae_lab.data import catalog as _catalog, verify as _verify  # noqa: F401  (D.catalog, D.verify)
 from mae_lab.data import DataError
+from mae_lab.data import catalog as _catalog  # noqa: F401  (D.catalog, D.verify)
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared/data"
 CIFAR = SHARED / "cifar10"
@@ -282,7 +282,8 @@ def test_pipe_patterns_are_refused(tmp_path):
 @pytest.mark.parametrize(("members", "message"), [
     ([("a.png", png(1)), ("a.cls", b"1"), ("b.jpg", b"not an image"), ("b.cls", b"2")],
      r"bad.tar: sample 'b': image could not be decoded \(cannot identify image file\)"),
-    ([("a.png", png(1)), ("a.cls", b"1"), ("b.png", png(2))], r"bad.tar: sample 'b': missing label \('cls' or field 'label' of 'json'\)"),
+    ([("a.png", png(1)), ("a.cls", b"1"), ("b.png", png(2))],
+     r"bad.tar: sample 'b': missing label \('cls' or field 'label' of 'json'\)"),
     ([("a.png", png(1)), ("a.cls", b"abc")], r"bad.tar: sample 'a': label 'abc' is not an integer"),
     ([("a.cls", b"1")], r"bad.tar: sample 'a': no image"),
 ])

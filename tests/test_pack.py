@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import dump_db
+from PIL import Image
 
 MAE_LAB = Path(sys.executable).parent / "mae-lab"  # the installed console script
 pytestmark = pytest.mark.skipif(not MAE_LAB.exists(), reason="mae-lab is not installed beside this python")

@@ -6,12 +6,21 @@ shard, optional mean/std). `"digits"` (scikit-learn's bundled 8x8 digits) is pac
 so everything runs offline.
 
 Modules, by job: `shards` (patterns, reading samples, labels, decoding), `transforms`, `loading` (streams,
-ShardLoader, the in-memory loader), `catalog` (dataset.json, splits, resolve), `verify` (checksums, up-front checks, summaries), `pack` (writing shards),
-`digits` (the embedded dataset). This package re-exports their public names.
+ShardLoader, the in-memory loader), `catalog` (dataset.json, splits, resolve), `verify` (checksums, up-front
+checks, summaries), `pack` (writing shards), `digits` (the embedded dataset). This package re-exports their public
+names.
 """
 
-from mae_lab.data.catalog import (CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, resolve_dataset,
-                                  resolve_spec_data, verify_dataset)
+from mae_lab.data.catalog import (
+                                  CIFAR10_MEAN,
+                                  CIFAR10_STD,
+                                  IMAGENET_MEAN,
+                                  IMAGENET_STD,
+                                  DatasetInfo,
+                                  resolve_dataset,
+                                  resolve_spec_data,
+                                  verify_dataset,
+)
 from mae_lab.data.digits import DIGITS_NUM_VAL, DIGITS_SEED
 from mae_lab.data.loading import MemoryLoader, ShardLoader, first_samples, load_split, make_loader
 from mae_lab.data.pack import DOWNLOADABLE, get_dataset, pack_imagefolder

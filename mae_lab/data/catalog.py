@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
+from typing import Any
 
 from mae_lab import rng
 from mae_lab.atomic import write_atomic
@@ -149,7 +149,7 @@ def _info_from_json(folder: Path, meta: dict, *, val_holdout: int | None, val_se
         expand_shards(pattern, allow_pipe=allow_pipe)
         return pattern
 
-    train, val, test = where("train"), where("val"), where("test")
+    train, val, test = where("train") or "", where("val"), where("test")  # train is there: checked above
     size = meta.get("image_size") or _first_image_size(train, allow_pipe=allow_pipe)
     mean, std = _stats(meta, name)
     count = {s: int(splits[s]["samples"]) if s in splits else 0 for s in ("train", "val", "test")}
@@ -218,6 +218,8 @@ def _split_facts(pattern: str, cache_dir, *, label_key: str, allow_pipe: bool) -
 def _explicit(train: str, val: str | None, cache_dir, *, label_key: str, allow_pipe: bool) -> DatasetInfo:
     """DatasetInfo of explicit patterns: facts from a dataset.json beside the shards, else from one cached scan."""
     train, train_facts, train_meta = _split_facts(train, cache_dir, label_key=label_key, allow_pipe=allow_pipe)
+    val_facts: dict[str, Any]
+    val_meta: dict | None
     val_facts, val_meta = {"samples": 0, "num_classes": 0, "fingerprint": ""}, None
     if val is not None:
         val, val_facts, val_meta = _split_facts(val, cache_dir, label_key=label_key, allow_pipe=allow_pipe)

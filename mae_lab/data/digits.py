@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from mae_lab.data.loading import _rng
-from mae_lab.data.pack import _png, _pixel_stats, _write_dataset, pack_imagefolder
+from mae_lab.data.pack import _pixel_stats, _png, _write_dataset, pack_imagefolder
 from mae_lab.data.shards import DataError, expand_shards, read_samples
 
 DIGITS_NUM_VAL, DIGITS_SEED = 300, 0  # fixed split of sklearn's 1,797 digits: 1,497 train / 300 val

@@ -33,7 +33,7 @@ def _rank_share(n: int, rank: int, world_size: int) -> int:
 
 def _buffer_shuffle(items: Iterable, size: int, rng: np.random.Generator) -> Iterator:
     """Approximate shuffle through a buffer of `size` items (WebDataset-style), seeded."""
-    buf = []
+    buf: list = []
     for item in items:
         if len(buf) < size:
             buf.append(item)
@@ -261,10 +261,10 @@ def make_loader(pattern: str, *, num_samples: int, transform, batch_size: int, s
     n, exact = _rank_share(num_samples, rank, world_size), True
     if by_shards and world_size > 1:  # this rank's share depends on its shards' sizes: count them (tar headers)
         keys = [shard_keys(s) for s in shards]
-        if any(k is None for k in keys):  # remote shards: assume equal shard sizes, and don't check
+        if None in keys:  # remote shards: assume equal shard sizes, and don't check
             n, exact = round(num_samples * len(shards[rank::world_size]) / len(shards)), False
         else:
-            counts = [sum(1 for k in ks if subset is None or subset.admits(s, k)) for s, ks in zip(shards, keys)]
+            counts = [sum(subset is None or subset.admits(s, k) for k in ks or ()) for s, ks in zip(shards, keys)]
             if sum(counts) != num_samples:
                 raise DataError(f"{pattern!r}: num_samples is {num_samples} but the shards hold {sum(counts)} "
                                 "samples")
@@ -285,7 +285,8 @@ def decode_shard(shard: str, *, subset: Subset | None = None, label_key: str = "
                  limit: int | None = None) -> tuple[list[Tensor], list[int]]:
     """Decode the samples of one shard (those of `subset`; at most `limit`): uint8 (3, H, W) images and labels."""
     check_end(shard)
-    images, labels = [], []
+    images: list[Tensor] = []
+    labels: list = []
     for key, files in read_samples(shard):
         if limit is not None and len(labels) >= limit:
             break
@@ -319,7 +320,8 @@ def _load_split_cached(pattern: str, allow_pipe: bool, subset: Subset | None, la
                        ) -> tuple[Tensor | list[Tensor], Tensor]:
     shards = expand_shards(pattern, allow_pipe=allow_pipe)
     workers = min(len(shards), os.cpu_count() or 1) if len(shards) > 1 else 0  # PIL decoding holds the GIL: processes
-    images, labels = [], []
+    images: list[Tensor] = []
+    labels: list = []
     decoder = _ShardDecoder(shards, subset=subset, label_key=label_key, need_label=need_label)
     for item in torch.utils.data.DataLoader(decoder, batch_size=None, num_workers=workers):
         if isinstance(item, _Failure):
@@ -342,7 +344,8 @@ def load_split(pattern: str, *, allow_pipe: bool = False, subset: Subset | None 
 def first_samples(pattern: str, n: int, *, allow_pipe: bool = False, subset: Subset | None = None,
                   label_key: str = "label", need_label: bool = True) -> tuple[Tensor | list[Tensor], Tensor]:
     """The first `n` samples in shard order (of `subset`), decoded like `load_split`; reads no further. Cached."""
-    images, labels = [], []
+    images: list[Tensor] = []
+    labels: list = []
     for shard in expand_shards(pattern, allow_pipe=allow_pipe):
         got = decode_shard(shard, subset=subset, label_key=label_key, need_label=need_label, limit=n - len(labels))
         images += got[0]

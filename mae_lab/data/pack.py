@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import webdataset as wds
@@ -44,7 +45,7 @@ def _atomic_dir(out: Path):
 
 
 def _write_split(folder: Path, prefix: str, split: str, samples: list, shard_size: int,
-                 read: Callable[[object], tuple[str, bytes]], progress: Callable[[], None]) -> tuple[dict, dict]:
+                 read: Callable[[Any], tuple[str, bytes]], progress: Callable[[], None]) -> tuple[dict, dict]:
     """Write (source, label or None) samples as `prefix-split-NNNNNN.tar`; `read(source)` gives (ext, bytes)."""
     pattern = str(folder / f"{prefix}-{split}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=shard_size, maxsize=float("inf"), verbose=0, encoder=False, mtime=0,
@@ -62,11 +63,12 @@ def _write_split(folder: Path, prefix: str, split: str, samples: list, shard_siz
 
 
 def _write_dataset(out: Path, *, name: str, classes: list[str], image_size: tuple[int, int], mean, std,
-                   splits: dict[str, list], shard_size: int, read: Callable[[object], tuple[str, bytes]],
+                   splits: dict[str, list], shard_size: int, read: Callable[[Any], tuple[str, bytes]],
                    sizes: Counter | None = None, progress: Progress | None = None) -> dict:
     """Pack splits into shards + dataset.json inside `out`, atomically; return the dataset.json dict."""
-    meta = {"name": name, "classes": list(classes), "image_size": list(image_size), "splits": {}, "sha256": {},
-            "mean": [round(float(m), 4) for m in mean], "std": [round(float(s), 4) for s in std]}
+    meta: dict[str, Any] = {"name": name, "classes": list(classes), "image_size": list(image_size), "splits": {},
+                            "sha256": {}, "mean": [round(float(m), 4) for m in mean],
+                            "std": [round(float(s), 4) for s in std]}
     if sizes:
         meta["image_sizes"] = {"min": [min(h for h, _ in sizes), min(w for _, w in sizes)],
                                "max": [max(h for h, _ in sizes), max(w for _, w in sizes)], "distinct": len(sizes)}
@@ -135,7 +137,7 @@ def _layout(src: Path, val_fraction: float, rng: np.random.Generator) -> tuple[l
     loose = any(p.is_file() and p.suffix.lower().lstrip(".") in _pil_exts() for p in src.iterdir())
     classes = sorted({d.name for root in roots.values() for d in root.iterdir() if d.is_dir() and _folder_images(d)})
     if loose or not classes:  # images at the top: a folder of images (any subfolders too), unlabeled
-        items = [(p, None) for p in _folder_images(src)]
+        items: list[tuple[Path, int | None]] = [(p, None) for p in _folder_images(src)]
         return [], {"train": [items[i] for i in rng.permutation(len(items))]}
     splits = {}
     for split, root in roots.items():
@@ -170,7 +172,7 @@ def pack_imagefolder(src: Path, out: Path, *, shard_size: int = 5000, name: str 
     classes, splits = _layout(src, val_fraction, _rng(seed))
     if not splits["train"]:
         raise DataError(f"{src}: no images found (expected image files, class folders of them, or train/<class>/)")
-    sizes = Counter()
+    sizes: Counter[tuple[int, int]] = Counter()
     for split in splits.values():
         for path, _ in split:
             try:

@@ -112,7 +112,7 @@ def _why(exn: BaseException) -> str:
 def read_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {ext: bytes}) for each sample of a shard, read by webdataset; any failure is one DataError."""
     name = os.path.basename(shard)
-    member = [None]  # the member being read, noted by select_files (called before each member's data is read)
+    member: list[str | None] = [None]  # the member being read: select_files notes it before reading its data
 
     def note(fname: str) -> bool:
         member[0] = fname
@@ -143,7 +143,8 @@ def read_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 @functools.lru_cache(maxsize=4096)
 def _keys_of_local_shard(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
-    name, keys, last, end = os.path.basename(path), [], None, 0
+    name, last, end = os.path.basename(path), None, 0
+    keys: list[str] = []
     try:
         with tarfile.open(path, "r:*") as tar:
             for m in tar:

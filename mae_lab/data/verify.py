@@ -9,8 +9,16 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from mae_lab.data.shards import DataError, _decode, _image_size, _is_local, _label, expand_shards, read_samples, \
-    shard_keys
+from mae_lab.data.shards import (
+    DataError,
+    _decode,
+    _image_size,
+    _is_local,
+    _label,
+    expand_shards,
+    read_samples,
+    shard_keys,
+)
 
 
 def cache_root(cache_dir) -> Path:
@@ -84,7 +92,9 @@ def verify_split(pattern: str, expected: int | None = None, *, num_classes: int 
 
 def scan(shards: list[str], *, label_key: str = "label") -> dict:
     """Read every sample's label (if any) and image header: counts per shard and class, unlabeled, image sizes."""
-    per_shard, per_class, sizes = {}, Counter(), Counter()
+    per_shard: dict[str, int] = {}
+    per_class: Counter[int] = Counter()
+    sizes: Counter[tuple[int, int]] = Counter()
     first_size, unlabeled = None, 0
     for shard in shards:
         shard_keys(shard)
