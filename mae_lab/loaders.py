@@ -3,6 +3,8 @@
 `data.train_samples = N` keeps the first N training samples in shard order (a fixed subset for small-data
 ablations): they are decoded once per process and served from memory, shuffled and augmented per (seed, epoch)
 exactly like the streaming loaders (DataLoader workers are not used for such a subset; it is already decoded).
+Whichever loader serves a split, `data.num_workers`, `data.in_memory` and the process count at an equal global
+batch do not change the batches (mae_lab.data.loading), which is why the trial hash leaves them out.
 Pretraining reads the [data] pretraining source where one is given (labels not needed); the probe and fine-tuning
 read the labeled train split, validation reads "val" (the dataset's own, or the held-out part of train).
 """

@@ -1,11 +1,18 @@
-"""Loaders: seeded shuffling, rank/worker splitting, batches with exact counts, and the in-memory loader."""
+"""Loaders: one global sample order per (seed, epoch), rank/worker splitting by global batch, exact counts, and the
+in-memory loader.
+
+Both loaders serve the same batches. The epoch's order is a permutation of the split's sample indices (index = place
+in shard order, counting only the samples of a `subset`) drawn from the stream ("data_order", epoch); global batch
+b is order[b*G : (b+1)*G] for the global batch G = batch_size * world_size, and rank r takes its rows r, r+N, ...
+Each sample's augmentation draws from ("augment", epoch, sample index). So the batches a trial sees do not depend
+on loader workers, in-memory decoding or the process count at an equal global batch (rng.py).
+"""
 
 from __future__ import annotations
 
 import functools
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,12 +24,8 @@ from mae_lab.data.shards import DataError, Subset, _decode, check_end, expand_sh
 from mae_lab.data.transforms import ImageTransform
 
 
-def _split_by_shards(num_shards: int, world_size: int, num_workers: int) -> bool:
-    """Split by whole shards when every (rank, worker) can get one; else by sample index."""
-    return num_shards >= world_size * max(1, num_workers)
-
-
 def _rng(*seeds: int) -> np.random.Generator:
+    """numpy Generator on plain integer seeds (the embedded digits' fixed split uses it; it must not change)."""
     return np.random.default_rng([int(s) for s in seeds])
 
 
@@ -31,41 +34,31 @@ def _rank_share(n: int, rank: int, world_size: int) -> int:
     return n // world_size + (rank < n % world_size)
 
 
-def _buffer_shuffle(items: Iterable, size: int, rng: np.random.Generator) -> Iterator:
-    """Approximate shuffle through a buffer of `size` items (WebDataset-style), seeded."""
-    buf: list = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = int(rng.integers(size))
-        buf[j], item = item, buf[j]
-        yield item
-    rng.shuffle(buf)
-    yield from buf
+def _num_batches(n: int, rank: int, world_size: int, batch_size: int, drop_last: bool) -> int:
+    """Batches of one rank: whole global batches only with drop_last (equal on every rank), else ceil(share / B)."""
+    if drop_last:
+        return n // (batch_size * world_size)
+    return -(-_rank_share(n, rank, world_size) // batch_size)
+
+
+def _epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> Tensor:
+    """(n,) sample indices in the epoch's order: the permutation of stream ("data_order", epoch), or 0..n-1."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=rng.generator(seed, "data_order", epoch))
+
+
+def _augment(transform, image: Tensor, seed: int, epoch: int, index: int) -> Tensor:
+    """uint8 (3, H, W) -> (3, S, S): uint8 (an ImageTransform's augmentation; normalised per batch) or the
+    transform's float output; drawn from the sample's own stream ("augment", epoch, index)."""
+    step = transform.augment if isinstance(transform, ImageTransform) else transform
+    with rng.seeded(seed, "augment", epoch, index):  # the global RNG is left as it was
+        return step(image)
 
 
 def _worker_slot() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-class _TorchRng:
-    """A private torch RNG stream: transforms use torch's global RNG, so swap our state in while they run."""
-
-    def __init__(self, *seeds: int):
-        seed = int(np.random.SeedSequence([int(s) for s in seeds]).generate_state(1)[0])
-        self.state = torch.Generator().manual_seed(seed).get_state()
-
-    @contextmanager
-    def active(self):
-        saved = torch.get_rng_state()
-        torch.set_rng_state(self.state)
-        try:
-            yield
-        finally:
-            self.state = torch.get_rng_state()
-            torch.set_rng_state(saved)
 
 
 @dataclass(frozen=True)
@@ -75,81 +68,90 @@ class _Failure:
     message: str
 
 
-def _augment_batch(images: list[Tensor], labels: list[int], transform) -> tuple[Tensor, Tensor]:
-    """uint8 images -> (B, 3, S, S) uint8 (ImageTransform: normalised later, per batch) or transform's float output."""
-    step = transform.augment if isinstance(transform, ImageTransform) else transform
-    return torch.stack([step(im) for im in images]), torch.tensor(labels, dtype=torch.long)
-
-
 class _ShardStream(torch.utils.data.IterableDataset):
-    """One epoch of one rank over shards; each DataLoader worker yields batches of its part."""
+    """One epoch of one rank over shards: yields (batch number, uint8 or float images (B, 3, S, S), labels (B,)).
 
-    def __init__(self, shards, *, transform, batch_size, shuffle, seed, epoch, rank, world_size, by_shards, buffer,
-                 subset: Subset | None, label_key: str, need_label: bool):
+    Rank batch b goes to loader worker b mod W. Every worker reads the whole stream in shard order, counting the
+    global sample index, keeps the raw bytes of the samples of its own batches, and decodes and augments a batch
+    once all its samples have arrived, in its batch order. With shuffling a batch's samples lie all over the split,
+    so a worker holds the encoded bytes of up to its whole share of the epoch (about 1/(W * world_size) of the
+    split) and its first batch comes after one read of the split; every worker reads every byte. That is cheap for
+    local shards (page cache) and small splits such as CIFAR-10 (~100 MB); for http(s) or pipe: shards it is W
+    downloads of the split per rank and epoch, and a split too large for memory should be read unshuffled or
+    in_memory. Without shuffling a batch completes as it is read, so only the current batches are held.
+    """
+
+    def __init__(self, shards: list[str], *, num_samples: int, transform, batch_size: int, shuffle: bool, seed: int,
+                 epoch: int, rank: int, world_size: int, drop_last: bool, subset: Subset | None, label_key: str,
+                 need_label: bool):
         super().__init__()
-        self.shards, self.transform, self.batch_size = shards, transform, batch_size
-        self.shuffle, self.seed, self.epoch, self.buffer = shuffle, seed, epoch, buffer
-        self.rank, self.world_size, self.by_shards = rank, world_size, by_shards
+        self.shards, self.n, self.transform, self.batch_size = shards, num_samples, transform, batch_size
+        self.shuffle, self.seed, self.epoch, self.drop_last = shuffle, seed, epoch, drop_last
+        self.rank, self.world_size = rank, world_size
         self.subset, self.label_key, self.need_label = subset, label_key, need_label
 
-    def _samples(self, shard: str) -> Iterator[tuple[str, dict]]:
-        check_end(shard)  # a local shard cut at a member boundary
-        for key, files in read_samples(shard):
-            if self.subset is None or self.subset.admits(shard, key):
-                yield key, files
+    def _mine(self) -> Tensor:
+        """(share,) this rank's sample indices in order: rows rank, rank + N, ... of each global batch."""
+        order = _epoch_order(self.n, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch)  # (n,)
+        return order[self.rank :: self.world_size]
 
-    def _raw(self, worker: int, num_workers: int) -> Iterator[tuple[str, str, dict]]:
-        if self.by_shards:  # fixed shard set per rank; its order changes per epoch; workers take every W-th shard
-            mine = self.shards[self.rank :: self.world_size]
-            if self.shuffle:
-                mine = [mine[i] for i in _rng(self.seed, self.epoch, self.rank).permutation(len(mine))]
-            for shard in mine[worker::num_workers]:
-                for key, files in self._samples(shard):
+    def _plan(self, worker: int, num_workers: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """For each global sample index, the rank batch it belongs to if that batch is this worker's (else -1) and
+        its row; and the batch sizes of this worker's batches (in order)."""
+        mine = self._mine().numpy()
+        count = _num_batches(self.n, self.rank, self.world_size, self.batch_size, self.drop_last)
+        pos = np.arange(min(len(mine), count * self.batch_size))  # places in this rank's sequence that are served
+        batch = pos // self.batch_size
+        take = batch % num_workers == worker
+        batch_of, row_of = np.full(self.n, -1), np.zeros(self.n, dtype=np.int64)
+        batch_of[mine[pos[take]]], row_of[mine[pos[take]]] = batch[take], pos[take] % self.batch_size
+        sizes = np.bincount(batch[take], minlength=count)[worker::num_workers].tolist()
+        return batch_of, row_of, sizes
+
+    def _samples(self) -> Iterator[tuple[str, str, dict]]:
+        for shard in self.shards:
+            check_end(shard)  # a local shard cut at a member boundary
+            for key, files in read_samples(shard):
+                if self.subset is None or self.subset.admits(shard, key):
                     yield shard, key, files
-            return
-        order = self.shards  # every reader walks all shards in the same order and keeps its sample indices
-        if self.shuffle:
-            order = [order[i] for i in _rng(self.seed, self.epoch).permutation(len(order))]
-        i = 0
-        for shard in order:
-            for key, files in self._samples(shard):
-                if i % self.world_size == self.rank and (i // self.world_size) % num_workers == worker:
-                    yield shard, key, files
-                i += 1
 
     def __iter__(self):
         worker, num_workers = _worker_slot()
         try:
-            raw = self._raw(worker, num_workers)
-            if self.shuffle:
-                raw = _buffer_shuffle(raw, self.buffer, _rng(self.seed, self.epoch, self.rank, worker, 1))
-            rng = _TorchRng(self.seed, self.epoch, self.rank, worker, 2)
-            batch = []
-            for item in raw:
-                batch.append(item)
-                if len(batch) == self.batch_size:
-                    yield self._batch(batch, rng)
-                    batch = []
-            if batch:
-                yield self._batch(batch, rng)
+            batch_of, row_of, sizes = self._plan(worker, num_workers)
+            held: dict[int, list] = {}  # batch -> its rows (shard, key, files, global index) as they arrive
+            nxt, total = 0, 0  # this worker's next batch (k-th of its own, rank batch worker + k * W)
+            for i, (shard, key, files) in enumerate(self._samples()):
+                total = i + 1
+                b = int(batch_of[i]) if i < self.n else -1
+                if b < 0:
+                    continue
+                held.setdefault(b, [None] * sizes[b // num_workers])[int(row_of[i])] = (shard, key, files, i)
+                while nxt < len(sizes) and (rows := held.get(worker + nxt * num_workers)) and None not in rows:
+                    yield self._batch(worker + nxt * num_workers, held.pop(worker + nxt * num_workers))
+                    nxt += 1
+            if total != self.n or nxt < len(sizes):
+                mine = self._mine()
+                read = int((mine < total).sum()) + max(0, _rank_share(total, self.rank, self.world_size)
+                                                         - _rank_share(self.n, self.rank, self.world_size))
+                yield _Failure(f"expected {len(mine)} samples for this rank, read {read}: "
+                               "is num_samples / dataset.json stale?")
         except DataError as e:
             yield _Failure(str(e))
 
-    def _batch(self, batch, rng: _TorchRng) -> tuple[Tensor, Tensor]:
-        decoded = [_decode(shard, key, files, label_key=self.label_key, need_label=self.need_label)
-                   for shard, key, files in batch]
-        with rng.active():
-            return _augment_batch([im for im, _ in decoded], [y for _, y in decoded], self.transform)
+    def _batch(self, b: int, rows: list) -> tuple[int, Tensor, Tensor]:
+        images, labels = [], []
+        for shard, key, files, i in rows:
+            image, label = _decode(shard, key, files, label_key=self.label_key, need_label=self.need_label)
+            images.append(_augment(self.transform, image, self.seed, self.epoch, i))  # (3, S, S)
+            labels.append(label)
+        return b, torch.stack(images), torch.tensor(labels, dtype=torch.long)  # (B, 3, S, S), (B,)
 
 
 class MemoryLoader:
     """The in-memory loader: (images float (B, 3, S, S), labels long (B,)) over decoded uint8 images ((N, 3, H, W),
-    or a list of (3, H, W) where sizes differ), one epoch of one rank.
-
-    With `shuffle`, a permutation from the stream ("data_order", epoch); rank r takes every world_size-th index.
-    Each sample's augmentation draws from its own stream ("augment", epoch, sample index), so the global batches
-    are a function of (seed, epoch) alone, whatever the rank count (rng.py). The images are decoded already, so
-    DataLoader workers are not used.
+    or a list of (3, H, W) where sizes differ), one epoch of one rank, in the module's global order (the same
+    batches as the streaming loader). The images are decoded already, so DataLoader workers are not used.
     """
 
     def __init__(self, images: Tensor | list[Tensor], labels: Tensor, *, transform, batch_size: int, shuffle: bool,
@@ -161,74 +163,57 @@ class MemoryLoader:
         self.shuffle, self.seed, self.epoch, self.drop_last = shuffle, seed, epoch, drop_last
         self.rank, self.world_size = rank, world_size
 
-    def _mine(self) -> Tensor:
-        n = len(self.labels)
-        order = torch.arange(n)
-        if self.shuffle:
-            order = torch.randperm(n, generator=rng.generator(self.seed, "data_order", self.epoch))  # (n,)
-        return order[self.rank :: self.world_size]
-
     @property
     def num_samples(self) -> int:
         """This rank's samples."""
-        return len(self.labels[self.rank :: self.world_size])
+        return _rank_share(len(self.labels), self.rank, self.world_size)
 
     def __len__(self) -> int:
-        n = self.num_samples
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return _num_batches(len(self.labels), self.rank, self.world_size, self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        mine = self._mine()
+        order = _epoch_order(len(self.labels), shuffle=self.shuffle, seed=self.seed, epoch=self.epoch)
+        mine = order[self.rank :: self.world_size]  # (share,)
         for b in range(len(self)):
             idx = mine[b * self.batch_size : (b + 1) * self.batch_size]  # (B,)
-            x = torch.stack([self._augment(int(i)) for i in idx])  # (B, 3, S, S) uint8, or the transform's float
+            x = torch.stack([_augment(self.transform, self.images[i], self.seed, self.epoch, i)
+                             for i in idx.tolist()])  # (B, 3, S, S) uint8, or the transform's float
             yield (self.transform.normalize(x) if isinstance(self.transform, ImageTransform) else x), self.labels[idx]
-
-    def _augment(self, i: int) -> Tensor:
-        step = self.transform.augment if isinstance(self.transform, ImageTransform) else self.transform
-        with rng.seeded(self.seed, "augment", self.epoch, i):  # the global RNG is left as it was
-            return step(self.images[i])  # (3, S, S)
 
 
 class ShardLoader:
-    """Iterable of (images float (B, 3, S, S), labels long (B,)) for one epoch of one rank; `len` = its batches.
-
-    Workers' last partial batches are merged in the main process, so the batch count is exactly
-    ceil(n / batch_size) (floor with drop_last), n being this rank's samples; a mismatch with the expected count
-    (stale dataset.json, short shard) raises DataError at the end of the epoch.
+    """Iterable of (images float (B, 3, S, S), labels long (B,)) for one epoch of one rank, streamed from shards;
+    `len` = its batches. Workers' batches are put back in batch order (DataLoader's round robin already does);
+    a sample count that differs from `num_samples` (stale dataset.json, short shard) raises DataError at the end of
+    the epoch.
     """
 
-    def __init__(self, stream, *, num_samples: int, exact: bool, batch_size: int, num_workers: int, drop_last: bool,
-                 transform, split: str):
-        self.stream, self.num_samples, self.exact, self.batch_size = stream, num_samples, exact, batch_size
-        self.num_workers, self.drop_last, self.transform, self.split = num_workers, drop_last, transform, split
+    def __init__(self, stream: _ShardStream, *, num_samples: int, batch_size: int, num_workers: int,
+                 drop_last: bool, transform, rank: int = 0, world_size: int = 1):
+        self.stream, self.num_samples, self.batch_size = stream, num_samples, batch_size
+        self.num_workers, self.drop_last, self.transform = num_workers, drop_last, transform
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        n = self.num_samples
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n = self.stream.n
+        return _num_batches(n, self.rank, self.world_size, self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        source = self.stream
+        source: Iterable = self.stream
         if self.num_workers > 0:
             source = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                                                  pin_memory=torch.cuda.is_available())  # for non_blocking copies
-        pending, seen = [], 0
+        early: dict[int, tuple[Tensor, Tensor]] = {}
+        nxt = 0
         for item in source:
             if isinstance(item, _Failure):
                 raise DataError(item.message)
-            seen += len(item[1])
-            if len(item[1]) == self.batch_size:
-                yield self._finish(*item)
-            else:
-                pending.append(item)
-        if pending:
-            x, y = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
-            for start in range(0, len(y), self.batch_size):
-                if len(y) - start >= self.batch_size or not self.drop_last:
-                    yield self._finish(x[start : start + self.batch_size], y[start : start + self.batch_size])
-        if self.exact and seen != self.num_samples:
-            raise DataError(f"expected {self.num_samples} samples for this rank, read {seen}: "
-                            "is num_samples / dataset.json stale?")
+            early[item[0]] = item[1], item[2]
+            while nxt in early:
+                yield self._finish(*early.pop(nxt))
+                nxt += 1
+        if nxt != len(self):
+            raise DataError(f"expected {len(self)} batches for this rank, made {nxt}")
 
     def _finish(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return (self.transform.normalize(x) if isinstance(self.transform, ImageTransform) else x), y
@@ -236,16 +221,16 @@ class ShardLoader:
 
 def make_loader(pattern: str, *, num_samples: int, transform, batch_size: int, shuffle: bool, seed: int = 0,
                 epoch: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
-                shuffle_buffer: int = 2000, in_memory: bool = False, allow_pipe: bool = False,
-                subset: Subset | None = None, label_key: str = "label", need_label: bool = True
-                ) -> ShardLoader | MemoryLoader:
+                in_memory: bool = False, allow_pipe: bool = False, subset: Subset | None = None,
+                label_key: str = "label", need_label: bool = True) -> ShardLoader | MemoryLoader:
     """Loader over one epoch of `pattern` (or the `subset` of its samples) for `rank` of `world_size`.
 
-    Split by whole shards when every (rank, worker) gets one, else by sample index; shuffled by shard order plus a
-    seeded buffer. `transform` receives uint8 (3, H, W) tensors (an ImageTransform from pretrain/eval_transform, or
-    any callable returning a float tensor). `in_memory=True` decodes the split once per process (`load_split`) and
-    serves it through `MemoryLoader`, so later epochs cost no decoding. Labels come from `.cls` or field
-    `label_key` of `.json`; with `need_label=False` a sample without one gets label -1.
+    The batches are a function of (seed, epoch, global batch) only (module docstring): `num_workers` and
+    `in_memory` change how they are made, not what they hold. `transform` receives uint8 (3, H, W) tensors (an
+    ImageTransform from pretrain/eval_transform, or any callable returning a float tensor). `in_memory=True`
+    decodes the split once per process (`load_split`) and serves it through `MemoryLoader`, so later epochs cost
+    no decoding. Labels come from `.cls` or field `label_key` of `.json`; with `need_label=False` a sample without
+    one gets label -1.
     """
     if batch_size < 1 or num_samples < 1 or not 0 <= rank < world_size:
         raise DataError(f"{pattern!r}: need batch_size >= 1, num_samples >= 1, 0 <= rank < world_size")
@@ -257,23 +242,18 @@ def make_loader(pattern: str, *, num_samples: int, transform, batch_size: int, s
         return MemoryLoader(images, labels, transform=transform, batch_size=batch_size, shuffle=shuffle, seed=seed,
                             epoch=epoch, rank=rank, world_size=world_size, drop_last=drop_last)
     shards = expand_shards(pattern, allow_pipe=allow_pipe)
-    by_shards = _split_by_shards(len(shards), world_size, num_workers)
-    n, exact = _rank_share(num_samples, rank, world_size), True
-    if by_shards and world_size > 1:  # this rank's share depends on its shards' sizes: count them (tar headers)
+    if world_size > 1:  # a wrong count would give the ranks different batch counts: check local shards up front
         keys = [shard_keys(s) for s in shards]
-        if None in keys:  # remote shards: assume equal shard sizes, and don't check
-            n, exact = round(num_samples * len(shards[rank::world_size]) / len(shards)), False
-        else:
-            counts = [sum(subset is None or subset.admits(s, k) for k in ks or ()) for s, ks in zip(shards, keys)]
-            if sum(counts) != num_samples:
-                raise DataError(f"{pattern!r}: num_samples is {num_samples} but the shards hold {sum(counts)} "
-                                "samples")
-            n = sum(counts[rank::world_size])
-    stream = _ShardStream(shards, transform=transform, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
-                          rank=rank, world_size=world_size, by_shards=by_shards, buffer=shuffle_buffer, subset=subset,
-                          label_key=label_key, need_label=need_label)
-    return ShardLoader(stream, num_samples=n, exact=exact, split="shards" if by_shards else "samples",
-                       transform=transform, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last)
+        if None not in keys:
+            held = sum(subset is None or subset.admits(s, k) for s, ks in zip(shards, keys) for k in ks or ())
+            if held != num_samples:
+                raise DataError(f"{pattern!r}: num_samples is {num_samples} but the shards hold {held} samples")
+    stream = _ShardStream(shards, num_samples=num_samples, transform=transform, batch_size=batch_size,
+                          shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                          drop_last=drop_last, subset=subset, label_key=label_key, need_label=need_label)
+    return ShardLoader(stream, num_samples=_rank_share(num_samples, rank, world_size), batch_size=batch_size,
+                       num_workers=num_workers, drop_last=drop_last, transform=transform, rank=rank,
+                       world_size=world_size)
 
 
 def _stack(images: list[Tensor]) -> Tensor | list[Tensor]:
