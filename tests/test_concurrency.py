@@ -1,4 +1,5 @@
-"""Two `mae-lab run` processes on the same study and SQLite file: every trial done exactly once, no lock errors."""
+"""Two `mae-lab run` processes on the same study and SQLite file: every trial done exactly once, both processes ran
+trials, no lock errors."""
 from __future__ import annotations
 
 import sqlite3
@@ -43,5 +44,6 @@ def test_two_processes_share_a_study(workdir: Path):
         assert all(status == "done" and attempts == 1 for status, attempts, _ in trials), trials
         assert c.execute("SELECT count(*) FROM mae_results").fetchone() == (6,)
         assert c.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    # between them the two processes ran each trial once (each prints one line per trial it ran)
-    assert sum(out.count(": done") for out in outs) == 6
+    # between them the two processes ran each trial once (each prints one line per trial it ran), and both ran some
+    ran = [out.count(": done") for out in outs]
+    assert sum(ran) == 6 and min(ran) >= 1, ran

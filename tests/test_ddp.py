@@ -36,9 +36,9 @@ linear = {{ epochs = 1, warmup_epochs = 0 }}
 finetune = {{ enabled = false }}
 """
 
-# Measured on CPU: the per-epoch losses of 1 and 2 processes agree to ~3e-8 relative (only the order of the float
-# reductions differs); the test allows 1e-5.
-LOSS_RTOL = 1e-5
+# Measured on CPU: the per-epoch losses of 1 and 2 processes agree to 1e-8 to 3e-8 relative (only the order of the
+# float reductions differs). The README states this tolerance: change both together.
+LOSS_RTOL = 1e-6
 
 
 def pretrain_curve(db: Path, name: str) -> list[float]:
@@ -64,7 +64,9 @@ def test_two_gloo_processes_follow_one_process(workdir: Path):
     db1, db2 = one / "db" / "mae_lab.db", two / "db" / "mae_lab.db"
     loss1, loss2 = pretrain_curve(db1, "loss"), pretrain_curve(db2, "loss")
     assert len(loss1) == len(loss2) == 3
-    assert loss2 == pytest.approx(loss1, rel=LOSS_RTOL)
+    worst = max(abs(a - b) / abs(a) for a, b in zip(loss1, loss2))
+    assert worst <= LOSS_RTOL, f"1 vs 2 processes: per-epoch losses differ by {worst:.2e} relative"
+    print(f"1 vs 2 processes: largest relative loss difference {worst:.2e}")
     assert pretrain_curve(db2, "lr") == pytest.approx(pretrain_curve(db1, "lr"), rel=1e-9)  # lr of the global batch
     with sqlite3.connect(db2) as c:
         assert c.execute("SELECT status, attempts FROM mae_trials").fetchall() == [("done", 1)]
