@@ -15,7 +15,8 @@ STUDIES = sorted((REPO / "studies").glob("*.toml"))
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
 def test_shipped_study_validates(path: Path, workdir: Path):
     text = path.read_text()
-    assert text.startswith(f"# mae-lab run studies/{path.name}")
+    verb = "search" if "\n[search]" in text else "run"  # a study with a [search] table opens with 'mae-lab search'
+    assert text.startswith(f"# mae-lab {verb} studies/{path.name}")
     if "cifar10" in text and not (SHARED_DATA / "cifar10").exists():
         pytest.skip("the shared CIFAR-10 shards are not here")
     res = CliRunner().invoke(app, ["validate", str(path), "--data-root", str(SHARED_DATA)])
