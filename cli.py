@@ -281,12 +281,13 @@ def _print_plan(study, trials, db_url: str | None) -> None:
 
 @app.command()
 def validate(study: Annotated[Path, typer.Argument(help="The study TOML file.")],
-             data_root: DataRootOpt = None, allow_large_grid: LargeGridOpt = False):
+             data_root: DataRootOpt = None, allow_pipe: PipeOpt = False,
+             allow_large_grid: LargeGridOpt = False):
     """Check a study file (schema, presets, shapes, data) without running it."""
     from mae_lab.runner import plan, resolve_data
 
     spec, trials = plan(study, allow_large_grid=allow_large_grid)
-    resolve_data(spec, trials, data_root)
+    resolve_data(spec, trials, data_root, allow_pipe)
     out().print(f"{study}: ok ({len(trials)} trials)")
 
 

@@ -114,8 +114,11 @@ linear = {{ epochs = 1, warmup_epochs = 0 }}
 finetune = {{ enabled = false }}
 """)
     runner = CliRunner()
-    one_line_error(runner.invoke(app, ["run", "pipe.toml"]), "pipe.toml", "pass --allow-pipe")
+    for command in ("validate", "run"):
+        one_line_error(runner.invoke(app, [command, "pipe.toml"]), "pipe.toml", "pass --allow-pipe")
     assert dump_db(workdir / "db" / "mae_lab.db") == []
+    res = runner.invoke(app, ["validate", "pipe.toml", "--allow-pipe"])  # the flag the hint names exists here too
+    assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["run", "pipe.toml", "--allow-pipe", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "1 trials: 0 already done, 1 done" in res.output
