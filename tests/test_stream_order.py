@@ -52,19 +52,27 @@ def test_ranks_take_rows_of_the_same_global_batches(digits):
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
-def test_every_way_of_running_serves_the_same_batches(tmp_path, shuffle):
-    """Several uneven shards, a subset, a partial last batch: workers 0/1/4, streamed or in memory, 1 or 3 ranks."""
-    pattern, n = id_shards(tmp_path, [23, 9, 20, 17])
+@pytest.mark.parametrize("source", ["local", "pipe"])
+def test_every_way_of_running_serves_the_same_batches(tmp_path, shuffle, source):
+    """Several uneven shards, a subset, a partial last batch: workers 0/1/4, streamed or in memory, 1 or 3 ranks;
+    local shards are read at their samples' byte ranges, pipe: shards as a stream, and both give the same."""
+    local, n = id_shards(tmp_path, [23, 9, 20, 17])
+    pattern = local if source == "local" else f"pipe:cat {local}"
     skip = Subset(frozenset((f"ids-{s:03d}.tar", f"s{i:05d}") for s, i in ((0, 3), (2, 40), (3, 60))), keep=False)
     n -= 3
     transform = D.pretrain_transform("rrc_color_jitter", 4, (0.5,) * 3, (0.25,) * 3)
 
-    def run(workers=0, in_memory=False, rank=0, world_size=1, batch_size=12):
-        return list(D.make_loader(pattern, num_samples=n, transform=transform, batch_size=batch_size,
-                                  shuffle=shuffle, seed=5, epoch=3, num_workers=workers, in_memory=in_memory,
-                                  rank=rank, world_size=world_size, subset=skip))
+    def loader(workers=0, in_memory=False, rank=0, world_size=1, batch_size=12, pattern=pattern):
+        return D.make_loader(pattern, num_samples=n, transform=transform, batch_size=batch_size, shuffle=shuffle,
+                             seed=5, epoch=3, num_workers=workers, in_memory=in_memory, rank=rank,
+                             world_size=world_size, subset=skip, allow_pipe=True)
 
+    def run(**kw):
+        return list(loader(**kw))
+
+    assert (loader().stream.index is None) == (source == "pipe")  # byte ranges only for local .tar shards
     base = run()
+    assert _same([base], [run(pattern=local)])
     assert [len(y) for _, y in base] == [12] * (n // 12) + [n % 12]
     labels = torch.cat([y for _, y in base]).tolist()
     assert (labels == sorted(labels)) != shuffle and len(set(labels)) == n and not {3, 40, 60} & set(labels)

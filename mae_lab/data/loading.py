@@ -20,7 +20,17 @@ import torch
 from torch import Tensor
 
 from mae_lab import rng
-from mae_lab.data.shards import DataError, Subset, _decode, check_end, expand_shards, read_samples, shard_keys
+from mae_lab.data.shards import (
+    DataError,
+    Subset,
+    _decode,
+    check_end,
+    expand_shards,
+    read_sample_at,
+    read_samples,
+    sample_members,
+    shard_keys,
+)
 from mae_lab.data.transforms import ImageTransform
 
 
@@ -71,20 +81,22 @@ class _Failure:
 class _ShardStream(torch.utils.data.IterableDataset):
     """One epoch of one rank over shards: yields (batch number, uint8 or float images (B, 3, S, S), labels (B,)).
 
-    Rank batch b goes to loader worker b mod W. Every worker reads the whole stream in shard order, counting the
-    global sample index, keeps the raw bytes of the samples of its own batches, and decodes and augments a batch
-    once all its samples have arrived, in its batch order. With shuffling a batch's samples lie all over the split,
-    so a worker holds the encoded bytes of up to its whole share of the epoch (about 1/(W * world_size) of the
-    split) and its first batch comes after one read of the split; every worker reads every byte. That is cheap for
-    local shards (page cache) and small splits such as CIFAR-10 (~100 MB); for http(s) or pipe: shards it is W
-    downloads of the split per rank and epoch, and a split too large for memory should be read unshuffled or
-    in_memory. Without shuffling a batch completes as it is read, so only the current batches are held.
+    Rank batch b goes to loader worker b mod W, which makes its batches in order. Local uncompressed .tar shards
+    come with an `index` (where each sample's files lie, from the tar headers): a worker reads just its batches'
+    samples, out of order, holding one batch. Otherwise (http(s), pipe:, .tar.gz, or headers tarfile cannot
+    parse) every worker reads the whole stream in shard order, counting the global sample index, keeps the raw
+    bytes of its batches' samples, and decodes a batch once all its samples have arrived. Shuffled, a batch's
+    samples lie all over the split, so such a worker holds the encoded bytes of up to its share of the epoch (about
+    1/(W * world_size) of the split) and its first batch comes after one read of the split: for remote shards that
+    is W downloads of the split per rank and epoch, and a split too large for memory should be read unshuffled
+    (a batch then completes as it is read) or made local.
     """
 
     def __init__(self, shards: list[str], *, num_samples: int, transform, batch_size: int, shuffle: bool, seed: int,
                  epoch: int, rank: int, world_size: int, drop_last: bool, subset: Subset | None, label_key: str,
-                 need_label: bool):
+                 need_label: bool, index: list[tuple[int, str, tuple]] | None = None):
         super().__init__()
+        self.index = index  # per admitted sample: (shard number, key, its files' places), or None: stream
         self.shards, self.n, self.transform, self.batch_size = shards, num_samples, transform, batch_size
         self.shuffle, self.seed, self.epoch, self.drop_last = shuffle, seed, epoch, drop_last
         self.rank, self.world_size = rank, world_size
@@ -115,9 +127,29 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 if self.subset is None or self.subset.admits(shard, key):
                     yield shard, key, files
 
+    def _indexed(self, worker: int, num_workers: int) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """This worker's batches, each sample read at its byte range."""
+        mine, files_of = self._mine().tolist(), {}
+        try:
+            for b in range(worker, _num_batches(self.n, self.rank, self.world_size, self.batch_size, self.drop_last),
+                           num_workers):
+                rows = []
+                for i in mine[b * self.batch_size : (b + 1) * self.batch_size]:
+                    s, key, members = self.index[i]
+                    if s not in files_of:
+                        files_of[s] = open(self.shards[s], "rb", buffering=0)  # closed below
+                    rows.append((self.shards[s], key, read_sample_at(self.shards[s], files_of[s], key, members), i))
+                yield self._batch(b, rows)
+        finally:
+            for f in files_of.values():
+                f.close()
+
     def __iter__(self):
         worker, num_workers = _worker_slot()
         try:
+            if self.index is not None:
+                yield from self._indexed(worker, num_workers)
+                return
             batch_of, row_of, sizes = self._plan(worker, num_workers)
             held: dict[int, list] = {}  # batch -> its rows (shard, key, files, global index) as they arrive
             nxt, total = 0, 0  # this worker's next batch (k-th of its own, rank batch worker + k * W)
@@ -219,6 +251,24 @@ class ShardLoader:
         return (self.transform.normalize(x) if isinstance(self.transform, ImageTransform) else x), y
 
 
+def _sample_index(shards: list[str], subset: Subset | None, num_samples: int
+                  ) -> list[tuple[int, str, tuple]] | None:
+    """(shard number, key, where its files lie) of every admitted sample in shard order, where every shard is a
+    local .tar whose headers parse, ends with its end-of-archive marker and the count is `num_samples`; else None
+    (streaming then reads the shards and names what is wrong)."""
+    index: list[tuple[int, str, tuple]] = []
+    for s, shard in enumerate(shards):
+        samples = sample_members(shard)
+        if samples is None:
+            return None
+        try:
+            check_end(shard)
+        except DataError:
+            return None
+        index += [(s, key, members) for key, members in samples if subset is None or subset.admits(shard, key)]
+    return index if len(index) == num_samples else None
+
+
 def make_loader(pattern: str, *, num_samples: int, transform, batch_size: int, shuffle: bool, seed: int = 0,
                 epoch: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
                 in_memory: bool = False, allow_pipe: bool = False, subset: Subset | None = None,
@@ -250,7 +300,8 @@ def make_loader(pattern: str, *, num_samples: int, transform, batch_size: int, s
                 raise DataError(f"{pattern!r}: num_samples is {num_samples} but the shards hold {held} samples")
     stream = _ShardStream(shards, num_samples=num_samples, transform=transform, batch_size=batch_size,
                           shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-                          drop_last=drop_last, subset=subset, label_key=label_key, need_label=need_label)
+                          drop_last=drop_last, subset=subset, label_key=label_key, need_label=need_label,
+                          index=_sample_index(shards, subset, num_samples))
     return ShardLoader(stream, num_samples=_rank_share(num_samples, rank, world_size), batch_size=batch_size,
                        num_workers=num_workers, drop_last=drop_last, transform=transform, rank=rank,
                        world_size=world_size)
