@@ -3,13 +3,17 @@ decoded in memory, or split over ranks at an equal global batch, the first two e
 and labels are identical (issue 13: execution choices are provenance, so they must not change the numbers)."""
 from __future__ import annotations
 
+import io
+import tarfile
+
 import pytest
 import torch
-from test_data import id_shards
+from test_data import id_shards, png
 from test_train import make_spec
 
 from mae_lab import data as D
 from mae_lab.data import Subset, resolve_dataset
+from mae_lab.data.shards import read_sample_at, read_samples, sample_members
 from mae_lab.loaders import finetune_loader, pretrain_loader
 
 
@@ -82,3 +86,35 @@ def test_every_way_of_running_serves_the_same_batches(tmp_path, shuffle, source)
     for b, (x, y) in enumerate(base):
         for r in range(3):
             assert torch.equal(x[r::3], ranks[r][b][0]) and torch.equal(y[r::3], ranks[r][b][1])
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_reading_at_places_finds_what_streaming_reads(tmp_path, fmt):
+    """Long names (ustar prefix, GNU long name, pax header), folders, a meta file and upper-case extensions: the
+    header walk (or tarfile, where it gives up) groups samples as webdataset's reader does."""
+    deep = "d" * 60 + "/" + "e" * 60
+    names = [f"{deep}/s{i:03d}" if i % 3 else f"top/s{i:03d}" for i in range(9)]
+    with tarfile.open(tmp_path / "odd.tar", "w", format=fmt) as tar:
+        tar.addfile(tarfile.TarInfo("top"))  # a regular empty file with no extension: no sample
+        folder = tarfile.TarInfo(deep)
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for i, name in enumerate(names):
+            for ext, data in (("PNG", png(i)), ("cls", str(i).encode())):
+                info = tarfile.TarInfo(f"{name}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        meta = tarfile.TarInfo("__meta__")
+        tar.addfile(meta)
+    shard = str(tmp_path / "odd.tar")
+    assert [k for k, _ in sample_members(shard)] == [k for k, _ in read_samples(shard)] == names
+    with open(shard, "rb") as f:
+        assert all(read_sample_at(shard, f, k, m) == files
+                   for (k, m), (_, files) in zip(sample_members(shard), read_samples(shard)))
+
+    def labels(pattern):
+        loader = D.make_loader(pattern, num_samples=9, transform=D.eval_transform(4, (0.5,) * 3, (0.25,) * 3),
+                               batch_size=4, shuffle=True, seed=1, allow_pipe=True)
+        return torch.cat([y for _, y in loader]).tolist()
+
+    assert labels(shard) == labels(f"pipe:cat {shard}") and sorted(labels(shard)) == list(range(9))
