@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import io
 import json
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -82,40 +83,86 @@ def axis_names(report: StudyReport) -> list[str]:
     return [a.split(".")[-1] for a in report.axes] or ["point"]
 
 
+def _paired(report: StudyReport) -> bool:
+    return report.comparison is not None and report.comparison.rule != "none"
+
+
+def _decided(row: Row) -> str:
+    return "default" if row.is_default else ("-" if row.decided is None else "yes" if row.decided else "no")
+
+
+def _paper_cell(field: str, tex: bool = False):
+    def cell(report: StudyReport, row: Row) -> str:
+        p = row.paper
+        if p is None:
+            return "--" if tex else "-"
+        if field == "setting":
+            return _tex(p.setting) if tex else p.setting
+        text = _num(getattr(p, field))
+        return text.replace("-", "--") if tex else text
+    return cell
+
+
+def _speed(report: StudyReport, row: Row) -> str:
+    rel = report.relative_speed(row)
+    return "-" if rel is None else f"{rel:.2f}x"
+
+
+def _always(report: StudyReport) -> bool:
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """One report column: its header and cell in the table and Markdown, and in LaTeX when ``tex`` is given."""
+
+    header: str
+    cell: Callable[[StudyReport, Row], str]
+    shown: Callable[[StudyReport], bool] = _always
+    tex_header: str | None = None  # None: not in the LaTeX table
+    tex: Callable[[StudyReport, Row], str] | None = None
+
+
+# After the axis columns, in this order, in every table format (CSV and JSON export every field instead).
+COLUMNS = (
+    Column("linear val %", lambda r, row: fmt_stat(row.linear), tex_header="linear",
+           tex=lambda r, row: _tex_stat(row.linear)),
+    Column("Δ linear [95% CI]", lambda r, row: fmt_diff(row, "linear"), tex_header=r"$\Delta$ linear [95\% CI]",
+           tex=lambda r, row: _tex_diff(row, "linear")),
+    Column("fine-tune val %", lambda r, row: fmt_stat(row.finetune), has_finetune, "fine-tune",
+           lambda r, row: _tex_stat(row.finetune)),
+    Column("Δ fine-tune [95% CI]", lambda r, row: fmt_diff(row, "finetune"), has_finetune,
+           r"$\Delta$ fine-tune [95\% CI]", lambda r, row: _tex_diff(row, "finetune")),
+    Column("Δ linear Welch", lambda r, row: fmt_welch(row, "linear")),
+    Column("Δ fine-tune Welch", lambda r, row: fmt_welch(row, "finetune"), has_finetune),
+    Column("linear test %", lambda r, row: fmt_stat(row.linear_test), lambda r: has_test(r, "linear")),
+    Column("fine-tune test %", lambda r, row: fmt_stat(row.finetune_test), lambda r: has_test(r, "finetune")),
+    Column("n", lambda r, row: str(row.n), lambda r: r.plan is not None),
+    Column("decided", lambda r, row: _decided(row), lambda r: r.plan is not None),
+    Column("paper setting", _paper_cell("setting"), _paired, "paper setting", _paper_cell("setting", tex=True)),
+    Column("paper lin", _paper_cell("lin"), _paired, "paper lin", _paper_cell("lin", tex=True)),
+    Column("paper ft", _paper_cell("ft"), _paired, "paper ft", _paper_cell("ft", tex=True)),
+    Column("pretrain s", lambda r, row: _num(row.pretrain_s.mean, ".0f")),
+    Column("pretrain TFLOPs", lambda r, row: _num(row.pretrain_tflops.mean, ".3g")),
+    Column("speed vs default", _speed),
+    Column("encoder GFLOPs", lambda r, row: _num(row.gflops, ".3g")),
+    Column("peak MiB", lambda r, row: _num(row.peak_mem_mib.mean, ".0f"), has_memory),
+    Column("trials", lambda r, row: ", ".join(f"{v} {k}" for k, v in sorted(row.status.items()))),
+)
+
+
+def columns(report: StudyReport) -> list[Column]:
+    """The columns this report shows (after its axes)."""
+    return [c for c in COLUMNS if c.shown(report)]
+
+
 def _columns(report: StudyReport) -> list[str]:
-    """Every format's columns: the metric pairs first (their positions are fixed), then what may be dropped."""
-    ft = has_finetune(report)
-    cols = axis_names(report) + ["linear val %", "Δ linear [95% CI]"]
-    cols += ["fine-tune val %", "Δ fine-tune [95% CI]"] if ft else []
-    cols += ["Δ linear Welch"] + (["Δ fine-tune Welch"] if ft else [])
-    cols += ["linear test %"] if has_test(report, "linear") else []
-    cols += ["fine-tune test %"] if has_test(report, "finetune") else []
-    cols += ["n", "decided"] if report.plan is not None else []
-    if report.comparison is not None and report.comparison.rule != "none":
-        cols += ["paper setting", "paper lin", "paper ft"]
-    return cols + ["pretrain s", "pretrain TFLOPs", "speed vs default", "encoder GFLOPs"] \
-        + (["peak MiB"] if has_memory(report) else []) + ["trials"]
+    """Every table format's headers: the axes, then ``columns``."""
+    return axis_names(report) + [c.header for c in columns(report)]
 
 
 def _cells(report: StudyReport, row: Row) -> list[str]:
-    ft = has_finetune(report)
-    cells = axis_cells(report, row) + [fmt_stat(row.linear), fmt_diff(row, "linear")]
-    cells += [fmt_stat(row.finetune), fmt_diff(row, "finetune")] if ft else []
-    cells += [fmt_welch(row, "linear")] + ([fmt_welch(row, "finetune")] if ft else [])
-    cells += [fmt_stat(row.linear_test)] if has_test(report, "linear") else []
-    cells += [fmt_stat(row.finetune_test)] if has_test(report, "finetune") else []
-    if report.plan is not None:
-        cells += [str(row.n), "default" if row.is_default else ("-" if row.decided is None else
-                                                                "yes" if row.decided else "no")]
-    if report.comparison is not None and report.comparison.rule != "none":
-        p = row.paper
-        cells += ["-", "-", "-"] if p is None else [p.setting, _num(p.lin), _num(p.ft)]
-    rel = report.relative_speed(row)
-    cells += [_num(row.pretrain_s.mean, ".0f"), _num(row.pretrain_tflops.mean, ".3g"),
-              "-" if rel is None else f"{rel:.2f}x", _num(row.gflops, ".3g")]
-    cells += [_num(row.peak_mem_mib.mean, ".0f")] if has_memory(report) else []
-    cells += [", ".join(f"{v} {k}" for k, v in sorted(row.status.items()))]
-    return cells
+    return axis_cells(report, row) + [c.cell(report, row) for c in columns(report)]
 
 
 # columns a narrow terminal drops first (the first listed goes first)
@@ -256,25 +303,17 @@ def _tex_diff(row: Row, attr: str) -> str:
 
 def to_latex(report: StudyReport) -> str:
     """A booktabs table (needs ``\\usepackage{booktabs}``): default row bold, paper columns when matched."""
-    with_paper = report.comparison is not None and report.comparison.rule != "none"
-    ft = has_finetune(report)
-    cols = [_tex(a) for a in axis_names(report)] + ["linear", r"$\Delta$ linear [95\% CI]"]
-    cols += ["fine-tune", r"$\Delta$ fine-tune [95\% CI]"] if ft else []
-    if with_paper:
-        cols += ["paper setting", "paper lin", "paper ft"]
-    align = "l" * len(axis_names(report)) + ("rrrr" if ft else "rr") + ("lrr" if with_paper else "")
+    with_paper = _paired(report)
+    tex_cols = [c for c in columns(report) if c.tex is not None]
+    cols = [_tex(a) for a in axis_names(report)] + [c.tex_header or "" for c in tex_cols]
+    align = "l" * len(axis_names(report)) + "".join("l" if c.header == "paper setting" else "r" for c in tex_cols)
     lines = [r"\begin{table}[t]", r"\centering", r"\small", f"\\begin{{tabular}}{{{align}}}", r"\toprule",
              " & ".join(cols) + r" \\", r"\midrule"]
     for r in report.rows:
         cells = [_tex(c) for c in axis_cells(report, r)]
         if r.is_default:
             cells[0] = f"\\textbf{{{cells[0]}}}"
-        cells += [_tex_stat(r.linear), _tex_diff(r, "linear")]
-        cells += [_tex_stat(r.finetune), _tex_diff(r, "finetune")] if ft else []
-        if with_paper:
-            p = r.paper
-            cells += ["--", "--", "--"] if p is None else [_tex(p.setting), _num(p.lin).replace("-", "--"),
-                                                           _num(p.ft).replace("-", "--")]
+        cells += [c.tex(report, r) for c in tex_cols if c.tex is not None]
         lines.append(" & ".join(cells) + r" \\")
     caption = (f"{report.description or report.name}. Top-1 \\% (mean $\\pm$ std over seeds, n in parentheses); "
                f"$\\Delta$: difference to the default (bold) in points with a 95\\% interval paired over seeds "
