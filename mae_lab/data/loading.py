@@ -127,15 +127,16 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 if self.subset is None or self.subset.admits(shard, key):
                     yield shard, key, files
 
-    def _indexed(self, worker: int, num_workers: int) -> Iterator[tuple[int, Tensor, Tensor]]:
-        """This worker's batches, each sample read at its byte range."""
+    def _indexed(self, index: list[tuple[int, str, tuple]], worker: int, num_workers: int
+                 ) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """This worker's batches, each sample's files read where the index puts them."""
         mine, files_of = self._mine().tolist(), {}
         try:
             for b in range(worker, _num_batches(self.n, self.rank, self.world_size, self.batch_size, self.drop_last),
                            num_workers):
                 rows = []
                 for i in mine[b * self.batch_size : (b + 1) * self.batch_size]:
-                    s, key, members = self.index[i]
+                    s, key, members = index[i]
                     if s not in files_of:
                         files_of[s] = open(self.shards[s], "rb", buffering=0)  # closed below
                     rows.append((self.shards[s], key, read_sample_at(self.shards[s], files_of[s], key, members), i))
@@ -148,7 +149,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         worker, num_workers = _worker_slot()
         try:
             if self.index is not None:
-                yield from self._indexed(worker, num_workers)
+                yield from self._indexed(self.index, worker, num_workers)
                 return
             batch_of, row_of, sizes = self._plan(worker, num_workers)
             held: dict[int, list] = {}  # batch -> its rows (shard, key, files, global index) as they arrive
@@ -292,7 +293,8 @@ def make_loader(pattern: str, *, num_samples: int, transform, batch_size: int, s
         return MemoryLoader(images, labels, transform=transform, batch_size=batch_size, shuffle=shuffle, seed=seed,
                             epoch=epoch, rank=rank, world_size=world_size, drop_last=drop_last)
     shards = expand_shards(pattern, allow_pipe=allow_pipe)
-    if world_size > 1:  # a wrong count would give the ranks different batch counts: check local shards up front
+    index = _sample_index(shards, subset, num_samples)
+    if index is None and world_size > 1:  # a wrong count would give ranks different batch counts: check up front
         keys = [shard_keys(s) for s in shards]
         if None not in keys:
             held = sum(subset is None or subset.admits(s, k) for s, ks in zip(shards, keys) for k in ks or ())
@@ -301,7 +303,7 @@ def make_loader(pattern: str, *, num_samples: int, transform, batch_size: int, s
     stream = _ShardStream(shards, num_samples=num_samples, transform=transform, batch_size=batch_size,
                           shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                           drop_last=drop_last, subset=subset, label_key=label_key, need_label=need_label,
-                          index=_sample_index(shards, subset, num_samples))
+                          index=index)
     return ShardLoader(stream, num_samples=_rank_share(num_samples, rank, world_size), batch_size=batch_size,
                        num_workers=num_workers, drop_last=drop_last, transform=transform, rank=rank,
                        world_size=world_size)
