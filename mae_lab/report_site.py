@@ -15,7 +15,8 @@ from mae_lab.atomic import write_atomic
 from mae_lab.paper import paper_delta
 from mae_lab.plots import study_plots
 from mae_lab.report import METRICS, StudyReport, headline, study_names, summarize, summarize_records, title
-from mae_lab.report_format import FORMATS, UNITS, fmt_diff, render, render_text, to_csv, to_dict, to_markdown
+from mae_lab.report_export import to_csv, to_dict
+from mae_lab.report_format import FORMATS, UNITS, fmt_diff, render, render_text, to_markdown
 from mae_lab.surface_report import surface_markdown, surface_notes, surface_plots
 from mae_lab.trial_records import StudyRecords
 
