@@ -142,8 +142,8 @@ def uncached_linear_probe(spec, model, info, *, device: str = "cpu") -> dict:
     and batch order), but the frozen encoder re-encodes the train split every epoch and the val split at every
     evaluation, as a loop that feeds images through encoder + head does. Returns {"top1", "wall_s"}."""
     from mae_lab.loaders import eval_loader
-    from mae_lab.train_utils import use_bf16
     from mae_lab.probe import LinearHead, extract_features
+    from mae_lab.train_utils import use_bf16
 
     t_start = time.perf_counter()
     lin, dev = spec.eval.linear, torch.device(device)

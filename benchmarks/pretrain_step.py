@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import gc
 import json
 import math
-import gc
 import re
 import sys
 from pathlib import Path

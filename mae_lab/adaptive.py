@@ -16,8 +16,8 @@ Values are keyed ``values[point][metric][seed]`` (top-1 in points); a point key 
 """
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence
 
 from mae_lab.spec import SeedPlan
 from mae_lab.stats import Interval, by_seed, paired_interval

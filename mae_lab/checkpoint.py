@@ -21,7 +21,6 @@ Namespace) goes through ``import_official``, which says in its name and docstrin
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import re
 from pathlib import Path

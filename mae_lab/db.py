@@ -18,11 +18,12 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from sqlalchemy import Column, Text, UniqueConstraint, and_, event, insert, inspect, or_, text
 from sqlalchemy.engine import Engine, make_url
@@ -51,7 +52,7 @@ class DbError(RuntimeError):
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Meta(SQLModel, table=True):
@@ -532,7 +533,7 @@ def is_stale(row: TrialRow, stale_after_s: float = STALE_AFTER_S) -> bool:
 
 
 def _aware(t: datetime) -> datetime:
-    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def heartbeat(engine: Engine, claim: Claim, progress: str | None = None) -> None:

@@ -16,7 +16,8 @@ import random
 import numpy as np
 import torch
 
-from mae_lab.presets import MASK_SAMPLINGS as SAMPLERS, grid_k
+from mae_lab.presets import MASK_SAMPLINGS as SAMPLERS
+from mae_lab.presets import grid_k
 
 
 def num_keep(num_patches: int, ratio: float) -> int:

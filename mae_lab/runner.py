@@ -16,11 +16,11 @@ import socket
 import subprocess
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import timm
 import torch
@@ -449,6 +449,7 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
     engine = db.connect(db_url)
     s = study.study
     summary, tried, synced, todo = RunSummary(), set(), set(), 0
+    row = None  # the study's row, synced in the first round
     while True:  # rounds: one, unless the seeds are adaptive (rounds.py recomputes the next round from the DB)
         if s.adaptive is not None and (synced or not rerun):
             trials = rounds.current_trials(engine, study, trials, bind=bind_run,

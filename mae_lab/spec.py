@@ -13,8 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class StudyError(ValueError):
@@ -110,7 +109,8 @@ class PretrainSpec(_Strict):
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     amp: Literal["auto", "none", "bf16"] = Field(
-        "auto", description="bf16 autocast; auto: where it pays (CUDA with bf16; a CPU with native bf16 from width 192)")
+        "auto",
+        description="bf16 autocast; auto: where it pays (CUDA with bf16; a CPU with native bf16 from width 192)")
     compile: bool = False
     probe_every: int = Field(0, ge=0, description="every N epochs, a kNN probe on cached features (0: never)")
     init: str | None = Field(None, description="start from these weights: an official MAE checkpoint (encoder-only or "

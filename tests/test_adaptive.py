@@ -102,10 +102,10 @@ def test_a_bad_seeds_table_names_its_key(table, key, words):
 
 
 def test_a_bad_seeds_table_ends_the_run_with_exit_2_and_leaves_the_database_alone(workdir):
+    from conftest import dump_db
     from typer.testing import CliRunner
 
     from cli import app
-    from conftest import dump_db
     from mae_lab import db
 
     db.connect("sqlite:///db/mae_lab.db")  # an existing database

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import dump_db
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import dump_db
 
 BAD = sorted((Path(__file__).parent / "bad_studies").glob("*.toml"))
 GOOD = """
@@ -47,7 +47,7 @@ def test_bad_study_is_refused(path: Path, workdir: Path):
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
         out = res.stderr if hasattr(res, "stderr") else res.output
-        lines = [l for l in out.strip().splitlines() if l.strip()]
+        lines = [line for line in out.strip().splitlines() if line.strip()]
         assert len(lines) == 1, out
         assert str(path) in lines[0]
         for want in expectations(path):

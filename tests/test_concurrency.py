@@ -6,7 +6,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
 from conftest import mae_lab
 
 STUDY = """# mae-lab run two.toml

@@ -5,10 +5,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from conftest import dump_db, query
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import dump_db, query
 from mae_lab import db
 
 STUDY = '[study]\nname = "s"\n[pretrain]\nepochs = 1\nwarmup_epochs = 0\n'
@@ -70,7 +70,7 @@ def test_unusable_urls_fail_in_one_line(workdir: Path, url: str, reason: str):
     (workdir / "s.toml").write_text(STUDY)
     res = CliRunner().invoke(app, ["run", "s.toml", "--db", url])
     assert res.exit_code == 2, res.output
-    lines = [l for l in res.output.splitlines() if l.strip()]
+    lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and reason in lines[0], res.output
 
 

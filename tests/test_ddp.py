@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from test_resume import mae_lab
 
@@ -114,5 +113,5 @@ def test_nproc_checks_the_study_before_starting_processes(workdir: Path):
     (workdir / "bad.toml").write_text(STUDY.format(epochs=1, batch=32).replace('preset = "vit_digits"',
                                                                               'preset = "vit_nope"'))
     res = CliRunner().invoke(app, ["run", "bad.toml", "--nproc", "2", "--device", "cpu"])
-    lines = [l for l in res.output.splitlines() if l.strip()]
+    lines = [line for line in res.output.splitlines() if line.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and "bad.toml: model.preset: unknown preset" in lines[0]

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import dump_db
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import dump_db
 from mae_lab import db
 from mae_lab.export import trial_encoder
 from mae_lab.runner import plan, trial_rows

@@ -1,9 +1,9 @@
 """Kill soak: SIGKILL `mae-lab run` at five moments (during pretraining, during a checkpoint write, during
 evaluation, between trials, right after a database write), rerunning after each. Every moment must come and the kill
-must land in it (checked afterwards where the database or the folder can tell), or the soak fails. Afterwards every trial is done
-exactly once, no metric or result row is duplicated, the database passes its integrity check, every checkpoint
-loads, and the results equal an uninterrupted run with the same seeds (linear/fine-tune top-1 within 1e-9, final
-pretraining loss within 1e-6 relative: CPU runs are deterministic)."""
+must land in it (checked afterwards where the database or the folder can tell), or the soak fails. Afterwards every
+trial is done exactly once, no metric or result row is duplicated, the database passes its integrity check, every
+checkpoint loads, and the results equal an uninterrupted run with the same seeds (linear/fine-tune top-1 within
+1e-9, final pretraining loss within 1e-6 relative: CPU runs are deterministic)."""
 from __future__ import annotations
 
 import signal
@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_same_as_uninterrupted, mae_lab, query
 
 STUDY = """# mae-lab run soak.toml

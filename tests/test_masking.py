@@ -1,9 +1,9 @@
 import pytest
 import torch
+from conftest import official_random_masking
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import official_random_masking
 from mae_lab.masking import (
     block_masking_ids,
     grid_k,

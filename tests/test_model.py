@@ -1,11 +1,10 @@
-from functools import partial
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import official_random_masking
+
 from mae_lab.model import (
     MaskedAutoencoder,
     build_timm_vit,

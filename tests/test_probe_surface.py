@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import dump_db
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import dump_db
 from mae_lab.data import resolve_dataset
 from mae_lab.expand import expand, mae_config
 from mae_lab.loaders import eval_loader

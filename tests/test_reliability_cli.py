@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import dump_db
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import dump_db
 
 STUDY = """[study]
 name = "combo"

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import mae_lab
 from test_resume import checkpoint_epoch, pretrained_epochs
 from test_search import SEARCH

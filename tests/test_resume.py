@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_same_as_uninterrupted, mae_lab, query
 
 EPOCHS = 8

@@ -186,7 +186,7 @@ def test_run_refuses_a_search_study_and_search_refuses_a_grid(workdir: Path):
     assert res.exit_code == 2 and "grid.toml: search: the study has no [search] table" in res.output
     bad = Path(__file__).parent / "bad_studies" / "search_bound_invalid.toml"
     res = invoke("search", str(bad))
-    lines = [l for l in res.output.splitlines() if l.strip()]
+    lines = [line for line in res.output.splitlines() if line.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and "search.space.model.mask_ratio.high" in lines[0]
 
 

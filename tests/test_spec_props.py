@@ -6,13 +6,13 @@ import math
 from datetime import datetime
 
 import pytest
+from conftest import dump_db
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import dump_db
 from mae_lab.expand import expand, pretrain_hash, trial_hash
 from mae_lab.spec import StudyError, TrialSpec, parse_study
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import REPO, SHARED_DATA
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import REPO, SHARED_DATA
 
 STUDIES = sorted((REPO / "studies").glob("*.toml"))
 

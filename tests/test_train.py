@@ -12,9 +12,9 @@ from mae_lab.data import resolve_dataset
 from mae_lab.expand import expand
 from mae_lab.finetune import build_classifier, finetune, param_groups_lrd
 from mae_lab.pretrain import pretrain
-from mae_lab.train_utils import DivergenceError, lr_at
 from mae_lab.probe import knn_top1, linear_probe
 from mae_lab.spec import TrialSpec, parse_study
+from mae_lab.train_utils import DivergenceError, lr_at
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 # every MAEConfig field beyond the preset's size, so the tests do not depend on preset defaults
@@ -98,7 +98,8 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, digits, train_samples)
     assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in b.items())
 
     other = make_spec(data=data, pretrain={"epochs": 2, "batch_size": 64})
-    with pytest.raises(CheckpointError, match="pretrain.base_lr: the checkpoint was written for 0.001, this trial has 0.00015"):
+    written_for = "pretrain.base_lr: the checkpoint was written for 0.001, this trial has 0.00015"
+    with pytest.raises(CheckpointError, match=written_for):
         pretrain(other, digits, device="cpu", ckpt_path=ckpt)
 
 
@@ -166,7 +167,8 @@ def test_finetune_runs_with_mixup_and_randaug(digits):
 
 def test_finetune_last_k_blocks_zero_trains_only_the_head(digits):
     spec = make_spec(pretrain={"epochs": 0},
-                     eval_finetune={"epochs": 1, "warmup_epochs": 0, "batch_size": 128, "last_k_blocks": 0, "global_pool": "token"})
+                     eval_finetune={"epochs": 1, "warmup_epochs": 0, "batch_size": 128, "last_k_blocks": 0,
+                                    "global_pool": "token"})
     model = pretrain(spec, digits, device="cpu", ckpt_path=None).model
     out = finetune(spec, model, digits, device="cpu")
     encoder, tuned = model.encoder_state_dict(), out["model"].state_dict()
