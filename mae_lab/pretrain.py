@@ -200,7 +200,8 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
                    "images_per_s": n_images / epoch_s, "peak_mem_mib": peak_memory_mib(dev)}
         if pt.probe_every and epoch % pt.probe_every == 0 and rank == 0:
             metrics["knn_top1"] = knn_top1(model, info, spec, device)
-            metrics[SURFACE] = probe_surface(spec, model, info, device)  # {} without eval.linear.blocks
+            if spec.eval.linear.blocks:  # the probe surface: top-1 after each listed block
+                metrics[SURFACE] = probe_surface(spec, model, info, device)
         sha = save(epoch)
         metrics["ckpt_sha256"] = sha
         metrics["wall_s"] = time.perf_counter() - t_start
