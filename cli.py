@@ -156,10 +156,9 @@ def run(
                                        "pretrain.batch_size is per process.")] = 1,
 ):
     """Expand STUDY into trials and run every trial not done yet (pretrain, linear probe, fine-tune)."""
-    from mae_lab.distributed import launch, run_study_ddp, world_size_from_env
-    from mae_lab.runner import bind_trial, parse_data_override, pick_device, plan, resolve_data, run_study
+    from mae_lab.planning import bind_trials, parse_data_override, pick_device, plan, resolve_data
 
-    ddp = world_size_from_env() > 1  # this process is one rank of a torchrun
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1  # this process is one rank of a torchrun
     rank0 = not ddp or os.environ.get("RANK", "0") == "0"
     launcher = dry_run or (nproc > 1 and not ddp)
     if nproc > 1 and not ddp and not dry_run:
@@ -173,8 +172,12 @@ def run(
             spec, trials = plan(study, override, allow_large_grid)
             infos = resolve_data(spec, trials, data_root, allow_pipe)
             if dry_run:  # the hashes `run` records: under this data, process count and precision
-                trials = [bind_trial(t, infos=infos, device=pick_device(device), world_size=nproc) for t in trials]
+                trials = bind_trials(trials, infos=infos, device=pick_device(device), world_size=nproc)
                 return _print_plan(spec, trials, db)
+        from mae_lab.distributed import launch, run_study_ddp  # torch from here on (a dry run ends above)
+        from mae_lab.runner import run_study
+
+        if launcher:
             raise typer.Exit(launch(nproc, forward))
         kwargs = dict(db_url=db, device=device, data_root=data_root, data_override=override, rerun=rerun,
                       max_trials=max_trials, allow_pipe=allow_pipe, display=display, stale_after_s=stale_after,
@@ -207,7 +210,8 @@ def worker(
     """Drain STUDY with any number of workers on one database (PostgreSQL for several machines): each trial is
     claimed by exactly one worker; the trial of a dead worker is taken over and resumes from its checkpoint.
     Exits when no trial is left to run or running."""
-    from mae_lab.runner import parse_data_override, run_study
+    from mae_lab.planning import parse_data_override
+    from mae_lab.runner import run_study
 
     with trial_errors("any worker resumes it") as display:
         summary = run_study(study, db_url=db, device=device, data_root=data_root,
@@ -230,7 +234,7 @@ def search(
 ):
     """Optuna search over STUDY's \\[search] space, stored in the same database (optuna-dashboard reads it):
     each sampled point is trained by the same runner as 'run'; points done before are told, not trained."""
-    from mae_lab.runner import parse_data_override
+    from mae_lab.planning import parse_data_override
     from mae_lab.search import run_search
 
     with trial_errors("search again to resume it") as display:
@@ -284,7 +288,7 @@ def validate(study: Annotated[Path, typer.Argument(help="The study TOML file.")]
              data_root: DataRootOpt = None, allow_pipe: PipeOpt = False,
              allow_large_grid: LargeGridOpt = False):
     """Check a study file (schema, presets, shapes, data) without running it."""
-    from mae_lab.runner import plan, resolve_data
+    from mae_lab.planning import plan, resolve_data
 
     spec, trials = plan(study, allow_large_grid=allow_large_grid)
     resolve_data(spec, trials, data_root, allow_pipe)

@@ -31,15 +31,9 @@ import time
 import _bench  # noqa: F401
 from _bench import CIFAR10, ROOT, header, interleaved, mae_train_step, pass_fail, table
 
-from mae_lab.data import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    MemoryLoader,
-    first_samples,
-    load_split,
-    make_loader,
-    pretrain_transform,
-)
+from mae_lab.data import CIFAR10_MEAN, CIFAR10_STD
+from mae_lab.data.loading import MemoryLoader, first_samples, load_split, make_loader
+from mae_lab.data.transforms import pretrain_transform
 from mae_lab.presets import config_from_preset
 
 TARGET, READER_TARGET = 5.0, 0.9
@@ -50,7 +44,9 @@ BATCH = 128
 READER_PASS = """
 import json, sys, time
 import mae_lab.data
-from mae_lab.data import CIFAR10_MEAN, CIFAR10_STD, make_loader, pretrain_transform
+from mae_lab.data import CIFAR10_MEAN, CIFAR10_STD
+from mae_lab.data.loading import make_loader
+from mae_lab.data.transforms import pretrain_transform
 pattern, n, batches, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 tf = pretrain_transform("random_resized_crop", 32, CIFAR10_MEAN, CIFAR10_STD)
 t0 = time.perf_counter()

@@ -1,11 +1,12 @@
 """Wall time of the front door: `mae-lab --help`, `list`, `report` and `validate`, this checkout against another.
 
     git worktree add /tmp/before 620180e          # the commit before the torch-free front door
-    python benchmarks/front_door.py --before /tmp/before [--rounds 7]
+    python benchmarks/front_door.py --before /tmp/before [--rounds 7] [--commands dry-run,validate-grid]
 
 Each command runs as a fresh `python cli.py ...` in each checkout, interleaved round by round (after one warm-up run
 each, which also builds the digits cache); the table gives medians and minima, and whether the command imported
 torch. `list` and `report` read a study that each checkout records into its own SQLite file through its own db.py.
+`dry-run` and `validate-grid` take GRID: 4,000 grid points x 3 seeds = 12,000 trials (`--allow-large-grid`).
 """
 from __future__ import annotations
 
@@ -23,8 +24,11 @@ HERE = Path(__file__).resolve().parent.parent
 RECORD = """import sys
 from mae_lab import db
 from mae_lab.expand import expand
-from mae_lab.runner import trial_rows
 from mae_lab.spec import parse_study
+try:
+    from mae_lab.planning import trial_rows
+except ImportError:  # a checkout from before mae_lab/planning.py
+    from mae_lab.runner import trial_rows
 text = open("studies/quickstart.toml").read()
 study = parse_study(text, "quickstart.toml")
 engine = db.connect(sys.argv[1])
@@ -32,6 +36,18 @@ row = db.sync_study(engine, name=study.study.name, description="", paper=study.s
                     spec_text=text, spec_hash="x", trials=trial_rows(study, expand(study)))
 for i, (trial, _) in enumerate(db.study_trials(engine, row.id)):
     db.finish_trial(engine, trial.id, "done", result={"linear_top1": 0.5 + 0.01 * i, "pretrain_wall_s": 1.0})
+"""
+GRID = """[study]
+name = "grid"
+seeds = [0, 1, 2]
+[model]
+preset = "vit_digits"
+[grid]
+"model.mask_ratio" = [0.5, 0.6, 0.7, 0.75, 0.8]
+"pretrain.base_lr" = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2]
+"pretrain.weight_decay" = [0.0, 0.01, 0.05, 0.1, 0.2]
+"eval.linear.epochs" = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+"model.norm_pix_loss" = [true, false]
 """
 PROBE = ("import sys, runpy\nsys.argv = ['mae-lab', *sys.argv[1:]]\n"
          "try:\n    runpy.run_path('cli.py', run_name='__main__')\n"
@@ -52,6 +68,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", type=Path, required=True, help="the other checkout (e.g. a git worktree)")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--commands", default="--help,list,report,validate,dry-run,validate-grid",
+                    help="which commands, comma-separated")
     a = ap.parse_args()
     trees = {"before": a.before.resolve(), "after": HERE}
     tmp = Path(tempfile.mkdtemp(prefix="front-door-"))
@@ -60,9 +78,14 @@ def main() -> None:
         urls[name] = f"sqlite:///{tmp}/{name}.db"
         subprocess.run([sys.executable, "-c", RECORD, urls[name]], cwd=tree, check=True, capture_output=True,
                        env={**os.environ, "PYTHONPATH": str(tree)})
+    (tmp / "grid.toml").write_text(GRID)
+    grid = ["--allow-large-grid", "--device", "cpu"]
     commands = {"--help": ["--help"], "list": ["list", "--db", "{url}"],
                 "report": ["report", "quickstart", "--db", "{url}"],
-                "validate": ["validate", "studies/quickstart.toml"]}
+                "validate": ["validate", "studies/quickstart.toml"],
+                "dry-run": ["run", str(tmp / "grid.toml"), "--dry-run", *grid, "--db", "{url}"],
+                "validate-grid": ["validate", str(tmp / "grid.toml"), "--allow-large-grid"]}
+    commands = {k: v for k, v in commands.items() if k in a.commands.split(",")}
     times: dict[tuple[str, str], list[float]] = {}
     torch_seen: dict[tuple[str, str], bool] = {}
     for cmd, args in commands.items():
@@ -82,7 +105,8 @@ def main() -> None:
     print("|:---|---:|---:|:---:|:---:|")
     for cmd in commands:
         b, f = times[(cmd, "before")], times[(cmd, "after")]
-        print(f"| `mae-lab {cmd}` | {statistics.median(b):.2f} s ({min(b):.2f}) | {statistics.median(f):.2f} s "
+        label = {"dry-run": "run GRID --dry-run", "validate-grid": "validate GRID"}.get(cmd, cmd)
+        print(f"| `mae-lab {label}` | {statistics.median(b):.2f} s ({min(b):.2f}) | {statistics.median(f):.2f} s "
               f"({min(f):.2f}) | {'yes' if torch_seen[(cmd, 'before')] else 'no'} | "
               f"{'yes' if torch_seen[(cmd, 'after')] else 'no'} |")
 

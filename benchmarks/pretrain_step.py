@@ -126,7 +126,9 @@ def peak_memory(step) -> float | None:
 
 def cifar_batches(batch: int, n_batches: int) -> list[torch.Tensor]:
     """The first n_batches * batch CIFAR-10 train images, normalised, in fixed batches."""
-    from mae_lab.data import CIFAR10_MEAN, CIFAR10_STD, ImageTransform, first_samples
+    from mae_lab.data import CIFAR10_MEAN, CIFAR10_STD
+    from mae_lab.data.loading import first_samples
+    from mae_lab.data.transforms import ImageTransform
 
     meta = json.loads((CIFAR10 / "dataset.json").read_text())["splits"]["train"]
     images, _ = first_samples(str(CIFAR10 / meta["shards"]), batch * n_batches)

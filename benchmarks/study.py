@@ -25,8 +25,9 @@ import _bench  # noqa: F401
 from _bench import CIFAR10, cifar10_info, header, pass_fail, table, uncached_linear_probe
 
 from mae_lab.finetune import finetune
+from mae_lab.planning import plan, resolve_data
 from mae_lab.pretrain import pretrain
-from mae_lab.runner import plan, resolve_data, run_study
+from mae_lab.runner import run_study
 
 STUDY = """\
 [study]

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
-from mae_lab.spec import SeedPlan
+from mae_lab.spec_tables import SeedPlan
 from mae_lab.stats import Interval, by_seed, paired_interval
 
 Values = Mapping[Hashable, Mapping[str, Mapping[int, float]]]

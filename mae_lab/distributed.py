@@ -28,11 +28,6 @@ from mae_lab.spec import TrialSpec
 from mae_lab.train_utils import DivergenceError
 
 
-def world_size_from_env() -> int:
-    """WORLD_SIZE as torchrun sets it (1 outside torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 @dataclass(frozen=True)
 class DistContext:
     rank: int

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,8 +115,47 @@ def _pretrain_part(flat: dict[str, Any]) -> dict[str, Any]:
 
 def hashes(spec: TrialSpec, ctx: RunContext = RunContext()) -> tuple[str, str]:
     """(trial_hash, pretrain_hash), from one identity: what expansion and binding compute for every trial."""
-    flat = identity(spec, ctx)
+    return hashes_of(identity(spec, ctx))
+
+
+_NOT_SEED = tuple(f for f in TrialSpec.model_fields if f != "seed")  # a trial's sections but its seed
+
+
+_SEED_MARK = "\x00seed\x00"  # stands for the seed while a point's identity is encoded once for all its seeds
+
+
+def _seed_digests(flat: dict[str, Any]) -> Callable[[int], tuple[str, str]]:
+    """For one identity: seed -> (trial hash, pretrain hash) of the identity with that seed, as `hashes` gives
+    them. The rest is encoded once (a large grid's points have several seeds each): a seed's JSON text is its
+    decimal digits, put where the mark's text is in ``json.dumps(sort_keys=True)``'s output."""
+    texts = []
+    for part in (flat, _pretrain_part(flat)):
+        text = json.dumps({**part, "seed": _SEED_MARK}, sort_keys=True, separators=(",", ":"))
+        head, mark, tail = text.partition(json.dumps(_SEED_MARK))
+        if not mark or json.dumps(_SEED_MARK) in tail:  # a value holds the mark's text: encode each seed whole
+            return lambda seed: hashes_of({**flat, "seed": seed})
+        texts.append((head, tail))
+    return lambda seed: tuple(hashlib.sha256(f"{h}{int(seed)}{t}".encode()).hexdigest()[:16]  # type: ignore
+                              for h, t in texts)
+
+
+def hashes_of(flat: dict[str, Any]) -> tuple[str, str]:
+    """(trial hash, pretrain hash) of an identity dict."""
     return _digest(flat), _digest(_pretrain_part(flat))
+
+
+def bind_all(trials: Iterable[Trial], ctx_of: Callable[[TrialSpec], RunContext]) -> list[Trial]:
+    """`bind` for many trials: each under ``ctx_of(its spec)``. The identity is computed once for a run of trials
+    that share everything but the seed (expansion gives a point's seeds the same sections)."""
+    out: list[Trial] = []
+    last: tuple[tuple, RunContext, Callable[[int], tuple[str, str]]] | None = None
+    for t in trials:
+        ctx, sections = ctx_of(t.spec), tuple(getattr(t.spec, f) for f in _NOT_SEED)
+        if last is None or last[1] != ctx or any(a is not b for a, b in zip(sections, last[0])):
+            last = (sections, ctx, _seed_digests(identity(t.spec, ctx)))
+        h, ph = last[2](t.spec.seed)
+        out.append(dataclasses.replace(t, hash=h, pretrain_hash=ph))
+    return out
 
 
 def pretrain_hash(spec: TrialSpec, ctx: RunContext = RunContext()) -> str:
@@ -234,9 +274,10 @@ def expand(study: Study) -> list[Trial]:
     trials = []
     for point in study.points:
         first = resolve(study, point, study.study.seeds[0])  # validated once per point: seeds change only `seed`
+        digests = _seed_digests(identity(first))  # and its identity encoded once: the seed is one key of it
         for seed in study.study.seeds:
             spec = first if seed == first.seed else first.model_copy(update={"seed": seed})
-            trials.append(Trial(spec, *hashes(spec), dict(point)))
+            trials.append(Trial(spec, *digests(seed), dict(point)))
     return trials
 
 

@@ -11,16 +11,9 @@ read the labeled train split, validation reads "val" (the dataset's own, or the 
 from __future__ import annotations
 
 from mae_lab import rng
-from mae_lab.data import (
-    DataError,
-    DatasetInfo,
-    ImageTransform,
-    MemoryLoader,
-    eval_transform,
-    first_samples,
-    make_loader,
-    pretrain_transform,
-)
+from mae_lab.data import DataError, DatasetInfo
+from mae_lab.data.loading import MemoryLoader, first_samples, make_loader
+from mae_lab.data.transforms import ImageTransform, eval_transform, pretrain_transform
 from mae_lab.spec import TrialSpec
 
 

@@ -25,7 +25,8 @@ from mae_lab.adaptive import Decision, is_decided, point_decisions
 from mae_lab.expand import resolve
 from mae_lab.paper import Comparison, PaperRow, compare, get_table, paper_delta
 from mae_lab.report_search import SearchReport, search_report
-from mae_lab.spec import SeedPlan, Study, StudyError, get_dotted, parse_study
+from mae_lab.spec import Study, StudyError, get_dotted, parse_study
+from mae_lab.spec_tables import SeedPlan
 from mae_lab.stats import Interval, by_seed, paired_interval, verdict, verdict_text, welch_interval
 from mae_lab.trial_records import StudyRecords, from_db
 

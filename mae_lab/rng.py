@@ -14,8 +14,6 @@ in and the caller's back out.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,37 +21,15 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-# The streams of a trial and what each one draws (a name not listed here is refused, so a typo cannot silently
-# open a fresh stream).
-STREAMS = {
-    "init": "initial weights, one stream per parameter name",
-    "data_order": "the order of the training samples in an epoch",
-    "augment": "augmentation of one epoch's samples",
-    "mask": "the pretraining masks of an epoch",
-    "probe": "the linear probe's head init and batch order",
-    "knn": "the k-NN probe's subset",
-    "finetune": "fine-tuning: head init, augmentation, mixup and drop path of an epoch",
-    "holdout": "which training samples form the held-out validation split",
-    "recon": "the masks of the reconstruction figure",
-}
+from mae_lab.rng_streams import STREAMS, numpy_rng, stream_seed
 
-
-def stream_seed(seed: int, name: str, *keys: int | str) -> int:
-    """The 63-bit seed of stream ``name`` at ``keys`` for the trial seed ``seed``: a hash, never a sum."""
-    if name not in STREAMS:
-        raise ValueError(f"unknown random stream {name!r} (known: {', '.join(STREAMS)})")
-    text = json.dumps([int(seed), name, *keys], separators=(",", ":"))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+__all__ = ["STREAMS", "GlobalStream", "generator", "init_generators", "numpy_rng", "seed_globals", "seeded",
+           "stream_seed"]
 
 
 def generator(seed: int, name: str, *keys: int | str) -> torch.Generator:
     """A fresh CPU torch.Generator on the stream."""
     return torch.Generator().manual_seed(stream_seed(seed, name, *keys))
-
-
-def numpy_rng(seed: int, name: str, *keys: int | str) -> np.random.Generator:
-    """A fresh numpy Generator on the stream."""
-    return np.random.default_rng(stream_seed(seed, name, *keys))
 
 
 def seed_globals(seed: int, name: str, *keys: int | str) -> None:

@@ -1,5 +1,4 @@
-"""Run a study: validate everything first, then claim trials one by one and run each (pretrain -> evaluate -> record).
-
+"""Run a study that `planning` planned: claim trials one by one and run each (pretrain -> evaluate -> record).
 A trial's pretraining is keyed by its pretrain hash, so trials that differ only in evaluation settings share one
 checkpoint; a file lock serializes two processes that reach the same pretraining at once.
 """
@@ -8,9 +7,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import functools
-import hashlib
 import importlib.metadata
-import json
 import platform
 import socket
 import subprocess
@@ -26,10 +23,10 @@ import timm
 import torch
 from sqlalchemy.engine import Engine
 
-from mae_lab import db, rounds
+from mae_lab import db, planning, rounds
 from mae_lab.checkpoint import CheckpointError, load_checkpoint, sha256_file
-from mae_lab.data import DataError, DatasetInfo, resolve_spec_data, verify_dataset
-from mae_lab.expand import RunContext, Trial, bind, expand, mae_config, pretrain_identity
+from mae_lab.data import DatasetInfo
+from mae_lab.expand import RunContext, Trial, mae_config, pretrain_identity
 from mae_lab.finetune import finetune
 from mae_lab.init_weights import check_inits, init_model
 from mae_lab.model import count_params, encoder_flops_per_image
@@ -39,8 +36,8 @@ from mae_lab.probe_surface import STAGE as SURFACE
 from mae_lab.probe_surface import probe_surface
 from mae_lab.progress import Display, PlainDisplay
 from mae_lab.recon_lookup import save_trial_recon
-from mae_lab.spec import DataSpec, Study, StudyError, TrialSpec, load_study, set_dotted
-from mae_lab.train_utils import DivergenceError, use_bf16
+from mae_lab.spec import Study, StudyError, TrialSpec
+from mae_lab.train_utils import DivergenceError
 
 
 class Pruned(Exception):
@@ -63,86 +60,6 @@ class RunSummary:
     @property
     def ok(self) -> bool:
         return all(s == "done" for _, s in self.ran)
-
-
-def pick_device(device: str) -> str:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available here (use cpu or auto)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"--device {device}: expected cpu, cuda or auto")
-    return device
-
-
-def parse_data_override(text: str | None) -> dict[str, str]:
-    """``train=PATTERN,val=PATTERN`` or ``dataset=NAME`` -> a [data] override."""
-    if not text:
-        return {}
-    out = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        if not sep or key.strip() not in ("dataset", "train", "val", "pretrain_dataset", "pretrain_shards"):
-            raise ValueError(f"--data {text!r}: expected dataset=NAME or train=PATTERN,val=PATTERN (and optionally "
-                             "pretrain_dataset=NAME or pretrain_shards=PATTERN)")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def plan(path: str | Path, data_override: dict[str, str] | None = None, allow_large_grid: bool = False
-         ) -> tuple[Study, list[Trial]]:
-    """Load, validate and expand a study file (raises StudyError; writes nothing)."""
-    study = load_study(path, allow_large_grid=allow_large_grid)
-    if data_override:
-        data = dict(study.base.get("data", {}))
-        if "train" in data_override or "val" in data_override:
-            data.pop("dataset", None)
-        data.update(data_override)
-        study = study.model_copy(update={"base": set_dotted(study.base, "data", data)})
-    return study, expand(study)
-
-
-def resolve_data(study: Study, trials: list[Trial], data_root: str | None, allow_pipe: bool = False
-                 ) -> dict[str, DatasetInfo]:
-    """Resolve and verify every distinct [data] of the trials up front; a DataError names the study file and key.
-    Labels are checked where some trial with that [data] probes or fine-tunes."""
-    need_label: dict[str, bool] = {}
-    for t in trials:
-        key = t.spec.data.model_dump_json()
-        need_label[key] = need_label.get(key, False) or t.spec.eval.linear.enabled or t.spec.eval.finetune.enabled
-    infos: dict[str, DatasetInfo] = {}
-    for t in trials:
-        d: DataSpec = t.spec.data
-        key = d.model_dump_json()
-        if key in infos:
-            continue
-        try:
-            info = resolve_spec_data(d, data_root=data_root, allow_pipe=allow_pipe)
-            verify_dataset(info, need_label=need_label[key], label_key=d.label_key, allow_pipe=allow_pipe)
-            infos[key] = info
-        except DataError as exc:
-            raise StudyError(study.path, exc.key, str(exc)) from None
-    check_batches(study, trials, infos)
-    return infos
-
-
-def check_batches(study: Study, trials: list[Trial], infos: dict[str, DatasetInfo]) -> None:
-    """Refuse a training batch the training split cannot fill once (pretraining and fine-tuning drop the last
-    partial batch, so an epoch would have no step); the linear probe caps its batch at the split."""
-    for t in trials:
-        info, d, pt, ft = infos[t.spec.data.model_dump_json()], t.spec.data, t.spec.pretrain, t.spec.eval.finetune
-        n = min(info.num_train, d.train_samples or info.num_train)
-        where = f"{n} training samples" + (" (data.train_samples)" if n == d.train_samples else "")
-        if pt.epochs and pt.batch_size * pt.accum_iter > n:
-            key = next((f"grid.{k}" for k in ("pretrain.batch_size", "pretrain.accum_iter") if k in t.axes),
-                       "pretrain.batch_size")
-            raise StudyError(study.path, key, f"a batch of {pt.batch_size} x accum_iter {pt.accum_iter} is more "
-                             f"than the {where}: an epoch would have no optimizer step")
-        if ft.enabled and ft.batch_size > n:
-            key = "grid." * ("eval.finetune.batch_size" in t.axes) + "eval.finetune.batch_size"
-            raise StudyError(study.path, key, f"a batch of {ft.batch_size} is more than the {where}: "
-                             "fine-tuning would have no step")
 
 
 @functools.lru_cache(maxsize=1)
@@ -170,10 +87,6 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def study_hash(study: Study) -> str:
-    return hashlib.sha256(study.text.encode()).hexdigest()[:16]
-
-
 def check_checkpoints(study: Study, trials: list[Trial], infos: dict[str, DatasetInfo], device: str,
                       world_size: int, artifacts: Path) -> None:
     """Every pretraining checkpoint a trial would resume must have been written for its pretraining identity;
@@ -188,7 +101,7 @@ def check_checkpoints(study: Study, trials: list[Trial], infos: dict[str, Datase
             ckpt = load_checkpoint(path, map_location="cpu")
         except CheckpointError:
             continue  # unreadable: set aside and pretrained again when the trial runs (_verified_checkpoint)
-        ctx = run_context(t.spec, infos[t.spec.data.model_dump_json()], device, world_size)
+        ctx = planning.run_context(t.spec, infos[t.spec.data.model_dump_json()], device, world_size)
         mismatch = checkpoint_mismatch(ckpt, dataclasses.asdict(mae_config(t.spec)), pretrain_identity(t.spec, ctx))
         if mismatch:
             raise StudyError(study.path, mismatch[0], f"cannot resume {path}: {mismatch[1]} (delete the checkpoint "
@@ -206,21 +119,6 @@ def _verified_checkpoint(engine: Engine, pretrain_hash: str, path: Path, display
     path.replace(aside)
     display.message(f"  checkpoint {path.name} does not match the database's sha256: set aside as {aside.name}, "
                     "pretraining from scratch")
-
-
-def run_context(spec: TrialSpec, info: DatasetInfo, device: str, world_size: int = 1) -> RunContext:
-    """What the trial's identity takes from how it runs: the data's fingerprint, the process count, and the
-    precision ``pretrain.amp`` resolves to on ``device``."""
-    bf16 = use_bf16(spec.pretrain.amp, torch.device(device), spec.model.embed_dim)
-    fingerprint = info.fingerprint
-    if info.pretrain is not None:  # pretraining reads another dataset: both are the data's identity
-        fingerprint = hashlib.sha256(f"{info.fingerprint}\n{info.pretrain.fingerprint}".encode()).hexdigest()
-    return RunContext(fingerprint=fingerprint or None, world_size=world_size, precision="bf16" if bf16 else "fp32")
-
-
-def bind_trial(t: Trial, *, infos: dict[str, DatasetInfo], device: str, world_size: int = 1) -> Trial:
-    """``t`` with the hashes it has under this run's data, process count and precision (what the DB records)."""
-    return bind(t, run_context(t.spec, infos[t.spec.data.model_dump_json()], device, world_size))
 
 
 def device_name(device: str) -> str:
@@ -281,7 +179,7 @@ def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heart
                data_root: str | None) -> str:
     spec = TrialSpec.model_validate_json(row.spec_json)
     world_size = dist_ctx.world_size if dist_ctx is not None else 1
-    ctx = run_context(spec, info, device, world_size)
+    ctx = planning.run_context(spec, info, device, world_size)
     db.set_provenance(engine, row.id, claim=claim, **provenance(info, device, ctx, data_root))
     ckpt = artifacts / "pretrain" / f"{row.pretrain_hash}.pt"
     last: dict[str, Any] = {}  # the latest pretraining metrics, for a pruned trial's result
@@ -413,11 +311,6 @@ def _summary_line(engine: Engine, row: db.TrialRow, status: str) -> str:
     return "  " + ", ".join(parts)
 
 
-def trial_rows(study: Study, trials: list[Trial]) -> list[dict[str, Any]]:
-    return [{"hash": t.hash, "pretrain_hash": t.pretrain_hash, "seed": t.spec.seed, "label": t.label,
-             "axes_json": json.dumps(t.axes), "spec_json": t.spec.model_dump_json()} for t in trials]
-
-
 def run_study(path: str | Path, *, db_url: str | None = None, device: str = "auto", data_root: str | None = None,
               artifacts: str | Path | None = None, data_override: dict[str, str] | None = None, rerun: bool = False,
               max_trials: int | None = None, allow_pipe: bool = False, display: Display | None = None,
@@ -434,15 +327,15 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
     ``dist_ctx``: this is rank 0 of a DistributedDataParallel run (``distributed.run_study_ddp``).
     """
     display = display or PlainDisplay()
-    study, trials = plan(path, data_override, allow_large_grid)
+    study, trials = planning.plan(path, data_override, allow_large_grid)
     if study.search is not None:
         raise StudyError(study.path, "search", "this study is a search: run it with 'mae-lab search'")
-    infos = resolve_data(study, trials, data_root, allow_pipe)
-    device = pick_device(device)
+    infos = planning.resolve_data(study, trials, data_root, allow_pipe)
+    device = planning.pick_device(device)
     world_size = dist_ctx.world_size if dist_ctx is not None else 1
 
-    bind_run = functools.partial(bind_trial, infos=infos, device=device, world_size=world_size)
-    trials = [bind_run(t) for t in trials]
+    bind_run = functools.partial(planning.bind_trial, infos=infos, device=device, world_size=world_size)
+    trials = planning.bind_trials(trials, infos=infos, device=device, world_size=world_size)
     check_inits(study, trials, db_url)  # a bad pretrain.init ends here, before anything is written
     artifacts = Path(artifacts or db.artifacts_dir(db_url)).resolve()
     check_checkpoints(study, trials, infos, device, world_size, artifacts)  # likewise a checkpoint to resume
@@ -461,7 +354,8 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
             time.sleep(poll_s)  # another process runs this round's last trials: their results decide the next
         else:
             row = db.sync_study(engine, name=s.name, description=s.description, paper=s.paper, path=str(path),
-                                spec_text=study.text, spec_hash=study_hash(study), trials=trial_rows(study, trials))
+                                spec_text=study.text, spec_hash=planning.study_hash(study),
+                                trials=planning.trial_rows(study, trials))
             if rerun:
                 for ckpt in db.reset_trials(engine, row.id, [t.hash for t in new]):
                     Path(ckpt.path).unlink(missing_ok=True)

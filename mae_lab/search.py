@@ -39,9 +39,11 @@ from mae_lab import db
 from mae_lab.expand import Trial, bind, pretrain_hash, resolve, trial_hash
 from mae_lab.init_weights import check_inits
 from mae_lab.optuna_store import PRIOR, searched, storage
+from mae_lab.planning import pick_device, plan, resolve_data, run_context, study_hash
 from mae_lab.progress import PlainDisplay
-from mae_lab.runner import Pruned, pick_device, plan, resolve_data, run_context, run_trial, study_hash
-from mae_lab.spec import SearchParam, SearchSection, Study, StudyError, TrialSpec, get_dotted
+from mae_lab.runner import Pruned, run_trial
+from mae_lab.spec import Study, StudyError, TrialSpec, get_dotted
+from mae_lab.spec_tables import SearchParam, SearchSection
 
 OBJECTIVES = {"linear": "linear_top1", "finetune": "finetune_top1"}  # objective -> ResultRow column
 

@@ -2,18 +2,20 @@
 
 A study file is data: ``[study]``, ``[data]``, ``[model]``, ``[pretrain]``, ``[eval]`` and a ``[grid]`` (cartesian
 product over dotted keys) and/or ``[[cases]]`` (explicit points). Every error names the file, the dotted key and the
-reason. This module imports nothing else of mae-lab's: presets are resolved in ``expand.py``.
+reason. This module imports nothing else of mae-lab's but ``spec_tables`` (the ``[study]`` and ``[search]`` tables):
+presets are resolved in ``expand.py``.
 """
 from __future__ import annotations
 
 import difflib
 import math
-import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mae_lab.spec_tables import SearchSection, Strict, StudySection, TableError, check_search_table
 
 
 class StudyError(ValueError):
@@ -24,24 +26,10 @@ class StudyError(ValueError):
         super().__init__(f"{self.path}: {key}: {reason}" if key else f"{self.path}: {reason}")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-
-SEED_LIMIT = 2**32
-
-
-def check_seed(seed: int) -> int:
-    """A seed is an integer in [0, 2^32) (what every RNG we seed accepts); raise ValueError saying so."""
-    if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed {seed} is out of range: seeds are integers in [0, 2^32)")
-    return seed
-
-
 Augmentation = Literal["none", "fixed_crop", "random_resized_crop", "rrc_color_jitter"]
 
 
-class DataSpec(_Strict):
+class DataSpec(Strict):
     dataset: str | None = "digits"
     train: str | None = None
     val: str | None = None
@@ -75,7 +63,7 @@ class DataSpec(_Strict):
         return self
 
 
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     """A size preset plus overrides of any MAEConfig field; ``expand`` fills every field from the preset."""
 
     preset: str = "vit_digits"
@@ -100,7 +88,7 @@ class ModelSpec(_Strict):
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
-class PretrainSpec(_Strict):
+class PretrainSpec(Strict):
     epochs: int = Field(10, ge=0, description="0 keeps the random init (a baseline)")
     batch_size: int = Field(256, ge=1)
     accum_iter: int = Field(1, ge=1)
@@ -124,7 +112,7 @@ class PretrainSpec(_Strict):
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
-class LinearSpec(_Strict):
+class LinearSpec(Strict):
     enabled: bool = True
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(256, ge=1)
@@ -143,7 +131,7 @@ class LinearSpec(_Strict):
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
-class FinetuneSpec(_Strict):
+class FinetuneSpec(Strict):
     enabled: bool = True
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -170,12 +158,12 @@ class FinetuneSpec(_Strict):
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
-class EvalSpec(_Strict):
+class EvalSpec(Strict):
     linear: LinearSpec = LinearSpec()
     finetune: FinetuneSpec = FinetuneSpec()
 
 
-class TrialSpec(_Strict):
+class TrialSpec(Strict):
     """Everything that determines one trial's numbers. Frozen; hashed for the trial's identity."""
 
     seed: int = 0
@@ -201,116 +189,7 @@ def schedule_problem(spec: TrialSpec) -> tuple[str, str] | None:
     return None
 
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-MAX_SEEDS = 32  # the most seeds an adaptive study may give one point
-
-
-class SeedPlan(_Strict):
-    """Adaptive seeds, ``[study] seeds = { min = 2, max = 8, until = "decided", min_effect = 1.0 }``: every point
-    starts with seeds 0 .. min-1; after each round a point that is not decided gets the next seed (and the default
-    point with it, so that the pairs stay matched), until it is decided or has ``max`` (see ``adaptive.py``)."""
-
-    min: int = Field(2, ge=2, description="seeds every point gets first (2: the fewest with an interval)")
-    max: int = Field(8, ge=2, le=MAX_SEEDS, description=f"the most seeds a point gets (at most {MAX_SEEDS})")
-    until: Literal["decided"] = Field("decided", description="decided: the paired 95% interval of the difference "
-                                      "to the default excludes 0, or lies within +-min_effect")
-    min_effect: float = Field(gt=0, description="the smallest effect of interest, in top-1 points")
-    metrics: list[Literal["linear", "finetune"]] = Field(["linear"], min_length=1,
-                                                         description="the validation top-1s that must be decided")
-
-    @field_validator("min_effect", mode="before")
-    @classmethod
-    def _int_as_float(cls, v: Any) -> Any:
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
-
-    @field_validator("max")
-    @classmethod
-    def _at_least_min(cls, v: int, info: ValidationInfo) -> int:
-        if "min" in info.data and v < info.data["min"]:
-            raise ValueError(f"max {v} is below min {info.data['min']}")
-        return v
-
-
-class StudySection(_Strict):
-    name: str
-    description: str = ""
-    paper: str | None = Field(None, description="the paper table this study mirrors, e.g. '1a' or 'fig5'")
-    seeds: list[int] = Field([0], min_length=1, description="a list, or an adaptive table (SeedPlan): then the "
-                             "first round's seeds 0 .. min-1")
-    adaptive: SeedPlan | None = Field(None, description="set from a seeds table, never written in a study")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _seed_table(cls, data: Any) -> Any:
-        """``seeds = {...}`` -> ``adaptive`` (the plan) and ``seeds`` (its first round); errors keep the key
-        ``seeds.<field>``."""
-        if not isinstance(data, dict):
-            return data
-        if "adaptive" in data:
-            raise ValidationError.from_exception_data("StudySection", [
-                {"type": "value_error", "loc": ("adaptive",), "input": data["adaptive"], "ctx": {"error": ValueError(
-                    "unknown key (adaptive seeds are written seeds = { min, max, until, min_effect })")}}])
-        if not isinstance(data.get("seeds"), dict):
-            return data
-        try:
-            plan = SeedPlan.model_validate(data["seeds"])
-        except ValidationError as exc:
-            errors = []
-            for e in exc.errors():
-                if e["type"] == "extra_forbidden":  # name the table's own keys, not the study's
-                    e = {**e, "type": "value_error",
-                         "ctx": {"error": ValueError(f"unknown key (valid: {', '.join(SeedPlan.model_fields)})")}}
-                errors.append({"type": e["type"], "loc": ("seeds", *e["loc"]), "input": e["input"],
-                               **({"ctx": e["ctx"]} if "ctx" in e else {})})
-            raise ValidationError.from_exception_data("StudySection", errors) from None
-        return {**data, "seeds": list(range(plan.min)), "adaptive": plan}
-
-    @field_validator("name")
-    @classmethod
-    def _safe(cls, v: str) -> str:
-        if not SAFE_NAME.match(v) or ".." in v:
-            raise ValueError(f"{v!r} is not a safe name (letters, digits, '_', '-', '.'; at most 64)")
-        return v
-
-    @field_validator("seeds")
-    @classmethod
-    def _unique(cls, v: list[int]) -> list[int]:
-        if isinstance(v, list):
-            for seed in v:
-                check_seed(seed)
-            if len(set(v)) != len(v):
-                raise ValueError(f"duplicate seeds in {v}")
-        return v
-
-
-class SearchParam(_Strict):
-    """One searched dotted key: ``float`` (low, high, optional log or step), ``int`` (low, high, step, optional
-    log) or ``categorical`` (choices: strings, numbers or booleans)."""
-
-    type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = Field(None, gt=0)
-    choices: list[Any] | None = None
-
-
-class SearchSection(_Strict):
-    """An Optuna search over dotted keys of the trial spec (``mae-lab search``); see ``mae_lab/search.py``."""
-
-    space: dict[str, SearchParam] = Field(min_length=1)
-    objectives: list[Literal["linear", "finetune"]] = Field(["linear"], min_length=1, max_length=2,
-                                                            description="top-1 to maximize; two: a Pareto front")
-    sampler: Literal["tpe", "random", "cmaes", "grid"] = "tpe"
-    pruner: Literal["none", "median", "hyperband"] = Field(
-        "none", description="prunes on the kNN top-1 that pretraining reports every pretrain.probe_every epochs")
-    n_trials: int = Field(10, ge=1, description="searched trials in all (a rerun tops the study up to this)")
-    timeout_s: float | None = Field(None, gt=0, description="start no new trial after this many seconds")
-
-
-class StudyFile(_Strict):
+class StudyFile(Strict):
     """The whole TOML file, before expansion."""
 
     study: StudySection
@@ -452,73 +331,6 @@ def _points(path: str | Path, f: StudyFile, allow_large: bool) -> list[dict[str,
     return points
 
 
-def _check_search(path: str | Path, search: SearchSection, base: dict[str, Any]) -> None:
-    """The [search] table's structure: each parameter's fields, and what the sampler and pruner need. The values
-    themselves are checked against the trial schema when the study is expanded (``expand.check_search``)."""
-    for key, p in search.space.items():
-        where = f"search.space.{key}"
-        if key == "seed" or key.split(".")[0] not in TrialSpec.model_fields:
-            if key == "seed":
-                raise StudyError(path, where, "the seed is not searched: list the seeds in [study].seeds")
-            near = difflib.get_close_matches(key.split(".")[0], list(TrialSpec.model_fields), n=1)
-            hint = f" (did you mean '{near[0]}.…'?)" if near else " (keys start with data., model., pretrain., eval.)"
-            raise StudyError(path, where, f"unknown key{hint}")
-        if p.type == "categorical":
-            for name in ("low", "high", "step"):
-                if getattr(p, name) is not None:
-                    raise StudyError(path, f"{where}.{name}", f"'{name}' is for float and int parameters; a "
-                                     "categorical parameter has only choices")
-            if p.log:
-                raise StudyError(path, f"{where}.log", "a categorical parameter cannot be log-scaled")
-            if not p.choices:
-                raise StudyError(path, f"{where}.choices", "a categorical parameter needs a non-empty list of choices")
-            bad = next((c for c in p.choices if not isinstance(c, (str, int, float, bool))), None)
-            if bad is not None:
-                raise StudyError(path, f"{where}.choices", f"choices must be strings, numbers or booleans; got {bad!r}")
-            seen = [repr(c) for c in p.choices]
-            if len(set(seen)) != len(seen):
-                raise StudyError(path, f"{where}.choices", "duplicate choices")
-            continue
-        if p.choices is not None:
-            raise StudyError(path, f"{where}.choices", f"choices are for categorical parameters, not {p.type}")
-        for name in ("low", "high"):
-            if getattr(p, name) is None:
-                raise StudyError(path, f"{where}.{name}", f"required key is missing (a {p.type} parameter needs "
-                                 "low and high)")
-        if p.low > p.high:
-            raise StudyError(path, f"{where}.low", f"low {p.low:g} is above high {p.high:g}")
-        if p.log and p.low <= 0:
-            raise StudyError(path, f"{where}.low", f"a log-scaled parameter needs low > 0; got {p.low:g}")
-        if p.type == "int":
-            for name in ("low", "high", "step"):
-                v = getattr(p, name)
-                if v is not None and v != int(v):
-                    raise StudyError(path, f"{where}.{name}", f"an int parameter needs whole numbers; got {v:g}")
-            if p.log and p.step not in (None, 1):
-                raise StudyError(path, f"{where}.step", "an int parameter cannot be log-scaled with a step other "
-                                 "than 1")
-        elif p.log and p.step is not None:
-            raise StudyError(path, f"{where}.step", "a float parameter takes either log or step, not both")
-        if search.sampler == "grid" and p.type == "float" and p.step is None:
-            raise StudyError(path, f"{where}.step", "the grid sampler needs a step for a float parameter (or make "
-                             "it categorical)")
-    if len(set(search.objectives)) != len(search.objectives):
-        raise StudyError(path, "search.objectives", f"duplicate objective in {search.objectives}")
-    for obj in search.objectives:
-        enabled = (base.get("eval", {}).get(obj) or {}).get("enabled", True)
-        if not enabled and f"eval.{obj}.enabled" not in search.space:
-            raise StudyError(path, "search.objectives", f"objective '{obj}' needs eval.{obj}.enabled = true")
-    if search.sampler == "cmaes" and len(search.objectives) > 1:
-        raise StudyError(path, "search.sampler", "cmaes optimizes one objective; use tpe or random for two")
-    if search.pruner != "none":
-        if len(search.objectives) > 1:
-            raise StudyError(path, "search.pruner", "Optuna prunes single-objective searches only: use "
-                             "pruner = \"none\" with two objectives")
-        if not base.get("pretrain", {}).get("probe_every") and "pretrain.probe_every" not in search.space:
-            raise StudyError(path, "search.pruner", "a pruner needs an intermediate value: set pretrain.probe_every "
-                             "> 0 (a kNN top-1 every that many pretraining epochs)")
-
-
 def parse_study(text: str, path: str | Path = "<study>", *, allow_large_grid: bool = False) -> Study:
     """Parse and validate a study's TOML text; raise StudyError naming ``path`` and the key. A study of more than
     MAX_TRIALS trials is refused unless ``allow_large_grid``."""
@@ -542,7 +354,10 @@ def parse_study(text: str, path: str | Path = "<study>", *, allow_large_grid: bo
     base = {"data": f.data, "model": f.model, "pretrain": f.pretrain, "eval": f.eval}
     validate_trial(path, base)  # the base alone must be valid
     if f.search is not None:
-        _check_search(path, f.search, base)
+        try:
+            check_search_table(f.search, base, TrialSpec.model_fields)
+        except TableError as exc:
+            raise StudyError(path, exc.key, str(exc)) from None
     points = _points(path, f, allow_large_grid)
     # each value alone on the base (combinations are checked when the study is expanded): cheap for large grids
     for key, values in f.grid.items():

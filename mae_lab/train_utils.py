@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from mae_lab.precision import resolve_bf16
+
 
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
@@ -72,16 +74,8 @@ def seed_all(seed: int) -> None:
 
 
 def use_bf16(amp: str, device: torch.device, embed_dim: int) -> bool:
-    """Resolve ``pretrain.amp``. "auto" picks bf16 autocast where it pays: on CUDA cards with bf16, and on CPUs
-    with native bf16 (AVX512-BF16 / AMX) for encoders at least 192 wide. Measured on a Zen 5 core (MAE step, batch
-    128): bf16/fp32 = 0.86x at width 64, 1.11x at 128, 2.08x at 192, so narrower models stay fp32."""
-    if amp != "auto":
-        return amp == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return device.type == "cpu" and native and embed_dim >= 192
+    """Resolve ``pretrain.amp`` on ``device`` (`precision.resolve_bf16`, which says when bf16 pays)."""
+    return resolve_bf16(amp, device.type, embed_dim)
 
 
 def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:

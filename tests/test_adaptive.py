@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from mae_lab.adaptive import decide, is_decided, next_round, point_decisions
-from mae_lab.spec import SeedPlan, StudyError, parse_study
+from mae_lab.spec import StudyError, parse_study
+from mae_lab.spec_tables import SeedPlan
 
 PLAN = SeedPlan(min=2, max=8, min_effect=1.0)
 

@@ -32,7 +32,7 @@ def test_corpus_is_large_enough():
 def test_bad_study_is_refused(path: Path, workdir: Path):
     # a database with one study in it already: the refused run must not touch it
     from mae_lab import db
-    from mae_lab.runner import plan, trial_rows
+    from mae_lab.planning import plan, trial_rows
 
     (workdir / "good.toml").write_text(GOOD)
     study, trials = plan(workdir / "good.toml")

@@ -17,6 +17,8 @@ from PIL import Image
 from mae_lab import data as D
 from mae_lab.data import DataError
 from mae_lab.data import catalog as _catalog  # noqa: F401  (D.catalog, D.verify)
+from mae_lab.data import loading as L
+from mae_lab.data import transforms as T
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared/data"
 CIFAR = SHARED / "cifar10"
@@ -61,7 +63,7 @@ def labels_of(loader) -> list[int]:
 
 
 def tiny_eval():
-    return D.eval_transform(4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    return T.eval_transform(4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
 def _pack_digits_in(cache: str) -> None:
@@ -101,15 +103,15 @@ def test_digits_pack_survives_a_race(tmp_path):
 
 def test_digits_loader_yields_normalised_rgb_batches(tmp_path):
     info = D.resolve_dataset(cache_dir=tmp_path)
-    transform = D.pretrain_transform("random_resized_crop", 8, info.mean, info.std)
-    loader = D.make_loader(info.train, num_samples=info.num_train, transform=transform, batch_size=256, shuffle=True)
+    transform = T.pretrain_transform("random_resized_crop", 8, info.mean, info.std)
+    loader = L.make_loader(info.train, num_samples=info.num_train, transform=transform, batch_size=256, shuffle=True)
     batches = list(loader)
     assert len(batches) == len(loader) == 6
     x, y = batches[0]
     assert x.shape == (256, 3, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.long
     labels = torch.cat([y for _, y in batches])
     assert len(labels) == 1497 and set(labels.tolist()) == set(range(10))
-    val = D.make_loader(info.val, num_samples=info.num_val, transform=D.eval_transform(8, info.mean, info.std),
+    val = L.make_loader(info.val, num_samples=info.num_val, transform=T.eval_transform(8, info.mean, info.std),
                         batch_size=128, shuffle=False, drop_last=True)
     assert len(val) == 2 and [len(b) for b, _ in val] == [128, 128]
 
@@ -172,7 +174,7 @@ def test_an_epoch_covers_every_sample_exactly_once(tmp_path, counts, world_size,
     pattern, n = id_shards(tmp_path, counts)
     seen = []
     for rank in range(world_size):
-        loader = D.make_loader(pattern, num_samples=n, transform=tiny_eval(), batch_size=8, shuffle=shuffle, seed=3,
+        loader = L.make_loader(pattern, num_samples=n, transform=tiny_eval(), batch_size=8, shuffle=shuffle, seed=3,
                                epoch=1, num_workers=num_workers, rank=rank, world_size=world_size)
         got = labels_of(loader)
         assert len(got) == loader.num_samples
@@ -182,7 +184,7 @@ def test_an_epoch_covers_every_sample_exactly_once(tmp_path, counts, world_size,
 
 def test_drop_last_drops_only_the_final_partial_batch(tmp_path):
     pattern, n = id_shards(tmp_path, [13, 12, 12])  # 37 samples
-    loader = D.make_loader(pattern, num_samples=n, transform=tiny_eval(), batch_size=5, shuffle=True,
+    loader = L.make_loader(pattern, num_samples=n, transform=tiny_eval(), batch_size=5, shuffle=True,
                            num_workers=2, drop_last=True)
     batches = list(loader)
     assert len(batches) == len(loader) == 7 and all(len(y) == 5 for _, y in batches)
@@ -190,10 +192,10 @@ def test_drop_last_drops_only_the_final_partial_batch(tmp_path):
 
 def test_order_depends_on_seed_and_epoch_only(tmp_path):
     pattern, n = id_shards(tmp_path, [40, 40, 40])
-    transform = D.pretrain_transform("rrc_color_jitter", 4, (0.5,) * 3, (0.25,) * 3)
+    transform = T.pretrain_transform("rrc_color_jitter", 4, (0.5,) * 3, (0.25,) * 3)
 
     def epoch(epoch, seed=0, workers=0):
-        loader = D.make_loader(pattern, num_samples=n, transform=transform, batch_size=16, shuffle=True, seed=seed,
+        loader = L.make_loader(pattern, num_samples=n, transform=transform, batch_size=16, shuffle=True, seed=seed,
                                epoch=epoch, num_workers=workers)
         xs, ys = zip(*loader)
         return torch.cat(xs), torch.cat(ys).tolist()
@@ -204,17 +206,17 @@ def test_order_depends_on_seed_and_epoch_only(tmp_path):
     assert epoch(0)[1] == a
     assert epoch(1)[1] != a and epoch(0, seed=1)[1] != a
     assert epoch(2, workers=2)[1] == epoch(2)[1]  # loader workers do not change the order
-    unshuffled = D.make_loader(pattern, num_samples=n, transform=tiny_eval(), batch_size=16, shuffle=False)
+    unshuffled = L.make_loader(pattern, num_samples=n, transform=tiny_eval(), batch_size=16, shuffle=False)
     assert labels_of(unshuffled) == list(range(n))
 
 
 def test_a_wrong_sample_count_is_an_error(tmp_path):
     pattern, n = id_shards(tmp_path, [10, 10])
-    loader = D.make_loader(pattern, num_samples=n + 1, transform=tiny_eval(), batch_size=4, shuffle=False)
+    loader = L.make_loader(pattern, num_samples=n + 1, transform=tiny_eval(), batch_size=4, shuffle=False)
     with pytest.raises(DataError, match="expected 21 samples for this rank, read 20"):
         list(loader)
     with pytest.raises(DataError, match="num_samples is 21 but the shards hold 20"):
-        D.make_loader(pattern, num_samples=n + 1, transform=tiny_eval(), batch_size=4, shuffle=False, world_size=2)
+        L.make_loader(pattern, num_samples=n + 1, transform=tiny_eval(), batch_size=4, shuffle=False, world_size=2)
 
 
 # ------------------------------------------------------------------------------------------------------ in-memory
@@ -222,7 +224,7 @@ def test_a_wrong_sample_count_is_an_error(tmp_path):
 
 def test_in_memory_loader_matches_streaming(tmp_path):
     pattern, n = id_shards(tmp_path, [23, 20, 20])
-    images, labels = D.load_split(pattern)
+    images, labels = L.load_split(pattern)
     assert images.shape == (n, 3, 4, 4) and images.dtype == torch.uint8 and labels.tolist() == list(range(n))
     assert torch.equal(images[:, 0, 0, 0], (labels % 256).to(torch.uint8))
     for world_size, workers in ((1, 0), (2, 2)):
@@ -230,13 +232,13 @@ def test_in_memory_loader_matches_streaming(tmp_path):
         for rank in range(world_size):
             kw = dict(num_samples=n, transform=tiny_eval(), batch_size=8, shuffle=True, epoch=4, rank=rank,
                       world_size=world_size, num_workers=workers)
-            memory, stream = D.make_loader(pattern, in_memory=True, **kw), D.make_loader(pattern, **kw)
-            assert len(memory) == len(stream) and isinstance(memory, D.MemoryLoader)
+            memory, stream = L.make_loader(pattern, in_memory=True, **kw), L.make_loader(pattern, **kw)
+            assert len(memory) == len(stream) and isinstance(memory, L.MemoryLoader)
             got = labels_of(memory)
             assert len(got) == memory.num_samples
             seen += got
         assert sorted(seen) == list(range(n))
-    a, b = (labels_of(D.make_loader(pattern, num_samples=n, transform=tiny_eval(), batch_size=8, shuffle=True,
+    a, b = (labels_of(L.make_loader(pattern, num_samples=n, transform=tiny_eval(), batch_size=8, shuffle=True,
                                     epoch=e, in_memory=True)) for e in (0, 1))
     assert a != b and sorted(a) == sorted(b)
 
@@ -244,9 +246,9 @@ def test_in_memory_loader_matches_streaming(tmp_path):
 @needs_cifar
 def test_in_memory_cifar_gives_the_same_samples_as_streaming():
     pattern = str(CIFAR / "cifar10-test-{000000..000001}.tar")
-    transform = D.eval_transform(32, D.CIFAR10_MEAN, D.CIFAR10_STD)
+    transform = T.eval_transform(32, D.CIFAR10_MEAN, D.CIFAR10_STD)
     kw = dict(num_samples=10000, transform=transform, batch_size=500, shuffle=True)
-    stream, memory = D.make_loader(pattern, **kw), D.make_loader(pattern, in_memory=True, **kw)
+    stream, memory = L.make_loader(pattern, **kw), L.make_loader(pattern, in_memory=True, **kw)
     xs, ys = zip(*stream)
     xm, ym = zip(*memory)
     assert Counter(torch.cat(ys).tolist()) == Counter(torch.cat(ym).tolist()) == {c: 1000 for c in range(10)}
@@ -268,12 +270,12 @@ def test_patterns_matching_nothing_or_partly(tmp_path):
 def test_pipe_patterns_are_refused(tmp_path):
     for call in (lambda: D.expand_shards("pipe:cat x.tar"),
                  lambda: D.resolve_dataset(train="pipe:cat a.tar", val="pipe:cat b.tar", cache_dir=tmp_path),
-                 lambda: D.make_loader("pipe:cat a.tar", num_samples=1, transform=tiny_eval(), batch_size=1,
+                 lambda: L.make_loader("pipe:cat a.tar", num_samples=1, transform=tiny_eval(), batch_size=1,
                                        shuffle=False)):
         with pytest.raises(DataError, match="refusing shard pattern 'pipe:cat .*allow_pipe=True"):
             call()
     pattern, _ = id_shards(tmp_path, [3])
-    loader = D.make_loader(f"pipe:cat {pattern}", num_samples=3, transform=tiny_eval(), batch_size=2, shuffle=False,
+    loader = L.make_loader(f"pipe:cat {pattern}", num_samples=3, transform=tiny_eval(), batch_size=2, shuffle=False,
                            allow_pipe=True)
     assert labels_of(loader) == [0, 1, 2]
 
@@ -289,7 +291,7 @@ def test_pipe_patterns_are_refused(tmp_path):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_bad_samples_name_shard_and_key(tmp_path, members, message, workers):
     write_tar(tmp_path / "bad.tar", members)
-    loader = D.make_loader(str(tmp_path / "bad.tar"), num_samples=2, transform=tiny_eval(), batch_size=1,
+    loader = L.make_loader(str(tmp_path / "bad.tar"), num_samples=2, transform=tiny_eval(), batch_size=1,
                            shuffle=False, num_workers=workers)
     with pytest.raises(DataError, match=message) as err:
         list(loader)
@@ -302,37 +304,37 @@ def test_truncated_tar_at_a_member_boundary_is_an_error(tmp_path):
         end_of_a = next(m for m in tar.getmembers() if m.name == "a.cls").offset_data + 512
     path.write_bytes(path.read_bytes()[:end_of_a])
     with pytest.raises(DataError, match=r"cut.tar: sample 'a': truncated tar \(ends before the end-of-archive"):
-        list(D.make_loader(str(path), num_samples=2, transform=tiny_eval(), batch_size=4, shuffle=False))
+        list(L.make_loader(str(path), num_samples=2, transform=tiny_eval(), batch_size=4, shuffle=False))
 
 
 @needs_cifar
 def test_truncated_cifar_shard_names_shard_and_key(tmp_path):
     path = tmp_path / "cifar10-test-000000.tar"
     path.write_bytes((CIFAR / path.name).read_bytes()[:1_000_003])
-    loader = D.make_loader(str(path), num_samples=5000, transform=D.eval_transform(32, D.CIFAR10_MEAN, D.CIFAR10_STD),
+    loader = L.make_loader(str(path), num_samples=5000, transform=T.eval_transform(32, D.CIFAR10_MEAN, D.CIFAR10_STD),
                            batch_size=256, shuffle=False)
     with pytest.raises(DataError, match=r"^cifar10-test-000000.tar: sample 'test_\d+': truncated tar"):
         list(loader)
     with pytest.raises(DataError, match="cifar10-test-000000.tar: sample 'test_"):
-        D.load_split(str(path))
+        L.load_split(str(path))
 
 
 # ------------------------------------------------------------------------------------------------------- transforms
 
 
-@pytest.mark.parametrize("mode", D.AUGMENTATIONS)
+@pytest.mark.parametrize("mode", T.AUGMENTATIONS)
 @pytest.mark.parametrize("size", [8, 32])
 def test_pretrain_transforms_give_normalised_float_images(mode, size):
-    transform = D.pretrain_transform(mode, size, D.CIFAR10_MEAN, D.CIFAR10_STD)
+    transform = T.pretrain_transform(mode, size, D.CIFAR10_MEAN, D.CIFAR10_STD)
     x = transform(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8))
     assert x.shape == (3, size, size) and x.dtype == torch.float32
 
 
 def test_eval_transform_normalises_and_unknown_modes_fail():
-    x = D.eval_transform(4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(torch.full((3, 4, 4), 255, dtype=torch.uint8))
+    x = T.eval_transform(4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(torch.full((3, 4, 4), 255, dtype=torch.uint8))
     assert torch.allclose(x, torch.full((3, 4, 4), 2.0))
     with pytest.raises(DataError, match="unknown augmentation 'flip'"):
-        D.pretrain_transform("flip", 32, D.CIFAR10_MEAN, D.CIFAR10_STD)
+        T.pretrain_transform("flip", 32, D.CIFAR10_MEAN, D.CIFAR10_STD)
 
 
 # ------------------------------------------------------------------------------------------------- packing, fetching
@@ -363,7 +365,7 @@ def test_pack_imagefolder_round_trip(tmp_path):
     assert (info.name, info.classes, info.num_train, info.num_val) == ("out", ("cat", "dog"), 4, 2)
     got = {}
     for pattern in (info.train, info.val):
-        images, labels = D.load_split(pattern)
+        images, labels = L.load_split(pattern)
         got.update({int(im[0, 0, 0]): int(y) for im, y in zip(images, labels)})
     assert got == values
     with pytest.raises(DataError, match="already exists"):

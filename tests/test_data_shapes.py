@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from mae_lab import data as D
+from mae_lab.data import loading as L
+from mae_lab.data import transforms as T
 
 STUDY = """[study]
 name = "shape"
@@ -93,7 +95,7 @@ def test_labeled_shape_is_read_and_trained_on(workdir: Path, shape: str):
     train, val = write(workdir / "d", "train", shape, 30), write(workdir / "d", "val", shape, 10, offset=100)
     info = D.resolve_dataset(train=train, val=val, cache_dir=workdir / "c")
     assert (info.num_train, info.num_val, info.num_classes) == (30, 10, 2)
-    loader = D.make_loader(train, num_samples=30, transform=D.eval_transform(8, info.mean, info.std), batch_size=16,
+    loader = L.make_loader(train, num_samples=30, transform=T.eval_transform(8, info.mean, info.std), batch_size=16,
                            shuffle=False)
     batches = list(loader)
     assert [tuple(x.shape) for x, _ in batches] == [(16, 3, 8, 8), (14, 3, 8, 8)]
@@ -106,10 +108,10 @@ def test_labeled_shape_is_read_and_trained_on(workdir: Path, shape: str):
 def test_unlabeled_shards_pretrain_and_the_labeled_digits_probe(workdir: Path):
     shards = write(workdir / "u", "train", "unlabeled", 40)
     with pytest.raises(D.DataError, match=r"train-000000.tar: sample 's00000': missing label"):
-        list(D.make_loader(shards, num_samples=40, transform=D.eval_transform(8, D.IMAGENET_MEAN, D.IMAGENET_STD),
+        list(L.make_loader(shards, num_samples=40, transform=T.eval_transform(8, D.IMAGENET_MEAN, D.IMAGENET_STD),
                            batch_size=8, shuffle=False))
-    x, y = next(iter(D.make_loader(shards, num_samples=40, batch_size=8, shuffle=True, need_label=False,
-                                   transform=D.pretrain_transform("random_resized_crop", 8, D.IMAGENET_MEAN,
+    x, y = next(iter(L.make_loader(shards, num_samples=40, batch_size=8, shuffle=True, need_label=False,
+                                   transform=T.pretrain_transform("random_resized_crop", 8, D.IMAGENET_MEAN,
                                                                   D.IMAGENET_STD))))
     assert x.shape == (8, 3, 8, 8) and y.tolist() == [-1] * 8
     info = D.resolve_dataset("digits", cache_dir=None, pretrain_shards=shards)
@@ -140,11 +142,11 @@ def test_holdout_split_is_exact_disjoint_and_seeded(workdir: Path):
                    "test": {"samples": 10, "shards": "toy-test-{000000..000000}.tar"}}}))
     info = D.resolve_dataset("toy", data_root=workdir / "data", val_holdout=7, val_seed=3)
     assert (info.num_train, info.num_val, info.num_test) == (33, 7, 10)
-    tf = D.eval_transform(8, info.mean, info.std)
+    tf = T.eval_transform(8, info.mean, info.std)
     seen = {}
     for split in ("train", "val", "test"):
         pattern, n, subset = info.split(split)
-        loader = D.make_loader(pattern, num_samples=n, transform=tf, batch_size=5, shuffle=False, subset=subset)
+        loader = L.make_loader(pattern, num_samples=n, transform=tf, batch_size=5, shuffle=False, subset=subset)
         seen[split] = [int(y) for _, ys in loader for y in ys]
         assert len(seen[split]) == n
     again = D.resolve_dataset("toy", data_root=workdir / "data", val_holdout=7, val_seed=3)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from cli import app
 from mae_lab import db
 from mae_lab.export import trial_encoder
-from mae_lab.runner import plan, trial_rows
+from mae_lab.planning import plan, trial_rows
 
 STUDY = """
 [study]

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from cli import app
 from mae_lab.data import resolve_dataset, resolve_spec_data
 from mae_lab.expand import HASH_NEUTRAL, RunContext, _flatten, identity, pretrain_hash, trial_hash
-from mae_lab.runner import run_context
+from mae_lab.planning import run_context
 from mae_lab.spec import TrialSpec
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -127,3 +127,21 @@ def test_a_resume_across_an_incompatible_checkpoint_exits_2_naming_the_key(workd
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "s.toml" in lines[0] and "pretrain.base_lr" in lines[0], res.output
     assert dump_db(workdir / "db" / "mae_lab.db") == before
+
+
+def test_expanding_and_binding_many_trials_gives_each_trials_own_hashes():
+    """expand and bind_all encode a point's identity once for all its seeds; the hashes must be the ones `hashes`
+    and `bind` give trial by trial, including -0.0 (equal to 0.0, another JSON text) and a value that holds the
+    seed's stand-in."""
+    from mae_lab.expand import bind, bind_all, expand, hashes
+    from mae_lab.spec import parse_study
+
+    study = parse_study('[study]\nname = "many"\nseeds = [0, 7, 4294967295]\n[model]\npreset = "vit_digits"\n'
+                        '[grid]\n"model.mask_ratio" = [0.5, 0.75]\n"pretrain.weight_decay" = [0.0, -0.0, 0.05]\n'
+                        '"data.label_key" = ["label", "\\u0000seed\\u0000"]\n', "many.toml")
+    trials = expand(study)
+    assert len(trials) == 36 and len({t.hash for t in trials}) == 36
+    assert all((t.hash, t.pretrain_hash) == hashes(t.spec) for t in trials)
+    contexts = [RunContext(fingerprint="f", world_size=2, precision="bf16"), RunContext(precision="fp32")]
+    bound = bind_all(trials, lambda spec: contexts[spec.seed % 2])
+    assert bound == [bind(t, contexts[t.spec.seed % 2]) for t in trials]

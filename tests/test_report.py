@@ -18,12 +18,12 @@ from cli import app
 from mae_lab import db, paper
 from mae_lab.expand import expand
 from mae_lab.model import MaskedAutoencoder
+from mae_lab.planning import trial_rows
 from mae_lab.plots import SIZES, study_plots
 from mae_lab.presets import config_from_preset
 from mae_lab.recon import reconstruct
 from mae_lab.report import headline, summarize
 from mae_lab.report_format import render, render_text
-from mae_lab.runner import trial_rows
 from mae_lab.spec import parse_study
 
 DEPTH_STUDY = """# recorded by hand: a Table 1a study whose results are known exactly

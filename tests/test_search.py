@@ -108,8 +108,9 @@ def test_search_records_trials_and_a_rerun_trains_nothing(workdir: Path):
 def test_a_pruned_trial_keeps_what_it_measured(workdir: Path):
     """The runner side of pruning: the callback stops pretraining, the row is 'pruned' with its kNN and loss."""
     from mae_lab.data import resolve_dataset
+    from mae_lab.planning import plan, trial_rows
     from mae_lab.progress import PlainDisplay
-    from mae_lab.runner import Pruned, plan, run_trial, trial_rows
+    from mae_lab.runner import Pruned, run_trial
 
     (workdir / "g.toml").write_text('[study]\nname = "g"\n' + BASE.replace("epochs = 2\nbatch", "epochs = 3\nbatch"))
     study, trials = plan("g.toml")

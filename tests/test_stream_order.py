@@ -11,9 +11,11 @@ import torch
 from test_data import id_shards, png
 from test_train import make_spec
 
-from mae_lab import data as D
 from mae_lab.data import Subset, resolve_dataset
-from mae_lab.data.shards import read_sample_at, read_samples, sample_members
+from mae_lab.data import loading as L
+from mae_lab.data import transforms as T
+from mae_lab.data.shards import read_sample_at, sample_members
+from mae_lab.data.stream import read_samples
 from mae_lab.loaders import finetune_loader, pretrain_loader
 
 
@@ -64,10 +66,10 @@ def test_every_way_of_running_serves_the_same_batches(tmp_path, shuffle, source)
     pattern = local if source == "local" else f"pipe:cat {local}"
     skip = Subset(frozenset((f"ids-{s:03d}.tar", f"s{i:05d}") for s, i in ((0, 3), (2, 40), (3, 60))), keep=False)
     n -= 3
-    transform = D.pretrain_transform("rrc_color_jitter", 4, (0.5,) * 3, (0.25,) * 3)
+    transform = T.pretrain_transform("rrc_color_jitter", 4, (0.5,) * 3, (0.25,) * 3)
 
     def loader(workers=0, in_memory=False, rank=0, world_size=1, batch_size=12, pattern=pattern):
-        return D.make_loader(pattern, num_samples=n, transform=transform, batch_size=batch_size, shuffle=shuffle,
+        return L.make_loader(pattern, num_samples=n, transform=transform, batch_size=batch_size, shuffle=shuffle,
                              seed=5, epoch=3, num_workers=workers, in_memory=in_memory, rank=rank,
                              world_size=world_size, subset=skip, allow_pipe=True)
 
@@ -113,7 +115,7 @@ def test_reading_at_places_finds_what_streaming_reads(tmp_path, fmt):
                    for (k, m), (_, files) in zip(sample_members(shard), read_samples(shard)))
 
     def labels(pattern):
-        loader = D.make_loader(pattern, num_samples=9, transform=D.eval_transform(4, (0.5,) * 3, (0.25,) * 3),
+        loader = L.make_loader(pattern, num_samples=9, transform=T.eval_transform(4, (0.5,) * 3, (0.25,) * 3),
                                batch_size=4, shuffle=True, seed=1, allow_pipe=True)
         return torch.cat([y for _, y in loader]).tolist()
 

@@ -5,10 +5,12 @@ A dataset is a folder with `<name>-<split>-{000000..}.tar` shards (samples `{key
 shard, optional mean/std). `"digits"` (scikit-learn's bundled 8x8 digits) is packed into such a folder on first use,
 so everything runs offline.
 
-Modules, by job: `shards` (patterns, reading samples, labels, decoding), `transforms`, `loading` (streams,
-ShardLoader, the in-memory loader), `catalog` (dataset.json, splits, resolve), `verify` (checksums, up-front
-checks, summaries), `pack` (writing shards), `digits` (the embedded dataset). This package re-exports their public
-names.
+Modules, by job: `shards` (patterns, header scans, labels, a standard-library reader for checks), `stream`
+(webdataset's reader and torchvision's decoder, for training), `transforms`, `loading` (streams, ShardLoader, the
+in-memory loader), `catalog` (dataset.json, splits, resolve), `verify` (checksums, up-front checks, summaries),
+`pack` (writing shards), `digits` (the embedded dataset). This package re-exports the public names of the modules
+that import no torch; code that trains imports `mae_lab.data.loading` and `mae_lab.data.transforms` itself (so
+resolving and checking data, as `mae-lab validate` does, imports no torch).
 """
 
 from mae_lab.data.catalog import (
@@ -22,14 +24,10 @@ from mae_lab.data.catalog import (
                                   verify_dataset,
 )
 from mae_lab.data.digits import DIGITS_NUM_VAL, DIGITS_SEED
-from mae_lab.data.loading import MemoryLoader, ShardLoader, first_samples, load_split, make_loader
 from mae_lab.data.pack import DOWNLOADABLE, get_dataset, pack_imagefolder
 from mae_lab.data.shards import IMAGE_EXTS, DataError, Subset, expand_shards
-from mae_lab.data.transforms import AUGMENTATIONS, ImageTransform, eval_transform, pretrain_transform
 from mae_lab.data.verify import dataset_info, verify_split
 
-__all__ = ["AUGMENTATIONS", "CIFAR10_MEAN", "CIFAR10_STD", "DIGITS_NUM_VAL", "DIGITS_SEED", "DOWNLOADABLE",
-           "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTS", "DataError", "DatasetInfo", "ImageTransform",
-           "ShardLoader", "Subset", "dataset_info", "eval_transform", "expand_shards", "first_samples", "get_dataset",
-           "load_split", "make_loader", "MemoryLoader", "pack_imagefolder", "pretrain_transform", "resolve_dataset",
-           "resolve_spec_data", "verify_dataset", "verify_split"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "DIGITS_NUM_VAL", "DIGITS_SEED", "DOWNLOADABLE", "IMAGENET_MEAN",
+           "IMAGENET_STD", "IMAGE_EXTS", "DataError", "DatasetInfo", "Subset", "dataset_info", "expand_shards",
+           "get_dataset", "pack_imagefolder", "resolve_dataset", "resolve_spec_data", "verify_dataset", "verify_split"]

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mae_lab import rng
+from mae_lab import rng_streams
 from mae_lab.atomic import write_atomic
 from mae_lab.data.digits import _pack_digits, _pack_digits_unlabeled
 from mae_lab.data.pack import _data_root
-from mae_lab.data.shards import DataError, Subset, _image_size, _is_local, expand_shards, read_samples, shard_keys
+from mae_lab.data.shards import DataError, Subset, _image_size, _is_local, expand_shards, iter_samples, shard_keys
 from mae_lab.data.verify import cache_root, scan, shard_sha256, verify_split
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -117,7 +117,7 @@ def holdout_keys(pattern: str, count: int | None, seed: int, *, allow_pipe: bool
     if not 0 < count < n:
         raise DataError(f"data.val_holdout = {count} must be at least 1 and below the {n} samples of the training "
                         f"split {os.path.basename(pattern)}", key="data.val_holdout")
-    picked = rng.numpy_rng(seed, "holdout").choice(n, size=count, replace=False)  # (count,) sample indices
+    picked = rng_streams.numpy_rng(seed, "holdout").choice(n, size=count, replace=False)  # (count,) sample indices
     return frozenset(keys[i] for i in picked), n
 
 
@@ -178,7 +178,7 @@ def _json_beside(pattern: str) -> tuple[dict, str] | None:
 
 def _first_image_size(pattern: str, *, allow_pipe: bool) -> tuple[int, int]:
     shard = expand_shards(pattern, allow_pipe=allow_pipe)[0]
-    for key, files in read_samples(shard):
+    for key, files in iter_samples(shard):
         return _image_size(shard, key, files)
     raise DataError(f"{os.path.basename(shard)}: shard holds no samples")
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mae_lab.data.loading import _rng
 from mae_lab.data.pack import _pixel_stats, _png, _write_dataset, pack_imagefolder
-from mae_lab.data.shards import DataError, expand_shards, read_samples
+from mae_lab.data.shards import DataError, expand_shards, iter_samples
+from mae_lab.rng_streams import plain_numpy_rng
 
 DIGITS_NUM_VAL, DIGITS_SEED = 300, 0  # fixed split of sklearn's 1,797 digits: 1,497 train / 300 val
 # The cache folder: "-v2" since the shards are written by webdataset's TarWriter (another member order than the
@@ -29,7 +29,7 @@ def _pack_digits(cache: Path) -> Path:
 
     digits = load_digits()
     images = np.rint(digits.images * (255 / 16)).astype(np.uint8)  # (1797, 8, 8), 0..16 -> 0..255
-    order = _rng(DIGITS_SEED).permutation(len(images))
+    order = plain_numpy_rng(DIGITS_SEED).permutation(len(images))
     splits = {"train": order[DIGITS_NUM_VAL:], "val": order[:DIGITS_NUM_VAL]}
     mean, std = _pixel_stats([np.repeat(images[splits["train"]][..., None], 3, axis=-1)])
     try:
@@ -50,7 +50,7 @@ def export_images(folder: str | Path, *, cache: str | Path | None = None) -> int
     folder.mkdir(parents=True, exist_ok=True)
     n = 0
     for shard in expand_shards(str(pattern)):
-        for key, files in read_samples(shard):
+        for key, files in iter_samples(shard):
             (folder / f"{key}.png").write_bytes(files["png"])
             n += 1
     return n

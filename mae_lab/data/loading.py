@@ -20,23 +20,9 @@ import torch
 from torch import Tensor
 
 from mae_lab import rng
-from mae_lab.data.shards import (
-    DataError,
-    Subset,
-    _decode,
-    check_end,
-    expand_shards,
-    read_sample_at,
-    read_samples,
-    sample_members,
-    shard_keys,
-)
+from mae_lab.data.shards import DataError, Subset, check_end, expand_shards, read_sample_at, sample_members, shard_keys
+from mae_lab.data.stream import _decode, read_samples
 from mae_lab.data.transforms import ImageTransform
-
-
-def _rng(*seeds: int) -> np.random.Generator:
-    """numpy Generator on plain integer seeds (the embedded digits' fixed split uses it; it must not change)."""
-    return np.random.default_rng([int(s) for s in seeds])
 
 
 def _rank_share(n: int, rank: int, world_size: int) -> int:

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 
-from mae_lab.data.loading import _rng
 from mae_lab.data.shards import DataError, _pil_exts
 from mae_lab.data.verify import file_sha256
+from mae_lab.rng_streams import plain_numpy_rng
 
 DOWNLOADABLE = ("cifar10", "cifar100")
 Progress = Callable[[int, int], None]  # (samples written, samples in all)
@@ -47,6 +46,9 @@ def _atomic_dir(out: Path):
 def _write_split(folder: Path, prefix: str, split: str, samples: list, shard_size: int,
                  read: Callable[[Any], tuple[str, bytes]], progress: Callable[[], None]) -> tuple[dict, dict]:
     """Write (source, label or None) samples as `prefix-split-NNNNNN.tar`; `read(source)` gives (ext, bytes)."""
+    import webdataset as wds  # here, not at the top: webdataset imports torch, and resolving data (which reaches
+    # this module for the digits' folder) must not; only writing shards needs it
+
     pattern = str(folder / f"{prefix}-{split}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=shard_size, maxsize=float("inf"), verbose=0, encoder=False, mtime=0,
                          user="", group="", mode=0o644) as sink:
@@ -169,7 +171,7 @@ def pack_imagefolder(src: Path, out: Path, *, shard_size: int = 5000, name: str 
         raise DataError(f"{src}: no such folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out} already exists and is not empty; remove it or pick another output folder")
-    classes, splits = _layout(src, val_fraction, _rng(seed))
+    classes, splits = _layout(src, val_fraction, plain_numpy_rng(seed))
     if not splits["train"]:
         raise DataError(f"{src}: no images found (expected image files, class folders of them, or train/<class>/)")
     sizes: Counter[tuple[int, int]] = Counter()
@@ -217,7 +219,7 @@ def get_dataset(name: str, data_root: str | Path | None = None) -> Path:
                             f"dataset.json into {out}") from None
         data = {split: ds.data for split, ds in parts.items()}  # uint8 (N, 32, 32, 3)
         mean, std = _pixel_stats(data["train"][i : i + 5000] for i in range(0, len(data["train"]), 5000))
-        rng = _rng(0)  # shuffled once, so every shard mixes all classes
+        rng = plain_numpy_rng(0)  # shuffled once, so every shard mixes all classes
         splits = {split: [((split, int(i)), int(ds.targets[i])) for i in rng.permutation(len(ds.targets))]
                   for split, ds in parts.items()}
         try:

@@ -1,10 +1,13 @@
-"""Shard patterns and reading samples: brace expansion, webdataset's tar reader, labels and image decoding.
+"""Shard patterns and what can be known of shards without torch: brace expansion, tar header scans, labels, image
+headers, and a standard-library sample reader for checking data before a run.
 
-Samples are read by webdataset's own pipeline (`url_opener`-style stream -> `tar_file_expander` -> `group_by_keys`,
-which handles .tar, .tar.gz and .tgz). What it lacks, kept here and small: a `handler` that turns every failure
-into one DataError line naming the shard and the sample key (webdataset's exceptions carry neither reliably), and
-a header-only scan of local shards (`shard_keys`) that catches a shard cut at a member boundary, which a streaming
-tar reader takes for a normal end.
+The loader reads samples with webdataset's pipeline (`stream.py`, which imports torch through webdataset). What
+checking data before a run needs is here, importing neither, so that `mae-lab validate` and `run --dry-run` stay
+torch-free: a header-only scan of local shards (`shard_keys`) that catches a shard cut at a member boundary, which
+a streaming tar reader takes for a normal end; `iter_samples`, which reads a local uncompressed .tar at the places
+its headers give (as the loader's indexed path does) and streams any other shard through `tarfile`, grouped by key
+as webdataset groups; and `decode_pil`, PIL's decoding, which the loader falls back to where torchvision's decoder
+refuses an image (so an image PIL decodes is one the loader decodes).
 """
 
 from __future__ import annotations
@@ -14,19 +17,15 @@ import io
 import json
 import os
 import re
+import subprocess
 import tarfile
-import warnings
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import braceexpand
 import numpy as np
-import torch
-import webdataset as wds
-from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # tried first, in this order; then any other extension PIL decodes
 COMPRESSED = (".tar.gz", ".tgz")
@@ -51,6 +50,19 @@ class Subset:
 
     def admits(self, shard: str, key: str) -> bool:
         return ((os.path.basename(shard), key) in self.keys) == self.keep
+
+
+def base_plus_ext(path: str) -> tuple[str, str] | tuple[None, None]:
+    """(key, extensions) of a member name, as webdataset's `tariterators.base_plus_ext` splits it (copied: importing
+    any part of webdataset imports torch)."""
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", path)
+    return (match.group(1), match.group(2)) if match else (None, None)
+
+
+def _is_meta(name: str) -> bool:
+    """Member names webdataset's reader skips (`__key__`-style metadata)."""
+    meta = "/" not in name and name.startswith("__") and name.endswith("__")
+    return meta or bool(re.match(r"__[^/]*__($|/)", name))
 
 
 # ----------------------------------------------------------------------------------------------------------- patterns
@@ -90,55 +102,9 @@ def expand_shards(pattern: str, *, allow_pipe: bool = False) -> list[str]:
 # ------------------------------------------------------------------------------------------------------ reading shards
 
 
-def _open_shard(shard: str) -> BinaryIO:
-    """Open a local path, http(s) URL or (already allowed) pipe: command for streaming reads."""
-    try:
-        if _is_url(shard):
-            import urllib.request  # stdlib; webdataset's gopen would need curl for http
-
-            return urllib.request.urlopen(shard, timeout=60)  # noqa: S310 - http(s) only, checked above
-        if shard.startswith("pipe:"):
-            return wds.gopen(shard, "rb")
-        return open(shard, "rb", buffering=1 << 20)
-    except OSError as e:
-        raise DataError(f"{os.path.basename(shard)}: cannot open shard ({e})") from None
-
-
 def _why(exn: BaseException) -> str:
     text = str(exn.args[0]) if exn.args else type(exn).__name__
     return re.sub(r"\s*@ <.*$|\s*<_io\.\w+ object at 0x[0-9a-f]+>", "", text.splitlines()[0] if text else "")
-
-
-def read_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {ext: bytes}) for each sample of a shard, read by webdataset; any failure is one DataError."""
-    name = os.path.basename(shard)
-    member: list[str | None] = [None]  # the member being read: select_files notes it before reading its data
-
-    def note(fname: str) -> bool:
-        member[0] = fname
-        return True
-
-    def handler(exn: BaseException) -> bool:
-        if isinstance(exn, DataError):  # already ours (tar_file_expander hands on what an inner handler raised)
-            raise exn
-        where = f"{name}: sample {base_plus_ext(member[0])[0]!r}" if member[0] else name
-        why = _why(exn)
-        if member[0] is None and isinstance(exn, tarfile.ReadError):
-            raise DataError(f"{name}: not a tar archive ({why})")
-        if isinstance(exn, (EOFError, tarfile.ReadError)) and ("end" in why or isinstance(exn, EOFError)):
-            raise DataError(f"{where}: truncated tar (ends inside {member[0]!r})")
-        if "duplicate file name" in why:
-            raise DataError(f"{where}: duplicate file {why.split(':')[0]!r}")
-        raise DataError(f"{where}: unreadable shard ({type(exn).__name__}: {why})")
-
-    stream = _open_shard(shard)
-    try:
-        files = tar_file_expander([{"url": shard, "stream": stream}], handler=handler, select_files=note)
-        for sample in group_by_keys(files, handler=handler):
-            key = sample.pop("__key__")
-            yield key, {k: v for k, v in sample.items() if not k.startswith("__")}
-    finally:
-        stream.close()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -226,10 +192,10 @@ def _members_of_local_tar(path: str, size: int, mtime_ns: int) -> tuple[tuple[st
         return None
     samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
     for name, offset, length in headers:
-        if ("/" not in name and name.startswith("__") and name.endswith("__")) or re.match(r"__[^/]*__($|/)", name):
+        if _is_meta(name):
             continue
         key, ext = base_plus_ext(name)
-        if key is None:
+        if key is None or ext is None:
             continue
         if offset + length > size:
             return None
@@ -279,6 +245,69 @@ def _shard_count(shard: str) -> int | None:
     """Samples in a shard if it is a local file (header scan), else None."""
     keys = shard_keys(shard)
     return None if keys is None else len(keys)
+
+
+def _open_stream(shard: str) -> IO[bytes]:
+    """A local path, http(s) URL or (already allowed) pipe: command, opened for one streaming read."""
+    try:
+        if _is_url(shard):
+            return urllib.request.urlopen(shard, timeout=60)  # noqa: S310 - http(s) only, checked by expand_shards
+        if shard.startswith("pipe:"):
+            proc = subprocess.Popen(shard[5:], shell=True, stdout=subprocess.PIPE)  # noqa: S602 - allow_pipe asked
+            assert proc.stdout is not None
+            return proc.stdout
+        return open(shard, "rb", buffering=1 << 20)
+    except OSError as e:
+        raise DataError(f"{os.path.basename(shard)}: cannot open shard ({e})") from None
+
+
+def iter_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) for each sample of a shard with the standard library; any failure is one
+    DataError naming the shard (and the sample). Local uncompressed tars whose headers parse are read where
+    `sample_members` found their files; every other shard streams through tarfile."""
+    members = sample_members(shard) if _is_local(shard) and os.path.isfile(shard) else None
+    if members is not None:
+        with open(shard, "rb") as f:
+            for sample, where in members:
+                yield sample, read_sample_at(shard, f, sample, where)
+        return
+    name, member = os.path.basename(shard), None
+    key: str | None = None
+    files: dict[str, bytes] = {}
+    stream = _open_stream(shard)
+    try:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*")
+        except (tarfile.ReadError, EOFError, OSError) as e:
+            raise DataError(f"{name}: not a tar archive ({_why(e)})") from None
+        try:
+            for m in tar:
+                member = m.name
+                if not m.isreg() or _is_meta(m.name):
+                    continue
+                k, ext = base_plus_ext(m.name)
+                if k is None or ext is None:
+                    continue
+                data = tar.extractfile(m).read()  # type: ignore[union-attr]  # a regular member has a file
+                tar.members = []  # type: ignore[attr-defined]  # a stream keeps no index (as webdataset does)
+                if k != key:
+                    if key is not None:
+                        yield key, files
+                    key, files = k, {}
+                if ext.lower() in files:
+                    raise DataError(f"{name}: sample {key!r}: duplicate file {m.name!r}")
+                files[ext.lower()] = data
+        except (tarfile.ReadError, EOFError, OSError) as e:
+            if member is None:
+                raise DataError(f"{name}: not a tar archive ({_why(e)})") from None
+            at = f"{name}: sample {base_plus_ext(member)[0]!r}"
+            if isinstance(e, EOFError) or "end" in _why(e):
+                raise DataError(f"{at}: truncated tar (ends inside {member!r})") from None
+            raise DataError(f"{at}: unreadable shard ({type(e).__name__}: {_why(e)})") from None
+        if key is not None:
+            yield key, files
+    finally:
+        stream.close()
 
 
 # ---------------------------------------------------------------------------------------------- labels and decoding
@@ -335,25 +364,18 @@ def _undecodable(shard: str, key: str, e: Exception) -> DataError:
     return DataError(f"{os.path.basename(shard)}: sample {key!r}: image could not be decoded ({why})")
 
 
-def _decode(shard: str, key: str, files: dict[str, bytes], *, label_key: str = "label",
-            need_label: bool = True) -> tuple[Tensor, int]:
-    """Raw sample -> (uint8 image (3, H, W) in RGB, label; -1 when missing and not needed)."""
+def decode_pil(shard: str, key: str, files: dict[str, bytes], *, label_key: str = "label",
+               need_label: bool = True) -> tuple[np.ndarray, int]:
+    """Raw sample -> (uint8 image (H, W, 3) in RGB, label; -1 when missing and not needed), decoded by PIL."""
     from PIL import Image
 
     label, data = _label(shard, key, files, label_key=label_key, required=need_label), _image_bytes(shard, key, files)
-    try:  # torchvision's decoder first (3-4x faster than PIL on small JPEGs; the same pixels), else PIL
-        with warnings.catch_warnings():  # it warns on every call that torchcodec will replace it; not a dependency
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB), label
-    except Exception:  # a format or mode it does not take (16-bit PNG, BMP, ...), or bad data: PIL decides
-        pass
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            arr = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # (H, W, 3): gray, RGBA, palette -> RGB
+            return np.array(im if im.mode == "RGB" else im.convert("RGB")), label  # gray, RGBA, palette -> RGB
     except Exception as e:  # PIL raises many types for bad data
         raise _undecodable(shard, key, e) from None
-    return torch.from_numpy(arr).permute(2, 0, 1), label
 
 
 def _image_size(shard: str, key: str, files: dict[str, bytes]) -> tuple[int, int]:

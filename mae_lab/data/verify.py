@@ -11,12 +11,12 @@ from pathlib import Path
 
 from mae_lab.data.shards import (
     DataError,
-    _decode,
     _image_size,
     _is_local,
     _label,
+    decode_pil,
     expand_shards,
-    read_samples,
+    iter_samples,
     shard_keys,
 )
 
@@ -74,8 +74,8 @@ def verify_split(pattern: str, expected: int | None = None, *, num_classes: int 
                 raise DataError(f"{name}: checksum mismatch (sha256 {got[:12]}..., dataset.json says {want[:12]}...)")
             shard_keys(shard)  # a shard cut at a member boundary
         n = 0
-        for key, files in read_samples(shard):
-            _, label = _decode(shard, key, files, label_key=label_key, need_label=need_label)
+        for key, files in iter_samples(shard):
+            _, label = decode_pil(shard, key, files, label_key=label_key, need_label=need_label)
             if num_classes is not None and label >= num_classes:
                 raise DataError(f"{name}: sample {key!r}: label {label} is out of range for {num_classes} classes")
             n += 1
@@ -99,7 +99,7 @@ def scan(shards: list[str], *, label_key: str = "label") -> dict:
     for shard in shards:
         shard_keys(shard)
         n = 0
-        for key, files in read_samples(shard):
+        for key, files in iter_samples(shard):
             label = _label(shard, key, files, label_key=label_key, required=False)
             if label < 0:
                 unlabeled += 1
