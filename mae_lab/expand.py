@@ -93,10 +93,10 @@ def identity(spec: TrialSpec, ctx: RunContext = RunContext()) -> dict[str, Any]:
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+        if type(v) is dict:
+            out.update(_flatten(v, prefix + k + "."))
         else:
-            out[f"{prefix}{k}"] = v
+            out[prefix + k] = v
     return out
 
 
@@ -127,10 +127,21 @@ _SEED_MARK = "\x00seed\x00"  # stands for the seed while a point's identity is e
 def _seed_digests(flat: dict[str, Any]) -> Callable[[int], tuple[str, str]]:
     """For one identity: seed -> (trial hash, pretrain hash) of the identity with that seed, as `hashes` gives
     them. The rest is encoded once (a large grid's points have several seeds each): a seed's JSON text is its
-    decimal digits, put where the mark's text is in ``json.dumps(sort_keys=True)``'s output."""
+    decimal digits, put where the mark's text is in ``json.dumps(sort_keys=True)``'s output. The pretraining keys
+    are encoded once for both hashes: in sorted order the other (eval) keys form one run, so each text is the
+    pieces before, in and after that run, joined."""
+    marked = {**flat, "seed": _SEED_MARK}
+    order = sorted(marked)
+    ours = [k.partition(".")[0] in PRETRAIN_SECTIONS for k in order]
+    first = ours.index(False) if False in ours else len(order)
+    end = first + ours[first:].count(False)
+    if not all(ours[end:]):  # the eval keys are not one run: encode each seed whole
+        return lambda seed: hashes_of({**flat, "seed": seed})
+    pieces = [json.dumps({k: marked[k] for k in part}, sort_keys=True, separators=(",", ":"))[1:-1]
+              for part in (order[:first], order[first:end], order[end:])]
     texts = []
-    for part in (flat, _pretrain_part(flat)):
-        text = json.dumps({**part, "seed": _SEED_MARK}, sort_keys=True, separators=(",", ":"))
+    for kept in (pieces, [pieces[0], pieces[2]]):
+        text = "{" + ",".join(p for p in kept if p) + "}"
         head, mark, tail = text.partition(json.dumps(_SEED_MARK))
         if not mark or json.dumps(_SEED_MARK) in tail:  # a value holds the mark's text: encode each seed whole
             return lambda seed: hashes_of({**flat, "seed": seed})
