@@ -117,7 +117,7 @@ def test_official_checkpoint_at_another_size_beats_random_init(workdir, digits_c
     """Weights trained at 8 px, saved as an official full (visualization) checkpoint, start a 16 px study: its
     probe beats the random init's; its fine-tuning runs at 24 px, an image size of its own."""
     info = resolve_dataset("digits", cache_dir=digits_cache)
-    src_spec = spec_of(study_text("src", finetune="{ epochs = 8, batch_size = 64, warmup_epochs = 1, drop_path = 0.0, "
+    src_spec = spec_of(study_text("src", finetune="{ epochs = 30, batch_size = 64, warmup_epochs = 1, drop_path = 0.0, "
                                               "base_lr = 1e-2, layer_decay = 0.9, min_crop_scale = 0.6, flip = false, "
                                               "label_smoothing = 0.0, global_pool = \"token\" }"))
     torch.manual_seed(0)
@@ -133,7 +133,7 @@ def test_official_checkpoint_at_another_size_beats_random_init(workdir, digits_c
         assert res.exit_code == 0, res.output
     db = workdir / "db" / "mae_lab.db"
     random_top1, released_top1 = _top1(db, "random"), _top1(db, "released")
-    assert released_top1 > random_top1 + 0.02, (released_top1, random_top1)  # measured: 0.933 vs 0.897
+    assert released_top1 > random_top1 + 0.04, (released_top1, random_top1)  # measured: 0.970 vs 0.880
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT count(*) FROM mae_results WHERE finetune_top1 IS NOT NULL").fetchone()[0] == 2
 
