@@ -6,7 +6,6 @@ medians, so a shared, loaded machine slows all of them alike and the ratios stay
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,22 +21,14 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/X.py` from a checkout
 CIFAR10 = Path(os.environ.get("MAE_LAB_DATA", ROOT.parent / "shared" / "data")) / "cifar10"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> str:
     """One line: CPU model, cores, torch threads, torch version, load average (other processes on the machine)."""
+    from mae_lab.runner import device_name
+
     load = "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-            f"{gpu}, load average {load}")
+    return (f"{device_name('cpu')}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads){gpu}, load average {load}")
 
 
 def interleaved(fns: dict[str, Callable[[], object]], *, rounds: int, reps: int = 1,

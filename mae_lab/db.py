@@ -472,6 +472,18 @@ def _pid_alive(pid: str) -> bool:
     return True
 
 
+def _take_first(s: Session, stmt) -> TrialRow | None:
+    """Claim the first row `stmt` selects, inside the caller's transaction; None when it selects none."""
+    if s.bind.dialect.name == "postgresql":  # SQLite is serialized by BEGIN IMMEDIATE instead
+        stmt = stmt.with_for_update(skip_locked=True)
+    row = s.exec(stmt).first()
+    if row is None:
+        return None
+    _take(row)
+    s.add(row)
+    return row
+
+
 def claim_next(engine: Engine, study_id: int, *, stale_after_s: float = STALE_AFTER_S,
                skip: set[int] = frozenset()) -> TrialRow | None:
     """Claim the next runnable trial of the study (in study order): one row per transaction, chosen in SQL with
@@ -482,14 +494,7 @@ def claim_next(engine: Engine, study_id: int, *, stale_after_s: float = STALE_AF
                 .where(TrialRow.study_id == study_id, TrialRow.active == True,  # noqa: E712
                        _runnable(stale_after_s), TrialRow.id.notin_(sorted(skip)))
                 .order_by(TrialRow.position, TrialRow.id).limit(1))
-        if s.bind.dialect.name == "postgresql":  # SQLite is serialized by BEGIN IMMEDIATE instead
-            stmt = stmt.with_for_update(skip_locked=True)
-        row = s.exec(stmt).first()
-        if row is None:
-            return None
-        _take(row)
-        s.add(row)
-        return row
+        return _take_first(s, stmt)
 
 
 def has_runnable(engine: Engine, study_id: int, *, stale_after_s: float = STALE_AFTER_S,
@@ -510,14 +515,7 @@ def claim_trial(engine: Engine, trial_id: int, *, stale_after_s: float = STALE_A
     with transaction(engine) as s:
         stmt = select(TrialRow).where(TrialRow.id == trial_id,
                                       or_(_runnable(stale_after_s), TrialRow.status.in_(["failed", "diverged"])))
-        if s.bind.dialect.name == "postgresql":
-            stmt = stmt.with_for_update(skip_locked=True)
-        row = s.exec(stmt).first()
-        if row is None:
-            return None
-        _take(row)
-        s.add(row)
-        return row
+        return _take_first(s, stmt)
 
 
 def is_stale(row: TrialRow, stale_after_s: float = STALE_AFTER_S) -> bool:

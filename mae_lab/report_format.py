@@ -28,17 +28,22 @@ def fmt_stat(s: Stat) -> str:
     return f"{s.mean:.1f} ± {s.std:.1f} (n={s.n})"
 
 
-def fmt_diff(row: Row, attr: str) -> str:
+def _diff(row: Row, attr: str, *, num: Callable[[float], str], none: str, noise: str, welch: str) -> str:
+    """A row's difference from the default, its numbers written by `num` (plain text or LaTeX)."""
     d: Interval | None = getattr(row, f"{attr}_diff")
     if row.is_default:
         return "default"
     if d is None:
-        return "-"
+        return none
     if d.low is None:
-        return f"{d.delta:+.1f} ({d.note})"
-    mark = f" {NOISE_MARK}" if d.within_noise else ""
-    kind = " Welch" if d.kind == "welch" else ""  # fewer than 2 seeds shared with the default
-    return f"{d.delta:+.1f} [{d.low:+.1f}, {d.high:+.1f}]{mark}{kind}"
+        return f"{num(d.delta)} ({d.note})"
+    mark = noise if d.within_noise else ""
+    kind = welch if d.kind == "welch" else ""  # fewer than 2 seeds shared with the default
+    return f"{num(d.delta)} [{num(d.low)}, {num(d.high)}]{mark}{kind}"
+
+
+def fmt_diff(row: Row, attr: str) -> str:
+    return _diff(row, attr, num="{:+.1f}".format, none="-", noise=f" {NOISE_MARK}", welch=" Welch")
 
 
 def fmt_welch(row: Row, attr: str) -> str:
@@ -288,16 +293,7 @@ def _tex_stat(s: Stat) -> str:
 
 
 def _tex_diff(row: Row, attr: str) -> str:
-    d: Interval | None = getattr(row, f"{attr}_diff")
-    if row.is_default:
-        return "default"
-    if d is None:
-        return "--"
-    if d.low is None:
-        return f"${d.delta:+.1f}$ ({d.note})"
-    mark = r" $\approx$" if d.within_noise else ""
-    kind = " (Welch)" if d.kind == "welch" else ""
-    return f"${d.delta:+.1f}$ [${d.low:+.1f}$, ${d.high:+.1f}$]{mark}{kind}"
+    return _diff(row, attr, num="${:+.1f}$".format, none="--", noise=r" $\approx$", welch=" (Welch)")
 
 
 def to_latex(report: StudyReport) -> str:

@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated working folder per test, and one packed copy of the embedded digits."""
+"""Shared fixtures and helpers: an isolated working folder per test, one packed copy of the embedded digits, the
+real command line in a subprocess, and the small study TOML the tests share."""
 from __future__ import annotations
 
 import os
@@ -46,6 +47,42 @@ def mae_lab(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
+    return repr(v)
+
+
+def study_toml(name: str, *, pretrain: dict, linear: dict, finetune: dict | None = None, study: dict | None = None,
+               data: dict | None = None, model: dict | None = None, search: dict | None = None,
+               space: dict[str, dict] | None = None, comment: str = "", tail: str = "") -> str:
+    """A small study's TOML, the template the tests share: [study] name (then `study`'s keys: seeds, paper ...),
+    [data] when given, [model] (preset vit_digits unless given; {} leaves the table out), [pretrain], [eval] with
+    linear and finetune (fine-tuning off unless given), [search] and one [search.space."<field>"] per `space` entry
+    when given, then `tail` as written ([grid], [[cases]] ...). `comment` is a first line (the command it is for)."""
+    model = {"preset": "vit_digits"} if model is None else model
+    evals = {"linear": linear, "finetune": {"enabled": False} if finetune is None else finetune}
+    tables = {"study": {"name": name, **(study or {})}, "data": data or {}, "model": model, "pretrain": pretrain,
+              "eval": evals, "search": search or {}, **{f'search.space."{k}"': v for k, v in (space or {}).items()}}
+    parts = [f"# {comment}\n" if comment else ""]
+    for table, keys in tables.items():
+        if keys:
+            parts.append(f"[{table}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items()) + "\n")
+    return "".join(parts) + tail
+
+
+def one_epoch_study(name: str, **data) -> str:
+    """One epoch of pretraining and of the linear probe, batches of 8, no fine-tuning, on the given [data] keys."""
+    quick = {"epochs": 1, "batch_size": 8, "warmup_epochs": 0}
+    return study_toml(name, data=data, pretrain=quick, linear=quick)
 
 
 def query(db: Path, sql: str) -> list[tuple]:

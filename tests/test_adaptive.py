@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import study_toml
 
 from mae_lab.adaptive import decide, is_decided, next_round, point_decisions
 from mae_lab.spec import StudyError, parse_study
@@ -127,25 +128,9 @@ def test_a_seeds_table_and_a_list_both_parse():
     assert s.study.seeds == [4, 7] and s.study.adaptive is None
 
 
-ADAPTIVE = """[study]
-name = "adaptive"
-seeds = { min = 2, max = 3, until = "decided", min_effect = 0.001 }
-
-[model]
-preset = "vit_digits"
-
-[pretrain]
-epochs = 1
-batch_size = 256
-warmup_epochs = 0
-
-[eval]
-linear = { epochs = 1, warmup_epochs = 0 }
-finetune = { enabled = false }
-
-[grid]
-"model.mask_ratio" = [0.5, 0.75]
-"""
+ADAPTIVE = study_toml("adaptive", study={"seeds": {"min": 2, "max": 3, "until": "decided", "min_effect": 0.001}},
+                      pretrain={"epochs": 1, "batch_size": 256, "warmup_epochs": 0},
+                      linear={"epochs": 1, "warmup_epochs": 0}, tail='[grid]\n"model.mask_ratio" = [0.5, 0.75]\n')
 
 
 def test_a_real_adaptive_study_runs_round_after_round_and_resumes(workdir):

@@ -6,27 +6,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import mae_lab
+from conftest import mae_lab, study_toml
 
-STUDY = """# mae-lab run two.toml
-[study]
-name = "two"
-seeds = [0, 1, 2]
-
-[model]
-preset = "vit_digits"
-
-[pretrain]
-epochs = 2
-batch_size = 128
-
-[eval]
-linear = { epochs = 2, warmup_epochs = 1 }
-finetune = { enabled = false }
-
-[grid]
-"model.mask_ratio" = [0.5, 0.75]
-"""
+STUDY = study_toml("two", comment="mae-lab run two.toml", study={"seeds": [0, 1, 2]},
+                   pretrain={"epochs": 2, "batch_size": 128}, linear={"epochs": 2, "warmup_epochs": 1},
+                   tail='[grid]\n"model.mask_ratio" = [0.5, 0.75]\n')
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import one_epoch_study
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -17,24 +18,6 @@ from cli import app
 from mae_lab import data as D
 from mae_lab.data import loading as L
 from mae_lab.data import transforms as T
-
-STUDY = """[study]
-name = "shape"
-[data]
-{data}
-[model]
-preset = "vit_digits"
-[pretrain]
-epochs = 1
-batch_size = 8
-warmup_epochs = 0
-[eval.linear]
-epochs = 1
-batch_size = 8
-warmup_epochs = 0
-[eval.finetune]
-enabled = false
-"""
 
 
 def image(i: int, fmt: str, *, size=(8, 8), mode="RGB") -> bytes:
@@ -78,8 +61,8 @@ def write(folder: Path, split: str, shape: str, n: int, offset: int = 0, per_sha
     return str(folder / f"{split}-{{000000..{last:06d}}}.{ext}")
 
 
-def run_study(workdir: Path, data: str) -> list[tuple]:
-    (workdir / "s.toml").write_text(STUDY.format(data=data))
+def run_study(workdir: Path, **data: str) -> list[tuple]:
+    (workdir / "s.toml").write_text(one_epoch_study("shape", **data))
     res = CliRunner().invoke(app, ["run", "s.toml"])
     assert res.exit_code == 0, res.output
     with sqlite3.connect(workdir / "db" / "mae_lab.db") as c:
@@ -100,7 +83,7 @@ def test_labeled_shape_is_read_and_trained_on(workdir: Path, shape: str):
     batches = list(loader)
     assert [tuple(x.shape) for x, _ in batches] == [(16, 3, 8, 8), (14, 3, 8, 8)]
     assert [int(y) for _, ys in batches for y in ys] == [i % 2 for i in range(30)]
-    rows = run_study(workdir, f'train = "{train}"\nval = "{val}"')
+    rows = run_study(workdir, train=train, val=val)
     assert [status for status, _ in rows] == ["done"] and rows[0][1] is not None
     assert list((workdir / "db").rglob("recon/*.png")) or list(workdir.rglob("recon/*.png"))  # the artifact too
 
@@ -117,14 +100,15 @@ def test_unlabeled_shards_pretrain_and_the_labeled_digits_probe(workdir: Path):
     info = D.resolve_dataset("digits", cache_dir=None, pretrain_shards=shards)
     assert info.pretrain.num_train == 40 and info.pretrain.classes == ()
     assert info.pretrain_fingerprint != D.resolve_dataset("digits").pretrain_fingerprint
-    rows = run_study(workdir, f'dataset = "digits"\npretrain_shards = "{shards}"')
+    rows = run_study(workdir, dataset="digits", pretrain_shards=shards)
     assert [status for status, _ in rows] == ["done"] and rows[0][1] is not None
 
 
 def test_pretraining_source_is_part_of_the_trial_identity(workdir: Path):
     shards = write(workdir / "u", "train", "unlabeled", 20)
-    (workdir / "s.toml").write_text(STUDY.format(data='dataset = "digits"') + f'\n[[cases]]\n"data.pretrain_shards" = '
-                                    f'"{shards}"\n\n[[cases]]\n"data.pretrain_dataset" = "digits"\n')
+    (workdir / "s.toml").write_text(one_epoch_study("shape", dataset="digits")
+                                    + f'\n[[cases]]\n"data.pretrain_shards" = "{shards}"\n'
+                                    '\n[[cases]]\n"data.pretrain_dataset" = "digits"\n')
     res = CliRunner().invoke(app, ["run", "s.toml"])
     assert res.exit_code == 0, res.output
     with sqlite3.connect(workdir / "db" / "mae_lab.db") as c:

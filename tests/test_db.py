@@ -5,7 +5,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import dump_db, query
+from conftest import dump_db, query, study_toml
 from typer.testing import CliRunner
 
 from cli import app
@@ -166,20 +166,8 @@ def test_a_hung_worker_that_still_beats_is_taken_over(workdir: Path):
     assert shown.progress == "pretrain step 5" and not db.is_stale(shown, 600)
 
 
-TINY = """[study]
-name = "tiny"
-[data]
-dataset = "digits"
-augmentation = "none"
-[model]
-preset = "vit_digits"
-[pretrain]
-epochs = 2
-batch_size = 128
-[eval]
-linear = { epochs = 2, warmup_epochs = 1 }
-finetune = { enabled = false }
-"""
+TINY = study_toml("tiny", data={"dataset": "digits", "augmentation": "none"},
+                  pretrain={"epochs": 2, "batch_size": 128}, linear={"epochs": 2, "warmup_epochs": 1})
 
 
 def test_an_artifact_failure_keeps_the_trial_done_with_its_numbers(workdir: Path):

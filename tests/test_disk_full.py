@@ -9,24 +9,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import study_toml
 from typer.testing import CliRunner
 
 from cli import app
 
-STUDY = """
-[study]
-name = "full"
-seeds = [0, 1]
-[model]
-preset = "vit_digits"
-[pretrain]
-epochs = 1
-batch_size = 128
-warmup_epochs = 0
-[eval]
-linear = { epochs = 1, warmup_epochs = 0 }
-finetune = { enabled = false }
-"""
+STUDY = study_toml("full", study={"seeds": [0, 1]}, pretrain={"epochs": 1, "batch_size": 128, "warmup_epochs": 0},
+                   linear={"epochs": 1, "warmup_epochs": 0})
 
 
 @pytest.fixture

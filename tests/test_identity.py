@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import dump_db
+from conftest import dump_db, study_toml
 from typer.testing import CliRunner
 
 from cli import app
@@ -94,20 +94,8 @@ def test_every_field_added_since_the_release_is_hash_neutral():
     assert {k: defaults[k] for k in added} == {k: HASH_NEUTRAL[k] for k in added}
 
 
-STUDY = """[study]
-name = "ckpt"
-[data]
-dataset = "digits"
-augmentation = "none"
-[model]
-preset = "vit_digits"
-[pretrain]
-epochs = 2
-batch_size = 128
-[eval]
-linear = { enabled = false }
-finetune = { enabled = false }
-"""
+STUDY = study_toml("ckpt", data={"dataset": "digits", "augmentation": "none"},
+                   pretrain={"epochs": 2, "batch_size": 128}, linear={"enabled": False})
 
 
 def test_a_resume_across_an_incompatible_checkpoint_exits_2_naming_the_key(workdir: Path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+from conftest import study_toml
 from sqlmodel import Session, select
 from typer.testing import CliRunner
 
@@ -17,36 +18,12 @@ from cli import app
 from mae_lab import db
 from mae_lab.data.pack import _pixel_stats, _png, _write_dataset
 
-SEARCH = """# mae-lab search split.toml --data-root data
-[study]
-name = "split"
-
-[data]
-dataset = "shifted"
-augmentation = "none"
-
-[model]
-preset = "vit_digits"
-
-[pretrain]
-epochs = 2
-batch_size = 128
-probe_every = 1
-
-[eval]
-linear = { epochs = 20, warmup_epochs = 1, pool = "mean" }
-finetune = { enabled = false }
-
-[search]
-n_trials = 2
-sampler = "random"
-pruner = "median"
-
-[search.space."model.mask_ratio"]
-type = "float"
-low = 0.5
-high = 0.8
-"""
+SEARCH = study_toml("split", comment="mae-lab search split.toml --data-root data",
+                    data={"dataset": "shifted", "augmentation": "none"},
+                    pretrain={"epochs": 2, "batch_size": 128, "probe_every": 1},
+                    linear={"epochs": 20, "warmup_epochs": 1, "pool": "mean"},
+                    search={"n_trials": 2, "sampler": "random", "pruner": "median"},
+                    space={"model.mask_ratio": {"type": "float", "low": 0.5, "high": 0.8}})
 
 
 @pytest.fixture

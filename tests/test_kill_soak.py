@@ -12,24 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_as_uninterrupted, mae_lab, query
+from conftest import assert_same_as_uninterrupted, mae_lab, query, study_toml
 
-STUDY = """# mae-lab run soak.toml
-[study]
-name = "soak"
-seeds = [0, 1, 2]
-
-[model]
-preset = "vit_digits"
-
-[pretrain]
-epochs = 6
-batch_size = 64
-
-[eval]
-linear = { epochs = 20 }
-finetune = { epochs = 1, batch_size = 128, warmup_epochs = 0 }
-"""
+STUDY = study_toml("soak", comment="mae-lab run soak.toml", study={"seeds": [0, 1, 2]},
+                   pretrain={"epochs": 6, "batch_size": 64}, linear={"epochs": 20},
+                   finetune={"epochs": 1, "batch_size": 128, "warmup_epochs": 0})
 
 
 def safe(db: Path, sql: str) -> list[tuple]:

@@ -13,30 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import dump_db
+from conftest import dump_db, one_epoch_study
 from PIL import Image
 
 MAE_LAB = Path(sys.executable).parent / "mae-lab"  # the installed console script
 pytestmark = pytest.mark.skipif(not MAE_LAB.exists(), reason="mae-lab is not installed beside this python")
-
-STUDY = """[study]
-name = "packed"
-[data]
-{data}
-[model]
-preset = "vit_digits"
-[pretrain]
-epochs = 1
-batch_size = 8
-warmup_epochs = 0
-[eval.linear]
-epochs = 1
-batch_size = 8
-warmup_epochs = 0
-[eval.finetune]
-enabled = false
-"""
-
 
 def cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -80,7 +61,7 @@ def test_pack_a_train_val_tree_then_run_a_study_on_it(workdir: Path):
     again = cli(workdir, "data", "pack", "tree", "data/pets2", "--shard-size", "10", "--name", "pets")
     assert again.returncode == 0 and all(
         (workdir / "data/pets" / n).read_bytes() == (workdir / "data/pets2" / n).read_bytes() for n in meta["sha256"])
-    (workdir / "s.toml").write_text(STUDY.format(data='dataset = "pets"'))
+    (workdir / "s.toml").write_text(one_epoch_study("packed", dataset="pets"))
     res = cli(workdir, "run", "s.toml", "--data-root", "data")
     assert res.returncode == 0, res.stdout + res.stderr
     with sqlite3.connect(workdir / "db/mae_lab.db") as c:
@@ -97,7 +78,7 @@ def test_pack_an_unlabeled_folder_then_pretrain_on_it(workdir: Path):
     assert meta["classes"] == [] and meta["splits"]["train"]["samples"] == 35
     with tarfile.open(workdir / "data/photos/photos-train-000000.tar") as tar:
         assert not [m for m in tar.getmembers() if m.name.endswith(".cls")]
-    (workdir / "s.toml").write_text(STUDY.format(data='dataset = "digits"\npretrain_dataset = "photos"'))
+    (workdir / "s.toml").write_text(one_epoch_study("packed", dataset="digits", pretrain_dataset="photos"))
     res = cli(workdir, "run", "s.toml", "--data-root", "data")
     assert res.returncode == 0, res.stdout + res.stderr
     with sqlite3.connect(workdir / "db/mae_lab.db") as c:

@@ -6,21 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import dump_db
+from conftest import dump_db, study_toml
 from typer.testing import CliRunner
 
 from cli import app
 
-STUDY = """[study]
-name = "combo"
-seeds = [0, 1]
-[pretrain]
-epochs = 2
-warmup_epochs = 0
-[eval]
-linear = { epochs = 2, warmup_epochs = 0 }
-finetune = { enabled = false }
-[grid]
+STUDY = study_toml("combo", study={"seeds": [0, 1]}, model={}, pretrain={"epochs": 2, "warmup_epochs": 0},
+                   linear={"epochs": 2, "warmup_epochs": 0}, tail="""[grid]
 "model.decoder_depth" = [1, 2]
 [[cases]]
 "model.mask_sampling" = "random"
@@ -28,7 +20,7 @@ finetune = { enabled = false }
 [[cases]]
 "model.mask_sampling" = "block"
 "model.mask_ratio" = 0.5
-"""
+""")
 
 
 def one_line_error(res, *want: str) -> str:

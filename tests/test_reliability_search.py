@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import mae_lab
+from conftest import mae_lab, study_toml
 from test_resume import checkpoint_epoch, pretrained_epochs
 from test_search import SEARCH
 from test_workers import finish, pg_rows, pg_url  # noqa: F401 - pg_url is a fixture
@@ -18,32 +18,11 @@ from test_workers import finish, pg_rows, pg_url  # noqa: F401 - pg_url is a fix
 # A grid over the kNN memory: 512 and 500 training samples are good, 12 (about one image per class) is deliberately
 # bad. With [study] seeds = [0] the grid sampler asks 512, 500, then 12, so the bad point comes after the two
 # startup trials the median pruner waits for (a test below fails loudly if the order ever changes).
-PRUNE = """# mae-lab search prune.toml
-[study]
-name = "prune"
-seeds = [0]
-
-[model]
-preset = "vit_digits"
-
-[pretrain]
-epochs = 2
-batch_size = 8
-probe_every = 1
-
-[eval]
-linear = { epochs = 2, warmup_epochs = 1, pool = "mean" }
-finetune = { enabled = false }
-
-[search]
-n_trials = 3
-sampler = "grid"
-pruner = "median"
-
-[search.space."data.train_samples"]
-type = "categorical"
-choices = [12, 500, 512]
-"""
+PRUNE = study_toml("prune", comment="mae-lab search prune.toml", study={"seeds": [0]},
+                   pretrain={"epochs": 2, "batch_size": 8, "probe_every": 1},
+                   linear={"epochs": 2, "warmup_epochs": 1, "pool": "mean"},
+                   search={"n_trials": 3, "sampler": "grid", "pruner": "median"},
+                   space={"data.train_samples": {"type": "categorical", "choices": [12, 500, 512]}})
 
 
 @pytest.mark.slow
@@ -96,31 +75,10 @@ def test_two_search_processes_share_one_postgres_study(workdir: Path, pg_url: st
     assert pg_rows(pg_url, "SELECT count(*) FROM mae_studies") == [(1,)]
 
 
-KILLED = """# mae-lab search ks.toml
-[study]
-name = "ks"
-seeds = [0]
-
-[model]
-preset = "vit_digits"
-
-[pretrain]
-epochs = 6
-batch_size = 64
-
-[eval]
-linear = { epochs = 2, warmup_epochs = 1 }
-finetune = { enabled = false }
-
-[search]
-n_trials = 2
-sampler = "random"
-
-[search.space."model.mask_ratio"]
-type = "float"
-low = 0.5
-high = 0.9
-"""
+KILLED = study_toml("ks", comment="mae-lab search ks.toml", study={"seeds": [0]},
+                    pretrain={"epochs": 6, "batch_size": 64}, linear={"epochs": 2, "warmup_epochs": 1},
+                    search={"n_trials": 2, "sampler": "random"},
+                    space={"model.mask_ratio": {"type": "float", "low": 0.5, "high": 0.9}})
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import study_toml
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -277,27 +278,11 @@ def test_an_oracle_decoder_reconstructs_the_original(norm_pix):
     assert torch.equal(reconstruct(model, imgs, mean, std).mask, r.mask)
 
 
-TINY = """[study]
-name = "tiny"
-paper = "fig5"
-seeds = [0, 1]
-
-[model]
-preset = "vit_digits"
-mask_ratio = 0.75
-
-[pretrain]
-epochs = 1
-batch_size = 128
-warmup_epochs = 0
-
-[eval]
-linear = { epochs = 1, warmup_epochs = 0 }
-finetune = { epochs = 1, batch_size = 128, warmup_epochs = 0 }
-
-[grid]
-"model.mask_ratio" = [0.5, 0.75]
-"""
+TINY = study_toml("tiny", study={"paper": "fig5", "seeds": [0, 1]}, model={"preset": "vit_digits", "mask_ratio": 0.75},
+                  pretrain={"epochs": 1, "batch_size": 128, "warmup_epochs": 0},
+                  linear={"epochs": 1, "warmup_epochs": 0},
+                  finetune={"epochs": 1, "batch_size": 128, "warmup_epochs": 0},
+                  tail='[grid]\n"model.mask_ratio" = [0.5, 0.75]\n')
 
 
 def test_a_real_study_gives_pages_plots_and_reconstructions(workdir: Path):

@@ -6,46 +6,24 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import study_toml
 from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from cli import app
 from mae_lab import db
 
-BASE = """
-[model]
-preset = "vit_digits"
 
-[pretrain]
-epochs = 2
-batch_size = 128
-probe_every = 1
+def tiny(name: str, *, epochs: int = 2, **kw) -> str:
+    """The tiny study these tests search over (``epochs`` of pretraining, a kNN probe every epoch)."""
+    return study_toml(name, pretrain={"epochs": epochs, "batch_size": 128, "probe_every": 1},
+                      linear={"epochs": 2, "warmup_epochs": 1}, **kw)
 
-[eval]
-linear = { epochs = 2, warmup_epochs = 1 }
-finetune = { enabled = false }
-"""
 
-SEARCH = """# mae-lab search tiny_search.toml
-[study]
-name = "tiny_search"
-""" + BASE + """
-[search]
-n_trials = 6
-sampler = "tpe"
-pruner = "median"
-
-[search.space."model.mask_ratio"]
-type = "float"
-low = 0.4
-high = 0.9
-
-[search.space."pretrain.base_lr"]
-type = "float"
-low = 1e-4
-high = 1e-2
-log = true
-"""
+SEARCH = tiny("tiny_search", comment="mae-lab search tiny_search.toml",
+              search={"n_trials": 6, "sampler": "tpe", "pruner": "median"},
+              space={"model.mask_ratio": {"type": "float", "low": 0.4, "high": 0.9},
+                     "pretrain.base_lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}})
 
 runner = CliRunner()
 URL = "sqlite:///db/mae_lab.db"
@@ -112,7 +90,7 @@ def test_a_pruned_trial_keeps_what_it_measured(workdir: Path):
     from mae_lab.progress import PlainDisplay
     from mae_lab.runner import Pruned, run_trial
 
-    (workdir / "g.toml").write_text('[study]\nname = "g"\n' + BASE.replace("epochs = 2\nbatch", "epochs = 3\nbatch"))
+    (workdir / "g.toml").write_text(tiny("g", epochs=3))
     study, trials = plan("g.toml")
     engine = db.connect(URL)
     srow = db.sync_study(engine, name="g", description="", paper=None, path="g.toml", spec_text=study.text,
@@ -134,26 +112,12 @@ def test_a_pruned_trial_keeps_what_it_measured(workdir: Path):
     assert db.claim_next(engine, srow.id) is None  # a pruned trial is final
 
 
-GRID = """# mae-lab run grid.toml
-[study]
-name = "grid"
-""" + BASE + """
-[grid]
+GRID = tiny("grid", comment="mae-lab run grid.toml", tail="""[grid]
 "model.mask_ratio" = [0.5, 0.75]
-"""
+""")
 
-GRID_SEARCH = """# mae-lab search gs.toml
-[study]
-name = "gs"
-""" + BASE + """
-[search]
-n_trials = 3
-sampler = "grid"
-
-[search.space."model.mask_ratio"]
-type = "categorical"
-choices = [0.5, 0.75, 0.6]
-"""
+GRID_SEARCH = tiny("gs", comment="mae-lab search gs.toml", search={"n_trials": 3, "sampler": "grid"},
+                   space={"model.mask_ratio": {"type": "categorical", "choices": [0.5, 0.75, 0.6]}})
 
 
 def test_done_trials_are_prior_observations_and_not_trained_again(workdir: Path):
