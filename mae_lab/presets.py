@@ -84,10 +84,10 @@ PRESETS: dict[str, dict] = {
                                 decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
     "vit_small_patch2_32": dict(img_size=32, patch_size=2, embed_dim=384, depth=12, num_heads=6,
                                 decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
-    # the embedded 8 x 8 digits dataset: seconds per epoch on a CPU
     # a CPU-sized ViT for 32 px studies: 128 wide, 6 blocks (the 2-core recipe of the shipped CIFAR-10 studies)
     "vit_mini_patch4_32": dict(img_size=32, patch_size=4, in_chans=3, embed_dim=128, depth=6, num_heads=4,
                                decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+    # the embedded 8 x 8 digits dataset: seconds per epoch on a CPU
     "vit_digits": dict(img_size=8, patch_size=2, in_chans=3, embed_dim=64, depth=4, num_heads=4,
                        decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4),
 }
