@@ -373,7 +373,7 @@ def show(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix.")],
     for line in (f"git {row.git_commit}{dirty}; mae-lab {row.mae_lab_version}, torch {row.torch_version}, "
                  f"timm {row.timm_version}",
                  f"host {row.host}, device {row.device} ({row.device_name}), world size {row.world_size}, "
-                 f"precision {row.resolved_precision}",
+                 f"CPU threads {row.cpu_threads}, precision {row.resolved_precision}",
                  f"data root {row.data_root}, data fingerprint {row.data_fingerprint}",
                  f"started {row.started_at}, ended {row.ended_at}, attempts {row.attempts}"
                  + (f", progress {row.progress}" if row.progress else "")):

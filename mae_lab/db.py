@@ -30,7 +30,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, create_engine, delete, select
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # version reached -> statements that bring a database of the version before up to it (run inside one transaction)
 MIGRATIONS = {
     2: ["ALTER TABLE mae_results ADD COLUMN pretrain_peak_mem_mib FLOAT"],
@@ -39,6 +39,7 @@ MIGRATIONS = {
         "world_size INTEGER", "resolved_precision VARCHAR", "data_root VARCHAR", "data_fingerprint VARCHAR")]
        + [f"ALTER TABLE mae_results ADD COLUMN {c}" for c in (
         "linear_test_top1 FLOAT", "finetune_test_top1 FLOAT", "artifact_error TEXT")],
+    4: ["ALTER TABLE mae_trials ADD COLUMN cpu_threads INTEGER"],
 }
 DEFAULT_URL = "sqlite:///db/mae_lab.db"
 STATUSES = ("pending", "running", "done", "failed", "diverged", "interrupted", "pruned")
@@ -103,6 +104,7 @@ class TrialRow(SQLModel, table=True):
     device: str | None = None
     device_name: str | None = None  # e.g. "NVIDIA H100 80GB HBM3" or the CPU model (schema 3)
     world_size: int | None = None  # processes that pretrained it (schema 3)
+    cpu_threads: int | None = None  # torch's intra-op CPU threads per process: core-minutes = wall x this (schema 4)
     resolved_precision: str | None = None  # resolved pretraining precision: bf16 or fp32 (schema 3)
     data_root: str | None = None  # where the data was read from (schema 3)
     data_fingerprint: str | None = None  # the data's identity, part of the hash (schema 3)

@@ -118,18 +118,37 @@ def summary_page(reports: list[StudyReport], studies: list[StudyRecords], intro:
     for rep in reports:
         _, order, _ = headline(rep)
         lines.append(f"- [{rep.name}]({rep.name}.md): linear ordering {order}; best here {headline(rep)[0]}")
-    minutes, trials = 0.0, 0
+    lines += ["", "## Compute", "", compute_spent(studies), "", f"- {UNITS}", ""]
+    return "\n".join(lines)
+
+
+def compute_spent(studies: list[StudyRecords]) -> str:
+    """One line: the trials done and the compute they took, from each trial's own wall clock (pretraining, probe,
+    fine-tune; a pretraining shared by several trials counted once, by the trial that ran it) times the cores
+    (CPU: processes x torch threads) or GPUs it held, and the machines it ran on."""
+    trials, core_min, gpu_min, unknown_min, machines = 0, 0.0, 0.0, 0.0, set()
     for s in studies:
         for t in s.trials:
             if t["status"] != "done":
                 continue
             trials += 1
             own = 0.0 if t["pretrain_reused"] else (t["pretrain_wall_s"] or 0.0)
-            minutes += (own + (t["linear_wall_s"] or 0.0) + (t["finetune_wall_s"] or 0.0)) / 60.0
-    lines += ["", "## Compute", "",
-              f"{trials} trials done; {minutes:.0f} trial-minutes of wall clock (pretraining, probe, fine-tune; a "
-              "shared pretraining counted once; each trial runs in one process).", "", f"- {UNITS}", ""]
-    return "\n".join(lines)
+            minutes = (own + (t["linear_wall_s"] or 0.0) + (t["finetune_wall_s"] or 0.0)) / 60.0
+            procs = int(t["world_size"] or 1)
+            machines.add(t["device_name"] or "unrecorded")
+            if (t["device"] or "").startswith("cuda"):
+                gpu_min += minutes * procs
+            elif t["cpu_threads"]:
+                core_min += minutes * procs * int(t["cpu_threads"])
+            else:
+                unknown_min += minutes * procs
+    parts = [f"{trials} trials done: {core_min:.0f} CPU core-minutes"]
+    if gpu_min:
+        parts.append(f"{gpu_min:.0f} GPU-minutes")
+    if unknown_min:
+        parts.append(f"{unknown_min:.0f} process-minutes whose CPU threads were not recorded (schema < 4)")
+    return (", ".join(parts) + " (each trial's own wall clock: pretraining, probe, fine-tune; a shared pretraining "
+            f"counted once). Machines: {'; '.join(sorted(machines)) or '-'}.")
 
 
 def write_site(studies: list[StudyRecords], folder: str | Path, *, engine: Engine | None = None,

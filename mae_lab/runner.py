@@ -144,8 +144,8 @@ def provenance(info: DatasetInfo, device: str, ctx: RunContext, data_root: str |
         version = None
     return dict(host=socket.gethostname(), git_commit=commit, git_dirty=dirty, torch_version=torch.__version__,
                 timm_version=timm.__version__, mae_lab_version=version, device=device,
-                device_name=device_name(device), world_size=ctx.world_size, resolved_precision=ctx.precision,
-                data_root=data_root, data_fingerprint=ctx.fingerprint)
+                device_name=device_name(device), world_size=ctx.world_size, cpu_threads=torch.get_num_threads(),
+                resolved_precision=ctx.precision, data_root=data_root, data_fingerprint=ctx.fingerprint)
 
 
 def run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: str, artifacts: Path,

@@ -37,8 +37,8 @@ RESULT_COLUMNS = {**{v: "float" for v in METRIC_COLUMNS.values()}, "pretrain_reu
                   "timed_pretrain_wall_s": "float", "timed_pretrain_images_per_s": "float",
                   "timed_pretrain_peak_mem_mib": "float", "pretrain_losses": "json"}
 PROVENANCE = ("attempts", "started_at", "ended_at", "host", "git_commit", "git_dirty", "torch_version",
-              "timm_version", "mae_lab_version", "device", "device_name", "world_size", "resolved_precision",
-              "data_fingerprint", "resumed_from_epoch")
+              "timm_version", "mae_lab_version", "device", "device_name", "world_size", "cpu_threads",
+              "resolved_precision", "data_fingerprint", "resumed_from_epoch")
 PROVENANCE_COLUMNS = {k: "str" for k in PROVENANCE}
 COLUMNS = {**STUDY_COLUMNS, **TRIAL_COLUMNS, **RESULT_COLUMNS, **PROVENANCE_COLUMNS}
 SPLITS = {"linear_val_top1": "val", "finetune_val_top1": "val", "linear_test_top1": "test",

@@ -5,6 +5,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import dump_db, query, study_toml
 from typer.testing import CliRunner
 
@@ -184,6 +185,8 @@ def test_an_artifact_failure_keeps_the_trial_done_with_its_numbers(workdir: Path
     _, _, arts = db.trial_details(engine, trial.id)
     assert [a.kind for a in arts] == ["checkpoint"]
     assert trial.resolved_precision in ("fp32", "bf16") and trial.world_size == 1 and trial.device_name
+    assert trial.cpu_threads == torch.get_num_threads()  # the summary's core-minutes stand on it
     assert trial.data_fingerprint and trial.mae_lab_version and trial.git_commit
     shown = CliRunner().invoke(app, ["show", str(trial.id)])
-    assert "world size 1" in shown.output and f"precision {trial.resolved_precision}" in shown.output, shown.output
+    assert "world size 1" in shown.output and f"CPU threads {trial.cpu_threads}" in shown.output
+    assert f"precision {trial.resolved_precision}" in shown.output, shown.output

@@ -25,7 +25,9 @@ from mae_lab.presets import config_from_preset
 from mae_lab.recon import reconstruct
 from mae_lab.report import headline, summarize
 from mae_lab.report_format import render, render_text
+from mae_lab.report_site import compute_spent
 from mae_lab.spec import parse_study
+from mae_lab.trial_records import StudyRecords
 
 DEPTH_STUDY = """# recorded by hand: a Table 1a study whose results are known exactly
 [study]
@@ -222,6 +224,22 @@ def test_the_site_regenerates_from_trials_csv_byte_for_byte(depth_db, tmp_path):
     # one study, one format, from the file
     res = runner.invoke(app, ["report", "depth", "--from", str(site / "trials.csv"), "--format", "md"])
     assert res.exit_code == 0 and "| 4 | 70.0 ± 1.0 (n=3) | -2.0 [-4.5, +0.5] ≈ |" in res.output
+
+
+def test_compute_spent_counts_cores_gpus_and_a_shared_pretraining_once():
+    def trial(status="done", reused=False, pre=120.0, lin=60.0, device="cpu", threads="2", world="1", name="Xeon"):
+        return {"status": status, "pretrain_reused": reused, "pretrain_wall_s": pre, "linear_wall_s": lin,
+                "finetune_wall_s": None, "device": device, "cpu_threads": threads, "world_size": world,
+                "device_name": name}
+    trials = [trial(),                                 # 3 min x 2 threads = 6 core-minutes
+              trial(reused=True, threads="1"),         # its pretraining was timed by another trial: 1 core-minute
+              trial(world="2", threads="1"),           # 3 min x 2 processes x 1 thread = 6
+              trial(device="cuda", threads=None, world="2", name="H100"),  # 3 min x 2 GPUs = 6 GPU-minutes
+              trial(threads=None),                     # before schema 4: said apart, not guessed
+              trial(status="failed")]                  # not counted
+    line = compute_spent([StudyRecords("s", "", None, "", trials)])
+    assert line.startswith("5 trials done: 13 CPU core-minutes, 6 GPU-minutes, 3 process-minutes whose CPU "
+                           "threads were not recorded") and "Machines: H100; Xeon." in line
 
 
 def test_a_trials_file_without_a_column_is_refused(depth_db, tmp_path):
