@@ -21,10 +21,14 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-STUDIES := baseline mask_ratio mask_token mask_sampling recon_target augmentation decoder_depth decoder_width
+STUDIES := recipe baseline mask_ratio mask_token mask_sampling recon_target augmentation decoder_depth decoder_width
 RESULTS_DB ?= db/results.db
 
-RUN_STUDIES := for s in $(STUDIES); do OMP_NUM_THREADS=1 $(BIN)/mae-lab run studies/$$s.toml --db $(RESULTS_DB) || exit 1; done
+# Breadth first: one round of every study at a time (adaptive seeds: 2 seeds, then up to 4 more rounds of one), so
+# a run stopped early leaves every study at the same depth; then each study to its end. Each process: 1 thread.
+RUN := OMP_NUM_THREADS=1 $(BIN)/mae-lab run --db $(RESULTS_DB)
+RUN_STUDIES := for pass in 1 2 3 4 5; do for s in $(STUDIES); do $(RUN) studies/$$s.toml --rounds 1 || exit 1; done; \
+	done; for s in $(STUDIES); do $(RUN) studies/$$s.toml || exit 1; done
 
 results: install
 	($(RUN_STUDIES)) & ($(RUN_STUDIES)); a=$$?; wait $$! && test $$a = 0

@@ -148,6 +148,9 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the expanded trials; run nothing.")] = False,
     rerun: Annotated[bool, typer.Option("--rerun", help="Run every trial again, even those done.")] = False,
     max_trials: Annotated[Optional[int], typer.Option("--max-trials", min=1, help="Stop after N trials.")] = None,
+    rounds: Annotated[Optional[int], typer.Option("--rounds", min=1, help="Adaptive seeds: run at most N rounds, "
+                                                  "and end rather than wait for another process's last trials of "
+                                                  "a round (a later call goes on).")] = None,
     allow_pipe: PipeOpt = False,
     allow_large_grid: LargeGridOpt = False,
     stale_after: StaleOpt = 600.0,
@@ -180,8 +183,8 @@ def run(
         if launcher:
             raise typer.Exit(launch(nproc, forward))
         kwargs = dict(db_url=db, device=device, data_root=data_root, data_override=override, rerun=rerun,
-                      max_trials=max_trials, allow_pipe=allow_pipe, display=display, stale_after_s=stale_after,
-                      allow_large_grid=allow_large_grid)
+                      max_trials=max_trials, max_rounds=rounds, allow_pipe=allow_pipe, display=display,
+                      stale_after_s=stale_after, allow_large_grid=allow_large_grid)
         summary = run_study_ddp(study, **kwargs) if ddp else run_study(study, **kwargs)
     if summary is not None:  # None on a rank > 0: rank 0 reports
         _print_summary(summary)

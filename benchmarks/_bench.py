@@ -23,7 +23,7 @@ CIFAR10 = Path(os.environ.get("MAE_LAB_DATA", ROOT.parent / "shared" / "data")) 
 
 def machine() -> str:
     """One line: CPU model, cores, torch threads, torch version, load average (other processes on the machine)."""
-    from mae_lab.runner import device_name
+    from mae_lab.provenance import device_name
 
     load = "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""

@@ -7,10 +7,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import functools
-import importlib.metadata
-import platform
-import socket
-import subprocess
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -19,14 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from sqlalchemy.engine import Engine
 
 from mae_lab import db, planning, rounds
 from mae_lab.checkpoint import CheckpointError, load_checkpoint, sha256_file
 from mae_lab.data import DatasetInfo
-from mae_lab.expand import RunContext, Trial, mae_config, pretrain_identity
+from mae_lab.expand import Trial, mae_config, pretrain_identity
 from mae_lab.finetune import finetune
 from mae_lab.init_weights import check_inits, init_model
 from mae_lab.model import count_params, encoder_flops_per_image
@@ -35,6 +30,7 @@ from mae_lab.probe import linear_probe
 from mae_lab.probe_surface import STAGE as SURFACE
 from mae_lab.probe_surface import probe_surface
 from mae_lab.progress import Display, PlainDisplay
+from mae_lab.provenance import provenance
 from mae_lab.recon_lookup import save_trial_recon
 from mae_lab.spec import Study, StudyError, TrialSpec
 from mae_lab.train_utils import DivergenceError
@@ -60,20 +56,6 @@ class RunSummary:
     @property
     def ok(self) -> bool:
         return all(s == "done" for _, s in self.ran)
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> tuple[str | None, bool | None]:
-    """(git commit, dirty) of the mae-lab source tree, or (None, None) outside a git checkout."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=10, check=True).stdout.strip())
-        return commit, dirty
-    except (OSError, subprocess.SubprocessError):
-        return None, None
 
 
 @contextmanager
@@ -119,33 +101,6 @@ def _verified_checkpoint(engine: Engine, pretrain_hash: str, path: Path, display
     path.replace(aside)
     display.message(f"  checkpoint {path.name} does not match the database's sha256: set aside as {aside.name}, "
                     "pretraining from scratch")
-
-
-def device_name(device: str) -> str:
-    """The accelerator's name (CUDA), else the CPU model."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def provenance(info: DatasetInfo, device: str, ctx: RunContext, data_root: str | None) -> dict[str, Any]:
-    """How a trial ran (TrialRow's provenance columns): none of it is part of its identity."""
-    commit, dirty = code_version()
-    try:
-        version = importlib.metadata.version("mae-lab")
-    except importlib.metadata.PackageNotFoundError:
-        version = None
-    return dict(host=socket.gethostname(), git_commit=commit, git_dirty=dirty, torch_version=torch.__version__,
-                timm_version=timm.__version__, mae_lab_version=version, device=device,
-                device_name=device_name(device), world_size=ctx.world_size, cpu_threads=torch.get_num_threads(),
-                resolved_precision=ctx.precision, data_root=data_root, data_fingerprint=ctx.fingerprint)
 
 
 def run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: str, artifacts: Path,
@@ -316,7 +271,7 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
               max_trials: int | None = None, allow_pipe: bool = False, display: Display | None = None,
               stale_after_s: float = db.STALE_AFTER_S, heartbeat_s: float = db.HEARTBEAT_S,
               wait: bool = False, poll_s: float = 10.0, dist_ctx: Any = None,
-              allow_large_grid: bool = False) -> RunSummary:
+              allow_large_grid: bool = False, max_rounds: int | None = None) -> RunSummary:
     """Validate ``path`` fully, record its trials, then run every trial not done yet.
 
     The trials table is the queue: each trial is claimed in one transaction, so any number of processes (``mae-lab
@@ -324,6 +279,8 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
     run each trial once. A running trial whose worker is dead on this host, or whose heartbeat is older than
     ``stale_after_s``, is claimed again and resumes from its checkpoint. With ``wait`` (a worker), the loop does
     not end while other workers still run trials: it polls every ``poll_s`` and takes over any that go stale.
+    ``max_rounds`` (adaptive seeds): run at most this many rounds, and end rather than wait for another process's
+    last trials of a round; a later call goes on (``make results`` runs the studies breadth-first so).
     ``dist_ctx``: this is rank 0 of a DistributedDataParallel run (``distributed.run_study_ddp``).
     """
     display = display or PlainDisplay()
@@ -341,7 +298,7 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
     check_checkpoints(study, trials, infos, device, world_size, artifacts)  # likewise a checkpoint to resume
     engine = db.connect(db_url)
     s = study.study
-    summary, tried, synced, todo = RunSummary(), set(), set(), 0
+    summary, tried, synced, todo, rounds_run = RunSummary(), set(), set(), 0, 0
     row = None  # the study's row, synced in the first round
     while True:  # rounds: one, unless the seeds are adaptive (rounds.py recomputes the next round from the DB)
         if s.adaptive is not None and (synced or not rerun):
@@ -349,8 +306,8 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
                                            trusted=lambda h: not rerun or h in synced)
         new = [t for t in trials if t.hash not in synced]
         if synced and not new:
-            if not any(t.status == "running" for t, _ in db.study_trials(engine, row.id)):
-                break
+            if max_rounds is not None or not any(t.status == "running" for t, _ in db.study_trials(engine, row.id)):
+                break  # with max_rounds, another process's last trials are not waited for: a later call goes on
             time.sleep(poll_s)  # another process runs this round's last trials: their results decide the next
         else:
             row = db.sync_study(engine, name=s.name, description=s.description, paper=s.paper, path=str(path),
@@ -394,6 +351,8 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
                                data_root=data_root)
             summary.ran.append((claimed.hash, result))
             display.trial_end(_summary_line(engine, claimed, result))
-        if s.adaptive is None or (max_trials is not None and len(summary.ran) >= max_trials):
+        rounds_run += 1
+        if s.adaptive is None or (max_trials is not None and len(summary.ran) >= max_trials) \
+                or (max_rounds is not None and rounds_run >= max_rounds):
             break
     return summary

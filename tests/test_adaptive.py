@@ -169,6 +169,28 @@ def test_a_real_adaptive_study_runs_round_after_round_and_resumes(workdir):
     assert "| n | decided |" in md and "adaptive seeds: 2 to 3 per point" in md
 
 
+def test_rounds_1_runs_one_round_per_call(workdir):
+    """What `make results` does breadth-first: each `run --rounds 1` adds the next round the results call for."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    from mae_lab import db
+
+    (workdir / "adaptive.toml").write_text(ADAPTIVE)
+
+    def run_once() -> list[int]:
+        res = CliRunner().invoke(app, ["run", "adaptive.toml", "--device", "cpu", "--rounds", "1"])
+        assert res.exit_code == 0, res.output
+        engine = db.connect("sqlite:///db/mae_lab.db", create=False)
+        trials = db.study_trials(engine, db.get_study(engine, "adaptive").id)
+        assert all(t.status == "done" for t, _ in trials)
+        return sorted(t.seed for t, _ in trials)
+
+    assert run_once() == [0, 0, 1, 1]  # the first round only: min = 2 seeds per point
+    assert run_once() == [0, 0, 1, 1, 2, 2]  # 0.001 points cannot be ruled out: each point's seed 2
+    assert run_once() == [0, 0, 1, 1, 2, 2]  # max = 3: nothing more
+
+
 def test_a_search_refuses_adaptive_seeds():
     text = STUDY.format("{ min = 2, min_effect = 1.0 }") + '[search.space]\n"model.mask_ratio" = ' \
         '{ type = "float", low = 0.5, high = 0.9 }\n'
