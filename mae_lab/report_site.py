@@ -114,12 +114,32 @@ def summary_page(reports: list[StudyReport], studies: list[StudyRecords], intro:
                 decided = "-" if row.decided is None else ("yes" if row.decided else "no")
                 lines.append(f"| [{rep.name}]({rep.name}.md) | {row.label} | {name} | {fmt_diff(row, attr)} | "
                              f"{'-' if p is None else f'{p:+.1f}'} | {row.verdict[attr]} | {row.n} | {decided} |")
+    lines += ["", "## State of the run", "", run_state(reports)]
     lines += ["", "## Orderings against the paper", ""]
     for rep in reports:
         _, order, _ = headline(rep)
         lines.append(f"- [{rep.name}]({rep.name}.md): linear ordering {order}; best here {headline(rep)[0]}")
     lines += ["", "## Compute", "", compute_spent(studies), "", f"- {UNITS}", ""]
     return "\n".join(lines)
+
+
+def run_state(reports: list[StudyReport]) -> str:
+    """One line: how many points of the adaptive-seed studies are decided, undecided at their maximum seeds (their
+    verdict states the smallest effect they rule out), or undecided with seeds still due."""
+    decided = at_max = due = 0
+    for rep in reports:
+        for row in rep.rows:
+            if rep.plan is None or row.decided is None:
+                continue
+            decided += row.decided
+            at_max += not row.decided and row.n >= rep.plan.max
+            due += not row.decided and row.n < rep.plan.max
+    if not decided + at_max + due:
+        return "No study here uses adaptive seeds."
+    state = "complete" if not due else "in progress: `make results` resumes it and adds the seeds due"
+    return (f"Adaptive seeds, {decided + at_max + due} points compared with their study's default: {decided} "
+            f"decided, {at_max} undecided at their maximum seeds (the verdict states the smallest effect each rules "
+            f"out), {due} undecided with seeds still due. The run is {state}.")
 
 
 def compute_spent(studies: list[StudyRecords]) -> str:

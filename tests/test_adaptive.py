@@ -165,6 +165,10 @@ def test_a_real_adaptive_study_runs_round_after_round_and_resumes(workdir):
     other = next(r for r in rep.rows if not r.is_default)
     assert [r.n for r in rep.rows] == [3, 3] and other.decided is not None
     assert other.decided == (other.decisions[0].why == "excludes 0")  # 0.001 points cannot be ruled out
+    from mae_lab.report_site import run_state
+
+    assert ("1 decided, 0 undecided at" if other.decided else "0 decided, 1 undecided at") in run_state([rep])
+    assert run_state([rep]).endswith("The run is complete.")
     md = render_text(rep, "md")
     assert "| n | decided |" in md and "adaptive seeds: 2 to 3 per point" in md
 
@@ -187,6 +191,12 @@ def test_rounds_1_runs_one_round_per_call(workdir):
         return sorted(t.seed for t, _ in trials)
 
     assert run_once() == [0, 0, 1, 1]  # the first round only: min = 2 seeds per point
+    from mae_lab.report import summarize
+    from mae_lab.report_site import run_state
+
+    state = run_state([summarize(db.connect("sqlite:///db/mae_lab.db", create=False), "adaptive")])
+    assert "1 points compared with their study's default: 0 decided, 0 undecided at their maximum" in state
+    assert "1 undecided with seeds still due. The run is in progress" in state
     assert run_once() == [0, 0, 1, 1, 2, 2]  # 0.001 points cannot be ruled out: each point's seed 2
     assert run_once() == [0, 0, 1, 1, 2, 2]  # max = 3: nothing more
 
