@@ -31,18 +31,26 @@ def code_version() -> tuple[str | None, bool | None]:
         return None, None
 
 
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU features that make bf16 (and the studies) several times faster
+
+
 def device_name(device: str) -> str:
-    """The accelerator's name (CUDA), else the CPU model."""
+    """The accelerator's name (CUDA), else the CPU model with what sets its speed: torch's CPU kernel level and
+    the bf16 features it has, e.g. "Intel(R) Xeon(R) Processor (AVX512, avx512_bf16 amx_bf16)"."""
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
+    model, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    bf16 = " ".join(f for f in BF16_FLAGS if f in flags) or "no bf16 features"
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()}, {bf16})"
 
 
 def provenance(info: DatasetInfo, device: str, ctx: RunContext, data_root: str | None) -> dict[str, Any]:

@@ -112,8 +112,10 @@ def summary_page(reports: list[StudyReport], studies: list[StudyRecords], intro:
                     continue
                 p = paper_delta(row.paper, base.paper if base else None, attr)
                 decided = "-" if row.decided is None else ("yes" if row.decided else "no")
+                verdict = row.verdict[attr].replace("|", r"\|")  # "rules out |Δ| > x" inside a table cell
                 lines.append(f"| [{rep.name}]({rep.name}.md) | {row.label} | {name} | {fmt_diff(row, attr)} | "
-                             f"{'-' if p is None else f'{p:+.1f}'} | {row.verdict[attr]} | {row.n} | {decided} |")
+                             f"{'-' if p is None else f'{p:+.1f}'} | {verdict} | "
+                             f"{row.n} | {decided} |")
     lines += ["", "## State of the run", "", run_state(reports)]
     lines += ["", "## Orderings against the paper", ""]
     for rep in reports:
@@ -167,8 +169,8 @@ def compute_spent(studies: list[StudyRecords]) -> str:
         parts.append(f"{gpu_min:.0f} GPU-minutes")
     if unknown_min:
         parts.append(f"{unknown_min:.0f} process-minutes whose CPU threads were not recorded (schema < 4)")
-    return (", ".join(parts) + " (each trial's own wall clock: pretraining, probe, fine-tune; a shared pretraining "
-            f"counted once). Machines: {'; '.join(sorted(machines)) or '-'}.")
+    return (", ".join(parts) + " (each trial's own wall clock: pretraining, probe, fine-tune; a pretraining shared "
+            f"by several trials counted once, where it ran). Machines: {'; '.join(sorted(machines)) or '-'}.")
 
 
 def write_site(studies: list[StudyRecords], folder: str | Path, *, engine: Engine | None = None,
@@ -191,7 +193,8 @@ def write_site(studies: list[StudyRecords], folder: str | Path, *, engine: Engin
         recon = _recon(rep, engine, source)
         if recon is not None:
             images.append(write_atomic(folder / rep.name / "recon.png", recon))
-        page = [f"# {title(rep)}", "", to_markdown(rep, heading=""), "## Plots", ""]
+        page = [f"# {title(rep)}", "", to_markdown(rep, heading=""), f"Compute: {compute_spent([s])}", "",
+                "## Plots", ""]
         for img in images:
             page += [f"![{img.stem}]({rep.name}/{img.name})", ""]
         if not images:

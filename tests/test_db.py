@@ -186,6 +186,7 @@ def test_an_artifact_failure_keeps_the_trial_done_with_its_numbers(workdir: Path
     assert [a.kind for a in arts] == ["checkpoint"]
     assert trial.resolved_precision in ("fp32", "bf16") and trial.world_size == 1 and trial.device_name
     assert trial.cpu_threads == torch.get_num_threads()  # the summary's core-minutes stand on it
+    assert f"({torch.backends.cpu.get_cpu_capability()}, " in trial.device_name  # what sets a CPU's speed
     assert trial.data_fingerprint and trial.mae_lab_version and trial.git_commit
     shown = CliRunner().invoke(app, ["show", str(trial.id)])
     assert "world size 1" in shown.output and f"CPU threads {trial.cpu_threads}" in shown.output

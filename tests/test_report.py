@@ -215,6 +215,8 @@ def test_the_site_regenerates_from_trials_csv_byte_for_byte(depth_db, tmp_path):
     summary = (site / "summary.md").read_text()
     assert summary.startswith("# Results\n\nWritten by hand.\n") and "| [depth](depth.md) | decoder_depth=8 | " \
         "linear | +3.0 [+0.5, +5.5] | +3.5 | reproduces (paired) | 3 | - |" in summary
+    assert r"| not detected (paired; rules out \|Δ\| > 4.5) | 3 | - |" in summary  # a pipe inside a cell, escaped
+    assert "Compute: 12 trials done: " in (site / "depth.md").read_text()
     rows = list(csv.DictReader(io.StringIO((site / "trials.csv").read_text())))
     assert len(rows) == 12 and rows[0]["linear_val_top1"] == "0.58" and rows[0]["seed"] == "0"
     assert json.loads((site / "trials.json").read_text())["splits"]["linear_test_top1"] == "test"
