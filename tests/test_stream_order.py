@@ -14,8 +14,8 @@ from test_train import make_spec
 from mae_lab.data import Subset, resolve_dataset
 from mae_lab.data import loading as L
 from mae_lab.data import transforms as T
-from mae_lab.data.shards import read_sample_at, sample_members
 from mae_lab.data.stream import read_samples
+from mae_lab.data.tar_index import read_sample_at, sample_members
 from mae_lab.loaders import finetune_loader, pretrain_loader
 
 

@@ -19,7 +19,8 @@ from mae_lab import rng_streams
 from mae_lab.atomic import write_atomic
 from mae_lab.data.digits import _pack_digits, _pack_digits_unlabeled
 from mae_lab.data.pack import _data_root
-from mae_lab.data.shards import DataError, Subset, _image_size, _is_local, expand_shards, iter_samples, shard_keys
+from mae_lab.data.shards import DataError, Subset, _image_size, _is_local, expand_shards, shard_keys
+from mae_lab.data.tar_index import iter_samples
 from mae_lab.data.verify import cache_root, scan, shard_sha256, verify_split
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from mae_lab.data.pack import _pixel_stats, _png, _write_dataset, pack_imagefolder
-from mae_lab.data.shards import DataError, expand_shards, iter_samples
+from mae_lab.data.shards import DataError, expand_shards
+from mae_lab.data.tar_index import iter_samples
 from mae_lab.rng_streams import plain_numpy_rng
 
 DIGITS_NUM_VAL, DIGITS_SEED = 300, 0  # fixed split of sklearn's 1,797 digits: 1,497 train / 300 val

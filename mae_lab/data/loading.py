@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from mae_lab import rng
-from mae_lab.data.shards import DataError, Subset, check_end, expand_shards, read_sample_at, sample_members, shard_keys
+from mae_lab.data.shards import DataError, Subset, check_end, expand_shards, shard_keys
 from mae_lab.data.stream import _decode, read_samples
+from mae_lab.data.tar_index import SampleIndex, read_sample_at, sample_index
 from mae_lab.data.transforms import ImageTransform
 
 
@@ -80,7 +81,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, shards: list[str], *, num_samples: int, transform, batch_size: int, shuffle: bool, seed: int,
                  epoch: int, rank: int, world_size: int, drop_last: bool, subset: Subset | None, label_key: str,
-                 need_label: bool, index: list[tuple[int, str, tuple]] | None = None):
+                 need_label: bool, index: SampleIndex | None = None):
         super().__init__()
         self.index = index  # per admitted sample: (shard number, key, its files' places), or None: stream
         self.shards, self.n, self.transform, self.batch_size = shards, num_samples, transform, batch_size
@@ -113,7 +114,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 if self.subset is None or self.subset.admits(shard, key):
                     yield shard, key, files
 
-    def _indexed(self, index: list[tuple[int, str, tuple]], worker: int, num_workers: int
+    def _indexed(self, index: SampleIndex, worker: int, num_workers: int
                  ) -> Iterator[tuple[int, Tensor, Tensor]]:
         """This worker's batches, each sample's files read where the index puts them."""
         mine, files_of = self._mine().tolist(), {}
@@ -238,24 +239,6 @@ class ShardLoader:
         return (self.transform.normalize(x) if isinstance(self.transform, ImageTransform) else x), y
 
 
-def _sample_index(shards: list[str], subset: Subset | None, num_samples: int
-                  ) -> list[tuple[int, str, tuple]] | None:
-    """(shard number, key, where its files lie) of every admitted sample in shard order, where every shard is a
-    local .tar whose headers parse, ends with its end-of-archive marker and the count is `num_samples`; else None
-    (streaming then reads the shards and names what is wrong)."""
-    index: list[tuple[int, str, tuple]] = []
-    for s, shard in enumerate(shards):
-        samples = sample_members(shard)
-        if samples is None:
-            return None
-        try:
-            check_end(shard)
-        except DataError:
-            return None
-        index += [(s, key, members) for key, members in samples if subset is None or subset.admits(shard, key)]
-    return index if len(index) == num_samples else None
-
-
 def make_loader(pattern: str, *, num_samples: int, transform, batch_size: int, shuffle: bool, seed: int = 0,
                 epoch: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
                 in_memory: bool = False, allow_pipe: bool = False, subset: Subset | None = None,
@@ -279,7 +262,7 @@ def make_loader(pattern: str, *, num_samples: int, transform, batch_size: int, s
         return MemoryLoader(images, labels, transform=transform, batch_size=batch_size, shuffle=shuffle, seed=seed,
                             epoch=epoch, rank=rank, world_size=world_size, drop_last=drop_last)
     shards = expand_shards(pattern, allow_pipe=allow_pipe)
-    index = _sample_index(shards, subset, num_samples)
+    index = sample_index(shards, subset, num_samples)
     if index is None and world_size > 1:  # a wrong count would give ranks different batch counts: check up front
         keys = [shard_keys(s) for s in shards]
         if None not in keys:

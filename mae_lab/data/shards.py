@@ -1,13 +1,13 @@
-"""Shard patterns and what can be known of shards without torch: brace expansion, tar header scans, labels, image
-headers, and a standard-library sample reader for checking data before a run.
+"""Shard patterns and what can be known of shards without torch: brace expansion, tar header scans, labels and
+image headers, for checking data before a run.
 
 The loader reads samples with webdataset's pipeline (`stream.py`, which imports torch through webdataset). What
-checking data before a run needs is here, importing neither, so that `mae-lab validate` and `run --dry-run` stay
-torch-free: a header-only scan of local shards (`shard_keys`) that catches a shard cut at a member boundary, which
-a streaming tar reader takes for a normal end; `iter_samples`, which reads a local uncompressed .tar at the places
-its headers give (as the loader's indexed path does) and streams any other shard through `tarfile`, grouped by key
-as webdataset groups; and `decode_pil`, PIL's decoding, which the loader falls back to where torchvision's decoder
-refuses an image (so an image PIL decodes is one the loader decodes).
+checking data before a run needs is here and in `tar_index`, importing neither, so that `mae-lab validate` and
+`run --dry-run` stay torch-free: a header-only scan of local shards (`shard_keys`) that catches a shard cut at a
+member boundary, which a streaming tar reader takes for a normal end; `tar_index.iter_samples`, which reads a local
+uncompressed .tar at the places its headers give (as the loader's indexed path does) and streams any other shard
+through `tarfile`, grouped by key as webdataset groups; and `decode_pil`, PIL's decoding, which the loader falls
+back to where torchvision's decoder refuses an image (so an image PIL decodes is one the loader decodes).
 """
 
 from __future__ import annotations
@@ -17,12 +17,8 @@ import io
 import json
 import os
 import re
-import subprocess
 import tarfile
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, BinaryIO
 
 import braceexpand
 import numpy as np
@@ -149,86 +145,6 @@ def shard_keys(shard: str) -> tuple[str, ...] | None:
     return _keys_of_local_shard(os.path.abspath(shard), st.st_size, st.st_mtime_ns)
 
 
-Member = tuple[str, int, int]  # (extension, first data byte, size) of one file of a sample
-
-
-def _headers(path: str) -> list[tuple[str, int, int]] | None:
-    """(name, data offset, size) of each regular member of a plain ustar/GNU tar, read header by header (a few us
-    each, where tarfile takes ~60 us); None at anything else (pax or long-name headers, links, bad checksums)."""
-    out: list[tuple[str, int, int]] = []
-    with open(path, "rb", buffering=0) as f:  # unbuffered: a buffered seek would read 8 KiB per header
-        pos = 0
-        while len(h := f.read(512)) == 512 and h.count(0) != 512:
-            try:
-                size = int(h[124:136].rstrip(b"\0 ") or b"0", 8)
-                ok = sum(h) - sum(h[148:156]) + 256 == int(h[148:156].rstrip(b"\0 "), 8)  # checksum as spaces
-            except ValueError:
-                return None
-            if not ok or h[156:157] not in (b"0", b"\0", b"5"):
-                return None
-            name = h[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            if h[257:262] == b"ustar" and (prefix := h[345:500].split(b"\0", 1)[0]):
-                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-            if h[156:157] != b"5":
-                out.append((name, pos + 512, size))
-            pos += 512 + -(-size // 512) * 512
-            f.seek(pos)
-    return out
-
-
-def _tarfile_headers(path: str) -> list[tuple[str, int, int]]:
-    with tarfile.open(path, "r:") as tar:
-        return [(m.name, m.offset_data, m.size) for m in tar if m.isreg()]
-
-
-@functools.lru_cache(maxsize=4096)
-def _members_of_local_tar(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, tuple[Member, ...]], ...] | None:
-    """(key, its files) of each sample of an uncompressed local tar, grouped as webdataset's reader groups members
-    (meta names skipped, consecutive members with one key, extensions lower-cased); None where the headers do not
-    parse, a file repeats within a sample or data lies past the end."""
-    try:
-        headers = _headers(path) or _tarfile_headers(path)
-    except (tarfile.TarError, EOFError, OSError):
-        return None
-    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    for name, offset, length in headers:
-        if _is_meta(name):
-            continue
-        key, ext = base_plus_ext(name)
-        if key is None or ext is None:
-            continue
-        if offset + length > size:
-            return None
-        if not samples or samples[-1][0] != key:
-            samples.append((key, {}))
-        files, ext = samples[-1][1], ext.lower()
-        if ext in files:
-            return None
-        files[ext] = offset, length
-    return tuple((key, tuple((e, *where) for e, where in files.items())) for key, files in samples)
-
-
-def sample_members(shard: str) -> tuple[tuple[str, tuple[Member, ...]], ...] | None:
-    """Where each sample's files lie in a local uncompressed .tar, for reading samples out of order
-    (`read_sample_at`); None for other shards or where the headers do not parse (streaming then names the
-    problem). Cached by path, size and mtime."""
-    if not _is_local(shard) or shard.endswith(COMPRESSED):
-        return None
-    st = os.stat(shard)
-    return _members_of_local_tar(os.path.abspath(shard), st.st_size, st.st_mtime_ns)
-
-
-def read_sample_at(shard: str, f: BinaryIO, key: str, members: tuple[Member, ...]) -> dict[str, bytes]:
-    """{extension: bytes} of sample `key` of an open local shard, at the places `sample_members` found."""
-    files = {}
-    for ext, offset, length in members:
-        f.seek(offset)
-        if len(data := f.read(length)) < length:
-            raise DataError(f"{os.path.basename(shard)}: sample {key!r}: truncated tar (ends inside {key}.{ext})")
-        files[ext] = data
-    return files
-
-
 def check_end(shard: str) -> None:
     """Cheap check before streaming a local .tar: a tar ends with two zero blocks, so a shard cut at a member boundary
     (which a streaming reader takes for a normal end) shows in its last 1024 bytes; then `shard_keys` names it."""
@@ -245,69 +161,6 @@ def _shard_count(shard: str) -> int | None:
     """Samples in a shard if it is a local file (header scan), else None."""
     keys = shard_keys(shard)
     return None if keys is None else len(keys)
-
-
-def _open_stream(shard: str) -> IO[bytes]:
-    """A local path, http(s) URL or (already allowed) pipe: command, opened for one streaming read."""
-    try:
-        if _is_url(shard):
-            return urllib.request.urlopen(shard, timeout=60)  # noqa: S310 - http(s) only, checked by expand_shards
-        if shard.startswith("pipe:"):
-            proc = subprocess.Popen(shard[5:], shell=True, stdout=subprocess.PIPE)  # noqa: S602 - allow_pipe asked
-            assert proc.stdout is not None
-            return proc.stdout
-        return open(shard, "rb", buffering=1 << 20)
-    except OSError as e:
-        raise DataError(f"{os.path.basename(shard)}: cannot open shard ({e})") from None
-
-
-def iter_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {ext: bytes}) for each sample of a shard with the standard library; any failure is one
-    DataError naming the shard (and the sample). Local uncompressed tars whose headers parse are read where
-    `sample_members` found their files; every other shard streams through tarfile."""
-    members = sample_members(shard) if _is_local(shard) and os.path.isfile(shard) else None
-    if members is not None:
-        with open(shard, "rb") as f:
-            for sample, where in members:
-                yield sample, read_sample_at(shard, f, sample, where)
-        return
-    name, member = os.path.basename(shard), None
-    key: str | None = None
-    files: dict[str, bytes] = {}
-    stream = _open_stream(shard)
-    try:
-        try:
-            tar = tarfile.open(fileobj=stream, mode="r|*")
-        except (tarfile.ReadError, EOFError, OSError) as e:
-            raise DataError(f"{name}: not a tar archive ({_why(e)})") from None
-        try:
-            for m in tar:
-                member = m.name
-                if not m.isreg() or _is_meta(m.name):
-                    continue
-                k, ext = base_plus_ext(m.name)
-                if k is None or ext is None:
-                    continue
-                data = tar.extractfile(m).read()  # type: ignore[union-attr]  # a regular member has a file
-                tar.members = []  # type: ignore[attr-defined]  # a stream keeps no index (as webdataset does)
-                if k != key:
-                    if key is not None:
-                        yield key, files
-                    key, files = k, {}
-                if ext.lower() in files:
-                    raise DataError(f"{name}: sample {key!r}: duplicate file {m.name!r}")
-                files[ext.lower()] = data
-        except (tarfile.ReadError, EOFError, OSError) as e:
-            if member is None:
-                raise DataError(f"{name}: not a tar archive ({_why(e)})") from None
-            at = f"{name}: sample {base_plus_ext(member)[0]!r}"
-            if isinstance(e, EOFError) or "end" in _why(e):
-                raise DataError(f"{at}: truncated tar (ends inside {member!r})") from None
-            raise DataError(f"{at}: unreadable shard ({type(e).__name__}: {_why(e)})") from None
-        if key is not None:
-            yield key, files
-    finally:
-        stream.close()
 
 
 # ---------------------------------------------------------------------------------------------- labels and decoding

@@ -1,6 +1,6 @@
 """Reading shards for training: webdataset's own pipeline (`url_opener`-style stream -> `tar_file_expander` ->
 `group_by_keys`, which handles .tar, .tar.gz and .tgz) and torchvision's image decoder. Imported by `loading` only:
-webdataset imports torch, and checking data before a run (`verify`, `catalog`) must not (`shards.iter_samples`).
+webdataset imports torch, and checking data before a run (`verify`, `catalog`) must not (`tar_index.iter_samples`).
 
 What webdataset lacks, kept here and small: a `handler` that turns every failure into one DataError line naming
 the shard and the sample key (webdataset's exceptions carry neither reliably).

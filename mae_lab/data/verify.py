@@ -16,9 +16,9 @@ from mae_lab.data.shards import (
     _label,
     decode_pil,
     expand_shards,
-    iter_samples,
     shard_keys,
 )
+from mae_lab.data.tar_index import iter_samples
 
 
 def cache_root(cache_dir) -> Path:
