@@ -24,7 +24,8 @@ def code_version() -> tuple[str | None, bool | None]:
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                     ".", ":(exclude)db", ":(exclude)docs/results"],  # results, not code
                                     capture_output=True, text=True, timeout=10, check=True).stdout.strip())
         return commit, dirty
     except (OSError, subprocess.SubprocessError):
