@@ -1,11 +1,13 @@
 """The mae-lab command line: parse, call one library function, print.
 
-Exit codes: 0 success, 1 some trials failed or diverged, 2 bad input (study file, data, database URL), 130 interrupted.
+Exit codes: 0 success, 1 some trials failed or diverged, 2 bad input (study file, data, database URL), 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM: a scheduler's stop or `kill`, handled as Ctrl-C is).
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,17 +31,32 @@ USER_ERRORS = (("mae_lab.spec", "StudyError"), ("mae_lab.data.shards", "DataErro
                ("mae_lab.checkpoint", "CheckpointError"))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is: it unwinds as Ctrl-C does (the running trial is marked interrupted, with
+    this message), so a batch scheduler's stop leaves no trial "running" for a stale-heartbeat takeover to find."""
+
+
+def on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated("interrupted by SIGTERM")
+
+
+def interrupted_code(exc: KeyboardInterrupt) -> int:
+    return 143 if isinstance(exc, Terminated) else 130
+
+
 class Boundary(TyperGroup):
     """Every command runs inside this boundary: an anticipated error (bad input, a missing or unreadable path, a
-    permission) becomes one line on stderr with exit 2, Ctrl-C exit 130. Anything else keeps its traceback (a
-    trial's own failure is recorded with its traceback in the trial, by the runner, and never reaches here)."""
+    permission) becomes one line on stderr with exit 2, Ctrl-C exit 130, SIGTERM exit 143. Anything else keeps its
+    traceback (a trial's own failure is recorded with its traceback in the trial, by the runner, and never reaches
+    here)."""
 
     def invoke(self, ctx):
+        signal.signal(signal.SIGTERM, on_sigterm)
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             Console(stderr=True).print("interrupted")
-            raise typer.Exit(130) from None
+            raise typer.Exit(interrupted_code(exc)) from None
         except Exception as exc:
             user = tuple(getattr(sys.modules[m], c) for m, c in USER_ERRORS if m in sys.modules)
             if isinstance(exc, OSError) and exc.filename is not None:
@@ -84,7 +101,7 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 @contextmanager
 def trial_errors(resume_hint: str, display: bool = True) -> Iterator[object]:
     """Yield a progress display (None if not `display`) and turn bad input into one line with exit 2, and Ctrl-C
-    into exit 130 with `resume_hint`."""
+    (SIGTERM) into exit 130 (143) with `resume_hint`."""
     from mae_lab.db import DbError
     from mae_lab.progress import make_display
     from mae_lab.spec import StudyError
@@ -98,9 +115,9 @@ def trial_errors(resume_hint: str, display: bool = True) -> Iterator[object]:
                 shown.close()
     except (StudyError, DbError, ValueError) as exc:
         raise fail(str(exc)) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         Console(stderr=True).print(f"interrupted: the running trial is marked interrupted; {resume_hint}")
-        raise typer.Exit(130) from None
+        raise typer.Exit(interrupted_code(exc)) from None
 
 
 def _open_db(url: str | None, create: bool = True):

@@ -12,6 +12,7 @@ machines the checkpoint folder must be shared.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -99,4 +100,10 @@ def launch(nproc: int, args: list[str]) -> int:
     """Run ``cli run ARGS`` in ``nproc`` processes on this machine through torchrun; its exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "cli", "run", *args]
-    return subprocess.call(cmd)
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM here: torchrun passes SIGTERM on, each process marks its trial
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        raise

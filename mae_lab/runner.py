@@ -221,8 +221,9 @@ def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heart
         return "diverged"
     except db.LostClaim:
         raise
-    except KeyboardInterrupt:
-        db.finish_trial(engine, row.id, "interrupted", error="interrupted by the user (Ctrl-C)", claim=claim)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (the command line raises it as one, with its message)
+        db.finish_trial(engine, row.id, "interrupted", error=str(exc) or "interrupted by the user (Ctrl-C)",
+                        claim=claim)
         raise
     except torch.cuda.OutOfMemoryError:
         db.finish_trial(engine, row.id, "failed", error="CUDA out of memory: lower pretrain.batch_size and raise "

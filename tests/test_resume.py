@@ -97,14 +97,15 @@ def test_sigkill_then_rerun_pretrains_only_the_remaining_epochs(workdir: Path, c
 
 
 @pytest.mark.slow
-def test_ctrl_c_exits_130_marks_interrupted_and_resumes(workdir: Path, clean: Path):
+@pytest.mark.parametrize("sig, code, reason", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_ctrl_c_or_sigterm_marks_interrupted_and_resumes(workdir: Path, clean: Path, sig, code, reason):
     (workdir / "kill.toml").write_text(STUDY)
     db = workdir / "db" / "mae_lab.db"
-    code, out = stop_after(workdir, 2, signal.SIGINT)
-    assert code == 130, out
+    exit_code, out = stop_after(workdir, 2, sig)
+    assert exit_code == code, out
     assert "interrupted" in out and "Traceback" not in out, out
     status, error = query(db, "SELECT status, error FROM mae_trials")[0]
-    assert status == "interrupted" and "Ctrl-C" in error
+    assert status == "interrupted" and reason in error
     k = checkpoint_epoch(db)
     assert 2 <= k < EPOCHS
 
