@@ -13,7 +13,6 @@ from typing import Any
 import timm
 import torch
 
-from mae_lab.data import DatasetInfo
 from mae_lab.expand import RunContext
 
 
@@ -54,7 +53,7 @@ def device_name(device: str) -> str:
     return f"{model} ({torch.backends.cpu.get_cpu_capability()}, {bf16})"
 
 
-def provenance(info: DatasetInfo, device: str, ctx: RunContext, data_root: str | None) -> dict[str, Any]:
+def provenance(device: str, ctx: RunContext, data_root: str | None) -> dict[str, Any]:
     """How a trial ran (TrialRow's provenance columns): none of it is part of its identity."""
     commit, dirty = code_version()
     try:

@@ -135,7 +135,7 @@ def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heart
     spec = TrialSpec.model_validate_json(row.spec_json)
     world_size = dist_ctx.world_size if dist_ctx is not None else 1
     ctx = planning.run_context(spec, info, device, world_size)
-    db.set_provenance(engine, row.id, claim=claim, **provenance(info, device, ctx, data_root))
+    db.set_provenance(engine, row.id, claim=claim, **provenance(device, ctx, data_root))
     ckpt = artifacts / "pretrain" / f"{row.pretrain_hash}.pt"
     last: dict[str, Any] = {}  # the latest pretraining metrics, for a pruned trial's result
 
