@@ -7,11 +7,11 @@
 Baseline ("tuples"): the code before the columnar index, copied here: each shard's headers grouped into a tuple of
 (key, ((ext, offset, size), ...)) (what `sample_members` cached) and a list of (shard number, key, members) per
 sample (what `_sample_index` built). Candidate ("columnar"): `sample_index` with its per-shard cache cleared. Both
-read the headers with the same `_headers`. Bytes per sample: tracemalloc's traced memory held by the built index
-(its cache included) over the samples; peak: the most traced during the build. Build time: medians of interleaved
-rounds, tracemalloc off. Worker copy: a forked child (as a DataLoader worker is) runs one gc collection, then reads
-every sample of the index once (as a worker's epoch does) and collects again; the Private_Dirty bytes it gains in
-between (pages copied on write by refcount and gc writes) over the samples. Linux only.
+read the headers with the same `plain_tar_headers`. Bytes per sample: tracemalloc's traced memory held by the built
+index (its cache included) over the samples; peak: the most traced during the build. Build time: medians of
+interleaved rounds, tracemalloc off. Worker copy: a forked child (as a DataLoader worker is) runs one gc collection,
+then reads every sample of the index once (as a worker's epoch does) and collects again; the Private_Dirty bytes it
+gains in between (pages copied on write by refcount and gc writes) over the samples. Linux only.
 """
 from __future__ import annotations
 
@@ -25,15 +25,15 @@ from pathlib import Path
 import _bench  # noqa: F401
 from _bench import CIFAR10, header, interleaved, table
 
-from mae_lab.data.shards import _is_meta, base_plus_ext, check_end
-from mae_lab.data.tar_index import _headers, _members_of_local_tar, _tarfile_headers, sample_index
+from mae_lab.data.shards import _is_meta, base_plus_ext, check_end, plain_tar_headers
+from mae_lab.data.tar_index import _members_of_local_tar, _tarfile_headers, sample_index
 
 IMAGENET = 1_281_167
 
 
 def old_members(path: str) -> tuple | None:
     """The per-shard value `sample_members` cached before the columnar index (`_members_of_local_tar`, copied)."""
-    headers, size = _headers(path) or _tarfile_headers(path), os.stat(path).st_size
+    headers, size = plain_tar_headers(path) or _tarfile_headers(path), os.stat(path).st_size
     samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
     for name, offset, length in headers:
         if _is_meta(name):

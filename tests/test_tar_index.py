@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +15,11 @@ import webdataset as wds
 from test_data import id_shards, png, write_tar
 
 from mae_lab.data import DataError, Subset
-from mae_lab.data.shards import check_end
+from mae_lab.data.shards import check_end, plain_tar_headers, shard_keys
 from mae_lab.data.stream import read_samples
 from mae_lab.data.tar_index import (
     SampleIndex,
     TarMembers,
-    _headers,
     iter_samples,
     read_sample_at,
     sample_index,
@@ -99,7 +99,7 @@ def assert_same_as_tarfile(shard: str, samples: list[dict]) -> TarMembers:
 def test_a_shard_with_several_files_per_sample_indexes_as_tarfile_reads_it(tmp_path, writer):
     samples = [sample(i) for i in range(30)]
     shard = written(tmp_path, samples, writer)
-    assert (_headers(shard) is None) == (writer == "shardwriter")  # both ways of reading the headers are tried
+    assert (plain_tar_headers(shard) is None) == (writer == "shardwriter")  # both ways of reading the headers are tried
     members = assert_same_as_tarfile(shard, samples)
     assert sorted(members.exts) == ["cls", "json", "png", "seg.png", "txt"]  # each extension once
     assert members.start.tolist()[:4] == [0, 4, 7, 9] and members.start[-1] == len(members.offset)  # 4, 3, 2 files
@@ -160,3 +160,18 @@ def test_the_index_is_none_where_the_tuples_were(tmp_path):
     assert sample_members(str(cut)) is not None
     for bad in (gz, twice, cut):
         assert sample_index([str(good), str(bad)], None, 2) is None
+
+
+@pytest.mark.parametrize("writer", ["shardwriter", "gnu"])
+def test_shard_keys_and_cut_shards_read_alike_either_way(tmp_path, writer):
+    """`shard_keys` (the pre-run scan: holdout, checks) reads plain headers itself and pax ones through tarfile: the
+    same keys, and a cut anywhere (inside a file, at a header, before the end marker) names the shard and a key."""
+    samples = [sample(i) for i in range(12)]
+    shard = written(tmp_path, samples, writer)
+    assert shard_keys(shard) == tuple(s["__key__"] for s in samples)
+    data, members = Path(shard).read_bytes(), sample_members(shard)
+    last_end = int(members.offset[-1]) + -(-int(members.size[-1]) // 512) * 512  # the end marker's first byte
+    for cut in (int(members.offset[5]) + 1, int(members.offset[5]) - 512, last_end):
+        Path(shard).write_bytes(data[:cut])
+        with pytest.raises(DataError, match=rf"^{Path(shard).name}: sample 'k00\d\d': (truncated|unreadable) tar"):
+            shard_keys(shard)

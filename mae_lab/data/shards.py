@@ -18,6 +18,7 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import braceexpand
@@ -103,17 +104,53 @@ def _why(exn: BaseException) -> str:
     return re.sub(r"\s*@ <.*$|\s*<_io\.\w+ object at 0x[0-9a-f]+>", "", text.splitlines()[0] if text else "")
 
 
+def plain_tar_headers(path: str) -> list[tuple[str, int, int]] | None:
+    """(name, data offset, size) of each regular member of a plain ustar/GNU tar, read header by header (a few us
+    each, where tarfile takes ~60 us); None at anything else (pax or long-name headers, links, bad checksums)."""
+    out: list[tuple[str, int, int]] = []
+    with open(path, "rb", buffering=0) as f:  # unbuffered: a buffered seek would read 8 KiB per header
+        pos = 0
+        while len(h := f.read(512)) == 512 and h.count(0) != 512:
+            try:
+                size = int(h[124:136].rstrip(b"\0 ") or b"0", 8)
+                ok = sum(h) - sum(h[148:156]) + 256 == int(h[148:156].rstrip(b"\0 "), 8)  # checksum as spaces
+            except ValueError:
+                return None
+            if not ok or h[156:157] not in (b"0", b"\0", b"5"):
+                return None
+            name = h[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if h[257:262] == b"ustar" and (prefix := h[345:500].split(b"\0", 1)[0]):
+                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+            if h[156:157] != b"5":
+                out.append((name, pos + 512, size))
+            pos += 512 + -(-size // 512) * 512
+            f.seek(pos)
+    return out
+
+
+def _regular_members(path: str) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular member: a plain ustar/GNU .tar read header by header (~4x faster),
+    any other tar through tarfile, member by member (so an error comes after the members before it)."""
+    headers = None if path.endswith(COMPRESSED) else plain_tar_headers(path)
+    if headers:  # None, or [] (an empty file, or only the end marker): tarfile says which
+        yield from headers
+        return
+    with tarfile.open(path, "r:*") as tar:
+        for m in tar:
+            if m.isreg():
+                yield m.name, m.offset_data, m.size
+
+
 @functools.lru_cache(maxsize=4096)
 def _keys_of_local_shard(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
     name, last, end = os.path.basename(path), None, 0
     keys: list[str] = []
     try:
-        with tarfile.open(path, "r:*") as tar:
-            for m in tar:
-                if m.isreg() and (key := base_plus_ext(m.name)[0]) is not None:
-                    if key != (keys[-1] if keys else None):
-                        keys.append(key)
-                    last, end = m.name, m.offset_data + -(-m.size // 512) * 512
+        for member, offset, member_size in _regular_members(path):
+            if (key := base_plus_ext(member)[0]) is not None:
+                if key != (keys[-1] if keys else None):
+                    keys.append(key)
+                last, end = member, offset + -(-member_size // 512) * 512
     except tarfile.ReadError as e:
         if last is None:
             raise DataError(f"{name}: not a tar archive ({_why(e)})") from None

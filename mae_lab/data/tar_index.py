@@ -31,33 +31,10 @@ from mae_lab.data.shards import (
     _why,
     base_plus_ext,
     check_end,
+    plain_tar_headers,
 )
 
 Member = tuple[str, int, int]  # (extension, first data byte, size) of one file of a sample
-
-
-def _headers(path: str) -> list[tuple[str, int, int]] | None:
-    """(name, data offset, size) of each regular member of a plain ustar/GNU tar, read header by header (a few us
-    each, where tarfile takes ~60 us); None at anything else (pax or long-name headers, links, bad checksums)."""
-    out: list[tuple[str, int, int]] = []
-    with open(path, "rb", buffering=0) as f:  # unbuffered: a buffered seek would read 8 KiB per header
-        pos = 0
-        while len(h := f.read(512)) == 512 and h.count(0) != 512:
-            try:
-                size = int(h[124:136].rstrip(b"\0 ") or b"0", 8)
-                ok = sum(h) - sum(h[148:156]) + 256 == int(h[148:156].rstrip(b"\0 "), 8)  # checksum as spaces
-            except ValueError:
-                return None
-            if not ok or h[156:157] not in (b"0", b"\0", b"5"):
-                return None
-            name = h[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            if h[257:262] == b"ustar" and (prefix := h[345:500].split(b"\0", 1)[0]):
-                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-            if h[156:157] != b"5":
-                out.append((name, pos + 512, size))
-            pos += 512 + -(-size // 512) * 512
-            f.seek(pos)
-    return out
 
 
 def _tarfile_headers(path: str) -> list[tuple[str, int, int]]:
@@ -152,7 +129,7 @@ def _group(headers: list[tuple[str, int, int]], size: int) -> TarMembers | None:
 def _members_of_local_tar(path: str, size: int, mtime_ns: int) -> TarMembers | None:
     """The samples of an uncompressed local tar (`_group`); None where the headers do not parse either."""
     try:
-        headers = _headers(path) or _tarfile_headers(path)
+        headers = plain_tar_headers(path) or _tarfile_headers(path)
     except (tarfile.TarError, EOFError, OSError):
         return None
     return _group(headers, size)
