@@ -173,5 +173,5 @@ def test_shard_keys_and_cut_shards_read_alike_either_way(tmp_path, writer):
     last_end = int(members.offset[-1]) + -(-int(members.size[-1]) // 512) * 512  # the end marker's first byte
     for cut in (int(members.offset[5]) + 1, int(members.offset[5]) - 512, last_end):
         Path(shard).write_bytes(data[:cut])
-        with pytest.raises(DataError, match=rf"^{Path(shard).name}: sample 'k00\d\d': (truncated|unreadable) tar"):
+        with pytest.raises(DataError, match=rf"^{Path(shard).name}: sample 'k00\d\d': truncated tar"):
             shard_keys(shard)

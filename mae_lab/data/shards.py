@@ -156,6 +156,9 @@ def _keys_of_local_shard(path: str, size: int, mtime_ns: int) -> tuple[str, ...]
             raise DataError(f"{name}: not a tar archive ({_why(e)})") from None
         if "end of data" in _why(e):
             raise DataError(f"{name}: sample {keys[-1]!r}: truncated tar (ends inside {last!r})") from None
+        if _why(e) in ("empty header", "truncated header"):  # cut between (pax) headers, or inside one
+            raise DataError(f"{name}: sample {keys[-1]!r}: truncated tar (ends in the headers after {last!r})") \
+                from None
         raise DataError(f"{name}: sample {keys[-1]!r}: unreadable tar ({_why(e)})") from None
     except (EOFError, OSError) as e:  # a cut .tar.gz
         where = f"{name}: sample {keys[-1]!r}" if keys else name
