@@ -3,10 +3,12 @@ inputs that look odd but are fine (a UTF-8 byte-order mark, a large grid with --
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import dump_db, study_toml
+from conftest import REPO, dump_db, study_toml
 from typer.testing import CliRunner
 
 from cli import app
@@ -125,3 +127,13 @@ def test_a_shard_that_is_not_a_tar_archive_is_named(workdir: Path, content: byte
     for args in (["validate", "s.toml"], ["run", "s.toml"]):
         one_line_error(CliRunner().invoke(app, args), "s.toml", "plain.tar", "not a tar archive")
     assert dump_db(workdir / "db" / "mae_lab.db") == []
+
+
+def test_a_reader_that_leaves_ends_the_output_quietly(tmp_path: Path):
+    """`mae-lab run --help | head -20`: head leaves after its lines, the next write fails with EPIPE, and the command
+    ends with click's quiet exit 1, not an 'error:' line (exit 2) or a traceback."""
+    cmd = f"'{sys.executable}' -m cli run --help 2>err.txt | head -20 >/dev/null; echo ${{PIPESTATUS[0]}}"
+    proc = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"})
+    assert proc.stdout.strip() == "1", proc.stdout
+    assert (tmp_path / "err.txt").read_text() == ""
