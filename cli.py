@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,7 +53,8 @@ class Boundary(TyperGroup):
     here)."""
 
     def invoke(self, ctx):
-        signal.signal(signal.SIGTERM, on_sigterm)
+        main = threading.current_thread() is threading.main_thread()  # only the main thread may set a handler
+        previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt as exc:
@@ -67,6 +69,9 @@ class Boundary(TyperGroup):
             if isinstance(exc, (OSError, UnicodeError, *user)):
                 raise fail(str(exc)) from None
             raise
+        finally:
+            if previous is not None:  # a caller's own handler (a test runner, a notebook) is theirs again
+                signal.signal(signal.SIGTERM, previous)
 
 
 app = typer.Typer(cls=Boundary, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,

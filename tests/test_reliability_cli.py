@@ -3,8 +3,10 @@ inputs that look odd but are fine (a UTF-8 byte-order mark, a large grid with --
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,21 @@ def test_a_reader_that_leaves_ends_the_output_quietly(tmp_path: Path):
                           env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"})
     assert proc.stdout.strip() == "1", proc.stdout
     assert (tmp_path / "err.txt").read_text() == ""
+
+
+def test_the_sigterm_handler_is_set_only_while_a_command_runs_and_only_from_the_main_thread(workdir: Path):
+    """The command line turns SIGTERM into an interrupt while it runs (tests/test_resume.py), and gives the caller's
+    handler back after; called from another thread (where Python allows no handler) it runs without one."""
+    (workdir / "s.toml").write_text(STUDY)
+    mine = lambda signum, frame: None  # noqa: E731 - a caller's own handler
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert CliRunner().invoke(app, ["validate", "s.toml"]).exit_code == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+        results = []
+        thread = threading.Thread(target=lambda: results.append(CliRunner().invoke(app, ["validate", "s.toml"])))
+        thread.start()
+        thread.join()
+        assert results[0].exit_code == 0, results[0].output
+    finally:
+        signal.signal(signal.SIGTERM, previous)
