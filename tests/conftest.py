@@ -3,6 +3,7 @@ real command line in a subprocess, and the small study TOML the tests share."""
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -42,11 +43,17 @@ def dump_db(path: Path) -> list[str]:
         return list(c.iterdump())
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def mae_lab(*args: str, cwd: Path) -> subprocess.Popen:
-    """Start the real command line in a subprocess (so it can be killed), output captured."""
+    """Start the real command line in a subprocess (so it can be killed), output captured. Its SIGINT is at the
+    default, as from a terminal: a test run started in the background (`cmd &`, CI under nohup) passes SIGINT on
+    ignored, and Python then never turns it into Ctrl-C."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigint)
 
 
 def _toml(v) -> str:
