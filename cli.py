@@ -5,7 +5,6 @@ Exit codes: 0 success, 1 some trials failed or diverged, 2 bad input (study file
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -61,7 +60,7 @@ class Boundary(TyperGroup):
             Console(stderr=True).print("interrupted")
             raise typer.Exit(interrupted_code(exc)) from None
         except Exception as exc:
-            if isinstance(exc, OSError) and exc.errno == errno.EPIPE:  # the reader left (`| head`): click ends quietly
+            if isinstance(exc, BrokenPipeError):  # the reader left (`| head`): click ends quietly
                 raise
             user = tuple(getattr(sys.modules[m], c) for m, c in USER_ERRORS if m in sys.modules)
             if isinstance(exc, OSError) and exc.filename is not None:
