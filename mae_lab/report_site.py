@@ -147,30 +147,41 @@ def run_state(reports: list[StudyReport]) -> str:
 def compute_spent(studies: list[StudyRecords]) -> str:
     """One line: the trials done and the compute they took, from each trial's own wall clock (pretraining, probe,
     fine-tune; a pretraining shared by several trials counted once, by the trial that ran it) times the cores
-    (CPU: processes x torch threads) or GPUs it held, and the machines it ran on."""
-    trials, core_min, gpu_min, unknown_min, machines = 0, 0.0, 0.0, 0.0, set()
+    (CPU: processes x torch threads) or GPUs it held, in all and per machine it ran on."""
+    per_machine: dict[str, list[float]] = {}  # name -> [trials, CPU core-min, GPU-min, process-min of unknown threads]
     for s in studies:
         for t in s.trials:
             if t["status"] != "done":
                 continue
-            trials += 1
             own = 0.0 if t["pretrain_reused"] else (t["pretrain_wall_s"] or 0.0)
             minutes = (own + (t["linear_wall_s"] or 0.0) + (t["finetune_wall_s"] or 0.0)) / 60.0
             procs = int(t["world_size"] or 1)
-            machines.add(t["device_name"] or "unrecorded")
-            if (t["device"] or "").startswith("cuda"):
-                gpu_min += minutes * procs
+            cuda = (t["device"] or "").startswith("cuda")
+            name = t["device_name"] or "unrecorded"
+            if not cuda and t["device_name"] and not name.endswith(")"):
+                name += " (ISA flags not recorded)"  # CPU names before they carried the kernel level and bf16 flags
+            m = per_machine.setdefault(name, [0, 0.0, 0.0, 0.0])
+            m[0] += 1
+            if cuda:
+                m[2] += minutes * procs
             elif t["cpu_threads"]:
-                core_min += minutes * procs * int(t["cpu_threads"])
+                m[1] += minutes * procs * int(t["cpu_threads"])
             else:
-                unknown_min += minutes * procs
-    parts = [f"{trials} trials done: {core_min:.0f} CPU core-minutes"]
-    if gpu_min:
-        parts.append(f"{gpu_min:.0f} GPU-minutes")
-    if unknown_min:
-        parts.append(f"{unknown_min:.0f} process-minutes whose CPU threads were not recorded (schema < 4)")
-    return (", ".join(parts) + " (each trial's own wall clock: pretraining, probe, fine-tune; a pretraining shared "
-            f"by several trials counted once, where it ran). Machines: {'; '.join(sorted(machines)) or '-'}.")
+                m[3] += minutes * procs
+
+    def spent(core: float, gpu: float, unknown: float) -> str:
+        parts = [f"{core:.0f} CPU core-minutes"] if core or not gpu else []
+        if gpu:
+            parts.append(f"{gpu:.0f} GPU-minutes")
+        if unknown:
+            parts.append(f"{unknown:.0f} process-minutes whose CPU threads were not recorded (schema < 4)")
+        return ", ".join(parts)
+
+    trials, *total = [sum(m[i] for m in per_machine.values()) for i in range(4)]
+    machines = "; ".join(f"{name}, {m[0]:.0f} trial{'s' * (m[0] != 1)}: {spent(*m[1:])}"
+                         for name, m in sorted(per_machine.items())) or "-"
+    return (f"{trials:.0f} trials done: {spent(*total)} (each trial's own wall clock: pretraining, probe, fine-tune; "
+            f"a pretraining shared by several trials counted once, where it ran). Per machine: {machines}.")
 
 
 def write_site(studies: list[StudyRecords], folder: str | Path, *, engine: Engine | None = None,

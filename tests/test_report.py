@@ -238,10 +238,15 @@ def test_compute_spent_counts_cores_gpus_and_a_shared_pretraining_once():
               trial(world="2", threads="1"),           # 3 min x 2 processes x 1 thread = 6
               trial(device="cuda", threads=None, world="2", name="H100"),  # 3 min x 2 GPUs = 6 GPU-minutes
               trial(threads=None),                     # before schema 4: said apart, not guessed
-              trial(status="failed")]                  # not counted
+              trial(status="failed"),                  # not counted
+              trial(name="Xeon (AVX512, avx512_bf16)")]  # the same model, with the speed flags recorded: 6
     line = compute_spent([StudyRecords("s", "", None, "", trials)])
-    assert line.startswith("5 trials done: 13 CPU core-minutes, 6 GPU-minutes, 3 process-minutes whose CPU "
-                           "threads were not recorded") and "Machines: H100; Xeon." in line
+    assert line.startswith("6 trials done: 19 CPU core-minutes, 6 GPU-minutes, 3 process-minutes whose CPU "
+                           "threads were not recorded")
+    assert line.endswith("Per machine: H100, 1 trial: 6 GPU-minutes; "
+                         "Xeon (AVX512, avx512_bf16), 1 trial: 6 CPU core-minutes; "
+                         "Xeon (ISA flags not recorded), 4 trials: 13 CPU core-minutes, 3 process-minutes "
+                         "whose CPU threads were not recorded (schema < 4).")
 
 
 def test_a_trials_file_without_a_column_is_refused(depth_db, tmp_path):
