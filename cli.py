@@ -216,6 +216,8 @@ def run(
 
 def _print_summary(summary) -> None:
     parts = [f"{summary.count(s)} {s}" for s in ("done", "failed", "diverged") if summary.count(s)]
+    if summary.copied:
+        parts.insert(0, f"{summary.copied} copied from another study")
     out().print(f"{summary.total} trials: {summary.skipped} already done" + "".join(f", {p}" for p in parts))
     if not summary.ok:
         raise typer.Exit(1)

@@ -28,9 +28,9 @@ from typing import Any
 from sqlalchemy import Column, Text, UniqueConstraint, and_, event, insert, inspect, or_, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
-from sqlmodel import Field, Session, SQLModel, create_engine, delete, select
+from sqlmodel import Field, Session, SQLModel, col, create_engine, delete, select
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # version reached -> statements that bring a database of the version before up to it (run inside one transaction)
 MIGRATIONS = {
     2: ["ALTER TABLE mae_results ADD COLUMN pretrain_peak_mem_mib FLOAT"],
@@ -40,6 +40,7 @@ MIGRATIONS = {
        + [f"ALTER TABLE mae_results ADD COLUMN {c}" for c in (
         "linear_test_top1 FLOAT", "finetune_test_top1 FLOAT", "artifact_error TEXT")],
     4: ["ALTER TABLE mae_trials ADD COLUMN cpu_threads INTEGER"],
+    5: ["ALTER TABLE mae_results ADD COLUMN result_copied BOOLEAN"],
 }
 DEFAULT_URL = "sqlite:///db/mae_lab.db"
 STATUSES = ("pending", "running", "done", "failed", "diverged", "interrupted", "pruned")
@@ -149,6 +150,7 @@ class ResultRow(SQLModel, table=True):
     encoder_params: int | None = None
     total_params: int | None = None
     pretrain_reused: bool = False  # the pretraining was shared with another trial
+    result_copied: bool | None = None  # a copy of a done trial's result (same spec hash): nothing ran (schema 5)
     artifact_error: str | None = Field(default=None, sa_column=Column(Text))  # FLOPs / recon failed after the result
 
 
@@ -635,11 +637,29 @@ def done_with_results(engine: Engine) -> list[tuple[TrialRow, ResultRow]]:
                                           .where(TrialRow.status == "done").order_by(TrialRow.id))]
 
 
+# provenance of the run that made a result: a copy of the result carries it too
+RUN_PROVENANCE = ("host", "git_commit", "git_dirty", "torch_version", "timm_version", "mae_lab_version", "device",
+                  "device_name", "world_size", "cpu_threads", "resolved_precision", "data_root", "data_fingerprint")
+
+
 def adopt_result(engine: Engine, trial_id: int, source: ResultRow, claim: Claim | None = None) -> None:
-    """Close a trial as done with a copy of another trial's result (same spec, run before): nothing is trained."""
-    fields = source.model_dump(exclude={"id", "trial_id"})
-    fields["pretrain_reused"] = True
-    finish_trial(engine, trial_id, "done", result=fields, claim=claim)
+    """Close a trial as done with a copy of a done trial's result (the same spec hash, in another study or a search):
+    its metrics, artifacts and the provenance of the run that made it come along, nothing is trained or evaluated,
+    and ``result_copied`` keeps its times from being counted twice."""
+    with transaction(engine) as s:
+        row = _fenced(s, claim, trial_id)
+        origin = s.exec(select(TrialRow).where(TrialRow.id == source.trial_id)).one()
+        for k in RUN_PROVENANCE:
+            setattr(row, k, getattr(origin, k))
+        row.status, row.error, row.ended_at, row.worker = "done", None, now(), None
+        for table in (ResultRow, MetricRow, ArtifactRow):
+            s.exec(delete(table).where(col(table.trial_id) == trial_id))
+        fields = source.model_dump(exclude={"id", "trial_id"})
+        s.add(ResultRow(trial_id=trial_id, **{**fields, "pretrain_reused": True, "result_copied": True}))
+        for m in s.exec(select(MetricRow).where(MetricRow.trial_id == source.trial_id)).all():
+            s.add(MetricRow(trial_id=trial_id, stage=m.stage, epoch=m.epoch, name=m.name, value=m.value))
+        for a in s.exec(select(ArtifactRow).where(ArtifactRow.trial_id == source.trial_id)).all():
+            s.add(ArtifactRow(trial_id=trial_id, kind=a.kind, path=a.path, sha256=a.sha256))
 
 
 def get_trials(engine: Engine, ids: list[int]) -> list[TrialRow]:
@@ -692,6 +712,11 @@ def _put_artifacts(s: Session, trial_id: int, artifacts: dict[str, tuple[str, st
 def get_study(engine: Engine, name: str) -> StudyRow | None:
     with Session(engine) as s:
         return s.exec(select(StudyRow).where(StudyRow.name == name)).first()
+
+
+def study_name(engine: Engine, study_id: int) -> str:
+    with Session(engine) as s:
+        return s.exec(select(StudyRow.name).where(StudyRow.id == study_id)).one()
 
 
 def list_studies(engine: Engine) -> list[tuple[StudyRow, dict[str, int]]]:

@@ -146,15 +146,16 @@ def run_state(reports: list[StudyReport]) -> str:
 
 def compute_spent(studies: list[StudyRecords]) -> str:
     """One line: the trials done and the compute they took, from each trial's own wall clock (pretraining, probe,
-    fine-tune; a pretraining shared by several trials counted once, by the trial that ran it) times the cores
-    (CPU: processes x torch threads) or GPUs it held, in all and per machine it ran on."""
+    fine-tune; a pretraining shared by several trials, or a result copied to another study, counted once, where it
+    ran) times the cores (CPU: processes x torch threads) or GPUs it held, in all and per machine it ran on."""
     per_machine: dict[str, list[float]] = {}  # name -> [trials, CPU core-min, GPU-min, process-min of unknown threads]
     for s in studies:
         for t in s.trials:
             if t["status"] != "done":
                 continue
             own = 0.0 if t["pretrain_reused"] else (t["pretrain_wall_s"] or 0.0)
-            minutes = (own + (t["linear_wall_s"] or 0.0) + (t["finetune_wall_s"] or 0.0)) / 60.0
+            minutes = 0.0 if t["result_copied"] else (own + (t["linear_wall_s"] or 0.0)
+                                                      + (t["finetune_wall_s"] or 0.0)) / 60.0
             procs = int(t["world_size"] or 1)
             cuda = (t["device"] or "").startswith("cuda")
             name = t["device_name"] or "unrecorded"
@@ -181,7 +182,8 @@ def compute_spent(studies: list[StudyRecords]) -> str:
     machines = "; ".join(f"{name}, {m[0]:.0f} trial{'s' * (m[0] != 1)}: {spent(*m[1:])}"
                          for name, m in sorted(per_machine.items())) or "-"
     return (f"{trials:.0f} trials done: {spent(*total)} (each trial's own wall clock: pretraining, probe, fine-tune; "
-            f"a pretraining shared by several trials counted once, where it ran). Per machine: {machines}.")
+            "a pretraining shared by several trials, or a result copied from another study, counted once, where it "
+            f"ran). Per machine: {machines}.")
 
 
 def write_site(studies: list[StudyRecords], folder: str | Path, *, engine: Engine | None = None,

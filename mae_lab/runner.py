@@ -48,6 +48,7 @@ class Pruned(Exception):
 class RunSummary:
     total: int = 0
     skipped: int = 0  # already done before this run
+    copied: int = 0  # done in another study before: the result copied (db.adopt_result)
     ran: list[tuple[str, str]] = field(default_factory=list)  # (hash, final status)
 
     def count(self, status: str) -> int:
@@ -344,6 +345,14 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
                 continue
             waiting = False
             tried.add(claimed.id)
+            found = None if rerun else db.find_done(engine, claimed.hash)
+            if found is not None:  # the same trial (spec hash) is done in another study: its result serves here
+                claim = db.claim_of(claimed)
+                db.adopt_result(engine, claim.trial_id, found[1], claim=claim)
+                summary.copied, todo = summary.copied + 1, todo - 1
+                display.message(f"trial {claimed.hash[:8]} {claimed.label}: done before in study "
+                                f"{db.study_name(engine, found[0].study_id)!r}; its result is copied, nothing runs")
+                continue
             trial = by_hash.get(claimed.hash)  # None: another process added the next round (adaptive seeds) first
             spec = trial.spec if trial is not None else TrialSpec.model_validate_json(claimed.spec_json)
             display.trial_start(len(summary.ran) + 1, todo, claimed.label, claimed.hash)

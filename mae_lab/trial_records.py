@@ -33,6 +33,8 @@ METRIC_COLUMNS = {"linear_top1": "linear_val_top1", "finetune_top1": "finetune_v
                   "finetune_wall_s": "finetune_wall_s", "encoder_gflops": "encoder_gflops",
                   "encoder_params": "encoder_params", "total_params": "total_params"}
 RESULT_COLUMNS = {**{v: "float" for v in METRIC_COLUMNS.values()}, "pretrain_reused": "bool",
+                  # the numbers are a copy of a done trial's with the same spec hash (another study's): nothing ran
+                  "result_copied": "bool",
                   # a shared pretraining is timed by the trial that ran it (of any study): these hold its figures
                   "timed_pretrain_wall_s": "float", "timed_pretrain_images_per_s": "float",
                   "timed_pretrain_peak_mem_mib": "float", "pretrain_losses": "json"}
@@ -98,6 +100,7 @@ def from_db(engine: Engine, name: str) -> StudyRecords:
         for col, pub in METRIC_COLUMNS.items():
             rec[pub] = None if r is None else getattr(r, col, None)
         rec["pretrain_reused"] = None if r is None else bool(r.pretrain_reused)
+        rec["result_copied"] = None if r is None else bool(r.result_copied)
         timed = None if r is None else (ran.get(t.pretrain_hash) if r.pretrain_reused else r)
         for col in ("pretrain_wall_s", "pretrain_images_per_s", "pretrain_peak_mem_mib"):
             rec[f"timed_{col}"] = None if timed is None else getattr(timed, col)

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from mae_lab import db
+from mae_lab.trial_records import from_db
 
 STUDY = """# mae-lab run tiny.toml
 [study]
@@ -128,6 +129,39 @@ def test_eval_only_axis_pretrains_once(workdir: Path):
     results = rows(engine, db.ResultRow)
     assert sorted(r.pretrain_reused for r in results) == [False, True]
     assert len(list((workdir / "db" / "artifacts" / "pretrain").glob("*.pt"))) == 1
+
+
+def test_a_trial_done_in_another_study_is_copied_not_run_again(workdir: Path):
+    """Two studies whose grids share the default point (mask ratio 0.75): the second copies that trial's result,
+    metrics and artifacts from the first instead of probing it again, marked as a copy."""
+    one = STUDY.replace("seeds = [0, 1]", "seeds = [0]").replace('"model.mask_ratio" = [0.5, 0.75]',
+                                                                   '"model.mask_ratio" = [0.75, 0.9]')
+    (workdir / "one.toml").write_text(one)
+    (workdir / "two.toml").write_text(one.replace('name = "tiny"', 'name = "two"')
+                                      .replace("[0.75, 0.9]", "[0.5, 0.75]"))
+    assert invoke("run", "one.toml").exit_code == 0
+    res = invoke("run", "two.toml")
+    assert res.exit_code == 0, res.output
+    assert "done before in study 'tiny'; its result is copied, nothing runs" in res.output
+    assert "2 trials: 0 already done, 1 copied from another study, 1 done" in res.output
+    engine = db.connect("sqlite:///db/mae_lab.db", create=False)
+    by_label = {}
+    for study in ("tiny", "two"):
+        for t, r in db.study_trials(engine, db.get_study(engine, study).id):
+            by_label[study, t.label] = (t, r, db.trial_details(engine, t.id))
+    (src, src_r, (src_m, _, src_a)), (cp, cp_r, (cp_m, _, cp_a)) = by_label["tiny", "mask_ratio=0.75"], \
+        by_label["two", "mask_ratio=0.75"]
+    assert cp.hash == src.hash and cp.status == "done" and cp.device_name == src.device_name
+    assert cp_r.result_copied and not src_r.result_copied and not by_label["two", "mask_ratio=0.5"][1].result_copied
+    assert cp_r.linear_top1 == src_r.linear_top1 and cp_r.linear_wall_s == src_r.linear_wall_s
+    assert [(m.stage, m.epoch, m.name, m.value) for m in cp_m] == [(m.stage, m.epoch, m.name, m.value) for m in src_m]
+    assert {(a.kind, a.path) for a in cp_a} == {(a.kind, a.path) for a in src_a} and cp_a
+    # the published records say which result is a copy: compute_spent counts its minutes as 0 (test_report)
+    assert [t["result_copied"] for t in from_db(engine, "two").trials] == [False, True]
+    # --rerun means run again: nothing is copied then
+    res = invoke("run", "two.toml", "--rerun")
+    assert res.exit_code == 0 and "copied" not in res.output
+    assert not db.get_result(engine, cp.id).result_copied
 
 
 def test_failed_trial_is_recorded_and_study_goes_on(workdir: Path):

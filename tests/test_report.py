@@ -228,23 +228,25 @@ def test_the_site_regenerates_from_trials_csv_byte_for_byte(depth_db, tmp_path):
     assert res.exit_code == 0 and "| 4 | 70.0 ± 1.0 (n=3) | -2.0 [-4.5, +0.5] ≈ |" in res.output
 
 
-def test_compute_spent_counts_cores_gpus_and_a_shared_pretraining_once():
-    def trial(status="done", reused=False, pre=120.0, lin=60.0, device="cpu", threads="2", world="1", name="Xeon"):
-        return {"status": status, "pretrain_reused": reused, "pretrain_wall_s": pre, "linear_wall_s": lin,
-                "finetune_wall_s": None, "device": device, "cpu_threads": threads, "world_size": world,
-                "device_name": name}
+def test_compute_spent_counts_cores_gpus_and_shared_work_once():
+    def trial(status="done", reused=False, pre=120.0, lin=60.0, device="cpu", threads="2", world="1", name="Xeon",
+              copied=False):
+        return {"status": status, "pretrain_reused": reused, "result_copied": copied, "pretrain_wall_s": pre,
+                "linear_wall_s": lin, "finetune_wall_s": None, "device": device, "cpu_threads": threads,
+                "world_size": world, "device_name": name}
     trials = [trial(),                                 # 3 min x 2 threads = 6 core-minutes
               trial(reused=True, threads="1"),         # its pretraining was timed by another trial: 1 core-minute
               trial(world="2", threads="1"),           # 3 min x 2 processes x 1 thread = 6
               trial(device="cuda", threads=None, world="2", name="H100"),  # 3 min x 2 GPUs = 6 GPU-minutes
               trial(threads=None),                     # before schema 4: said apart, not guessed
               trial(status="failed"),                  # not counted
-              trial(name="Xeon (AVX512, avx512_bf16)")]  # the same model, with the speed flags recorded: 6
+              trial(name="Xeon (AVX512, avx512_bf16)"),  # the same model, with the speed flags recorded: 6
+              trial(reused=True, copied=True, name="Xeon (AVX512, avx512_bf16)")]  # a copied result: 0
     line = compute_spent([StudyRecords("s", "", None, "", trials)])
-    assert line.startswith("6 trials done: 19 CPU core-minutes, 6 GPU-minutes, 3 process-minutes whose CPU "
+    assert line.startswith("7 trials done: 19 CPU core-minutes, 6 GPU-minutes, 3 process-minutes whose CPU "
                            "threads were not recorded")
     assert line.endswith("Per machine: H100, 1 trial: 6 GPU-minutes; "
-                         "Xeon (AVX512, avx512_bf16), 1 trial: 6 CPU core-minutes; "
+                         "Xeon (AVX512, avx512_bf16), 2 trials: 6 CPU core-minutes; "
                          "Xeon (ISA flags not recorded), 4 trials: 13 CPU core-minutes, 3 process-minutes "
                          "whose CPU threads were not recorded (schema < 4).")
 

@@ -135,11 +135,9 @@ def test_done_trials_are_prior_observations_and_not_trained_again(workdir: Path)
     gs = db.get_study(engine, "gs")
     searched = db.study_trials(engine, gs.id)
     assert len(searched) == 3 and all(t.status == "done" for t, _ in searched)
-    reused = [r for _, r in searched if r.pretrain_reused]
-    assert len(reused) == 2  # copies of the grid study's results: nothing pretrained for them
-    pretrained = {m.trial_id for m in rows(engine, db.MetricRow) if m.stage == "pretrain"}
-    assert pretrained == {t.id for t, _ in db.study_trials(engine, db.get_study(engine, "grid").id)} | {
-        t.id for t, r in searched if not r.pretrain_reused}
+    copies = [r for _, r in searched if r.result_copied]
+    assert len(copies) == 2 and all(r.pretrain_reused for r in copies)  # the grid study's results: nothing ran
+    assert len(list((db.artifacts_dir(URL) / "pretrain").glob("*.pt"))) == 3  # 2 for the grid, 1 for the search
 
 
 def test_run_refuses_a_search_study_and_search_refuses_a_grid(workdir: Path):
