@@ -7,7 +7,7 @@
 Baseline ("tuples"): the code before the columnar index, copied here: each shard's headers grouped into a tuple of
 (key, ((ext, offset, size), ...)) (what `sample_members` cached) and a list of (shard number, key, members) per
 sample (what `_sample_index` built). Candidate ("columnar"): `sample_index` with its per-shard cache cleared. Both
-read the headers with the same `plain_tar_headers`. Bytes per sample: tracemalloc's traced memory held by the built
+read the headers with the same `regular_members`. Bytes per sample: tracemalloc's traced memory held by the built
 index (its cache included) over the samples; peak: the most traced during the build. Build time: medians of
 interleaved rounds, tracemalloc off. Worker copy: a forked child (as a DataLoader worker is) runs one gc collection,
 then reads every sample of the index once (as a worker's epoch does) and collects again; the Private_Dirty bytes it
@@ -25,15 +25,15 @@ from pathlib import Path
 import _bench  # noqa: F401
 from _bench import CIFAR10, header, interleaved, table
 
-from mae_lab.data.shards import _is_meta, base_plus_ext, check_end, plain_tar_headers
-from mae_lab.data.tar_index import _members_of_local_tar, _tarfile_headers, sample_index
+from mae_lab.data.shards import _is_meta, base_plus_ext, check_end, regular_members
+from mae_lab.data.tar_index import _members_of_local_tar, sample_index
 
 IMAGENET = 1_281_167
 
 
 def old_members(path: str) -> tuple | None:
     """The per-shard value `sample_members` cached before the columnar index (`_members_of_local_tar`, copied)."""
-    headers, size = plain_tar_headers(path) or _tarfile_headers(path), os.stat(path).st_size
+    headers, size = list(regular_members(path, "r:")), os.stat(path).st_size
     samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
     for name, offset, length in headers:
         if _is_meta(name):

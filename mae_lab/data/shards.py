@@ -20,6 +20,7 @@ import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import braceexpand
 import numpy as np
@@ -128,14 +129,15 @@ def plain_tar_headers(path: str) -> list[tuple[str, int, int]] | None:
     return out
 
 
-def _regular_members(path: str) -> Iterator[tuple[str, int, int]]:
+def regular_members(path: str, mode: Literal["r:*", "r:"] = "r:*") -> Iterator[tuple[str, int, int]]:
     """(name, data offset, size) of each regular member: a plain ustar/GNU .tar read header by header (~4x faster),
-    any other tar through tarfile, member by member (so an error comes after the members before it)."""
+    any other tar through tarfile opened with ``mode``, member by member (so an error comes after the members before
+    it). ``mode`` "r:" refuses a compressed stream, whose offsets are not the file's."""
     headers = None if path.endswith(COMPRESSED) else plain_tar_headers(path)
     if headers:  # None, or [] (an empty file, or only the end marker): tarfile says which
         yield from headers
         return
-    with tarfile.open(path, "r:*") as tar:
+    with tarfile.open(path, mode) as tar:
         for m in tar:
             if m.isreg():
                 yield m.name, m.offset_data, m.size
@@ -146,7 +148,7 @@ def _keys_of_local_shard(path: str, size: int, mtime_ns: int) -> tuple[str, ...]
     name, last, end = os.path.basename(path), None, 0
     keys: list[str] = []
     try:
-        for member, offset, member_size in _regular_members(path):
+        for member, offset, member_size in regular_members(path):
             if (key := base_plus_ext(member)[0]) is not None:
                 if key != (keys[-1] if keys else None):
                     keys.append(key)

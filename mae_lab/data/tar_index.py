@@ -31,15 +31,10 @@ from mae_lab.data.shards import (
     _why,
     base_plus_ext,
     check_end,
-    plain_tar_headers,
+    regular_members,
 )
 
 Member = tuple[str, int, int]  # (extension, first data byte, size) of one file of a sample
-
-
-def _tarfile_headers(path: str) -> list[tuple[str, int, int]]:
-    with tarfile.open(path, "r:") as tar:
-        return [(m.name, m.offset_data, m.size) for m in tar if m.isreg()]
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,7 +124,7 @@ def _group(headers: list[tuple[str, int, int]], size: int) -> TarMembers | None:
 def _members_of_local_tar(path: str, size: int, mtime_ns: int) -> TarMembers | None:
     """The samples of an uncompressed local tar (`_group`); None where the headers do not parse either."""
     try:
-        headers = plain_tar_headers(path) or _tarfile_headers(path)
+        headers = list(regular_members(path, "r:"))  # offsets into the file itself: no compressed stream
     except (tarfile.TarError, EOFError, OSError):
         return None
     return _group(headers, size)
