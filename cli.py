@@ -22,14 +22,15 @@ from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
 # Our library loads inside the commands that use it: --help imports only typer and rich (0.13 s; with
-# mae_lab.db and mae_lab.spec at the top, i.e. sqlmodel, SQLAlchemy and pydantic, 0.47 s on the same machine),
+# mae_lab.store.db and mae_lab.study.spec at the top, i.e. sqlmodel, SQLAlchemy and pydantic, 0.47 s on the same
+# machine),
 # and validate, list and report never import torch (tests/test_house.py).
 
 # The errors of bad input (a study, data, a database URL, a checkpoint), as (module, class). The boundary looks a
 # class up only once its module is loaded (an error's class is loaded by the time one is raised), so the front door
 # imports no torch.
-USER_ERRORS = (("mae_lab.spec", "StudyError"), ("mae_lab.data.shards", "DataError"), ("mae_lab.db", "DbError"),
-               ("mae_lab.checkpoint", "CheckpointError"))
+USER_ERRORS = (("mae_lab.study.spec", "StudyError"), ("mae_lab.data.shards", "DataError"),
+               ("mae_lab.store.db", "DbError"), ("mae_lab.train.checkpoint", "CheckpointError"))
 
 
 class Terminated(KeyboardInterrupt):
@@ -109,9 +110,9 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 def trial_errors(resume_hint: str, display: bool = True) -> Iterator[object]:
     """Yield a progress display (None if not `display`) and turn bad input into one line with exit 2, and Ctrl-C
     (SIGTERM) into exit 130 (143) with `resume_hint`."""
-    from mae_lab.db import DbError
-    from mae_lab.progress import make_display
-    from mae_lab.spec import StudyError
+    from mae_lab.run.progress import make_display
+    from mae_lab.store.db import DbError
+    from mae_lab.study.spec import StudyError
 
     try:
         shown = make_display(out()) if display else None
@@ -128,7 +129,7 @@ def trial_errors(resume_hint: str, display: bool = True) -> Iterator[object]:
 
 
 def _open_db(url: str | None, create: bool = True):
-    from mae_lab import db as dbm
+    from mae_lab.store import db as dbm
 
     try:
         return dbm.connect(url, create=create)
@@ -183,7 +184,7 @@ def run(
                                        "pretrain.batch_size is per process.")] = 1,
 ):
     """Expand STUDY into trials and run every trial not done yet (pretrain, linear probe, fine-tune)."""
-    from mae_lab.planning import bind_trials, parse_data_override, pick_device, plan, resolve_data
+    from mae_lab.study.planning import bind_trials, parse_data_override, pick_device, plan, resolve_data
 
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1  # this process is one rank of a torchrun
     rank0 = not ddp or os.environ.get("RANK", "0") == "0"
@@ -201,8 +202,8 @@ def run(
             if dry_run:  # the hashes `run` records: under this data, process count and precision
                 trials = bind_trials(trials, infos=infos, device=pick_device(device), world_size=nproc)
                 return _print_plan(spec, trials, db)
-        from mae_lab.distributed import launch, run_study_ddp  # torch from here on (a dry run ends above)
-        from mae_lab.runner import run_study
+        from mae_lab.run.distributed import launch, run_study_ddp  # torch from here on (a dry run ends above)
+        from mae_lab.run.runner import run_study
 
         if launcher:
             raise typer.Exit(launch(nproc, forward))
@@ -239,8 +240,8 @@ def worker(
     """Drain STUDY with any number of workers on one database (PostgreSQL for several machines): each trial is
     claimed by exactly one worker; the trial of a dead worker is taken over and resumes from its checkpoint.
     Exits when no trial is left to run or running."""
-    from mae_lab.planning import parse_data_override
-    from mae_lab.runner import run_study
+    from mae_lab.run.runner import run_study
+    from mae_lab.study.planning import parse_data_override
 
     with trial_errors("any worker resumes it") as display:
         summary = run_study(study, db_url=db, device=device, data_root=data_root,
@@ -263,8 +264,8 @@ def search(
 ):
     """Optuna search over STUDY's \\[search] space, stored in the same database (optuna-dashboard reads it):
     each sampled point is trained by the same runner as 'run'; points done before are told, not trained."""
-    from mae_lab.planning import parse_data_override
-    from mae_lab.search import run_search
+    from mae_lab.run.search import run_search
+    from mae_lab.study.planning import parse_data_override
 
     with trial_errors("search again to resume it") as display:
         summary = run_search(study, db_url=db, n_trials=trials, device=device, data_root=data_root,
@@ -287,7 +288,7 @@ PLAIN_PLAN = 500  # a dry run of more trials prints tab-separated lines instead 
 def _print_plan(study, trials, db_url: str | None) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from mae_lab import db as dbm
+    from mae_lab.store import db as dbm
 
     status: dict[str, str] = {}
     try:  # read-only: a missing database just means every trial is pending
@@ -317,7 +318,7 @@ def validate(study: Annotated[Path, typer.Argument(help="The study TOML file.")]
              data_root: DataRootOpt = None, allow_pipe: PipeOpt = False,
              allow_large_grid: LargeGridOpt = False):
     """Check a study file (schema, presets, shapes, data) without running it."""
-    from mae_lab.planning import plan, resolve_data
+    from mae_lab.study.planning import plan, resolve_data
 
     spec, trials = plan(study, allow_large_grid=allow_large_grid)
     resolve_data(spec, trials, data_root, allow_pipe)
@@ -339,7 +340,7 @@ def report(
 ):
     """Per point: mean ± std and n over seeds, the difference to the default with its paired 95% interval over
     seeds (Welch's beside it), a computed verdict against the paper, and the paper's numbers."""
-    from mae_lab.report_site import report_command
+    from mae_lab.report.site import report_command
 
     if all_ and study:
         raise fail("give a study name or --all, not both")
@@ -358,7 +359,7 @@ def report(
 @app.command("list")
 def list_(db: DbOpt = None):
     """List the studies in the database with their trials counted by status."""
-    from mae_lab import db as dbm
+    from mae_lab.store import db as dbm
 
     engine = _open_db(db, create=False)
     table = Table(title="studies")
@@ -379,14 +380,14 @@ def show(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix.")],
                               "(e.g. mask_ratio), same seed.")] = None,
          data_root: DataRootOpt = None):
     """Show one trial: spec, provenance, metrics, results and artifacts; --recon writes its reconstructions."""
-    from mae_lab import db as dbm
+    from mae_lab.store import db as dbm
 
     engine = _open_db(db, create=False)
     row = dbm.find_trial(engine, trial)
     if row is None:
         raise fail(f"no single trial matches {trial!r} (give the id or a longer hash prefix)")
     if recon is not None or across is not None:
-        from mae_lab.recon_lookup import ReconError, show_recon
+        from mae_lab.run.recon_figures import ReconError, show_recon
 
         if recon is None:
             raise fail("--across needs --recon OUT.png")
@@ -429,7 +430,7 @@ def export(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix (a
            to: Annotated[str, typer.Option("--to", help="timm (local-dir: hub layout) or hf (ViTModel).")],
            db: DbOpt = None):
     """Write a trial's pretrained encoder as safetensors plus the config timm or Hugging Face loads."""
-    from mae_lab.export import ExportError, export_trial
+    from mae_lab.run.export import ExportError, export_trial
 
     engine = _open_db(db, create=False)
     try:

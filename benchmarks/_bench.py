@@ -23,7 +23,7 @@ CIFAR10 = Path(os.environ.get("MAE_LAB_DATA", ROOT.parent / "shared" / "data")) 
 
 def machine() -> str:
     """One line: CPU model, cores, torch threads, torch version, load average (other processes on the machine)."""
-    from mae_lab.provenance import device_name
+    from mae_lab.run.provenance import device_name
 
     load = "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
@@ -56,8 +56,8 @@ def matmul_fn(dtype: torch.dtype, n: int = 2048) -> tuple[Callable[[], object], 
 def mae_train_step(config, batch: int, amp: bool) -> tuple[Callable[[], object], Callable[[], float]]:
     """(one mae-lab training step on a fixed random batch: forward, backward, fused AdamW; the FLOPs of a forward
     + backward of that step, from torch.utils.flop_counter). Seeded: the same model and batch on every call."""
-    from mae_lab.model import MaskedAutoencoder
-    from mae_lab.train_utils import param_groups_weight_decay
+    from mae_lab.train.common import param_groups_weight_decay
+    from mae_lab.train.model import MaskedAutoencoder
 
     torch.manual_seed(0)
     model = MaskedAutoencoder(config)
@@ -129,12 +129,12 @@ def cifar10_info(val_samples: int | None, tmp_dir: Path):
 
 
 def uncached_linear_probe(spec, model, info, *, device: str = "cpu") -> dict:
-    """The official probe's cost model: `mae_lab.probe.linear_probe`'s recipe (same head, init, optimizer, lr schedule
-    and batch order), but the frozen encoder re-encodes the train split every epoch and the val split at every
+    """The official probe's cost model: `mae_lab.train.probe.linear_probe`'s recipe (same head, init, optimizer, lr
+    schedule and batch order), but the frozen encoder re-encodes the train split every epoch and the val split at every
     evaluation, as a loop that feeds images through encoder + head does. Returns {"top1", "wall_s"}."""
-    from mae_lab.loaders import eval_loader
-    from mae_lab.probe import LinearHead, extract_features
-    from mae_lab.train_utils import use_bf16
+    from mae_lab.train.common import use_bf16
+    from mae_lab.train.loaders import eval_loader
+    from mae_lab.train.probe import LinearHead, extract_features
 
     t_start = time.perf_counter()
     lin, dev = spec.eval.linear, torch.device(device)

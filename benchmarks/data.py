@@ -34,7 +34,7 @@ from _bench import CIFAR10, ROOT, header, interleaved, mae_train_step, pass_fail
 from mae_lab.data import CIFAR10_MEAN, CIFAR10_STD
 from mae_lab.data.loading import MemoryLoader, first_samples, load_split, make_loader
 from mae_lab.data.transforms import pretrain_transform
-from mae_lab.presets import config_from_preset
+from mae_lab.study.presets import config_from_preset
 
 TARGET, READER_TARGET = 5.0, 0.9
 BATCH = 128

@@ -22,13 +22,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
 RECORD = """import sys
-from mae_lab import db
-from mae_lab.expand import expand
-from mae_lab.spec import parse_study
+from mae_lab.store import db
+from mae_lab.study.expand import expand
+from mae_lab.study.spec import parse_study
 try:
-    from mae_lab.planning import trial_rows
-except ImportError:  # a checkout from before mae_lab/planning.py
-    from mae_lab.runner import trial_rows
+    from mae_lab.study.planning import trial_rows
+except ImportError:  # a checkout from before mae_lab/study/planning.py
+    from mae_lab.run.runner import trial_rows
 text = open("studies/quickstart.toml").read()
 study = parse_study(text, "quickstart.toml")
 engine = db.connect(sys.argv[1])

@@ -20,9 +20,9 @@ import torch
 from _bench import header, pass_fail, table
 from pretrain_step import hf_model
 
-from mae_lab.model import MaskedAutoencoder, count_params
-from mae_lab.presets import config_from_preset
-from mae_lab.train_utils import param_groups_weight_decay
+from mae_lab.study.presets import config_from_preset
+from mae_lab.train.common import param_groups_weight_decay
+from mae_lab.train.model import MaskedAutoencoder, count_params
 
 SPEED_TARGET, MFU_TARGET = 1.5, 0.40
 DENSE_BF16_TFLOPS = {"H200": 989, "H100 SXM": 989, "H100 80GB HBM3": 989, "H100 NVL": 835, "H100 PCIe": 756,

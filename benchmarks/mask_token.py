@@ -16,8 +16,8 @@ import sys
 import _bench  # noqa: F401
 from _bench import header, interleaved, mae_train_step, pass_fail, table
 
-from mae_lab.model import encoder_flops_per_image
-from mae_lab.presets import config_from_preset
+from mae_lab.study.presets import config_from_preset
+from mae_lab.train.model import encoder_flops_per_image
 
 TARGET = 2.8
 

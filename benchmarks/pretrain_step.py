@@ -28,9 +28,9 @@ import _bench  # noqa: F401  (puts the checkout on sys.path)
 import torch
 from _bench import CIFAR10, header, interleaved, matmul_fn, pass_fail, table
 
-from mae_lab.model import MaskedAutoencoder, count_params
-from mae_lab.presets import MAEConfig, config_from_preset
-from mae_lab.train_utils import param_groups_weight_decay
+from mae_lab.study.presets import MAEConfig, config_from_preset
+from mae_lab.train.common import param_groups_weight_decay
+from mae_lab.train.model import MaskedAutoencoder, count_params
 
 FAST_TARGET, PAR_TARGET = 1.5, 0.95  # fast path vs HF; eager fp32 vs HF ("on par": within 5% timing noise)
 LOSS_FINAL_TOL, LOSS_CURVE_TOL = 0.02, 0.05  # relative: mean of the last 10 steps; every 10-step moving average
@@ -138,7 +138,7 @@ def cifar_batches(batch: int, n_batches: int) -> list[torch.Tensor]:
 
 def loss_curve(name: str, models: dict, batches: list[torch.Tensor], steps: int) -> list[float]:
     """Per-step losses of `steps` steps from the shared init: warmup 10% then cosine, peak 1.5e-3 * B / 256."""
-    from mae_lab.train_utils import lr_at
+    from mae_lab.train.common import lr_at
 
     _, amp, comp, fused = VARIANTS[name]
     model = copy.deepcopy(models["mae"])

@@ -1,4 +1,4 @@
-"""Linear probe on cached features (`mae_lab.probe.linear_probe`) against re-encoding every epoch.
+"""Linear probe on cached features (`mae_lab.train.probe.linear_probe`) against re-encoding every epoch.
 
     python benchmarks/probe.py            # 50 epochs, first 1024 CIFAR-10 train images, 512 val images
     python benchmarks/probe.py --quick    # 50 epochs, first 256 train images, 256 val images
@@ -19,11 +19,11 @@ import _bench  # noqa: F401
 import torch
 from _bench import cifar10_info, header, pass_fail, table, uncached_linear_probe
 
-from mae_lab.expand import mae_config
-from mae_lab.model import MaskedAutoencoder
-from mae_lab.presets import config_from_preset
-from mae_lab.probe import linear_probe
-from mae_lab.spec import TrialSpec
+from mae_lab.study.expand import mae_config
+from mae_lab.study.presets import config_from_preset
+from mae_lab.study.spec import TrialSpec
+from mae_lab.train.model import MaskedAutoencoder
+from mae_lab.train.probe import linear_probe
 
 TARGET, TOP1_TOL = 20.0, 0.01
 

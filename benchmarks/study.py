@@ -24,10 +24,10 @@ from pathlib import Path
 import _bench  # noqa: F401
 from _bench import CIFAR10, cifar10_info, header, pass_fail, table, uncached_linear_probe
 
-from mae_lab.finetune import finetune
-from mae_lab.planning import plan, resolve_data
-from mae_lab.pretrain import pretrain
-from mae_lab.runner import run_study
+from mae_lab.run.runner import run_study
+from mae_lab.study.planning import plan, resolve_data
+from mae_lab.train.finetune import finetune
+from mae_lab.train.pretrain import pretrain
 
 STUDY = """\
 [study]

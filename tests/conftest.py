@@ -100,7 +100,7 @@ def query(db: Path, sql: str) -> list[tuple]:
 def assert_same_as_uninterrupted(db: Path, clean_db: Path, *, trials: int, epochs: int) -> None:
     """After kills and reruns: every trial done once, no duplicate rows, integrity ok, every checkpoint loads, and
     the numbers equal an uninterrupted run (top-1 within 1e-9, final pretraining loss within 1e-6 relative)."""
-    from mae_lab.checkpoint import load_checkpoint
+    from mae_lab.train.checkpoint import load_checkpoint
 
     assert query(db, "PRAGMA integrity_check") == [("ok",)]
     assert [s for (s,) in query(db, "SELECT status FROM mae_trials")] == ["done"] * trials

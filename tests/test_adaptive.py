@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from conftest import study_toml
 
-from mae_lab.adaptive import decide, is_decided, next_round, point_decisions
-from mae_lab.spec import StudyError, parse_study
-from mae_lab.spec_tables import SeedPlan
+from mae_lab.study.adaptive import decide, is_decided, next_round, point_decisions
+from mae_lab.study.spec import StudyError, parse_study
+from mae_lab.study.tables import SeedPlan
 
 PLAN = SeedPlan(min=2, max=8, min_effect=1.0)
 
@@ -108,7 +108,7 @@ def test_a_bad_seeds_table_ends_the_run_with_exit_2_and_leaves_the_database_alon
     from typer.testing import CliRunner
 
     from cli import app
-    from mae_lab import db
+    from mae_lab.store import db
 
     db.connect("sqlite:///db/mae_lab.db")  # an existing database
     before = dump_db(workdir / "db" / "mae_lab.db")
@@ -134,8 +134,8 @@ ADAPTIVE = study_toml("adaptive", study={"seeds": {"min": 2, "max": 3, "until": 
 
 
 def test_a_real_adaptive_study_runs_round_after_round_and_resumes(workdir):
-    from mae_lab import db
-    from mae_lab.runner import run_study
+    from mae_lab.run.runner import run_study
+    from mae_lab.store import db
 
     (workdir / "adaptive.toml").write_text(ADAPTIVE)
     first = run_study("adaptive.toml", device="cpu", max_trials=5)  # stopped inside the second round
@@ -158,14 +158,14 @@ def test_a_real_adaptive_study_runs_round_after_round_and_resumes(workdir):
     third = run_study("adaptive.toml", device="cpu")
     assert third.ran == [] and third.skipped == 6
     # the report shows n and whether each point is decided, from the same decision rule
-    from mae_lab.report import summarize
-    from mae_lab.report_format import render_text
+    from mae_lab.report.formats import render_text
+    from mae_lab.report.study_report import summarize
 
     rep = summarize(engine, "adaptive")
     other = next(r for r in rep.rows if not r.is_default)
     assert [r.n for r in rep.rows] == [3, 3] and other.decided is not None
     assert other.decided == (other.decisions[0].why == "excludes 0")  # 0.001 points cannot be ruled out
-    from mae_lab.report_site import run_state
+    from mae_lab.report.site import run_state
 
     assert ("1 decided, 0 undecided at" if other.decided else "0 decided, 1 undecided at") in run_state([rep])
     assert run_state([rep]).endswith("The run is complete.")
@@ -178,7 +178,7 @@ def test_rounds_1_runs_one_round_per_call(workdir):
     from typer.testing import CliRunner
 
     from cli import app
-    from mae_lab import db
+    from mae_lab.store import db
 
     (workdir / "adaptive.toml").write_text(ADAPTIVE)
 
@@ -191,8 +191,8 @@ def test_rounds_1_runs_one_round_per_call(workdir):
         return sorted(t.seed for t, _ in trials)
 
     assert run_once() == [0, 0, 1, 1]  # the first round only: min = 2 seeds per point
-    from mae_lab.report import summarize
-    from mae_lab.report_site import run_state
+    from mae_lab.report.site import run_state
+    from mae_lab.report.study_report import summarize
 
     state = run_state([summarize(db.connect("sqlite:///db/mae_lab.db", create=False), "adaptive")])
     assert "1 points compared with their study's default: 0 decided, 0 undecided at their maximum" in state

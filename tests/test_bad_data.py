@@ -65,7 +65,7 @@ CASES = {
 
 
 def run_refused(workdir: Path, text: str, *extra: str) -> str:
-    from mae_lab import db
+    from mae_lab.store import db
 
     db.connect("sqlite:///db/mae_lab.db").dispose()  # an existing database: it must not change
     before = dump_db(workdir / "db" / "mae_lab.db")

@@ -31,8 +31,8 @@ def test_corpus_is_large_enough():
 @pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
 def test_bad_study_is_refused(path: Path, workdir: Path):
     # a database with one study in it already: the refused run must not touch it
-    from mae_lab import db
-    from mae_lab.planning import plan, trial_rows
+    from mae_lab.store import db
+    from mae_lab.study.planning import plan, trial_rows
 
     (workdir / "good.toml").write_text(GOOD)
     study, trials = plan(workdir / "good.toml")

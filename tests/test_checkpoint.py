@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from mae_lab.checkpoint import CheckpointError, import_official, load_checkpoint, save_checkpoint, sha256_file
+from mae_lab.train.checkpoint import CheckpointError, import_official, load_checkpoint, save_checkpoint, sha256_file
 
 
 def _ckpt() -> dict:

@@ -9,8 +9,8 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from cli import app
-from mae_lab import db
-from mae_lab.trial_records import from_db
+from mae_lab.store import db
+from mae_lab.store.records import from_db
 
 STUDY = """# mae-lab run tiny.toml
 [study]

@@ -10,7 +10,7 @@ from conftest import dump_db, query, study_toml
 from typer.testing import CliRunner
 
 from cli import app
-from mae_lab import db
+from mae_lab.store import db
 
 STUDY = '[study]\nname = "s"\n[pretrain]\nepochs = 1\nwarmup_epochs = 0\n'
 

@@ -10,9 +10,9 @@ from conftest import dump_db
 from typer.testing import CliRunner
 
 from cli import app
-from mae_lab import db
-from mae_lab.export import trial_encoder
-from mae_lab.planning import plan, trial_rows
+from mae_lab.run.export import trial_encoder
+from mae_lab.store import db
+from mae_lab.study.planning import plan, trial_rows
 
 STUDY = """
 [study]

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from cli import app
 from mae_lab.data import resolve_dataset, resolve_spec_data
-from mae_lab.expand import HASH_NEUTRAL, RunContext, _flatten, identity, pretrain_hash, trial_hash
-from mae_lab.planning import run_context
-from mae_lab.spec import TrialSpec
+from mae_lab.study.expand import HASH_NEUTRAL, RunContext, _flatten, identity, pretrain_hash, trial_hash
+from mae_lab.study.planning import run_context
+from mae_lab.study.spec import TrialSpec
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RELEASE_SPEC = sqlite3.connect(FIXTURES / "release_620180e.db").execute(
@@ -121,8 +121,8 @@ def test_expanding_and_binding_many_trials_gives_each_trials_own_hashes():
     """expand and bind_all encode a point's identity once for all its seeds; the hashes must be the ones `hashes`
     and `bind` give trial by trial, including -0.0 (equal to 0.0, another JSON text) and a value that holds the
     seed's stand-in."""
-    from mae_lab.expand import bind, bind_all, expand, hashes
-    from mae_lab.spec import parse_study
+    from mae_lab.study.expand import bind, bind_all, expand, hashes
+    from mae_lab.study.spec import parse_study
 
     study = parse_study('[study]\nname = "many"\nseeds = [0, 7, 4294967295]\n[model]\npreset = "vit_digits"\n'
                         '[grid]\n"model.mask_ratio" = [0.5, 0.75]\n"pretrain.weight_decay" = [0.0, -0.0, 0.05]\n'

@@ -15,8 +15,8 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from cli import app
-from mae_lab import db
 from mae_lab.data.pack import _pixel_stats, _png, _write_dataset
+from mae_lab.store import db
 
 SEARCH = study_toml("split", comment="mae-lab search split.toml --data-root data",
                     data={"dataset": "shifted", "augmentation": "none"},

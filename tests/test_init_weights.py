@@ -12,13 +12,13 @@ from conftest import dump_db
 from typer.testing import CliRunner
 
 from cli import app
-from mae_lab import db as dbm
 from mae_lab.data import resolve_dataset
-from mae_lab.expand import expand, mae_config
-from mae_lab.finetune import build_classifier, finetune
-from mae_lab.init_weights import checkpoint_kind, init_model, read_state, resize_pos_embed, trial_checkpoint
-from mae_lab.model import MaskedAutoencoder, build_timm_vit
-from mae_lab.spec import parse_study
+from mae_lab.store import db as dbm
+from mae_lab.study.expand import expand, mae_config
+from mae_lab.study.spec import parse_study
+from mae_lab.train.finetune import build_classifier, finetune
+from mae_lab.train.model import MaskedAutoencoder, build_timm_vit
+from mae_lab.train.weights import checkpoint_kind, init_model, read_state, resize_pos_embed, trial_checkpoint
 
 BASE = """
 [study]

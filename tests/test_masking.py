@@ -4,7 +4,7 @@ from conftest import official_random_masking
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mae_lab.masking import (
+from mae_lab.train.masking import (
     block_masking_ids,
     grid_k,
     grid_masking_ids,

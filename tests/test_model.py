@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 from conftest import official_random_masking
 
-from mae_lab.model import (
+from mae_lab.study.presets import PRESETS, MAEConfig, config_from_preset
+from mae_lab.train.model import (
     MaskedAutoencoder,
     build_timm_vit,
     count_params,
@@ -13,7 +14,6 @@ from mae_lab.model import (
     get_2d_sincos_pos_embed,
     load_encoder,
 )
-from mae_lab.presets import PRESETS, MAEConfig, config_from_preset
 
 TINY = dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=4,
             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)

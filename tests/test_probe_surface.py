@@ -11,12 +11,12 @@ from typer.testing import CliRunner
 
 from cli import app
 from mae_lab.data import resolve_dataset
-from mae_lab.expand import expand, mae_config
-from mae_lab.loaders import eval_loader
-from mae_lab.model import MaskedAutoencoder
-from mae_lab.probe import extract_features
-from mae_lab.probe_surface import block_features, surface_blocks
-from mae_lab.spec import parse_study
+from mae_lab.study.expand import expand, mae_config
+from mae_lab.study.spec import parse_study
+from mae_lab.train.loaders import eval_loader
+from mae_lab.train.model import MaskedAutoencoder
+from mae_lab.train.probe import extract_features
+from mae_lab.train.probe_surface import block_features, surface_blocks
 
 REPO = Path(__file__).resolve().parent.parent
 STUDY = """

@@ -50,8 +50,8 @@ def test_a_byte_order_mark_is_read_as_utf8(workdir: Path):
 
 
 def test_every_case_is_crossed_with_every_grid_point(workdir: Path):
-    from mae_lab.expand import expand
-    from mae_lab.spec import parse_study
+    from mae_lab.study.expand import expand
+    from mae_lab.study.spec import parse_study
 
     trials = expand(parse_study(STUDY, "combo.toml"))
     points = [(t.spec.model.mask_sampling, t.spec.model.mask_ratio, t.spec.model.decoder_depth, t.spec.seed)

@@ -29,7 +29,7 @@ PRUNE = study_toml("prune", comment="mae-lab search prune.toml", study={"seeds":
 def test_the_median_pruner_prunes_a_deliberately_bad_trial(workdir: Path):
     import optuna
 
-    from mae_lab.search import storage
+    from mae_lab.run.search import storage
 
     (workdir / "prune.toml").write_text(PRUNE)
     out = finish([mae_lab("search", "prune.toml", "--device", "cpu", cwd=workdir)])[0]
@@ -55,7 +55,7 @@ def test_the_median_pruner_prunes_a_deliberately_bad_trial(workdir: Path):
 def test_two_search_processes_share_one_postgres_study(workdir: Path, pg_url: str):  # noqa: F811
     import optuna
 
-    from mae_lab.search import storage
+    from mae_lab.run.search import storage
 
     text = SEARCH.replace("n_trials = 6", "n_trials = 4").replace('sampler = "tpe"', 'sampler = "random"')
     (workdir / "s.toml").write_text(text)
@@ -85,7 +85,7 @@ KILLED = study_toml("ks", comment="mae-lab search ks.toml", study={"seeds": [0]}
 def test_a_killed_search_resumes_its_trial_from_the_checkpoint(workdir: Path):
     import optuna
 
-    from mae_lab.search import storage
+    from mae_lab.run.search import storage
 
     (workdir / "kill.toml").write_text(KILLED)
     db = workdir / "db" / "mae_lab.db"

@@ -16,18 +16,19 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from cli import app
-from mae_lab import db, paper
-from mae_lab.expand import expand
-from mae_lab.model import MaskedAutoencoder
-from mae_lab.planning import trial_rows
-from mae_lab.plots import SIZES, study_plots
-from mae_lab.presets import config_from_preset
-from mae_lab.recon import reconstruct
-from mae_lab.report import headline, summarize
-from mae_lab.report_format import render, render_text
-from mae_lab.report_site import compute_spent
-from mae_lab.spec import parse_study
-from mae_lab.trial_records import StudyRecords
+from mae_lab.report import paper
+from mae_lab.report.formats import render, render_text
+from mae_lab.report.plots import SIZES, study_plots
+from mae_lab.report.site import compute_spent
+from mae_lab.report.study_report import headline, summarize
+from mae_lab.store import db
+from mae_lab.store.records import StudyRecords
+from mae_lab.study.expand import expand
+from mae_lab.study.planning import trial_rows
+from mae_lab.study.presets import config_from_preset
+from mae_lab.study.spec import parse_study
+from mae_lab.train.model import MaskedAutoencoder
+from mae_lab.train.recon import reconstruct
 
 DEPTH_STUDY = """# recorded by hand: a Table 1a study whose results are known exactly
 [study]
@@ -313,8 +314,8 @@ TINY = study_toml("tiny", study={"paper": "fig5", "seeds": [0, 1]}, model={"pres
 
 
 def test_a_real_study_gives_pages_plots_and_reconstructions(workdir: Path):
-    from mae_lab.recon_lookup import save_trial_recon, val_images
-    from mae_lab.runner import run_study
+    from mae_lab.run.recon_figures import save_trial_recon, val_images
+    from mae_lab.run.runner import run_study
 
     (workdir / "tiny.toml").write_text(TINY)
     assert run_study("tiny.toml", device="cpu").ok
@@ -347,10 +348,10 @@ def test_a_real_study_gives_pages_plots_and_reconstructions(workdir: Path):
     assert res.exit_code == 2 and "has no axis 'depth'" in res.output
 
     # the runner's artifact: the same picture, its sha256 returned
-    from mae_lab.checkpoint import load_checkpoint
     from mae_lab.data import resolve_dataset
-    from mae_lab.expand import mae_config
-    from mae_lab.spec import TrialSpec
+    from mae_lab.study.expand import mae_config
+    from mae_lab.study.spec import TrialSpec
+    from mae_lab.train.checkpoint import load_checkpoint
 
     spec = TrialSpec.model_validate_json(trials[0].spec_json)
     model = MaskedAutoencoder(mae_config(spec))

@@ -9,10 +9,10 @@ from test_train import make_spec
 
 from mae_lab import rng
 from mae_lab.data import resolve_dataset
-from mae_lab.expand import mae_config
-from mae_lab.loaders import pretrain_loader
-from mae_lab.model import MaskedAutoencoder
-from mae_lab.pretrain import global_mask_noise, pretrain
+from mae_lab.study.expand import mae_config
+from mae_lab.train.loaders import pretrain_loader
+from mae_lab.train.model import MaskedAutoencoder
+from mae_lab.train.pretrain import global_mask_noise, pretrain
 
 
 @pytest.fixture(scope="module")

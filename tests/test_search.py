@@ -11,7 +11,7 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from cli import app
-from mae_lab import db
+from mae_lab.store import db
 
 
 def tiny(name: str, *, epochs: int = 2, **kw) -> str:
@@ -39,7 +39,7 @@ def rows(engine, model):
 
 
 def optuna_trials(name: str, url: str = URL) -> list[optuna.trial.FrozenTrial]:
-    from mae_lab.search import storage
+    from mae_lab.run.search import storage
 
     return optuna.load_study(study_name=name, storage=storage(url)).get_trials()
 
@@ -86,9 +86,9 @@ def test_search_records_trials_and_a_rerun_trains_nothing(workdir: Path):
 def test_a_pruned_trial_keeps_what_it_measured(workdir: Path):
     """The runner side of pruning: the callback stops pretraining, the row is 'pruned' with its kNN and loss."""
     from mae_lab.data import resolve_dataset
-    from mae_lab.planning import plan, trial_rows
-    from mae_lab.progress import PlainDisplay
-    from mae_lab.runner import Pruned, run_trial
+    from mae_lab.run.progress import PlainDisplay
+    from mae_lab.run.runner import Pruned, run_trial
+    from mae_lab.study.planning import plan, trial_rows
 
     (workdir / "g.toml").write_text(tiny("g", epochs=3))
     study, trials = plan("g.toml")
@@ -157,7 +157,7 @@ def test_report_shows_the_pareto_front_of_two_objectives(workdir: Path):
     """Report side only: a two-objective Optuna study told by hand (no training) in the study's database."""
     from optuna.distributions import FloatDistribution
 
-    from mae_lab.search import storage
+    from mae_lab.run.search import storage
 
     text = SEARCH.replace('pruner = "median"', 'objectives = ["linear", "finetune"]').replace(
         "finetune = { enabled = false }", "finetune = { epochs = 1, warmup_epochs = 0 }")

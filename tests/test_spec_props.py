@@ -13,8 +13,8 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from cli import app
-from mae_lab.expand import expand, pretrain_hash, trial_hash
-from mae_lab.spec import StudyError, TrialSpec, parse_study
+from mae_lab.study.expand import expand, pretrain_hash, trial_hash
+from mae_lab.study.spec import StudyError, TrialSpec, parse_study
 
 AXES = {
     "model.mask_ratio": st.sampled_from([0.0, 0.25, 0.5, 0.6, 0.75, 0.8, 0.9]),

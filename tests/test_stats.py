@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from mae_lab import paper
-from mae_lab.stats import by_seed, paired_interval, spearman, t_ppf, verdict, verdict_text, welch_interval
+from mae_lab.report import paper
+from mae_lab.study.stats import by_seed, paired_interval, spearman, t_ppf, verdict, verdict_text, welch_interval
 
 
 def test_t_quantiles_match_the_printed_table():

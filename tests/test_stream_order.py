@@ -16,7 +16,7 @@ from mae_lab.data import loading as L
 from mae_lab.data import transforms as T
 from mae_lab.data.stream import read_samples
 from mae_lab.data.tar_index import read_sample_at, sample_members
-from mae_lab.loaders import finetune_loader, pretrain_loader
+from mae_lab.train.loaders import finetune_loader, pretrain_loader
 
 
 @pytest.fixture(scope="module")

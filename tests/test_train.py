@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mae_lab.checkpoint import FORMAT_KEYS, CheckpointError, load_checkpoint
 from mae_lab.data import resolve_dataset
-from mae_lab.expand import expand
-from mae_lab.finetune import build_classifier, finetune, param_groups_lrd
-from mae_lab.pretrain import pretrain
-from mae_lab.probe import knn_top1, linear_probe
-from mae_lab.spec import TrialSpec, parse_study
-from mae_lab.train_utils import DivergenceError, lr_at
+from mae_lab.study.expand import expand
+from mae_lab.study.spec import TrialSpec, parse_study
+from mae_lab.train.checkpoint import FORMAT_KEYS, CheckpointError, load_checkpoint
+from mae_lab.train.common import DivergenceError, lr_at
+from mae_lab.train.finetune import build_classifier, finetune, param_groups_lrd
+from mae_lab.train.pretrain import pretrain
+from mae_lab.train.probe import knn_top1, linear_probe
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 # every MAEConfig field beyond the preset's size, so the tests do not depend on preset defaults
@@ -206,7 +206,7 @@ def test_layer_decay_groups_have_the_official_scales(digits):
 
 
 def test_amp_auto_keeps_narrow_models_in_fp32_and_honours_explicit_choices():
-    from mae_lab.train_utils import use_bf16
+    from mae_lab.train.common import use_bf16
 
     cpu = torch.device("cpu")
     assert use_bf16("bf16", cpu, 64) and not use_bf16("none", cpu, 1024)
@@ -216,7 +216,7 @@ def test_amp_auto_keeps_narrow_models_in_fp32_and_honours_explicit_choices():
 
 
 def test_losses_read_in_one_batch_name_the_first_diverged_step():
-    from mae_lab.train_utils import read_losses
+    from mae_lab.train.common import read_losses
 
     pending = [(7, torch.tensor(0.5)), (8, torch.tensor(0.25, dtype=torch.bfloat16))]
     assert read_losses(pending) == 0.75 and pending == []

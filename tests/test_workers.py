@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from test_resume import mae_lab
 
-from mae_lab import db
+from mae_lab.store import db
 
 
 def grid_study(name: str, ratios: list[float], seeds: list[int], epochs: int = 2) -> str:
@@ -176,7 +176,7 @@ def test_search_on_postgres(workdir: Path, pg_url: str):
     import optuna
     from test_search import SEARCH
 
-    from mae_lab.search import storage
+    from mae_lab.run.search import storage
 
     (workdir / "s.toml").write_text(SEARCH.replace("n_trials = 6", "n_trials = 2"))
     finish([mae_lab("search", "s.toml", "--db", pg_url, "--device", "cpu", cwd=workdir)])
@@ -190,7 +190,7 @@ def _drain(url: str, study: str, cwd: str, start, out) -> None:
     """One worker process: wait for the others at the barrier, then run the study as `mae-lab worker` does, and
     report what it ran and how many trials were still pending when it left."""
     os.chdir(cwd)
-    from mae_lab.runner import run_study
+    from mae_lab.run.runner import run_study
 
     start.wait()
     summary = run_study(study, db_url=url, device="cpu", wait=True, poll_s=0.2)

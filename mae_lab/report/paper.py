@@ -1,0 +1,153 @@
+"""The paper's ablation numbers (package data ``paper_results.json``) and how a study's rows line up with them.
+
+A study's ``paper`` field ("1a" ... "1f", "fig5") picks the table. Its rows are matched to ours by this rule, which
+the report prints beside its verdict:
+
+1. **By value**: a paper row matches our row when its values of the table's axes equal ours (floats by isclose),
+   e.g. decoder depth 4 <-> 4, ``norm_pix_loss`` true <-> "pixel (w/ per-patch norm)", (block, 0.5) <-> "block 50%".
+2. **By position**, for a table with one numeric axis when some of our values are not among the paper's (our
+   CIFAR-scale decoder widths 32 / 64 / 128 / 256 against the paper's 128 ... 1024): our i-th smallest value <->
+   the paper's i-th smallest, provided we have no more points than the paper. Only the ordering is compared then.
+3. A paper row known only as the lowest setting tried (Figure 5's 54.6 % linear at its lowest mask ratio) matches
+   our lowest value when that is below every value-matched paper setting.
+
+Rows with no counterpart (Table 1d's PCA and dVAE targets) stay unmatched. The ordering of the matched points is
+compared by Spearman's rank correlation (``stats.spearman``), per metric, over the points where both numbers exist
+(ties get average ranks; with 2 points rho is +1 or -1, i.e. whether the pair is ordered the same way).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from mae_lab.study.stats import spearman
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    setting: str
+    values: tuple[Any, ...] | None  # our values of the table's axes; None when mae-lab has no counterpart
+    ft: float | None
+    lin: float | None
+    default: bool = False
+    at: str | None = None  # "lowest": the paper's lowest setting, value not given
+
+
+@dataclass(frozen=True)
+class PaperTable:
+    key: str
+    title: str
+    axes: tuple[str, ...]
+    rows: tuple[PaperRow, ...]
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class Comparison:
+    """How one study lines up with its paper table: ``matches[i]`` is the paper row of our row i (or None)."""
+
+    table: PaperTable
+    rule: str  # "value" | "position" | "none"
+    matches: list[PaperRow | None]
+    agreement: dict[str, tuple[float | None, int]] = field(default_factory=dict)  # metric -> (rho, points)
+    reason: str = ""  # why nothing could be compared
+
+    @property
+    def unmatched(self) -> list[str]:
+        used = {id(m) for m in self.matches if m is not None}
+        return [r.setting for r in self.table.rows if id(r) not in used]
+
+    def rule_text(self) -> str:
+        if self.rule == "value":
+            return "paper rows matched to ours by equal axis values"
+        if self.rule == "position":
+            return ("paper rows matched to ours by position (our i-th smallest value <-> the paper's i-th smallest): "
+                    "the scales differ, only the ordering is compared")
+        return self.reason
+
+
+@functools.lru_cache(maxsize=1)
+def tables() -> dict[str, PaperTable]:
+    """Every stored paper table by key ("1a" ... "1f", "fig5")."""
+    raw = json.loads(resources.files("mae_lab.report").joinpath("paper_results.json").read_text(encoding="utf-8"))
+    out = {}
+    for key, t in raw["tables"].items():
+        rows = tuple(PaperRow(r["setting"], None if r.get("values") is None else tuple(r["values"]), r.get("ft"),
+                              r.get("lin"), bool(r.get("default", False)), r.get("at")) for r in t["rows"])
+        out[key] = PaperTable(key, t["title"], tuple(t["axes"]), rows, tuple(t.get("notes", ())))
+    return out
+
+
+def source() -> str:
+    raw = resources.files("mae_lab.report").joinpath("paper_results.json").read_text(encoding="utf-8")
+    return json.loads(raw)["source"]
+
+
+def get_table(key: str | None) -> PaperTable | None:
+    return tables().get(key) if key else None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def match_rows(table: PaperTable, ours: Sequence[tuple[Any, ...]]) -> tuple[str, list[PaperRow | None], str]:
+    """(rule, paper row per our row, reason) for our rows' values of ``table.axes`` (see the module docstring)."""
+    if len(set(map(repr, ours))) != len(ours):
+        return "none", [None] * len(ours), (f"not compared: the study varies axes other than "
+                                            f"{', '.join(table.axes)}, so several rows share one paper setting")
+    valued = [r for r in table.rows if r.values is not None]
+    by_value = [next((r for r in valued if all(map(_same, r.values, v))), None) for v in ours]
+    rule, matches = "value", by_value
+    numeric = len(table.axes) == 1 and all(_is_number(v[0]) for v in ours)
+    if numeric and any(m is None for m in by_value) and len(ours) <= len(valued):
+        rule = "position"
+        paper_sorted = sorted(valued, key=lambda r: r.values[0])
+        order = sorted(range(len(ours)), key=lambda i: ours[i][0])
+        matches = [None] * len(ours)
+        for pos, i in enumerate(order):
+            matches[i] = paper_sorted[pos]
+    lowest = next((r for r in table.rows if r.at == "lowest"), None)
+    if lowest is not None and rule == "value" and numeric and ours:
+        i = min(range(len(ours)), key=lambda j: ours[j][0])
+        matched_values = [m.values[0] for m in matches if m is not None]
+        if matches[i] is None and all(ours[i][0] < v for v in matched_values):
+            matches[i] = lowest
+    if all(m is None for m in matches):
+        return "none", matches, f"not compared: none of the study's settings of {', '.join(table.axes)} is in " \
+                                f"{table.title}"
+    return rule, matches, ""
+
+
+def compare(table: PaperTable, ours: Sequence[tuple[Any, ...]], linear: Sequence[float | None],
+            finetune: Sequence[float | None]) -> Comparison:
+    """Match our rows (their values of ``table.axes`` and metric means) to the table; rank-correlate per metric."""
+    rule, matches, reason = match_rows(table, ours)
+    comp = Comparison(table, rule, matches, reason=reason)
+    for metric, mine, attr in (("linear", linear, "lin"), ("finetune", finetune, "ft")):
+        pairs = [(m, getattr(p, attr)) for m, p in zip(mine, matches)
+                 if p is not None and m is not None and getattr(p, attr) is not None]
+        comp.agreement[metric] = (spearman([a for a, _ in pairs], [b for _, b in pairs]), len(pairs))
+    return comp
+
+
+def paper_delta(row: PaperRow | None, default: PaperRow | None, metric: str) -> float | None:
+    """The paper's (row - default) for ``metric`` ("linear" or "finetune"): the direction a verdict checks; None
+    when either row or its number is missing."""
+    attr = "lin" if metric == "linear" else "ft"
+    if row is None or default is None or getattr(row, attr) is None or getattr(default, attr) is None:
+        return None
+    return round(getattr(row, attr) - getattr(default, attr), 6)

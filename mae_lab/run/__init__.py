@@ -1,0 +1,1 @@
+"""Running studies: the runner, workers, search, several processes, provenance, exports."""

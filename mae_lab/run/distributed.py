@@ -1,0 +1,109 @@
+"""Several processes for one trial: torchrun starts them, DistributedDataParallel trains, rank 0 alone records.
+
+``mae-lab run STUDY --nproc N`` runs ``python -m torch.distributed.run --standalone --nproc_per_node N -m cli run
+STUDY ...``; under torchrun (``WORLD_SIZE`` > 1) the ``run`` command calls ``run_study_ddp``, and the same module
+entry works with any torchrun, multi-node included. The process group is NCCL on GPUs (one per local rank) and gloo
+on CPU. Rank 0 runs the ordinary study loop (claim, pretrain, evaluate, record, checkpoint: the database and the
+checkpoint folder are touched by rank 0 only). Before each trial's pretraining it broadcasts the trial (spec,
+dataset, checkpoint path) to the other ranks, which pretrain alongside it as their rank and then wait for the next
+trial while rank 0 evaluates; an empty message ends them. Ranks read the checkpoint to resume from, so on several
+machines the checkpoint folder must be shared.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mae_lab.run.runner import run_study
+from mae_lab.study.spec import TrialSpec
+from mae_lab.train.common import DivergenceError
+from mae_lab.train.pretrain import pretrain
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    device: str  # cuda:LOCAL_RANK or cpu
+
+    def announce(self, message: dict[str, Any] | None) -> None:
+        """Rank 0: the next trial to pretrain together (None: no more)."""
+        dist.broadcast_object_list([message], src=0)
+
+    def receive(self) -> dict[str, Any] | None:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def init(device: str = "auto") -> DistContext:
+    """Join the process group torchrun describes in the environment: NCCL with one GPU per local rank when CUDA is
+    asked for (or 'auto' finds it), else gloo on CPU. ``MAE_LAB_DDP_TIMEOUT_S`` (default 7200) bounds how long the
+    other ranks wait for rank 0, e.g. while it evaluates a trial."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is available here (use cpu or auto)")
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    else:
+        device = "cpu"
+    timeout = timedelta(seconds=float(os.environ.get("MAE_LAB_DDP_TIMEOUT_S", "7200")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+    return DistContext(dist.get_rank(), dist.get_world_size(), device)
+
+
+def follow(ctx: DistContext) -> int:
+    """Ranks > 0: pretrain each trial rank 0 announces, as this rank, until it announces None. Writes nothing:
+    no database, no checkpoint. Returns the number of trials taken part in."""
+    n = 0
+    while (message := ctx.receive()) is not None:
+        spec = TrialSpec.model_validate_json(message["spec_json"])
+        ckpt = Path(message["ckpt"]) if message["ckpt"] else None
+        try:
+            pretrain(spec, message["info"], device=ctx.device, ckpt_path=ckpt, resume=True, rank=ctx.rank,
+                     world_size=ctx.world_size, identity=message.get("identity"))
+        except DivergenceError:
+            pass  # every rank saw it (the loss is averaged over ranks); rank 0 records it
+        n += 1
+    return n
+
+
+def run_study_ddp(path: str | Path, *, device: str = "auto", **kwargs: Any):
+    """``runner.run_study`` on rank 0 with the other ranks following; returns its RunSummary on rank 0 and None
+    elsewhere. The process group is torn down at the end."""
+    ctx = init(device)
+    if ctx.rank != 0:
+        follow(ctx)
+        summary = None
+    else:
+        # an exception here ends rank 0 without the closing message: torchrun then stops the other ranks, which may
+        # be inside a collective of the failed pretraining that no message could reach
+        summary = run_study(path, device=ctx.device, dist_ctx=ctx, **kwargs)
+        ctx.announce(None)
+    dist.destroy_process_group()
+    return summary
+
+
+def launch(nproc: int, args: list[str]) -> int:
+    """Run ``cli run ARGS`` in ``nproc`` processes on this machine through torchrun; its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "cli", "run", *args]
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM here: torchrun passes SIGTERM on, each process marks its trial
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        raise

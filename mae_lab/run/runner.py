@@ -1,0 +1,369 @@
+"""Run a study that `planning` planned: claim trials one by one and run each (pretrain -> evaluate -> record).
+A trial's pretraining is keyed by its pretrain hash, so trials that differ only in evaluation settings share one
+checkpoint; a file lock serializes two processes that reach the same pretraining at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import functools
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy.engine import Engine
+
+from mae_lab.data import DatasetInfo
+from mae_lab.run.progress import Display, PlainDisplay
+from mae_lab.run.provenance import provenance
+from mae_lab.run.recon_figures import save_trial_recon
+from mae_lab.store import db
+from mae_lab.study import planning, rounds
+from mae_lab.study.expand import Trial, mae_config, pretrain_identity
+from mae_lab.study.spec import Study, StudyError, TrialSpec
+from mae_lab.train.checkpoint import CheckpointError, load_checkpoint, sha256_file
+from mae_lab.train.common import DivergenceError
+from mae_lab.train.finetune import finetune
+from mae_lab.train.model import count_params, encoder_flops_per_image
+from mae_lab.train.pretrain import checkpoint_mismatch, pretrain
+from mae_lab.train.probe import linear_probe
+from mae_lab.train.probe_surface import STAGE as SURFACE
+from mae_lab.train.probe_surface import probe_surface
+from mae_lab.train.weights import check_inits, init_model
+
+
+class Pruned(Exception):
+    """Raised by an ``on_pretrain_metrics`` callback to stop a trial early (a search's pruner said so)."""
+
+    def __init__(self, epoch: int, reason: str):
+        self.epoch = epoch
+        super().__init__(reason)
+
+
+@dataclass
+class RunSummary:
+    total: int = 0
+    skipped: int = 0  # already done before this run
+    copied: int = 0  # done in another study before: the result copied (db.adopt_result)
+    ran: list[tuple[str, str]] = field(default_factory=list)  # (hash, final status)
+
+    def count(self, status: str) -> int:
+        return sum(1 for _, s in self.ran if s == status)
+
+    @property
+    def ok(self) -> bool:
+        return all(s == "done" for _, s in self.ran)
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def check_checkpoints(study: Study, trials: list[Trial], infos: dict[str, DatasetInfo], device: str,
+                      world_size: int, artifacts: Path) -> None:
+    """Every pretraining checkpoint a trial would resume must have been written for its pretraining identity;
+    StudyError names the first key that differs (before anything is written to the database)."""
+    seen: set[str] = set()
+    for t in trials:
+        path = artifacts / "pretrain" / f"{t.pretrain_hash}.pt"
+        if t.pretrain_hash in seen or not path.exists():
+            continue
+        seen.add(t.pretrain_hash)
+        try:
+            ckpt = load_checkpoint(path, map_location="cpu")
+        except CheckpointError:
+            continue  # unreadable: set aside and pretrained again when the trial runs (_verified_checkpoint)
+        ctx = planning.run_context(t.spec, infos[t.spec.data.model_dump_json()], device, world_size)
+        mismatch = checkpoint_mismatch(ckpt, dataclasses.asdict(mae_config(t.spec)), pretrain_identity(t.spec, ctx))
+        if mismatch:
+            raise StudyError(study.path, mismatch[0], f"cannot resume {path}: {mismatch[1]} (delete the checkpoint "
+                             "to pretrain again)")
+
+
+def _verified_checkpoint(engine: Engine, pretrain_hash: str, path: Path, display: Display) -> None:
+    """Keep ``path`` only if its sha256 is the one the database recorded; otherwise set it aside."""
+    if not path.exists():
+        return
+    row = db.get_checkpoint(engine, pretrain_hash)
+    if row is not None and row.sha256 == sha256_file(path):
+        return
+    aside = path.with_suffix(".unverified")
+    path.replace(aside)
+    display.message(f"  checkpoint {path.name} does not match the database's sha256: set aside as {aside.name}, "
+                    "pretraining from scratch")
+
+
+def run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: str, artifacts: Path,
+              display: Display, on_pretrain_metrics: Callable[[dict[str, Any]], None] | None = None,
+              heartbeat_s: float = db.HEARTBEAT_S, dist_ctx: Any = None, data_root: str | None = None) -> str:
+    """Pretrain (or resume / reuse), probe, fine-tune and record one claimed trial; return its final status.
+
+    ``on_pretrain_metrics`` sees every pretraining epoch's metrics after they are recorded (``knn_top1`` every
+    ``pretrain.probe_every`` epochs, on the validation split); raising ``Pruned`` there closes the trial as
+    "pruned" with what it has. A background thread writes the trial's heartbeat and progress every
+    ``heartbeat_s``. Every write is fenced by the claim in ``row``: a worker whose trial was taken over stops
+    with "lost" (and says so). The result is recorded before the artifacts (FLOPs, reconstructions): an artifact
+    failure is noted in ``artifact_error`` and the trial stays done with its numbers.
+    ``dist_ctx`` (a ``distributed.DistContext``, this being rank 0): the other ranks pretrain alongside.
+    """
+    claim = db.claim_of(row)
+    with db.Heartbeat(engine, claim, heartbeat_s) as beat:
+        try:
+            return _run_trial(engine, row, claim, beat, info, device=device, artifacts=artifacts, display=display,
+                              on_pretrain_metrics=on_pretrain_metrics, dist_ctx=dist_ctx, data_root=data_root)
+        except db.LostClaim as exc:
+            display.message(f"  {exc}")
+            if dist_ctx is not None:
+                raise
+            return "lost"
+
+
+def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heartbeat, info: DatasetInfo, *,
+               device: str, artifacts: Path, display: Display,
+               on_pretrain_metrics: Callable[[dict[str, Any]], None] | None, dist_ctx: Any,
+               data_root: str | None) -> str:
+    spec = TrialSpec.model_validate_json(row.spec_json)
+    world_size = dist_ctx.world_size if dist_ctx is not None else 1
+    ctx = planning.run_context(spec, info, device, world_size)
+    db.set_provenance(engine, row.id, claim=claim, **provenance(device, ctx, data_root))
+    ckpt = artifacts / "pretrain" / f"{row.pretrain_hash}.pt"
+    last: dict[str, Any] = {}  # the latest pretraining metrics, for a pruned trial's result
+
+    def on_step(stage: str, step: int) -> None:
+        note(f"{stage} step {step}")
+
+    def note(progress: str) -> None:  # what the heartbeat shows; a claim lost meanwhile stops the trial here
+        beat.progress = progress
+        beat.check()
+
+    def on_pretrain_epoch(m: dict[str, Any]) -> None:
+        surface = m.pop(SURFACE, None)  # {"block{b}": top-1} every pretrain.probe_every epochs
+        if surface:
+            db.record_metrics(engine, row.id, SURFACE, m["epoch"], surface, claim=claim)
+        if m.get("ckpt_sha256"):
+            db.record_checkpoint(engine, row.pretrain_hash, str(ckpt), m["ckpt_sha256"], m["epoch"], claim=claim)
+        db.record_metrics(engine, row.id, "pretrain", m["epoch"],
+                          {k: v for k, v in m.items() if k not in ("epoch", "ckpt_sha256") and v is not None},
+                          claim=claim)
+        beat.progress = f"pretrain epoch {m['epoch']}/{spec.pretrain.epochs}"
+        display.epoch("pretrain", m["epoch"], spec.pretrain.epochs, m)
+        last.update({k: v for k, v in m.items() if v is not None})
+        if on_pretrain_metrics is not None:
+            on_pretrain_metrics(m)
+
+    def on_eval_epoch(stage: str, total: int):
+        def cb(m: dict[str, Any]) -> None:
+            db.record_metrics(engine, row.id, stage, m["epoch"],
+                              {k: v for k, v in m.items() if k != "epoch" and v is not None}, claim=claim)
+            beat.progress = f"{stage} epoch {m['epoch']}/{total}"
+            display.epoch(stage, m["epoch"], total, m)
+        return cb
+
+    try:
+        display.stage("pretrain", spec.pretrain.epochs)
+        with file_lock(ckpt.with_suffix(".lock")):
+            _verified_checkpoint(engine, row.pretrain_hash, ckpt, display)
+            done_before = db.get_checkpoint(engine, row.pretrain_hash)
+            reused = ckpt.exists() and done_before is not None and done_before.epoch >= spec.pretrain.epochs > 0
+            if ckpt.exists() and done_before is not None:
+                db.set_provenance(engine, row.id, claim=claim, resumed_from_epoch=done_before.epoch)
+            if dist_ctx is not None:
+                dist_ctx.announce({"spec_json": row.spec_json, "info": info, "identity": pretrain_identity(spec, ctx),
+                                   "ckpt": str(ckpt) if spec.pretrain.epochs else None})
+            start = init_model(spec, engine) if spec.pretrain.init else None  # DDP copies rank 0's weights
+            pre = pretrain(spec, info, device=device, ckpt_path=ckpt if spec.pretrain.epochs else None,
+                           resume=True, on_epoch=on_pretrain_epoch, world_size=world_size, model=start,
+                           identity=pretrain_identity(spec, ctx), on_step=functools.partial(on_step, "pretrain"))
+        for epoch, loss in enumerate(pre.loss_history, start=1):  # epochs run before a resume, or shared
+            db.record_metrics(engine, row.id, "pretrain", epoch, {"loss": loss}, claim=claim)
+        result: dict[str, Any] = {"pretrain_loss": pre.final_loss, "pretrain_wall_s": pre.wall_s,
+                                  "pretrain_images_per_s": pre.images_per_s,
+                                  "pretrain_peak_mem_mib": pre.peak_mem_mib, "pretrain_reused": reused}
+        model = pre.model
+        lin, ft = spec.eval.linear, spec.eval.finetune
+        if lin.enabled:
+            db.clear_metrics(engine, row.id, "linear", claim=claim)
+            display.stage("linear", lin.epochs)
+            out = linear_probe(spec, model, info, device=device, on_epoch=on_eval_epoch("linear", lin.epochs),
+                               on_progress=note)
+            result.update(linear_top1=out["top1"], linear_test_top1=out["test_top1"], linear_wall_s=out["wall_s"])
+            if lin.blocks:  # the probe surface at the last epoch (one forward pass for every block)
+                db.record_metrics(engine, row.id, SURFACE, pre.epochs, probe_surface(spec, model, info, device),
+                                  claim=claim)
+        if ft.enabled:
+            db.clear_metrics(engine, row.id, "finetune", claim=claim)
+            display.stage("finetune", ft.epochs)
+            out = finetune(spec, model, info, device=device, on_epoch=on_eval_epoch("finetune", ft.epochs),
+                           on_progress=note)
+            result.update(finetune_top1=out["top1"], finetune_test_top1=out["test_top1"],
+                          finetune_wall_s=out["wall_s"])
+        if "knn_top1" in last:
+            result["knn_top1"] = last["knn_top1"]
+        arts = {"checkpoint": (str(ckpt), sha256_file(ckpt))} if ckpt.exists() else {}
+        db.finish_trial(engine, row.id, "done", result=result, artifacts=arts, claim=claim)
+    except Pruned as exc:
+        db.finish_trial(engine, row.id, "pruned", error=str(exc), claim=claim,
+                        result={"pretrain_loss": last.get("loss"), "knn_top1": last.get("knn_top1"),
+                                "pretrain_wall_s": last.get("wall_s")})
+        return "pruned"
+    except DivergenceError as exc:
+        db.finish_trial(engine, row.id, "diverged", error=str(exc), claim=claim)
+        return "diverged"
+    except db.LostClaim:
+        raise
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (the command line raises it as one, with its message)
+        db.finish_trial(engine, row.id, "interrupted", error=str(exc) or "interrupted by the user (Ctrl-C)",
+                        claim=claim)
+        raise
+    except torch.cuda.OutOfMemoryError:
+        db.finish_trial(engine, row.id, "failed", error="CUDA out of memory: lower pretrain.batch_size and raise "
+                        "pretrain.accum_iter to keep the effective batch\n" + traceback.format_exc(), claim=claim)
+        return "failed"
+    except Exception:  # noqa: BLE001 - a failing trial is recorded and the study goes on
+        db.finish_trial(engine, row.id, "failed", error=traceback.format_exc(), claim=claim)
+        if dist_ctx is not None:
+            raise  # the other ranks may be stuck in a collective of this trial: end the run (torchrun stops them)
+        return "failed"
+    record_artifacts(engine, row, spec, model, info, artifacts)
+    return "done"
+
+
+def record_artifacts(engine: Engine, row: db.TrialRow, spec: TrialSpec, model: Any, info: DatasetInfo,
+                     artifacts: Path) -> None:
+    """After a done trial's result: encoder FLOPs and parameter counts, and its reconstruction PNG. A failure here
+    is recorded in the result's ``artifact_error``; the trial stays done with its numbers."""
+    update: dict[str, Any] = {}
+    arts: dict[str, tuple[str, str]] = {}
+    try:
+        update.update(encoder_gflops=encoder_flops_per_image(mae_config(spec)), total_params=count_params(model),
+                      encoder_params=sum(v.numel() for v in model.encoder_state_dict().values()))
+        recon_png = artifacts / "recon" / f"{row.hash}.png"
+        arts["recon"] = (str(recon_png), save_trial_recon(model, spec, info, recon_png))
+    except Exception as exc:  # noqa: BLE001 - the result is already recorded; say what is missing
+        update["artifact_error"] = f"{type(exc).__name__}: {exc}"
+    db.record_artifacts(engine, row.id, arts, update)
+
+
+def _summary_line(engine: Engine, row: db.TrialRow, status: str) -> str:
+    _, result, _ = db.trial_details(engine, row.id)
+    if status != "done" or result is None:
+        return f"  {row.hash[:8]} {row.label}: {status}"
+    parts = [f"{row.hash[:8]} {row.label}: done"]
+    if result.linear_top1 is not None:
+        parts.append(f"linear {100 * result.linear_top1:.1f}%")
+    if result.finetune_top1 is not None:
+        parts.append(f"finetune {100 * result.finetune_top1:.1f}%")
+    parts.append(f"pretrain {result.pretrain_wall_s:.0f}s" + (" (shared)" if result.pretrain_reused else ""))
+    return "  " + ", ".join(parts)
+
+
+def run_study(path: str | Path, *, db_url: str | None = None, device: str = "auto", data_root: str | None = None,
+              artifacts: str | Path | None = None, data_override: dict[str, str] | None = None, rerun: bool = False,
+              max_trials: int | None = None, allow_pipe: bool = False, display: Display | None = None,
+              stale_after_s: float = db.STALE_AFTER_S, heartbeat_s: float = db.HEARTBEAT_S,
+              wait: bool = False, poll_s: float = 10.0, dist_ctx: Any = None,
+              allow_large_grid: bool = False, max_rounds: int | None = None) -> RunSummary:
+    """Validate ``path`` fully, record its trials, then run every trial not done yet.
+
+    The trials table is the queue: each trial is claimed in one transaction, so any number of processes (``mae-lab
+    run`` or ``mae-lab worker``, on one machine with SQLite or on many with PostgreSQL) drain a study together and
+    run each trial once. A running trial whose worker is dead on this host, or whose heartbeat is older than
+    ``stale_after_s``, is claimed again and resumes from its checkpoint. With ``wait`` (a worker), the loop does
+    not end while other workers still run trials: it polls every ``poll_s`` and takes over any that go stale.
+    ``max_rounds`` (adaptive seeds): run at most this many rounds, and end rather than wait for another process's
+    last trials of a round; a later call goes on (``make results`` runs the studies breadth-first so).
+    ``dist_ctx``: this is rank 0 of a DistributedDataParallel run (``distributed.run_study_ddp``).
+    """
+    display = display or PlainDisplay()
+    study, trials = planning.plan(path, data_override, allow_large_grid)
+    if study.search is not None:
+        raise StudyError(study.path, "search", "this study is a search: run it with 'mae-lab search'")
+    infos = planning.resolve_data(study, trials, data_root, allow_pipe)
+    device = planning.pick_device(device)
+    world_size = dist_ctx.world_size if dist_ctx is not None else 1
+
+    bind_run = functools.partial(planning.bind_trial, infos=infos, device=device, world_size=world_size)
+    trials = planning.bind_trials(trials, infos=infos, device=device, world_size=world_size)
+    check_inits(study, trials, db_url)  # a bad pretrain.init ends here, before anything is written
+    artifacts = Path(artifacts or db.artifacts_dir(db_url)).resolve()
+    check_checkpoints(study, trials, infos, device, world_size, artifacts)  # likewise a checkpoint to resume
+    engine = db.connect(db_url)
+    s = study.study
+    summary, tried, synced, todo, rounds_run = RunSummary(), set(), set(), 0, 0
+    row = None  # the study's row, synced in the first round
+    while True:  # rounds: one, unless the seeds are adaptive (rounds.py recomputes the next round from the DB)
+        if s.adaptive is not None and (synced or not rerun):
+            trials = rounds.current_trials(engine, study, trials, bind=bind_run,
+                                           trusted=lambda h: not rerun or h in synced)
+        new = [t for t in trials if t.hash not in synced]
+        if synced and not new:
+            if max_rounds is not None or not any(t.status == "running" for t, _ in db.study_trials(engine, row.id)):
+                break  # with max_rounds, another process's last trials are not waited for: a later call goes on
+            time.sleep(poll_s)  # another process runs this round's last trials: their results decide the next
+        else:
+            row = db.sync_study(engine, name=s.name, description=s.description, paper=s.paper, path=str(path),
+                                spec_text=study.text, spec_hash=planning.study_hash(study),
+                                trials=planning.trial_rows(study, trials))
+            if rerun:
+                for ckpt in db.reset_trials(engine, row.id, [t.hash for t in new]):
+                    Path(ckpt.path).unlink(missing_ok=True)
+            synced.update(t.hash for t in new)
+            status = {t.hash: t.status for t, _ in db.study_trials(engine, row.id)}
+            done = sum(1 for t in new if status.get(t.hash) == "done")
+            summary.total, summary.skipped, todo = len(trials), summary.skipped + done, todo + len(new) - done
+            display.message(f"study {s.name}: {len(trials)} trials, {summary.skipped} done, {todo - len(summary.ran)}"
+                            f" to run on {device}" + (" (adaptive seeds: next round)" if len(synced) > len(new)
+                                                      else ""))
+        by_hash = {t.hash: t for t in trials}
+        waiting = False
+        while max_trials is None or len(summary.ran) < max_trials:
+            claimed = db.claim_next(engine, row.id, skip=tried, stale_after_s=stale_after_s)
+            if claimed is None and db.has_runnable(engine, row.id, stale_after_s=stale_after_s, skip=tried):
+                time.sleep(0.05)  # another worker's claim held the row we reached for: look again, never exit
+                continue
+            if claimed is None:
+                busy = [t for t, _ in db.study_trials(engine, row.id) if t.status == "running" and t.hash in by_hash]
+                if not wait or not busy:
+                    break
+                if not waiting:
+                    display.message(f"waiting for {len(busy)} trial(s) running on other workers "
+                                    f"(taken over if a worker dies, or its heartbeat or progress stops for "
+                                    f"{stale_after_s:.0f}s)")
+                waiting = True
+                time.sleep(poll_s)
+                continue
+            waiting = False
+            tried.add(claimed.id)
+            found = None if rerun else db.find_done(engine, claimed.hash)
+            if found is not None:  # the same trial (spec hash) is done in another study: its result serves here
+                claim = db.claim_of(claimed)
+                db.adopt_result(engine, claim.trial_id, found[1], claim=claim)
+                summary.copied, todo = summary.copied + 1, todo - 1
+                display.message(f"trial {claimed.hash[:8]} {claimed.label}: done before in study "
+                                f"{db.study_name(engine, found[0].study_id)!r}; its result is copied, nothing runs")
+                continue
+            trial = by_hash.get(claimed.hash)  # None: another process added the next round (adaptive seeds) first
+            spec = trial.spec if trial is not None else TrialSpec.model_validate_json(claimed.spec_json)
+            display.trial_start(len(summary.ran) + 1, todo, claimed.label, claimed.hash)
+            result = run_trial(engine, claimed, infos[spec.data.model_dump_json()], device=device,
+                               artifacts=artifacts, display=display, heartbeat_s=heartbeat_s, dist_ctx=dist_ctx,
+                               data_root=data_root)
+            summary.ran.append((claimed.hash, result))
+            display.trial_end(_summary_line(engine, claimed, result))
+        rounds_run += 1
+        if s.adaptive is None or (max_trials is not None and len(summary.ran) >= max_trials) \
+                or (max_rounds is not None and rounds_run >= max_rounds):
+            break
+    return summary

@@ -1,0 +1,392 @@
+"""Optuna search over a study's ``[search]`` space, through the same runner and database as ``mae-lab run``.
+
+``mae-lab search STUDY.toml`` opens (or creates) an Optuna study named after the study in the same database URL as
+mae-lab's own tables (Optuna's RDB storage: its tables sit beside the ``mae_*`` ones, so ``optuna-dashboard URL``
+shows it), then runs an ask/tell loop:
+
+1. ask: the sampler (tpe, random, cmaes, grid) proposes a point of the space;
+2. the point becomes one trial spec per seed (``expand.resolve``), recorded as trial rows of the study before
+   anything runs (axes = the sampled parameters, ``optuna_trial`` = the trial number), so ``list`` and ``report``
+   see it at once;
+3. each row runs through ``runner.run_trial`` exactly as in ``mae-lab run``; with a pruner, pretraining reports its
+   kNN top-1 every ``pretrain.probe_every`` epochs and stops early (status "pruned") when the pruner says so;
+4. tell: the objective(s), top-1 of the linear probe and/or fine-tuning, mean over seeds; or PRUNED / FAIL.
+
+A spec done before, in this study or another, is never trained again: done trials whose spec is a point of the
+space are told to Optuna as prior observations before sampling (user attribute ``prior``; they do not count
+towards ``n_trials``), and a sampled point already done takes its recorded result. ``n_trials`` is the study's
+total, so a rerun tops it up. A search killed mid-trial leaves an Optuna trial RUNNING: the next search sees that
+trial's rows have a dead worker (or no heartbeat for ``stale_after_s``), fails it and asks the same point again,
+which resumes from its pretraining checkpoint. Sampling happens here only: the runner and the model never see Optuna.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import Engine
+
+from mae_lab.run.progress import PlainDisplay
+from mae_lab.run.runner import Pruned, run_trial
+from mae_lab.store import db
+from mae_lab.store.optuna_storage import PRIOR, searched, storage
+from mae_lab.study.expand import Trial, bind, pretrain_hash, resolve, trial_hash
+from mae_lab.study.planning import pick_device, plan, resolve_data, run_context, study_hash
+from mae_lab.study.spec import Study, StudyError, TrialSpec, get_dotted
+from mae_lab.study.tables import SearchParam, SearchSection
+from mae_lab.train.weights import check_inits
+
+OBJECTIVES = {"linear": "linear_top1", "finetune": "finetune_top1"}  # objective -> ResultRow column
+
+
+
+
+def distributions(search: SearchSection) -> dict[str, BaseDistribution]:
+    return {key: _distribution(p) for key, p in search.space.items()}
+
+
+def _distribution(p: SearchParam) -> BaseDistribution:
+    if p.type == "categorical":
+        return CategoricalDistribution(p.choices)
+    if p.type == "int":
+        return IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+    return FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+
+
+def _grid(p: SearchParam) -> list[Any]:
+    if p.type == "categorical":
+        return list(p.choices)
+    n = int(math.floor((p.high - p.low) / (p.step or 1) + 1e-9))
+    values = [p.low + i * (p.step or 1) for i in range(n + 1)]
+    return [int(round(v)) for v in values] if p.type == "int" else [round(v, 12) for v in values]
+
+
+def _in_space(p: SearchParam, value: Any) -> bool:
+    if p.type == "categorical":
+        return any(type(value) is type(c) and value == c for c in p.choices)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if p.type == "int" and value != int(value):
+        return False
+    if not p.low <= value <= p.high:
+        return False
+    return p.step is None or abs((value - p.low) / p.step - round((value - p.low) / p.step)) < 1e-6
+
+
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler without its ``study.stop()`` after the last point, which only works inside
+    ``optimize``; the ask/tell loop checks ``is_exhausted`` itself."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
+def make_sampler(search: SearchSection, seed: int) -> optuna.samplers.BaseSampler:
+    if search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if search.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if search.sampler == "grid":
+        return AskTellGridSampler({k: _grid(p) for k, p in search.space.items()}, seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(search: SearchSection, epochs: int, probe_every: int) -> optuna.pruners.BasePruner:
+    if search.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if search.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, probe_every), max_resource=max(1, epochs))
+    return optuna.pruners.NopPruner()
+
+
+def _label(point: dict[str, Any]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return ", ".join(f"{k.split('.')[-1]}={fmt(v)}" for k, v in point.items())
+
+
+
+
+def _counted(trials: list[FrozenTrial]) -> int:
+    """Searched trials that count towards n_trials: finished, running or queued; a failed trial that was asked
+    again (``retry_of``) counts once, through its retry."""
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    return sum(1 for t in searched(trials)
+               if t.state != TrialState.FAIL or t.number not in retried)
+
+
+@dataclass
+class SearchSummary:
+    name: str
+    target: int  # searched trials the study should have
+    states: dict[int, str] = field(default_factory=dict)  # Optuna number -> final state, trials asked by this call
+    trained: int = 0  # trial rows trained (or resumed) by this call
+    reused: int = 0  # trial rows whose spec was done before: its result was told, nothing trained
+    priors: int = 0  # done trials told to Optuna as prior observations by this call
+    recovered: int = 0  # trials a dead search left RUNNING, closed from their rows or asked again
+    total: int = 0  # searched trials in the study after this call
+    best: list[str] = field(default_factory=list)  # one line per best trial (the Pareto front for two objectives)
+
+    def count(self, state: str) -> int:
+        return sum(1 for s in self.states.values() if s == state)
+
+    @property
+    def ok(self) -> bool:
+        return self.count("FAIL") == 0
+
+
+def prior_points(engine: Engine, study: Study, study_id: int | None) -> list[tuple[dict[str, Any], list[db.ResultRow],
+                                                                                    list[str]]]:
+    """Done trials of other studies whose spec is a point of the search space, for every seed of the study:
+    (point, results in seed order, "study/trial id" sources)."""
+    space, seeds = study.search.space, study.study.seeds
+    found: dict[str, dict[int, tuple[db.ResultRow, str]]] = {}
+    points: dict[str, dict[str, Any]] = {}
+    for row, result in db.done_with_results(engine):
+        if row.study_id == study_id or row.seed not in seeds:
+            continue
+        try:
+            spec = json.loads(row.spec_json)
+            point = {k: get_dotted(spec, k) for k in space}
+        except (KeyError, TypeError, ValueError):
+            continue
+        if not all(_in_space(space[k], v) for k, v in point.items()):
+            continue
+        if any(getattr(result, OBJECTIVES[o]) is None for o in study.search.objectives):
+            continue
+        try:
+            ran = TrialSpec.model_validate_json(row.spec_json)
+            if trial_hash(resolve(study, point, row.seed)) != trial_hash(ran):
+                continue  # differs from the study's base in something the search does not vary (not how it ran)
+        except ValueError:  # StudyError, or a spec this version no longer reads
+            continue
+        key = json.dumps(point, sort_keys=True)
+        points[key] = point
+        found.setdefault(key, {}).setdefault(row.seed, (result, f"{row.study_id}/{row.id}"))
+    return [(points[k], [by_seed[s][0] for s in seeds], [by_seed[s][1] for s in seeds])
+            for k, by_seed in found.items() if len(by_seed) == len(seeds)]
+
+
+def _objective_values(results: list[db.ResultRow | None], objectives: list[str]) -> list[float] | None:
+    values = []
+    for obj in objectives:
+        vals = [getattr(r, OBJECTIVES[obj]) if r is not None else None for r in results]
+        if any(v is None or not math.isfinite(v) for v in vals):
+            return None
+        values.append(statistics.fmean(vals))
+    return values
+
+
+def _outcome(engine: Engine, ids: list[int], objectives: list[str]) -> tuple[TrialState, list[float] | None]:
+    """An Optuna trial's state and values from its trial rows."""
+    rows = db.get_trials(engine, ids)
+    statuses = {r.status for r in rows}
+    if "pruned" in statuses:
+        return TrialState.PRUNED, None
+    if statuses != {"done"}:
+        return TrialState.FAIL, None
+    values = _objective_values([db.get_result(engine, r.id) for r in rows], objectives)
+    return (TrialState.COMPLETE, values) if values is not None else (TrialState.FAIL, None)
+
+
+def _tell(ostudy: optuna.Study, trial: optuna.Trial | int, state: TrialState, values: list[float] | None) -> None:
+    if state == TrialState.COMPLETE:
+        ostudy.tell(trial, values, skip_if_finished=True)
+    else:
+        ostudy.tell(trial, state=state, skip_if_finished=True)
+
+
+def recover(engine: Engine, ostudy: optuna.Study, objectives: list[str], stale_after_s: float) -> int:
+    """Close the Optuna trials that a dead search left RUNNING: from their rows when these finished, else FAIL and
+    ask the same point again (``retry_of``), which resumes from its checkpoint. Returns how many."""
+    n = 0
+    now = datetime.now()
+    for t in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        ids = t.user_attrs.get("trial_ids") or []
+        rows = db.get_trials(engine, ids)
+        age = (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0
+        if rows and all(r.status in db.FINAL for r in rows):
+            _tell(ostudy, t.number, *_outcome(engine, ids, objectives))
+        elif any(db.is_stale(r, stale_after_s) or r.status == "interrupted" for r in rows) or (
+                age > stale_after_s and not any(r.status == "running" for r in rows)):
+            if not _retry(ostudy, t.number, t.params):
+                continue  # another search closed it first
+        else:
+            continue
+        n += 1
+    return n
+
+
+def _retry(ostudy: optuna.Study, number: int, params: dict[str, Any]) -> bool:
+    """Fail a trial and queue its point again (``retry_of``); False if it was already finished."""
+    try:
+        ostudy.tell(number, state=TrialState.FAIL)
+    except (ValueError, RuntimeError):
+        return False
+    ostudy.enqueue_trial(params, user_attrs={"retry_of": number}, skip_if_exists=False)
+    return True
+
+
+def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | None = None, device: str = "auto",
+               data_root: str | None = None, artifacts: str | Path | None = None,
+               data_override: dict[str, str] | None = None, allow_pipe: bool = False, display=None,
+               stale_after_s: float = db.STALE_AFTER_S, heartbeat_s: float = db.HEARTBEAT_S,
+               poll_s: float = 5.0) -> SearchSummary:
+    """Run the ``[search]`` of the study at ``path`` until the Optuna study holds ``n_trials`` searched trials
+    (default: the file's ``n_trials``), the grid is exhausted or ``timeout_s`` has passed."""
+    display = display or PlainDisplay()
+    study, base = plan(path, data_override)  # validates the file and the space's bounds
+    check_inits(study, base, db_url)  # a bad pretrain.init of the base point: exit 2, nothing written
+    search = study.search
+    if search is None:
+        raise StudyError(study.path, "search", "the study has no [search] table: run it with 'mae-lab run'")
+    dists = distributions(search)
+    device = pick_device(device)
+    engine = db.connect(db_url)
+    artifacts = Path(artifacts or db.artifacts_dir(db_url)).resolve()
+    s = study.study
+    row = db.sync_study(engine, name=s.name, description=s.description, paper=s.paper, path=str(path),
+                        spec_text=study.text, spec_hash=study_hash(study), trials=[], deactivate_missing=False)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    directions = ["maximize"] * len(search.objectives)
+    base = resolve(study, {}, s.seeds[0])
+    pruner = make_pruner(search, base.pretrain.epochs, base.pretrain.probe_every)
+    ostudy = optuna.create_study(study_name=s.name, storage=storage(db_url), directions=directions,
+                                 pruner=pruner, load_if_exists=True)
+    if len(ostudy.directions) != len(directions):
+        raise StudyError(study.path, "search.objectives",
+                         f"the database's Optuna study {s.name!r} has {len(ostudy.directions)} objective(s), this "
+                         f"file {len(directions)}: rename the study to start a new search")
+    ostudy.set_user_attr("objectives", list(search.objectives))
+    summary = SearchSummary(s.name, n_trials or search.n_trials)
+
+    # done specs anywhere in the database that are points of the space: prior observations
+    told = {t.user_attrs[PRIOR] for t in ostudy.get_trials(deepcopy=False) if PRIOR in t.user_attrs}
+    for point, results, sources in prior_points(engine, study, row.id):
+        key = json.dumps(point, sort_keys=True)
+        values = _objective_values(results, search.objectives)
+        if key in told or values is None:
+            continue
+        ostudy.add_trial(optuna.trial.create_trial(params=point, distributions=dists, values=values,
+                                                   user_attrs={PRIOR: key, "sources": sources}))
+        summary.priors += 1
+    if summary.priors:
+        display.message(f"search {s.name}: {summary.priors} trial(s) already done in the database told to Optuna "
+                        "as prior observations")
+    summary.recovered = recover(engine, ostudy, search.objectives, stale_after_s)
+    # a fresh sampler seed per call: a rerun must not replay the first call's random stream
+    ostudy.sampler = make_sampler(search, s.seeds[0] * 1_000_003 + len(ostudy.get_trials(deepcopy=False)))
+    if search.sampler == "grid":
+        grid_size = math.prod(len(_grid(p)) for p in search.space.values())
+        summary.target = min(summary.target, grid_size)
+    display.message(f"search {s.name}: {search.sampler} sampler, pruner {search.pruner}, objectives "
+                    f"{' + '.join(search.objectives)}; {_counted(ostudy.get_trials(deepcopy=False))} of "
+                    f"{summary.target} trials in the study, on {device}")
+
+    infos: dict[str, Any] = {}
+
+    def run_row(trow: db.TrialRow, t: Trial, report) -> str:
+        """Bring one trial row to a final status: reuse a done result, else claim and run it (waiting while another
+        live process runs the same spec). Returns the row's status."""
+        if trow.status in ("done", "pruned"):
+            summary.reused += 1
+            return trow.status
+        found = db.find_done(engine, trow.hash)
+        if found is not None:
+            db.adopt_result(engine, trow.id, found[1])
+            summary.reused += 1
+            return "done"
+        while (claimed := db.claim_trial(engine, trow.id, stale_after_s=stale_after_s)) is None:
+            current = db.get_trials(engine, [trow.id])[0]
+            if current.status in ("done", "pruned"):
+                summary.reused += 1
+                return current.status
+            time.sleep(poll_s)
+        summary.trained += 1
+        return run_trial(engine, claimed, data_info(t), device=device, artifacts=artifacts, display=display,
+                         on_pretrain_metrics=report, heartbeat_s=heartbeat_s, data_root=data_root)
+
+    def data_info(t: Trial) -> Any:
+        key = t.spec.data.model_dump_json()
+        if key not in infos:
+            infos[key] = resolve_data(study, [t], data_root, allow_pipe)[key]
+        return infos[key]
+
+    deadline = time.monotonic() + search.timeout_s if search.timeout_s else None
+    while True:
+        trials = ostudy.get_trials(deepcopy=False)
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if not waiting and _counted(trials) >= summary.target:
+            break
+        if not waiting and isinstance(ostudy.sampler, AskTellGridSampler) and ostudy.sampler.is_exhausted(ostudy):
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            display.message(f"search {s.name}: time budget of {search.timeout_s:g}s spent")
+            break
+        trial = ostudy.ask(dists)
+        point = {k: trial.params[k] for k in search.space}
+        label = _label(point)
+        try:
+            specs = [resolve(study, point, seed) for seed in s.seeds]
+        except StudyError as exc:  # a combination the schema refuses (e.g. heads that do not divide the width)
+            trial.set_user_attr("error", str(exc))
+            ostudy.tell(trial, state=TrialState.FAIL)
+            summary.states[trial.number] = "FAIL"
+            display.trial_end(f"  #{trial.number} {label}: invalid combination: {exc.reason}")
+            continue
+        planned = [Trial(spec, trial_hash(spec), pretrain_hash(spec), dict(point)) for spec in specs]
+        planned = [bind(t, run_context(t.spec, data_info(t), device)) for t in planned]  # the hashes `run` records
+        rows = [db.add_trial(engine, row.id, {"hash": t.hash, "pretrain_hash": t.pretrain_hash, "seed": t.spec.seed,
+                                              "label": label, "axes_json": json.dumps(point),
+                                              "spec_json": t.spec.model_dump_json()}, optuna_trial=trial.number)
+                for t in planned]
+        trial.set_user_attr("trial_ids", [r.id for r in rows])
+        trial.set_user_attr("hashes", [r.hash for r in rows])
+        display.trial_start(_counted(ostudy.get_trials(deepcopy=False)), summary.target, f"#{trial.number} {label}",
+                            rows[0].hash)
+
+        def report(m: dict[str, Any], trial: optuna.Trial = trial) -> None:
+            value = m.get("knn_top1")
+            if value is None:
+                return
+            trial.report(value, m["epoch"])
+            if trial.should_prune():
+                raise Pruned(m["epoch"], f"pruned by the {search.pruner} pruner after pretraining epoch {m['epoch']}"
+                                         f" (knn_top1 {value:.4f})")
+
+        try:
+            for i, (t, trow) in enumerate(zip(planned, rows)):
+                status = run_row(trow, t, report if i == 0 and search.pruner != "none" else None)
+                if status != "done":
+                    break  # a pruned or failed seed ends the Optuna trial
+        except KeyboardInterrupt:  # the row is marked interrupted; the next search asks this point again
+            _retry(ostudy, trial.number, trial.params)
+            raise
+        state, values = _outcome(engine, [r.id for r in rows], search.objectives)
+        _tell(ostudy, trial, state, values)
+        summary.states[trial.number] = state.name
+        shown = ", ".join(f"{o} {100 * v:.1f}%" for o, v in zip(search.objectives, values or []))
+        display.trial_end(f"  #{trial.number} {label}: {state.name.lower()}" + (f", {shown}" if shown else ""))
+
+    trials = ostudy.get_trials(deepcopy=False)
+    summary.total = _counted(trials)
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        summary.best = [f"#{t.number} " + ", ".join(f"{o} {100 * v:.1f}%" for o, v in zip(search.objectives, t.values))
+                        + f" ({_label({k: t.params[k] for k in search.space if k in t.params})})"
+                        for t in ostudy.best_trials]
+    return summary
+
+
+
+
+

@@ -1,0 +1,1 @@
+"""The experiment database: tables, queue, reads, Optuna storage, per-trial records."""

@@ -1,0 +1,43 @@
+"""Optuna's RDB storage on mae-lab's database URL, shared by the search loop and the search report."""
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from mae_lab.store import db
+
+PRIOR = "prior"  # user attribute of a trial told from results already in the database
+
+
+def storage(url: str | None = None) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage on the same URL as mae-lab's tables (default resolved as ``db.connect`` does). On
+    SQLite its transactions are made ``BEGIN IMMEDIATE`` too, so local processes queue instead of failing."""
+    url = db.resolve_url(url)
+    sqlite = make_url(url).get_backend_name() == "sqlite"
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+    if sqlite:
+        st = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    else:  # processes that start at once queue on a lock instead of racing on Optuna's CREATE TABLE
+        lock = create_engine(url, poolclass=NullPool)
+        try:
+            with lock.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(7271102)"))
+                try:
+                    st = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(7271102)"))
+        finally:
+            lock.dispose()
+    if sqlite:
+        st.engine.dispose()
+        db.serialize_sqlite(st.engine)
+    return st
+
+
+def searched(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    return [t for t in trials if PRIOR not in t.user_attrs]

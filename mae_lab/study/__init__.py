@@ -1,0 +1,1 @@
+"""Study files to trial specs: schemas, expansion and identity, planning, adaptive seeds, statistics."""

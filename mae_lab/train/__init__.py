@@ -1,0 +1,1 @@
+"""Training stages: the MAE model, masking, pretraining, probing, fine-tuning, checkpoints, loaders."""
