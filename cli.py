@@ -1,7 +1,7 @@
 """The mae-lab command line: parse, call one library function, print.
 
 Exit codes: 0 success, 1 some trials failed or diverged, 2 bad input (study file, data, database URL), 130 interrupted
-(Ctrl-C), 143 terminated (SIGTERM: a scheduler's stop or `kill`, handled as Ctrl-C is).
+(Ctrl-C), 143 terminated (SIGTERM: a scheduler's stop or `kill`, handled as Ctrl-C is; SIGUSR1 138, SIGUSR2 140).
 """
 from __future__ import annotations
 
@@ -33,28 +33,47 @@ USER_ERRORS = (("mae_lab.study.spec", "StudyError"), ("mae_lab.data.shards", "Da
                ("mae_lab.store.db", "DbError"), ("mae_lab.train.checkpoint", "CheckpointError"))
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # the stops a scheduler sends (SLURM's --signal): all end a run
+
+
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is: it unwinds as Ctrl-C does (the running trial is marked interrupted, with
-    this message), so a batch scheduler's stop leaves no trial "running" for a stale-heartbeat takeover to find."""
+    """A stop signal (SIGTERM, SIGUSR1, SIGUSR2), raised where the program is: it unwinds as Ctrl-C does (the running
+    trial is marked interrupted, with this message), so a batch scheduler's stop leaves no trial "running" for a
+    stale-heartbeat takeover to find. The exit code is 128 + the signal's number (143 for SIGTERM)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
-def on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated("interrupted by SIGTERM")
+def stop_handler():
+    """A handler that raises Terminated at the first stop signal and ignores the ones after it: under srun and
+    torchrun each process gets a stop twice, and a second raise inside the first one's cleanup (marking the trial
+    interrupted, removing a temp file) would leave that cleanup half done."""
+    fired = []
+
+    def on_stop(signum: int, frame: object) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Terminated(signum)
+    return on_stop
 
 
 def interrupted_code(exc: KeyboardInterrupt) -> int:
-    return 143 if isinstance(exc, Terminated) else 130
+    return 128 + exc.signum if isinstance(exc, Terminated) else 130
 
 
 class Boundary(TyperGroup):
     """Every command runs inside this boundary: an anticipated error (bad input, a missing or unreadable path, a
-    permission) becomes one line on stderr with exit 2, Ctrl-C exit 130, SIGTERM exit 143. Anything else keeps its
+    permission) becomes one line on stderr with exit 2, Ctrl-C exit 130, a stop signal 128 + its number (SIGTERM
+    143). Anything else keeps its
     traceback (a trial's own failure is recorded with its traceback in the trial, by the runner, and never reaches
     here)."""
 
     def invoke(self, ctx):
         main = threading.current_thread() is threading.main_thread()  # only the main thread may set a handler
-        previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+        on_stop = stop_handler()
+        previous = {sig: signal.signal(getattr(signal, sig), on_stop) for sig in STOP_SIGNALS} if main else {}
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt as exc:
@@ -70,8 +89,8 @@ class Boundary(TyperGroup):
                 raise fail(str(exc)) from None
             raise
         finally:
-            if previous is not None:  # a caller's own handler (a test runner, a notebook) is theirs again
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():  # a caller's own handler (a test runner, a notebook) is theirs again
+                signal.signal(getattr(signal, sig), handler)
 
 
 app = typer.Typer(cls=Boundary, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -224,8 +243,9 @@ def _print_summary(summary) -> None:
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=KeepArgs)
 def worker(
+    ctx: typer.Context,
     study: Annotated[Path, typer.Argument(help="The study TOML file (the same file on every machine).")],
     db: DbOpt = None,
     device: DeviceOpt = "auto",
@@ -236,18 +256,87 @@ def worker(
     stale_after: StaleOpt = 600.0,
     poll: Annotated[float, typer.Option("--poll", min=0.1, help="Seconds between looks at trials that other "
                                                                 "workers run.")] = 10.0,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes per trial (torchrun, as for 'run'): rank 0 "
+                                       "alone claims trials and records them.")] = 1,
 ):
     """Drain STUDY with any number of workers on one database (PostgreSQL for several machines): each trial is
     claimed by exactly one worker; the trial of a dead worker is taken over and resumes from its checkpoint.
     Exits when no trial is left to run or running."""
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1  # this process is one rank of a torchrun
+    if nproc > 1 and not ddp:
+        try:
+            forward = torchrun_argv(ctx.meta["argv"], study)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+        from mae_lab.run.distributed import launch
+
+        raise typer.Exit(launch(nproc, forward, command="worker"))
+    from mae_lab.run.distributed import run_study_ddp
     from mae_lab.run.runner import run_study
     from mae_lab.study.planning import parse_data_override
 
-    with trial_errors("any worker resumes it") as display:
-        summary = run_study(study, db_url=db, device=device, data_root=data_root,
-                            data_override=parse_data_override(data), allow_pipe=allow_pipe, display=display,
-                            stale_after_s=stale_after, wait=True, poll_s=poll, allow_large_grid=allow_large_grid)
-    _print_summary(summary)
+    rank0 = not ddp or os.environ.get("RANK", "0") == "0"
+    with trial_errors("any worker resumes it", display=rank0) as display:
+        kwargs = dict(db_url=db, device=device, data_root=data_root, data_override=parse_data_override(data),
+                      allow_pipe=allow_pipe, display=display, stale_after_s=stale_after, wait=True, poll_s=poll,
+                      allow_large_grid=allow_large_grid)
+        summary = run_study_ddp(study, **kwargs) if ddp else run_study(study, **kwargs)
+    if summary is not None:  # None on a rank > 0: rank 0 reports
+        _print_summary(summary)
+
+
+@app.command()
+def slurm(
+    study: Annotated[Path, typer.Argument(help="The study TOML file (a run or a search study).")],
+    workers: Annotated[int, typer.Option("--workers", "-n", help="Array tasks: one worker each.")] = 2,
+    db: DbOpt = None,
+    partition: Annotated[Optional[str], typer.Option(help="SLURM partition.")] = None,
+    account: Annotated[Optional[str], typer.Option(help="SLURM account.")] = None,
+    qos: Annotated[Optional[str], typer.Option(help="SLURM QOS.")] = None,
+    time: Annotated[Optional[str], typer.Option("--time", help="Time limit per task (SLURM's format, e.g. "
+                                                "4:00:00); longer than the --signal lead.")] = None,
+    cpus_per_worker: Annotated[Optional[int], typer.Option(help="CPUs per task.")] = None,
+    mem: Annotated[Optional[str], typer.Option(help="Memory per task, e.g. 32G.")] = None,
+    gpus_per_worker: Annotated[int, typer.Option(help="GPUs per task (--gres=gpu:K).")] = 0,
+    constraint: Annotated[Optional[str], typer.Option(help="Node features (--constraint).")] = None,
+    parallel: Annotated[Optional[int], typer.Option(help="At most this many tasks at once (%k).")] = None,
+    nodelist: Annotated[Optional[str], typer.Option(help="Keep the tasks on these nodes (one node for SQLite).")
+                        ] = None,
+    stop_signal: Annotated[str, typer.Option("--signal", help="[B:]SIG@SECONDS, SIG one of TERM, USR1, USR2: "
+                                             "sent SECONDS before the time limit; B: to the batch shell.")
+                           ] = "TERM@120",
+    max_requeues: Annotated[int, typer.Option(help="A task stopped by a signal requeues itself at most this "
+                                              "many times.")] = 3,
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes per trial inside a task (torchrun; at most "
+                                       "--gpus-per-worker when GPUs are asked for).")] = 1,
+    sbatch: Annotated[Optional[list[str]], typer.Option("--sbatch", help="An extra #SBATCH option, e.g. "
+                                                        "'--exclusive' (repeatable).")] = None,
+    device: DeviceOpt = "auto",
+    data_root: DataRootOpt = None,
+    stale_after: StaleOpt = 600.0,
+    poll: Annotated[float, typer.Option("--poll", min=0.1, help="Seconds between a waiting worker's looks at the "
+                                                                "queue.")] = 10.0,
+    allow_pipe: PipeOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the sbatch script; submit nothing.")] = False,
+):
+    """Submit a SLURM job array of WORKERS 'mae-lab worker' tasks (or 'search' for a search study) draining
+    STUDY, and return with the job ID; the sbatch script is kept beside the database. Follow with 'mae-lab list'."""
+    from mae_lab.run.slurm import ArrayJob, SlurmError, submit
+
+    job = ArrayJob(study=study, workers=workers, db_url=db, partition=partition, account=account, qos=qos,
+                   time=time, cpus_per_worker=cpus_per_worker, mem=mem, gpus_per_worker=gpus_per_worker,
+                   constraint=constraint, parallel=parallel, nodelist=nodelist, signal=stop_signal,
+                   max_requeues=max_requeues, nproc=nproc, device=device, data_root=data_root,
+                   stale_after=stale_after, poll=poll, sbatch_lines=tuple(sbatch or ()))
+    try:
+        done = submit(job, dry_run=dry_run, allow_pipe=allow_pipe)
+    except SlurmError as exc:
+        raise fail(str(exc)) from None
+    if dry_run:
+        print(done.script, end="")
+        return
+    out().print(f"submitted job array {done.job_id}: {workers} x mae-lab {done.command} {study}; script "
+                f"{done.path}; follow with: mae-lab list", markup=False, soft_wrap=True)
 
 
 @app.command()

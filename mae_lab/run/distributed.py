@@ -96,10 +96,11 @@ def run_study_ddp(path: str | Path, *, device: str = "auto", **kwargs: Any):
     return summary
 
 
-def launch(nproc: int, args: list[str]) -> int:
-    """Run ``cli run ARGS`` in ``nproc`` processes on this machine through torchrun; its exit code."""
+def launch(nproc: int, args: list[str], command: str = "run") -> int:
+    """Run ``cli COMMAND ARGS`` (run or worker) in ``nproc`` processes on this machine through torchrun; its exit
+    code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "cli", "run", *args]
+           "-m", "cli", command, *args]
     proc = subprocess.Popen(cmd)
     try:
         return proc.wait()
