@@ -301,17 +301,21 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
         if trow.status in ("done", "pruned"):
             summary.reused += 1
             return trow.status
-        found = db.find_done(engine, trow.hash)
-        if found is not None:
-            db.adopt_result(engine, trow.id, found[1])
-            summary.reused += 1
-            return "done"
         while (claimed := db.claim_trial(engine, trow.id, stale_after_s=stale_after_s)) is None:
             current = db.get_trials(engine, [trow.id])[0]
             if current.status in ("done", "pruned"):
                 summary.reused += 1
                 return current.status
             time.sleep(poll_s)
+        found = db.find_done(engine, trow.hash)
+        if found is not None:  # the copy is a write like any other: fenced by the claim just taken
+            try:
+                db.adopt_result(engine, claimed.id, found[1], claim=db.claim_of(claimed))
+            except db.LostClaim as exc:  # taken over meanwhile: the successor's rows stand, as in run_trial
+                display.message(f"  {exc}")
+                return "lost"
+            summary.reused += 1
+            return "done"
         summary.trained += 1
         return run_trial(engine, claimed, data_info(t), device=device, artifacts=artifacts, display=display,
                          on_pretrain_metrics=report, heartbeat_s=heartbeat_s, data_root=data_root)
