@@ -106,6 +106,15 @@ def read_losses(pending: list[tuple[int, torch.Tensor]], world_size: int = 1, de
     return sum(values)
 
 
+def compile_module(module: nn.Module, **kwargs) -> nn.Module:
+    """``torch.compile(module)`` after ``torch._dynamo.reset()``: Dynamo keeps the graphs of every earlier model on
+    the shared ``forward`` code and, past its recompile limit (8), silently runs later ones eagerly, as a search
+    or study of many trials in one process would. The caller passes the masks' noise in (``pretrain.step_noise``),
+    so the compiled graph holds no sampler and has no break."""
+    torch._dynamo.reset()
+    return torch.compile(module, **kwargs)
+
+
 def all_min(n: int, world_size: int, device: torch.device) -> int:
     if world_size == 1:
         return n

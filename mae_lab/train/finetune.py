@@ -170,11 +170,11 @@ def evaluate(vit: VisionTransformer, spec: TrialSpec, info: DatasetInfo, split: 
              amp: bool) -> float:
     """Top-1 of the fine-tuned classifier on one split ("val" or "test")."""
     vit.eval()
-    correct, total = 0, 0
+    correct, total = torch.zeros((), dtype=torch.int64, device=dev), 0  # read once, after the loop
     for imgs, labels in eval_loader(spec, info, split, spec.eval.finetune.batch_size):
         imgs, labels = imgs.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)  # (B, C, H, W), (B,)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             logits = vit(imgs)  # (B, num_classes)
-        correct += (logits.argmax(dim=1) == labels).sum().item()
+        correct += (logits.argmax(dim=1) == labels).sum()
         total += labels.numel()
-    return correct / max(1, total)
+    return correct.item() / max(1, total)

@@ -7,7 +7,10 @@ Every sampler takes (batch, h, w, ratio, generator) for an h x w patch grid (L =
     mask        (N, L) float  1 = removed, 0 = kept, in the original patch order (row-major over the grid)
 
 exactly like `random_masking` in the official code. All randomness comes from the given CPU torch.Generator and
-the tensors are created on the CPU; the caller moves them to its device.
+the tensors are created on the CPU; the caller moves them to its device. `mask_noise` turns any sampler's masks into
+noise (N, L) whose argsort masking (`ids_from_noise`) gives them back: the training loop draws that noise for the
+global batch on the CPU and moves it once, so a compiled step sees one device argsort and no sampler (whose Python
+loops and CPU generator would break the graph), and each rank takes its rows of the same masks.
 """
 
 import math
@@ -31,10 +34,10 @@ def ids_from_noise(noise: torch.Tensor, ratio: float) -> tuple[torch.Tensor, tor
     """Official per-sample random masking from given noise (N, L): the smallest noise is kept."""
     N, L = noise.shape
     len_keep = num_keep(L, ratio)
-    ids_shuffle = torch.argsort(noise, dim=1)  # (N, L) ascend: small is keep, large is remove
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)  # (N, L) ascend: small is keep; ties in index order
     ids_restore = torch.argsort(ids_shuffle, dim=1)  # (N, L)
     ids_keep = ids_shuffle[:, :len_keep]  # (N, K)
-    mask = torch.ones(N, L, device=noise.device)
+    mask = torch.ones(N, L, device=noise.device)  # (N, L)
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, dim=1, index=ids_restore)  # (N, L) unshuffle to original order
     return ids_keep, ids_restore, mask
@@ -135,3 +138,17 @@ def sample_mask_ids(kind: str, batch: int, h: int, w: int, ratio: float, generat
     elif kind == "grid":
         return grid_masking_ids(batch, h, w, ratio, generator)
     raise ValueError(f"unknown mask sampling {kind!r}; expected one of {', '.join(SAMPLERS)}")
+
+
+def mask_noise(kind: str, batch: int, h: int, w: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """CPU noise (batch, L) whose `ids_from_noise(noise, ratio)` gives exactly the ids and mask that
+    `sample_mask_ids(kind, batch, h, w, ratio, generator)` returns, drawing the same numbers from `generator`.
+
+    random: the U(0, 1) noise itself; block / grid: the mask plus a ramp, so kept patches (in [0, 0.5)) sort before
+    removed ones (in [1, 1.5)), each group in grid order, as `_ids_from_mask` orders them.
+    """
+    L = h * w
+    if kind == "random":
+        return torch.rand(batch, L, generator=generator)  # (N, L)
+    _, _, mask = sample_mask_ids(kind, batch, h, w, ratio, generator)  # (N, L) 1 = removed
+    return mask + torch.arange(L) / (2 * L)  # (N, L)

@@ -36,6 +36,7 @@ from mae_lab.train.checkpoint import CheckpointError, load_checkpoint, save_chec
 from mae_lab.train.common import (
     LOSS_SYNC_EVERY,
     all_min,
+    compile_module,
     lr_at,
     param_groups_weight_decay,
     peak_memory_mib,
@@ -44,7 +45,7 @@ from mae_lab.train.common import (
     use_bf16,
 )
 from mae_lab.train.loaders import pretrain_loader
-from mae_lab.train.masking import sample_mask_ids
+from mae_lab.train.masking import mask_noise
 from mae_lab.train.model import MaskedAutoencoder
 from mae_lab.train.probe import knn_top1
 from mae_lab.train.probe_surface import STAGE as SURFACE
@@ -145,7 +146,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
 
         ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     fwd = ddp or model
-    fwd = torch.compile(fwd) if pt.compile else fwd
+    fwd = compile_module(fwd) if pt.compile else fwd
     amp = use_bf16(pt.amp, dev, model.config.embed_dim)
 
     sync_every = LOSS_SYNC_EVERY if dev.type == "cuda" else 1  # on CPU reading a loss costs nothing
@@ -167,15 +168,11 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
                 for g in optimizer.param_groups:
                     g["lr"] = lr
             imgs = imgs.to(dev, non_blocking=True)  # (B, C, H, W)
-            if world_size > 1:  # this rank's rows of the global batch's masks: rank r holds samples r, r + W, ...
-                noise = global_mask_noise(model.config, imgs.shape[0] * world_size, mask_gen)  # (B*W, L)
-                mask_kwargs = {"noise": noise[rank::world_size].to(dev)}  # (B, L)
-            else:
-                mask_kwargs = {"generator": mask_gen}
+            noise = step_noise(model.config, imgs.shape[0], mask_gen, dev, rank, world_size)  # (B, L) this rank's
             last_micro = (i + 1) % pt.accum_iter == 0
             with ddp.no_sync() if ddp is not None and not last_micro else nullcontext():
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                    loss, _, _ = fwd(imgs, **mask_kwargs)
+                    loss, _, _ = fwd(imgs, noise=noise)
                 pending.append((step, loss.detach()))
                 (loss / pt.accum_iter).backward()
             if last_micro:
@@ -225,14 +222,20 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
 
 def global_mask_noise(config: MAEConfig, batch: int, generator: torch.Generator) -> torch.Tensor:
     """Noise (batch, L) whose official argsort masking gives exactly the masks ``config.mask_sampling`` draws for
-    ``batch`` samples from ``generator``: each rank takes its rows of the global batch's, so the masks do not depend
-    on the process count (random: the noise itself; block / grid: the mask, kept patches first, in grid order)."""
-    L = config.num_patches
-    if config.mask_sampling == "random":
-        return torch.rand(batch, L, generator=generator)  # (B, L)
+    ``batch`` samples from ``generator`` (``masking.mask_noise``): each rank takes its rows of the global batch's, so
+    the masks do not depend on the process count."""
     g = config.grid_size
-    _, _, mask = sample_mask_ids(config.mask_sampling, batch, g, g, config.mask_ratio, generator)  # (B, L) 1: removed
-    return mask + torch.arange(L) / (2 * L)  # kept in [0, 0.5) sort before removed in [1, 1.5), each in grid order
+    return mask_noise(config.mask_sampling, batch, g, g, config.mask_ratio, generator)  # (B, L)
+
+
+def step_noise(config: MAEConfig, batch: int, generator: torch.Generator, dev: torch.device, rank: int = 0,
+               world_size: int = 1) -> torch.Tensor:
+    """This rank's rows (B, L) of the global batch's mask noise, on `dev`: drawn on the CPU (outside any compiled
+    graph), pinned and copied once without blocking. Rank r holds samples r, r + W, ... of the global batch."""
+    noise = global_mask_noise(config, batch * world_size, generator)[rank::world_size].contiguous()  # (B, L)
+    if dev.type == "cuda":
+        noise = noise.pin_memory()
+    return noise.to(dev, non_blocking=True)
 
 
 def checkpoint_mismatch(ckpt: dict, config_dump: dict, identity: dict | None) -> tuple[str, str] | None:

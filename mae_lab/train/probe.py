@@ -129,9 +129,11 @@ class LinearHead:
     per-step warmup + cosine schedule and seeded batch order (drop_last, as the official probe's loader)."""
 
     def __init__(self, lin: LinearSpec, dim: int, num_classes: int, num_train: int, dev: torch.device, seed: int):
-        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes)).to(dev)
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        # init on the CPU, where the stream's generator lives (a CUDA tensor refuses a CPU generator), then move
         nn.init.trunc_normal_(self.head[1].weight, std=0.01, generator=rng.generator(seed, "probe", "head"))
         nn.init.zeros_(self.head[1].bias)
+        self.head.to(dev)
         self.n, self.dev = num_train, dev
         self.batch = min(lin.batch_size, num_train)
         self.steps_per_epoch = num_train // self.batch
@@ -151,7 +153,7 @@ class LinearHead:
         """One epoch over features (N, D) and labels (N,); returns (mean loss, last lr)."""
         self.head.train()
         order = torch.randperm(self.n, generator=self.perm_gen).to(self.dev)  # (N,)
-        loss_sum, lr = 0.0, 0.0
+        loss_sum, lr = torch.zeros((), dtype=torch.float64, device=self.dev), 0.0  # read once, after the epoch
         for i in range(self.steps_per_epoch):
             lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr, 0.0)
             for g in self.optimizer.param_groups:
@@ -161,9 +163,9 @@ class LinearHead:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            loss_sum += loss.item()
+            loss_sum += loss.detach().double()  # no host-device sync per step
             self.step += 1
-        return loss_sum / max(1, self.steps_per_epoch), lr
+        return loss_sum.item() / max(1, self.steps_per_epoch), lr
 
     @torch.no_grad()
     def top1(self, val_x: torch.Tensor, val_y: torch.Tensor) -> float:
@@ -183,11 +185,11 @@ def knn_top1(model: MaskedAutoencoder, info: DatasetInfo, spec: TrialSpec, devic
     val_x, val_y = extract_features(model, eval_loader(spec, info, "val", bs), device, pool, amp)  # (Nv, D)
     train_x, val_x = F.normalize(train_x, dim=1), F.normalize(val_x, dim=1)
     k = min(k, len(train_y))
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=val_y.device)  # read once, after the loop
     for i in range(0, len(val_y), 1024):
         sim = val_x[i:i + 1024] @ train_x.T  # (b, Nt) cosine similarity
         top_sim, top_idx = sim.topk(k, dim=1)  # (b, k)
         votes = torch.zeros(sim.shape[0], info.num_classes, device=sim.device)  # (b, C)
         votes.scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())
-        correct += (votes.argmax(dim=1) == val_y[i:i + 1024]).sum().item()
-    return correct / len(val_y)
+        correct += (votes.argmax(dim=1) == val_y[i:i + 1024]).sum()
+    return correct.item() / len(val_y)
