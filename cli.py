@@ -225,7 +225,7 @@ def run(
         from mae_lab.run.runner import run_study
 
         if launcher:
-            raise typer.Exit(launch(nproc, forward))
+            raise typer.Exit(launch(nproc, forward, device=device))
         kwargs = dict(db_url=db, device=device, data_root=data_root, data_override=override, rerun=rerun,
                       max_trials=max_trials, max_rounds=rounds, allow_pipe=allow_pipe, display=display,
                       stale_after_s=stale_after, allow_large_grid=allow_large_grid)
@@ -268,9 +268,13 @@ def worker(
             forward = torchrun_argv(ctx.meta["argv"], study)
         except ValueError as exc:
             raise fail(str(exc)) from None
-        from mae_lab.run.distributed import launch
+        from mae_lab.run.distributed import check_nproc, launch
 
-        raise typer.Exit(launch(nproc, forward, command="worker"))
+        try:
+            check_nproc(nproc, device)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+        raise typer.Exit(launch(nproc, forward, command="worker", device=device))
     from mae_lab.run.distributed import run_study_ddp
     from mae_lab.run.runner import run_study
     from mae_lab.study.planning import parse_data_override

@@ -8,6 +8,13 @@ checkpoint folder are touched by rank 0 only). Before each trial's pretraining i
 dataset, checkpoint path) to the other ranks, which pretrain alongside it as their rank and then wait for the next
 trial while rank 0 evaluates; an empty message ends them. Ranks read the checkpoint to resume from, so on several
 machines the checkpoint folder must be shared.
+
+The messages (and the end-of-epoch stop flag) travel on a gloo group of their own with a long timeout
+(``MAE_LAB_DDP_CONTROL_TIMEOUT_S``, default 7 days): the other ranks wait there, on the CPU, while rank 0 probes and
+fine-tunes for as long as it takes, and a rank that dies closes its sockets, so the waiting ranks fail at once
+instead of sitting out an NCCL watchdog. Training's collectives keep ``MAE_LAB_DDP_TIMEOUT_S`` (default 7200 s).
+A trial that fails on any rank under DDP (a CUDA OOM included) ends that rank's process; torchrun then stops the
+others, which may be inside a collective of the failed step that no message could reach.
 """
 from __future__ import annotations
 
@@ -28,21 +35,37 @@ from mae_lab.study.spec import TrialSpec
 from mae_lab.train.common import DivergenceError
 from mae_lab.train.pretrain import pretrain
 
+CONTROL_TIMEOUT_S = 7 * 24 * 3600.0  # how long the other ranks wait on the control group for rank 0
+
 
 @dataclass(frozen=True)
 class DistContext:
     rank: int
     world_size: int
     device: str  # cuda:LOCAL_RANK or cpu
+    control: Any = None  # the gloo process group of the messages and stop flags (None: the default group)
 
     def announce(self, message: dict[str, Any] | None) -> None:
         """Rank 0: the next trial to pretrain together (None: no more)."""
-        dist.broadcast_object_list([message], src=0)
+        dist.broadcast_object_list([message], src=0, group=self.control)
 
     def receive(self) -> dict[str, Any] | None:
         box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
+
+
+def check_nproc(nproc: int, device: str) -> None:
+    """ValueError when ``--nproc`` asks for more processes than there are visible GPUs on a CUDA run (one GPU per
+    process; ``auto`` means CUDA when there is one)."""
+    if nproc <= 1 or device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if nproc > visible:
+        where = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ValueError(f"--nproc {nproc} --device {device}: {visible} GPU(s) visible"
+                         + (f" (CUDA_VISIBLE_DEVICES={where})" if where is not None else "")
+                         + "; one process per GPU: lower --nproc or use --device cpu")
 
 
 def init(device: str = "auto") -> DistContext:
@@ -51,17 +74,21 @@ def init(device: str = "auto") -> DistContext:
     other ranks wait for rank 0, e.g. while it evaluates a trial."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    device_id = None
     if use_cuda:
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device}: no CUDA device is available here (use cpu or auto)")
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
+        device_id = torch.device(device)  # binds NCCL's communicator to this rank's GPU at once
     else:
         device = "cpu"
     timeout = timedelta(seconds=float(os.environ.get("MAE_LAB_DDP_TIMEOUT_S", "7200")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
-    return DistContext(dist.get_rank(), dist.get_world_size(), device)
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout, device_id=device_id)
+    control_timeout = float(os.environ.get("MAE_LAB_DDP_CONTROL_TIMEOUT_S", CONTROL_TIMEOUT_S))
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=control_timeout))  # every rank, same order
+    return DistContext(dist.get_rank(), dist.get_world_size(), device, control)
 
 
 def follow(ctx: DistContext) -> int:
@@ -73,7 +100,7 @@ def follow(ctx: DistContext) -> int:
         ckpt = Path(message["ckpt"]) if message["ckpt"] else None
         try:
             pretrain(spec, message["info"], device=ctx.device, ckpt_path=ckpt, resume=True, rank=ctx.rank,
-                     world_size=ctx.world_size, identity=message.get("identity"))
+                     world_size=ctx.world_size, identity=message.get("identity"), control_group=ctx.control)
         except DivergenceError:
             pass  # every rank saw it (the loss is averaged over ranks); rank 0 records it
         n += 1
@@ -96,9 +123,10 @@ def run_study_ddp(path: str | Path, *, device: str = "auto", **kwargs: Any):
     return summary
 
 
-def launch(nproc: int, args: list[str], command: str = "run") -> int:
+def launch(nproc: int, args: list[str], command: str = "run", device: str = "auto") -> int:
     """Run ``cli COMMAND ARGS`` (run or worker) in ``nproc`` processes on this machine through torchrun; its exit
-    code."""
+    code. ValueError (``check_nproc``) before anything starts when a CUDA run has fewer GPUs than processes."""
+    check_nproc(nproc, device)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "cli", command, *args]
     proc = subprocess.Popen(cmd)

@@ -121,8 +121,11 @@ def run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: st
     claim = db.claim_of(row)
     with db.Heartbeat(engine, claim, heartbeat_s) as beat:
         try:
-            return _run_trial(engine, row, claim, beat, info, device=device, artifacts=artifacts, display=display,
-                              on_pretrain_metrics=on_pretrain_metrics, dist_ctx=dist_ctx, data_root=data_root)
+            status = _run_trial(engine, row, claim, beat, info, device=device, artifacts=artifacts, display=display,
+                                on_pretrain_metrics=on_pretrain_metrics, dist_ctx=dist_ctx, data_root=data_root)
+            if status == "failed" and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the failed trial's tensors are gone with its traceback: free their cache
+            return status
         except db.LostClaim as exc:
             display.message(f"  {exc}")
             if dist_ctx is not None:
@@ -140,6 +143,7 @@ def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heart
     db.set_provenance(engine, row.id, claim=claim, **provenance(device, ctx, data_root))
     ckpt = artifacts / "pretrain" / f"{row.pretrain_hash}.pt"
     last: dict[str, Any] = {}  # the latest pretraining metrics, for a pruned trial's result
+    together = [False]  # under DDP: the other ranks are inside this trial's pretraining (its collectives) with us
 
     def on_step(stage: str, step: int) -> None:
         note(f"{stage} step {step}")
@@ -180,12 +184,15 @@ def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heart
             if ckpt.exists() and done_before is not None:
                 db.set_provenance(engine, row.id, claim=claim, resumed_from_epoch=done_before.epoch)
             if dist_ctx is not None:
+                together[0] = True
                 dist_ctx.announce({"spec_json": row.spec_json, "info": info, "identity": pretrain_identity(spec, ctx),
                                    "ckpt": str(ckpt) if spec.pretrain.epochs else None})
             start = init_model(spec, engine) if spec.pretrain.init else None  # DDP copies rank 0's weights
             pre = pretrain(spec, info, device=device, ckpt_path=ckpt if spec.pretrain.epochs else None,
                            resume=True, on_epoch=on_pretrain_epoch, world_size=world_size, model=start,
-                           identity=pretrain_identity(spec, ctx), on_step=functools.partial(on_step, "pretrain"))
+                           identity=pretrain_identity(spec, ctx), on_step=functools.partial(on_step, "pretrain"),
+                           control_group=dist_ctx.control if dist_ctx is not None else None)
+            together[0] = False  # the other ranks wait for the next message again: a failure from here leaves them
         for epoch, loss in enumerate(pre.loss_history, start=1):  # epochs run before a resume, or shared
             db.record_metrics(engine, row.id, "pretrain", epoch, {"loss": loss}, claim=claim)
         result: dict[str, Any] = {"pretrain_loss": pre.final_loss, "pretrain_wall_s": pre.wall_s,
@@ -227,13 +234,12 @@ def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heart
         db.finish_trial(engine, row.id, "interrupted", error=str(exc) or "interrupted by the user (Ctrl-C)",
                         claim=claim)
         raise
-    except torch.cuda.OutOfMemoryError:
-        db.finish_trial(engine, row.id, "failed", error="CUDA out of memory: lower pretrain.batch_size and raise "
-                        "pretrain.accum_iter to keep the effective batch\n" + traceback.format_exc(), claim=claim)
-        return "failed"
-    except Exception:  # noqa: BLE001 - a failing trial is recorded and the study goes on
-        db.finish_trial(engine, row.id, "failed", error=traceback.format_exc(), claim=claim)
-        if dist_ctx is not None:
+    except Exception as exc:  # noqa: BLE001 - a failing trial is recorded and the study goes on
+        oom = isinstance(exc, torch.cuda.OutOfMemoryError)
+        hint = ("CUDA out of memory: lower pretrain.batch_size and raise pretrain.accum_iter to keep the effective "
+                "batch\n" if oom else "")
+        db.finish_trial(engine, row.id, "failed", error=hint + traceback.format_exc(), claim=claim)
+        if together[0]:
             raise  # the other ranks may be stuck in a collective of this trial: end the run (torchrun stops them)
         return "failed"
     record_artifacts(engine, row, spec, model, info, artifacts)

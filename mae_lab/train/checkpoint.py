@@ -6,7 +6,8 @@ A pretraining checkpoint is one ``torch.save`` of a dict that ``torch.load(weigh
     optimizer     state_dict of the AdamW optimizer
     epoch         int, epochs completed
     step          int, optimizer steps completed
-    rng           {"torch": ByteTensor (CPU generator state), "cuda": list[ByteTensor] | None}
+    rng           {"torch": ByteTensor (CPU generator state), "cuda": ByteTensor | None (the training GPU's state;
+                  a list, one per visible GPU, in older files; absent or None: written off CUDA)}
     config        dict, the MAEConfig's fields
     spec          dict, the TrialSpec as JSON-able data (``spec.model_dump(mode="json")``)
     identity      dict, the pretraining identity it was written for (``expand.pretrain_identity``; a resume must

@@ -106,6 +106,33 @@ def read_losses(pending: list[tuple[int, torch.Tensor]], world_size: int = 1, de
     return sum(values)
 
 
+def allow_tf32(dev: torch.device) -> None:
+    """On CUDA, let the fp32 matmuls and convolutions (the parts bf16 autocast leaves in fp32, and amp = "none")
+    use TF32 tensor cores: torch's "high" precision, the setting timm's and the official MAE's training use."""
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def rng_state(dev: torch.device) -> dict:
+    """The checkpoint's RNG states: torch's CPU state, and the CUDA state of ``dev`` alone (None off CUDA), so a
+    checkpoint resumes on a machine with fewer GPUs, or none."""
+    cuda = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def restore_rng(state: dict, dev: torch.device) -> None:
+    """Set what ``rng_state`` saved. The CUDA state goes to ``dev`` when there is one on both sides; an older
+    checkpoint's list (one state per GPU it saw) gives its first; a checkpoint without one (written on the CPU)
+    leaves the CUDA generator as it is (every draw of a trial comes from the CPU streams)."""
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and dev.type == "cuda":
+        torch.cuda.set_rng_state(cuda, dev)
+
+
 def compile_module(module: nn.Module, **kwargs) -> nn.Module:
     """``torch.compile(module)`` after ``torch._dynamo.reset()``: Dynamo keeps the graphs of every earlier model on
     the shared ``forward`` code and, past its recompile limit (8), silently runs later ones eagerly, as a search

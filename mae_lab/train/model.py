@@ -117,6 +117,12 @@ class MaskedAutoencoder(nn.Module):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
 
+    def unused_parameters(self) -> list[str]:
+        """Names of the trainable parameters that get no gradient by design: the decoder's mask_token when the
+        encoder puts [M] in itself (the decoder then receives all L tokens). DistributedDataParallel needs
+        find_unused_parameters exactly when this is not empty."""
+        return ["mask_token"] if self.config.mask_token_in_encoder else []
+
     # ----------------------------------------------------------------------------------------------------------
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:

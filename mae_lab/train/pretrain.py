@@ -23,6 +23,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,12 +37,15 @@ from mae_lab.train.checkpoint import CheckpointError, load_checkpoint, save_chec
 from mae_lab.train.common import (
     LOSS_SYNC_EVERY,
     all_min,
+    allow_tf32,
     compile_module,
     lr_at,
     param_groups_weight_decay,
     peak_memory_mib,
     read_losses,
     reset_peak_memory,
+    restore_rng,
+    rng_state,
     use_bf16,
 )
 from mae_lab.train.loaders import pretrain_loader
@@ -68,7 +72,7 @@ class PretrainResult:
 def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path | None, resume: bool = True,
              on_epoch: Callable[[dict], None] | None = None, model: MaskedAutoencoder | None = None,
              rank: int = 0, world_size: int = 1, identity: dict | None = None,
-             on_step: Callable[[int], None] | None = None) -> PretrainResult:
+             on_step: Callable[[int], None] | None = None, control_group: Any = None) -> PretrainResult:
     """Pretrain an MAE on `info`'s train split as `spec.pretrain` says; checkpoint and report after each epoch.
 
     With `resume` and an existing `ckpt_path` the run continues from it (its `identity`, ``expand.pretrain_identity``
@@ -78,7 +82,9 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
     `model` replaces them (``pretrain.init``: released or earlier weights). `on_step(step)` follows every
     optimizer step (the runner's heartbeat progress; it may raise to stop the run).
     `rank` / `world_size`: this process in a DistributedDataParallel run (module docstring); every rank calls this
-    with the same spec and checkpoint path. Raises DivergenceError when the loss is not finite.
+    with the same spec and checkpoint path; `control_group` (``distributed.DistContext.control``, a gloo group with a
+    long timeout) carries rank 0's end-of-epoch stop flag, so the others wait there while it probes. Raises
+    DivergenceError when the loss is not finite.
     """
     t_start = time.perf_counter()
     pt = spec.pretrain
@@ -109,9 +115,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         epoch, step, loss_history = ckpt["epoch"], ckpt["step"], list(ckpt["loss_history"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        restore_rng(ckpt["rng"], dev)
         if epoch >= pt.epochs:  # nothing left to train
             return PretrainResult(model, epoch, step, time.perf_counter() - t_start, 0.0,
                                   loss_history[-1] if loss_history else None, loss_history,
@@ -122,8 +126,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
             return None
         return save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch_done, "step": step,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": rng_state(dev),
             "config": config_dump, "spec": spec_dump, "identity": identity, "loss_history": loss_history,
         })
 
@@ -144,10 +147,13 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        # find_unused_parameters costs a graph walk per step: only where a parameter gets no gradient by design
+        ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                      find_unused_parameters=bool(model.unused_parameters()))
     fwd = ddp or model
     fwd = compile_module(fwd) if pt.compile else fwd
     amp = use_bf16(pt.amp, dev, model.config.embed_dim)
+    allow_tf32(dev)
 
     sync_every = LOSS_SYNC_EVERY if dev.type == "cuda" else 1  # on CPU reading a loss costs nothing
     reset_peak_memory(dev)
@@ -209,8 +215,8 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
             except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
                 stop = exc
         if world_size > 1:  # rank 0 tells the others whether to go on
-            flag = torch.tensor([int(stop is not None)], device=reduce_dev)
-            dist.broadcast(flag, 0)
+            flag = torch.tensor([int(stop is not None)])  # on the CPU: the control group is gloo
+            dist.broadcast(flag, 0, group=control_group)
             if flag.item() and stop is None:
                 break
         if stop is not None:
