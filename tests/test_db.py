@@ -103,7 +103,7 @@ def test_claims_are_exclusive_and_stale_workers_are_detected(workdir: Path):
     # a worker that died on this host: its running trial becomes claimable again
     with db.transaction(engine) as s:
         row = s.get(db.TrialRow, got[0].id)
-        row.worker = f"{db.socket.gethostname()}:999999999"
+        row.worker = f"{db.workers.local_prefix()}999999999"
     again = db.claim_next(engine, study.id)
     assert again.hash == "h0" and again.attempts == 2
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import time
 import uuid
@@ -136,7 +135,7 @@ def test_a_killed_postgres_worker_is_taken_over(workdir: Path, pg_url: str):
     (workdir / "kill.toml").write_text(grid_study("kill", [0.5, 0.75], [0, 1], epochs=8))
     victim = mae_lab("worker", "kill.toml", "--db", pg_url, "--device", "cpu", cwd=workdir)
     other = mae_lab("worker", "kill.toml", "--db", pg_url, "--device", "cpu", "--poll", "0.5", cwd=workdir)
-    me = f"{socket.gethostname()}:{victim.pid}"
+    me = f"{db.workers.local_prefix()}{victim.pid}"
     deadline = time.time() + 240
     while True:  # wait until the victim is in the middle of a pretraining, past its first checkpoint
         assert victim.poll() is None, victim.stdout.read()

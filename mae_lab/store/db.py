@@ -3,10 +3,11 @@
 Every state change of a trial, and every result, is written in one transaction. On SQLite every transaction is
 ``BEGIN IMMEDIATE`` (WAL mode, busy timeout), so two processes that claim trials at once are serialized instead of
 failing with "database is locked"; on PostgreSQL a claim is ``SELECT ... LIMIT 1 FOR UPDATE SKIP LOCKED``. The
-trials table is the work queue: a running trial carries its claim (worker host:pid and attempt number), a heartbeat
-and a progress note that a background thread refreshes while the trial runs (``Heartbeat``), so a worker that died,
-or hangs while alive, is noticed and its trial claimed again; every later write of the old worker is then refused
-(``LostClaim``). Schema changes migrate in place (MIGRATIONS); tests/fixtures holds a database of an older release.
+trials table is the work queue: a running trial carries its claim (worker host:node:pid, see workers.py, and attempt
+number), a heartbeat and a progress note that a background thread refreshes while the trial runs (``Heartbeat``), so
+a worker that died, or hangs while alive, is noticed and its trial claimed again; every later write of the old
+worker is then refused (``LostClaim``). Schema changes migrate in place (MIGRATIONS); tests/fixtures holds a
+database of an older release.
 
 Over 400 lines on purpose: the tables, the queue and the writes stay together because every write checks the claim
 inside its own transaction (``_fenced``), and every module reaches the database through this one.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +29,8 @@ from sqlalchemy import Column, Text, UniqueConstraint, and_, event, insert, insp
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, col, create_engine, delete, select
+
+from mae_lab.store import workers
 
 SCHEMA_VERSION = 5
 # version reached -> statements that bring a database of the version before up to it (run inside one transaction)
@@ -91,7 +93,7 @@ class TrialRow(SQLModel, table=True):
     spec_json: str = Field(sa_column=Column(Text))
     status: str = Field(default="pending", index=True)
     attempts: int = 0
-    worker: str | None = None  # host:pid of the process running it; (worker, attempts) is its claim
+    worker: str | None = None  # host:node:pid of the process running it (workers.py); (worker, attempts): its claim
     heartbeat_at: datetime | None = None
     progress: str | None = None  # e.g. "pretrain step 120" (schema 3)
     progress_at: datetime | None = None  # when progress last changed: a hung worker stops advancing it (schema 3)
@@ -297,7 +299,7 @@ def transaction(engine: Engine) -> Iterator[Session]:
 # --- studies and trials ---------------------------------------------------------------------------------------
 
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return workers.worker_id()
 
 
 def sync_study(engine: Engine, *, name: str, description: str, paper: str | None, path: str, spec_text: str,
@@ -447,13 +449,13 @@ def _take(row: TrialRow) -> None:
 
 
 def release_dead_local(engine: Engine, study_id: int) -> int:
-    """Mark interrupted the running trials whose worker is a dead process on this host (no need to wait for the
-    heartbeat to go stale); returns how many. Each update is fenced by the dead worker's claim."""
-    host = socket.gethostname()
+    """Mark interrupted the running trials whose worker is a dead process of this machine (``workers.dead_here``:
+    same host, boot and PID namespace; no need to wait for the heartbeat to go stale); returns how many. Each update
+    is fenced by the dead worker's claim."""
     with Session(engine) as s:
         rows = s.exec(select(TrialRow).where(TrialRow.study_id == study_id, TrialRow.status == "running",
-                                             TrialRow.worker.startswith(f"{host}:"))).all()
-    dead = [claim_of(r) for r in rows if not _pid_alive(r.worker.rpartition(":")[2])]
+                                             TrialRow.worker.startswith(workers.local_prefix()))).all()
+    dead = [claim_of(r) for r in rows if workers.dead_here(r.worker)]
     for claim in dead:
         with transaction(engine) as s:
             try:
@@ -462,18 +464,6 @@ def release_dead_local(engine: Engine, study_id: int) -> int:
                 continue
             row.status, row.worker, row.error = "interrupted", None, f"worker {claim.worker} died"
     return len(dead)
-
-
-def _pid_alive(pid: str) -> bool:
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _take_first(s: Session, stmt) -> TrialRow | None:
@@ -527,8 +517,7 @@ def is_stale(row: TrialRow, stale_after_s: float = STALE_AFTER_S) -> bool:
     for ``stale_after_s`` (what ``claim_next`` takes over)."""
     if row.status != "running":
         return False
-    host, _, pid = (row.worker or ":").rpartition(":")
-    if host == socket.gethostname() and not _pid_alive(pid):
+    if workers.dead_here(row.worker):
         return True
     cutoff = now() - timedelta(seconds=stale_after_s)
     return any(t is None or _aware(t) < cutoff for t in (row.heartbeat_at, row.progress_at or row.heartbeat_at))
