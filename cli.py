@@ -1,97 +1,21 @@
 """The mae-lab command line: parse, call one library function, print.
 
-Exit codes: 0 success, 1 some trials failed or diverged, 2 bad input (study file, data, database URL), 130 interrupted
-(Ctrl-C), 143 terminated (SIGTERM: a scheduler's stop or `kill`, handled as Ctrl-C is; SIGUSR1 138, SIGUSR2 140).
+Exit codes (mae_lab.run.boundary): 0 success, 1 some trials failed or diverged, 2 bad input (study file, data,
+database URL), 130 interrupted (Ctrl-C), 128 + N for a stop signal N (SIGTERM 143, SIGUSR1 138, SIGUSR2 140).
+Our library loads inside the commands that use it: --help imports only typer, rich and the boundary, and validate,
+list, report and run --dry-run never import torch (tests/test_house.py).
 """
 from __future__ import annotations
 
 import json
-import os
-import signal
-import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
-from rich.table import Table
-from typer.core import TyperCommand, TyperGroup
 
-# Our library loads inside the commands that use it: --help imports only typer and rich (0.13 s; with
-# mae_lab.store.db and mae_lab.study.spec at the top, i.e. sqlmodel, SQLAlchemy and pydantic, 0.47 s on the same
-# machine),
-# and validate, list and report never import torch (tests/test_house.py).
-
-# The errors of bad input (a study, data, a database URL, a checkpoint), as (module, class). The boundary looks a
-# class up only once its module is loaded (an error's class is loaded by the time one is raised), so the front door
-# imports no torch.
-USER_ERRORS = (("mae_lab.study.spec", "StudyError"), ("mae_lab.data.shards", "DataError"),
-               ("mae_lab.store.db", "DbError"), ("mae_lab.train.checkpoint", "CheckpointError"))
-
-
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # the stops a scheduler sends (SLURM's --signal): all end a run
-
-
-class Terminated(KeyboardInterrupt):
-    """A stop signal (SIGTERM, SIGUSR1, SIGUSR2), raised where the program is: it unwinds as Ctrl-C does (the running
-    trial is marked interrupted, with this message), so a batch scheduler's stop leaves no trial "running" for a
-    stale-heartbeat takeover to find. The exit code is 128 + the signal's number (143 for SIGTERM)."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-
-
-def stop_handler():
-    """A handler that raises Terminated at the first stop signal and ignores the ones after it: under srun and
-    torchrun each process gets a stop twice, and a second raise inside the first one's cleanup (marking the trial
-    interrupted, removing a temp file) would leave that cleanup half done."""
-    fired = []
-
-    def on_stop(signum: int, frame: object) -> None:
-        if not fired:
-            fired.append(signum)
-            raise Terminated(signum)
-    return on_stop
-
-
-def interrupted_code(exc: KeyboardInterrupt) -> int:
-    return 128 + exc.signum if isinstance(exc, Terminated) else 130
-
-
-class Boundary(TyperGroup):
-    """Every command runs inside this boundary: an anticipated error (bad input, a missing or unreadable path, a
-    permission) becomes one line on stderr with exit 2, Ctrl-C exit 130, a stop signal 128 + its number (SIGTERM
-    143). Anything else keeps its
-    traceback (a trial's own failure is recorded with its traceback in the trial, by the runner, and never reaches
-    here)."""
-
-    def invoke(self, ctx):
-        main = threading.current_thread() is threading.main_thread()  # only the main thread may set a handler
-        on_stop = stop_handler()
-        previous = {sig: signal.signal(getattr(signal, sig), on_stop) for sig in STOP_SIGNALS} if main else {}
-        try:
-            return super().invoke(ctx)
-        except KeyboardInterrupt as exc:
-            Console(stderr=True).print("interrupted")
-            raise typer.Exit(interrupted_code(exc)) from None
-        except Exception as exc:
-            if isinstance(exc, BrokenPipeError):  # the reader left (`| head`): click ends quietly
-                raise
-            user = tuple(getattr(sys.modules[m], c) for m, c in USER_ERRORS if m in sys.modules)
-            if isinstance(exc, OSError) and exc.filename is not None:
-                raise fail(f"{exc.filename}: {exc.strerror or exc}") from None
-            if isinstance(exc, (OSError, UnicodeError, *user)):
-                raise fail(str(exc)) from None
-            raise
-        finally:
-            for sig, handler in previous.items():  # a caller's own handler (a test runner, a notebook) is theirs again
-                signal.signal(getattr(signal, sig), handler)
-
+from mae_lab.run.boundary import Boundary, KeepArgs, fail, torchrun_argv, torchrun_rank, trial_errors
+from mae_lab.store.states import STALE_AFTER_S
 
 app = typer.Typer(cls=Boundary, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Declarative ablation studies for Masked Autoencoders, recorded in a database.")
@@ -118,67 +42,10 @@ StaleOpt = Annotated[float, typer.Option(
                                  "heartbeat (a dead worker on this host is taken over at once).")]
 
 
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print ``error: MESSAGE`` as one line on stderr (line breaks inside the message become '; ')."""
-    message = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
-    Console(stderr=True, highlight=False).print(f"error: {message}", markup=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-@contextmanager
-def trial_errors(resume_hint: str, display: bool = True) -> Iterator[object]:
-    """Yield a progress display (None if not `display`) and turn bad input into one line with exit 2, and Ctrl-C
-    (SIGTERM) into exit 130 (143) with `resume_hint`."""
-    from mae_lab.run.progress import make_display
-    from mae_lab.store.db import DbError
-    from mae_lab.study.spec import StudyError
-
-    try:
-        shown = make_display(out()) if display else None
-        try:
-            yield shown
-        finally:
-            if shown is not None:
-                shown.close()
-    except (StudyError, DbError, ValueError) as exc:
-        raise fail(str(exc)) from None
-    except KeyboardInterrupt as exc:
-        Console(stderr=True).print(f"interrupted: the running trial is marked interrupted; {resume_hint}")
-        raise typer.Exit(interrupted_code(exc)) from None
-
-
 def _open_db(url: str | None, create: bool = True):
-    from mae_lab.store import db as dbm
+    from mae_lab.store.engine import connect
 
-    try:
-        return dbm.connect(url, create=create)
-    except dbm.DbError as exc:
-        raise fail(str(exc)) from None
-
-
-class KeepArgs(TyperCommand):
-    """A command that keeps the argument vector it was given (``ctx.meta["argv"]``), for --nproc to forward."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        ctx.meta["argv"] = list(args)
-        return super().parse_args(ctx, args)
-
-
-def torchrun_argv(argv: list[str], study: Path) -> list[str]:
-    """The ``run`` arguments every torchrun process gets: the user's own, unchanged, minus ``--nproc N`` (or
-    ``--nproc=N``). ValueError for a study the processes cannot each read again (a pipe, /dev/stdin)."""
-    if not study.is_file():
-        raise ValueError(f"--nproc: {study} is not a regular file, and each of torchrun's processes reads the study "
-                         "again: save it to a file first")
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True  # its value is the next argument
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
+    return connect(url, create=create)  # a DbError is bad input: the boundary says it in one line, exit 2
 
 
 @app.command(cls=KeepArgs)
@@ -197,48 +64,40 @@ def run(
                                                   "a round (a later call goes on).")] = None,
     allow_pipe: PipeOpt = False,
     allow_large_grid: LargeGridOpt = False,
-    stale_after: StaleOpt = 600.0,
+    stale_after: StaleOpt = STALE_AFTER_S,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes per trial: DistributedDataParallel "
                                        "pretraining through torchrun (one per GPU, or gloo on CPU); "
                                        "pretrain.batch_size is per process.")] = 1,
 ):
     """Expand STUDY into trials and run every trial not done yet (pretrain, linear probe, fine-tune)."""
-    from mae_lab.study.planning import bind_trials, parse_data_override, pick_device, plan, resolve_data
+    if dry_run:
+        from mae_lab.run.views import dry_run as print_dry_run
 
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1  # this process is one rank of a torchrun
-    rank0 = not ddp or os.environ.get("RANK", "0") == "0"
-    launcher = dry_run or (nproc > 1 and not ddp)
-    if nproc > 1 and not ddp and not dry_run:
-        try:
-            forward = torchrun_argv(ctx.meta["argv"], study)
-        except ValueError as exc:
-            raise fail(str(exc)) from None
-    with trial_errors("run the same command to resume it", display=rank0 and not launcher) as display:
-        override = parse_data_override(data)
-        if launcher:
-            spec, trials = plan(study, override, allow_large_grid)
-            infos = resolve_data(spec, trials, data_root, allow_pipe)
-            if dry_run:  # the hashes `run` records: under this data, process count and precision
-                trials = bind_trials(trials, infos=infos, device=pick_device(device), world_size=nproc)
-                return _print_plan(spec, trials, db)
-        from mae_lab.run.distributed import launch, run_study_ddp  # torch from here on (a dry run ends above)
-        from mae_lab.run.runner import run_study
+        with trial_errors("", display=False):
+            return print_dry_run(study, db_url=db, data=data, data_root=data_root, allow_pipe=allow_pipe,
+                                 allow_large_grid=allow_large_grid, device=device, nproc=nproc, console=out())
+    rank = torchrun_rank()  # None outside torchrun
+    if nproc > 1 and rank is None:  # start torchrun, whose processes each run this command again
+        from mae_lab.run.distributed import launch_study
 
-        if launcher:
-            raise typer.Exit(launch(nproc, forward, device=device))
-        kwargs = dict(db_url=db, device=device, data_root=data_root, data_override=override, rerun=rerun,
-                      max_trials=max_trials, max_rounds=rounds, allow_pipe=allow_pipe, display=display,
-                      stale_after_s=stale_after, allow_large_grid=allow_large_grid)
-        summary = run_study_ddp(study, **kwargs) if ddp else run_study(study, **kwargs)
+        with trial_errors("run the same command to resume it", display=False):
+            code = launch_study(nproc, torchrun_argv(ctx.meta["argv"], study), study, data, data_root, allow_pipe,
+                                allow_large_grid, device)
+        raise typer.Exit(code)
+    from mae_lab.run.distributed import run_here  # torch from here on
+
+    with trial_errors("run the same command to resume it", display=rank in (None, 0)) as display:
+        summary = run_here(study, db_url=db, device=device, data_root=data_root, data=data, rerun=rerun,
+                           max_trials=max_trials, max_rounds=rounds, allow_pipe=allow_pipe, display=display,
+                           stale_after_s=stale_after, allow_large_grid=allow_large_grid)
     if summary is not None:  # None on a rank > 0: rank 0 reports
         _print_summary(summary)
 
 
 def _print_summary(summary) -> None:
-    parts = [f"{summary.count(s)} {s}" for s in ("done", "failed", "diverged") if summary.count(s)]
-    if summary.copied:
-        parts.insert(0, f"{summary.copied} copied from another study")
-    out().print(f"{summary.total} trials: {summary.skipped} already done" + "".join(f", {p}" for p in parts))
+    from mae_lab.run.views import run_summary
+
+    out().print(run_summary(summary))
     if not summary.ok:
         raise typer.Exit(1)
 
@@ -253,7 +112,7 @@ def worker(
     data: DataOpt = None,
     allow_pipe: PipeOpt = False,
     allow_large_grid: LargeGridOpt = False,
-    stale_after: StaleOpt = 600.0,
+    stale_after: StaleOpt = STALE_AFTER_S,
     poll: Annotated[float, typer.Option("--poll", min=0.1, help="Seconds between looks at trials that other "
                                                                 "workers run.")] = 10.0,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes per trial (torchrun, as for 'run'): rank 0 "
@@ -262,29 +121,19 @@ def worker(
     """Drain STUDY with any number of workers on one database (PostgreSQL for several machines): each trial is
     claimed by exactly one worker; the trial of a dead worker is taken over and resumes from its checkpoint.
     Exits when no trial is left to run or running."""
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1  # this process is one rank of a torchrun
-    if nproc > 1 and not ddp:
-        try:
-            forward = torchrun_argv(ctx.meta["argv"], study)
-        except ValueError as exc:
-            raise fail(str(exc)) from None
-        from mae_lab.run.distributed import check_nproc, launch
+    rank = torchrun_rank()  # None outside torchrun
+    if nproc > 1 and rank is None:  # start torchrun, whose processes each run this command again
+        from mae_lab.run.distributed import launch
 
-        try:
-            check_nproc(nproc, device)
-        except ValueError as exc:
-            raise fail(str(exc)) from None
-        raise typer.Exit(launch(nproc, forward, command="worker", device=device))
-    from mae_lab.run.distributed import run_study_ddp
-    from mae_lab.run.runner import run_study
-    from mae_lab.study.planning import parse_data_override
+        with trial_errors("any worker resumes it", display=False):
+            code = launch(nproc, torchrun_argv(ctx.meta["argv"], study), command="worker", device=device)
+        raise typer.Exit(code)
+    from mae_lab.run.distributed import run_here  # torch from here on
 
-    rank0 = not ddp or os.environ.get("RANK", "0") == "0"
-    with trial_errors("any worker resumes it", display=rank0) as display:
-        kwargs = dict(db_url=db, device=device, data_root=data_root, data_override=parse_data_override(data),
-                      allow_pipe=allow_pipe, display=display, stale_after_s=stale_after, wait=True, poll_s=poll,
-                      allow_large_grid=allow_large_grid)
-        summary = run_study_ddp(study, **kwargs) if ddp else run_study(study, **kwargs)
+    with trial_errors("any worker resumes it", display=rank in (None, 0)) as display:
+        summary = run_here(study, db_url=db, device=device, data_root=data_root, data=data, allow_pipe=allow_pipe,
+                           display=display, stale_after_s=stale_after, wait=True, poll_s=poll,
+                           allow_large_grid=allow_large_grid)
     if summary is not None:  # None on a rank > 0: rank 0 reports
         _print_summary(summary)
 
@@ -317,7 +166,7 @@ def slurm(
                                                         "'--exclusive' (repeatable).")] = None,
     device: DeviceOpt = "auto",
     data_root: DataRootOpt = None,
-    stale_after: StaleOpt = 600.0,
+    stale_after: StaleOpt = STALE_AFTER_S,
     poll: Annotated[float, typer.Option("--poll", min=0.1, help="Seconds between a waiting worker's looks at the "
                                                                 "queue.")] = 10.0,
     allow_pipe: PipeOpt = False,
@@ -353,57 +202,22 @@ def search(
     data_root: DataRootOpt = None,
     data: DataOpt = None,
     allow_pipe: PipeOpt = False,
-    stale_after: StaleOpt = 600.0,
+    stale_after: StaleOpt = STALE_AFTER_S,
 ):
     """Optuna search over STUDY's \\[search] space, stored in the same database (optuna-dashboard reads it):
     each sampled point is trained by the same runner as 'run'; points done before are told, not trained."""
     from mae_lab.run.search import run_search
+    from mae_lab.run.views import search_summary
     from mae_lab.study.planning import parse_data_override
 
     with trial_errors("search again to resume it") as display:
         summary = run_search(study, db_url=db, n_trials=trials, device=device, data_root=data_root,
                              data_override=parse_data_override(data), allow_pipe=allow_pipe, display=display,
                              stale_after_s=stale_after)
-    counts = ", ".join(f"{summary.count(s)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL") if summary.count(s))
-    out().print(f"search {summary.name}: {summary.total} of {summary.target} trials in the study; this run: "
-                f"{len(summary.states)} asked" + (f" ({counts})" if counts else "") +
-                f", {summary.trained} trained, {summary.reused} reused" +
-                (f", {summary.priors} prior observations" if summary.priors else ""), markup=False)
-    for line in summary.best:
-        out().print(f"best {line}", markup=False)
+    for line in search_summary(summary):
+        out().print(line, markup=False)
     if not summary.ok:
         raise typer.Exit(1)
-
-
-PLAIN_PLAN = 500  # a dry run of more trials prints tab-separated lines instead of a table
-
-
-def _print_plan(study, trials, db_url: str | None) -> None:
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from mae_lab.store import db as dbm
-
-    status: dict[str, str] = {}
-    try:  # read-only: a missing database just means every trial is pending
-        engine = dbm.connect(db_url, create=False)
-        row = dbm.get_study(engine, study.study.name)
-        if row is not None:
-            status = {t.hash: t.status for t, _ in dbm.study_trials(engine, row.id)}
-    except (dbm.DbError, SQLAlchemyError):
-        pass
-    if len(trials) > PLAIN_PLAN:  # a rich table lays out every row first: plain lines list 10,000 trials in ~0.1 s
-        rows = (f"{i}\t{t.hash[:12]}\t{t.pretrain_hash[:8]}\t{t.spec.seed}\t{t.label}\t{status.get(t.hash, 'pending')}"
-                for i, t in enumerate(trials, 1))
-        print(f"{study.study.name}: {len(trials)} trials (dry run)\n#\thash\tpretrain\tseed\taxes\tstatus")
-        print("\n".join(rows))
-        return
-    table = Table(title=f"{study.study.name}: {len(trials)} trials (dry run)")
-    for col in ("#", "hash", "pretrain", "seed", "axes", "status"):
-        table.add_column(col)
-    for i, t in enumerate(trials, 1):
-        table.add_row(str(i), t.hash[:12], t.pretrain_hash[:8], str(t.spec.seed), t.label,
-                      status.get(t.hash, "pending"))
-    out().print(table)
 
 
 @app.command()
@@ -411,11 +225,9 @@ def validate(study: Annotated[Path, typer.Argument(help="The study TOML file.")]
              data_root: DataRootOpt = None, allow_pipe: PipeOpt = False,
              allow_large_grid: LargeGridOpt = False):
     """Check a study file (schema, presets, shapes, data) without running it."""
-    from mae_lab.study.planning import plan, resolve_data
+    from mae_lab.study.planning import validate_study
 
-    spec, trials = plan(study, allow_large_grid=allow_large_grid)
-    resolve_data(spec, trials, data_root, allow_pipe)
-    out().print(f"{study}: ok ({len(trials)} trials)")
+    out().print(f"{study}: ok ({validate_study(study, data_root, allow_pipe, allow_large_grid)} trials)")
 
 
 @app.command()
@@ -452,16 +264,9 @@ def report(
 @app.command("list")
 def list_(db: DbOpt = None):
     """List the studies in the database with their trials counted by status."""
-    from mae_lab.store import db as dbm
+    from mae_lab.run.views import studies_table
 
-    engine = _open_db(db, create=False)
-    table = Table(title="studies")
-    table.add_column("study")
-    for s in dbm.STATUSES:
-        table.add_column(s, justify="right")
-    for study, counts in dbm.list_studies(engine):
-        table.add_row(study.name, *(str(counts.get(s, 0)) for s in dbm.STATUSES))
-    out().print(table)
+    out().print(studies_table(_open_db(db, create=False)))
 
 
 @app.command()
@@ -473,48 +278,24 @@ def show(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix.")],
                               "(e.g. mask_ratio), same seed.")] = None,
          data_root: DataRootOpt = None):
     """Show one trial: spec, provenance, metrics, results and artifacts; --recon writes its reconstructions."""
-    from mae_lab.store import db as dbm
+    from mae_lab.run.views import show_trial
+    from mae_lab.store.reads import find_trial
 
     engine = _open_db(db, create=False)
-    row = dbm.find_trial(engine, trial)
+    row = find_trial(engine, trial)
     if row is None:
         raise fail(f"no single trial matches {trial!r} (give the id or a longer hash prefix)")
-    if recon is not None or across is not None:
-        from mae_lab.run.recon_figures import ReconError, show_recon
+    if recon is None and across is None:
+        return show_trial(engine, row, out())
+    if recon is None:
+        raise fail("--across needs --recon OUT.png")
+    from mae_lab.run.recon_figures import ReconError, show_recon
 
-        if recon is None:
-            raise fail("--across needs --recon OUT.png")
-        try:
-            labels = show_recon(engine, row, recon, across=across, data_root=data_root)
-        except (ReconError, OSError) as exc:
-            raise fail(str(exc)) from None
-        out().print(f"wrote {recon}: reconstructions of {'; '.join(labels)}", markup=False)
-        return
-    metrics, result, arts = dbm.trial_details(engine, row.id)
-    out().print(f"[bold]trial {row.id}[/bold] {row.hash} {row.label} — {row.status}")
-    dirty = " (dirty)" if row.git_dirty else " (clean)" if row.git_dirty is False else ""
-    for line in (f"git {row.git_commit}{dirty}; mae-lab {row.mae_lab_version}, torch {row.torch_version}, "
-                 f"timm {row.timm_version}",
-                 f"host {row.host}, device {row.device} ({row.device_name}), world size {row.world_size}, "
-                 f"CPU threads {row.cpu_threads}, precision {row.resolved_precision}",
-                 f"data root {row.data_root}, data fingerprint {row.data_fingerprint}",
-                 f"started {row.started_at}, ended {row.ended_at}, attempts {row.attempts}"
-                 + (f", progress {row.progress}" if row.progress else "")):
-        out().print(line, markup=False)
-    out().print_json(row.spec_json)
-    if result is not None:
-        out().print_json(json.dumps(result.model_dump(exclude={"id", "trial_id"})))
-    if metrics:
-        table = Table(title="metrics")
-        for col in ("stage", "epoch", "name", "value"):
-            table.add_column(col)
-        for m in metrics:
-            table.add_row(m.stage, str(m.epoch), m.name, f"{m.value:.6g}")
-        out().print(table)
-    for a in arts:
-        out().print(f"artifact {a.kind}: {a.path} sha256 {a.sha256}")
-    if row.error:
-        out().print(f"[red]error:[/red] {row.error}", markup=True)
+    try:
+        labels = show_recon(engine, row, recon, across=across, data_root=data_root)
+    except ReconError as exc:
+        raise fail(str(exc)) from None
+    out().print(f"wrote {recon}: reconstructions of {'; '.join(labels)}", markup=False)
 
 
 @app.command()

@@ -5,7 +5,8 @@
 
 Each command runs as a fresh `python cli.py ...` in each checkout, interleaved round by round (after one warm-up run
 each, which also builds the digits cache); the table gives medians and minima, and whether the command imported
-torch. `list` and `report` read a study that each checkout records into its own SQLite file through its own db.py.
+torch. `list` and `report` read a study that each checkout records into its own SQLite file through
+its own mae_lab.store.
 `dry-run` and `validate-grid` take GRID: 4,000 grid points x 3 seeds = 12,000 trials (`--allow-large-grid`).
 """
 from __future__ import annotations
@@ -22,7 +23,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
 RECORD = """import sys
-from mae_lab.store import db
+try:
+    from mae_lab.store.engine import connect
+    from mae_lab.store.reads import study_trials
+    from mae_lab.store.writes import finish_trial, sync_study
+except ImportError:  # a checkout from before mae_lab/store/db.py was split
+    from mae_lab.store.db import connect, finish_trial, study_trials, sync_study
 from mae_lab.study.expand import expand
 from mae_lab.study.spec import parse_study
 try:
@@ -31,11 +37,11 @@ except ImportError:  # a checkout from before mae_lab/study/planning.py
     from mae_lab.run.runner import trial_rows
 text = open("studies/quickstart.toml").read()
 study = parse_study(text, "quickstart.toml")
-engine = db.connect(sys.argv[1])
-row = db.sync_study(engine, name=study.study.name, description="", paper=study.study.paper, path="q.toml",
-                    spec_text=text, spec_hash="x", trials=trial_rows(study, expand(study)))
-for i, (trial, _) in enumerate(db.study_trials(engine, row.id)):
-    db.finish_trial(engine, trial.id, "done", result={"linear_top1": 0.5 + 0.01 * i, "pretrain_wall_s": 1.0})
+engine = connect(sys.argv[1])
+row = sync_study(engine, name=study.study.name, description="", paper=study.study.paper, path="q.toml",
+                 spec_text=text, spec_hash="x", trials=trial_rows(study, expand(study)))
+for i, (trial, _) in enumerate(study_trials(engine, row.id)):
+    finish_trial(engine, trial.id, "done", result={"linear_top1": 0.5 + 0.01 * i, "pretrain_wall_s": 1.0})
 """
 GRID = """[study]
 name = "grid"

@@ -108,9 +108,9 @@ def test_a_bad_seeds_table_ends_the_run_with_exit_2_and_leaves_the_database_alon
     from typer.testing import CliRunner
 
     from cli import app
-    from mae_lab.store import db
+    from mae_lab.store.engine import connect
 
-    db.connect("sqlite:///db/mae_lab.db")  # an existing database
+    connect("sqlite:///db/mae_lab.db")  # an existing database
     before = dump_db(workdir / "db" / "mae_lab.db")
     for table, key in (("{ min = 4, max = 3, min_effect = 1.0 }", "study.seeds.max"),
                        ("{ max = 33, min_effect = 1.0 }", "study.seeds.max"),
@@ -135,17 +135,18 @@ ADAPTIVE = study_toml("adaptive", study={"seeds": {"min": 2, "max": 3, "until": 
 
 def test_a_real_adaptive_study_runs_round_after_round_and_resumes(workdir):
     from mae_lab.run.runner import run_study
-    from mae_lab.store import db
+    from mae_lab.store.engine import connect
+    from mae_lab.store.reads import get_study, study_trials
 
     (workdir / "adaptive.toml").write_text(ADAPTIVE)
     first = run_study("adaptive.toml", device="cpu", max_trials=5)  # stopped inside the second round
     assert first.ok and len(first.ran) == 5
-    engine = db.connect("sqlite:///db/mae_lab.db", create=False)
-    study = db.get_study(engine, "adaptive")
+    engine = connect("sqlite:///db/mae_lab.db", create=False)
+    study = get_study(engine, "adaptive")
 
     def seeds() -> dict[float, list[int]]:
         out: dict[float, list[int]] = {}
-        for t, _ in db.study_trials(engine, study.id):
+        for t, _ in study_trials(engine, study.id):
             out.setdefault(t.axes["model.mask_ratio"], []).append(t.seed)
         return {k: sorted(v) for k, v in out.items()}
 
@@ -154,7 +155,7 @@ def test_a_real_adaptive_study_runs_round_after_round_and_resumes(workdir):
     second = run_study("adaptive.toml", device="cpu")  # the rerun recomputes the round from the database
     assert second.ok and len(second.ran) == 1 and second.skipped == 5
     assert seeds() == {0.5: [0, 1, 2], 0.75: [0, 1, 2]}  # max = 3: no fourth seed
-    assert all(t.status == "done" for t, _ in db.study_trials(engine, study.id))
+    assert all(t.status == "done" for t, _ in study_trials(engine, study.id))
     third = run_study("adaptive.toml", device="cpu")
     assert third.ran == [] and third.skipped == 6
     # the report shows n and whether each point is decided, from the same decision rule
@@ -178,15 +179,16 @@ def test_rounds_1_runs_one_round_per_call(workdir):
     from typer.testing import CliRunner
 
     from cli import app
-    from mae_lab.store import db
+    from mae_lab.store.engine import connect
+    from mae_lab.store.reads import get_study, study_trials
 
     (workdir / "adaptive.toml").write_text(ADAPTIVE)
 
     def run_once() -> list[int]:
         res = CliRunner().invoke(app, ["run", "adaptive.toml", "--device", "cpu", "--rounds", "1"])
         assert res.exit_code == 0, res.output
-        engine = db.connect("sqlite:///db/mae_lab.db", create=False)
-        trials = db.study_trials(engine, db.get_study(engine, "adaptive").id)
+        engine = connect("sqlite:///db/mae_lab.db", create=False)
+        trials = study_trials(engine, get_study(engine, "adaptive").id)
         assert all(t.status == "done" for t, _ in trials)
         return sorted(t.seed for t, _ in trials)
 
@@ -194,7 +196,7 @@ def test_rounds_1_runs_one_round_per_call(workdir):
     from mae_lab.report.site import run_state
     from mae_lab.report.study_report import summarize
 
-    state = run_state([summarize(db.connect("sqlite:///db/mae_lab.db", create=False), "adaptive")])
+    state = run_state([summarize(connect("sqlite:///db/mae_lab.db", create=False), "adaptive")])
     assert "1 points compared with their study's default: 0 decided, 0 undecided at their maximum" in state
     assert "1 undecided with seeds still due. The run is in progress" in state
     assert run_once() == [0, 0, 1, 1, 2, 2]  # 0.001 points cannot be ruled out: each point's seed 2

@@ -65,9 +65,9 @@ CASES = {
 
 
 def run_refused(workdir: Path, text: str, *extra: str) -> str:
-    from mae_lab.store import db
+    from mae_lab.store.engine import connect
 
-    db.connect("sqlite:///db/mae_lab.db").dispose()  # an existing database: it must not change
+    connect("sqlite:///db/mae_lab.db").dispose()  # an existing database: it must not change
     before = dump_db(workdir / "db" / "mae_lab.db")
     (workdir / "s.toml").write_text(text)
     res = CliRunner().invoke(app, ["run", "s.toml", *extra])

@@ -31,13 +31,14 @@ def test_corpus_is_large_enough():
 @pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
 def test_bad_study_is_refused(path: Path, workdir: Path):
     # a database with one study in it already: the refused run must not touch it
-    from mae_lab.store import db
+    from mae_lab.store.engine import connect
+    from mae_lab.store.writes import sync_study
     from mae_lab.study.planning import plan, trial_rows
 
     (workdir / "good.toml").write_text(GOOD)
     study, trials = plan(workdir / "good.toml")
-    engine = db.connect("sqlite:///db/mae_lab.db")
-    db.sync_study(engine, name="good", description="", paper=None, path="good.toml", spec_text=GOOD, spec_hash="h",
+    engine = connect("sqlite:///db/mae_lab.db")
+    sync_study(engine, name="good", description="", paper=None, path="good.toml", spec_text=GOOD, spec_hash="h",
                   trials=trial_rows(study, trials))
     engine.dispose()
     before = dump_db(workdir / "db" / "mae_lab.db")

@@ -1,5 +1,5 @@
 """Claim races with no training: N processes started at one barrier drain one study of M trivial trials through
-``db.claim_next`` (claim, then close the trial under its claim), on SQLite and on PostgreSQL. Every trial must be
+``claim_next`` (claim, then close the trial under its claim), on SQLite and on PostgreSQL. Every trial must be
 claimed exactly once, with no lock error and no lost claim. Guards ``BEGIN IMMEDIATE`` (SQLite) and ``FOR UPDATE
 SKIP LOCKED`` (PostgreSQL): without either, the same race double-claims or fails with "database is locked"."""
 from __future__ import annotations
@@ -11,12 +11,15 @@ from pathlib import Path
 from sqlalchemy.exc import OperationalError
 from test_workers import pg_rows, pg_url  # noqa: F401 - pg_url is a fixture
 
-from mae_lab.store import db
+from mae_lab.store.engine import connect
+from mae_lab.store.queue import LostClaim, claim_next, claim_of, has_runnable
+from mae_lab.store.reads import integrity_ok, study_trials
+from mae_lab.store.writes import finish_trial, sync_study
 
 
 def make_study(url: str, m: int) -> int:
-    engine = db.connect(url)
-    study = db.sync_study(engine, name="race", description="", paper=None, path="race.toml", spec_text="",
+    engine = connect(url)
+    study = sync_study(engine, name="race", description="", paper=None, path="race.toml", spec_text="",
                           spec_hash="x", trials=[{"hash": f"h{i}", "pretrain_hash": f"p{i}", "seed": i, "label": "",
                                                   "axes_json": "{}", "spec_json": "{}"} for i in range(m)])
     engine.dispose()
@@ -25,19 +28,19 @@ def make_study(url: str, m: int) -> int:
 
 def drain(url: str, study_id: int, start, out) -> None:
     """One worker: claim until nothing is runnable; report the claims it got and the errors it met."""
-    engine = db.connect(url, create=False)
+    engine = connect(url, create=False)
     claims, errors = [], []
     start.wait()
     while True:
         try:
-            row = db.claim_next(engine, study_id)
+            row = claim_next(engine, study_id)
             if row is None:
-                if db.has_runnable(engine, study_id):
+                if has_runnable(engine, study_id):
                     continue  # another worker's claim held the row we reached for
                 break
             claims.append((row.id, row.attempts))
-            db.finish_trial(engine, row.id, "done", result={"linear_top1": 0.5}, claim=db.claim_of(row))
-        except (OperationalError, db.LostClaim) as exc:
+            finish_trial(engine, row.id, "done", result={"linear_top1": 0.5}, claim=claim_of(row))
+        except (OperationalError, LostClaim) as exc:
             errors.append(str(exc).splitlines()[0])
     engine.dispose()
     out.put((claims, errors))
@@ -67,9 +70,9 @@ def test_sqlite_claim_race(tmp_path: Path):
     url, m = f"sqlite:///{tmp_path / 'race.db'}", 200
     claims, errors = race(url, make_study(url, m), n=4)
     check(claims, errors, m)
-    engine = db.connect(url, create=False)
-    assert db.integrity_ok(engine)
-    assert sorted((t.status, t.attempts) for t, _ in db.study_trials(engine, 1)) == [("done", 1)] * m
+    engine = connect(url, create=False)
+    assert integrity_ok(engine)
+    assert sorted((t.status, t.attempts) for t, _ in study_trials(engine, 1)) == [("done", 1)] * m
 
 
 def test_postgres_claim_race(pg_url: str):  # noqa: F811

@@ -9,8 +9,10 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from cli import app
-from mae_lab.store import db
+from mae_lab.store.engine import connect
+from mae_lab.store.reads import get_result, get_study, study_trials, trial_details
 from mae_lab.store.records import from_db
+from mae_lab.store.tables import ArtifactRow, MetricRow, ResultRow, TrialRow
 
 STUDY = """# mae-lab run tiny.toml
 [study]
@@ -61,18 +63,18 @@ def test_run_records_skips_reruns_and_reports(workdir: Path):
     (workdir / "tiny.toml").write_text(STUDY)
     res = invoke("run", "tiny.toml")
     assert res.exit_code == 0, res.output
-    engine = db.connect("sqlite:///db/mae_lab.db", create=False)
-    trials = rows(engine, db.TrialRow)
+    engine = connect("sqlite:///db/mae_lab.db", create=False)
+    trials = rows(engine, TrialRow)
     assert [t.status for t in trials] == ["done"] * 4
     assert all(t.git_commit is None or len(t.git_commit) == 40 for t in trials)
     assert {t.torch_version for t in trials} and all(t.device == "cpu" for t in trials)
-    results = rows(engine, db.ResultRow)
+    results = rows(engine, ResultRow)
     assert len(results) == 4
     assert all(0.0 <= r.linear_top1 <= 1.0 and 0.0 <= r.finetune_top1 <= 1.0 for r in results)
-    metrics = rows(engine, db.MetricRow)
+    metrics = rows(engine, MetricRow)
     pre = [(m.trial_id, m.epoch) for m in metrics if m.stage == "pretrain" and m.name == "loss"]
     assert sorted(pre) == sorted((t.id, e) for t in trials for e in (1, 2))
-    arts = rows(engine, db.ArtifactRow)
+    arts = rows(engine, ArtifactRow)
     assert len(arts) == 8 and {a.kind for a in arts} == {"checkpoint", "recon"}
     assert all(Path(a.path).exists() for a in arts)
 
@@ -80,8 +82,8 @@ def test_run_records_skips_reruns_and_reports(workdir: Path):
     res = invoke("run", "tiny.toml")
     assert res.exit_code == 0, res.output
     assert "4 already done" in res.output
-    assert [t.ended_at for t in rows(engine, db.TrialRow)] == [t.ended_at for t in trials]
-    assert len(rows(engine, db.MetricRow)) == len(metrics)
+    assert [t.ended_at for t in rows(engine, TrialRow)] == [t.ended_at for t in trials]
+    assert len(rows(engine, MetricRow)) == len(metrics)
 
     # the dry run now shows them done
     res = invoke("run", "tiny.toml", "--dry-run")
@@ -105,14 +107,14 @@ def test_run_records_skips_reruns_and_reports(workdir: Path):
     # --rerun runs every trial again, replacing (not duplicating) its rows
     res = invoke("run", "tiny.toml", "--rerun", "--max-trials", "1")
     assert res.exit_code == 0, res.output
-    again = rows(engine, db.TrialRow)
+    again = rows(engine, TrialRow)
     assert sum(t.status == "done" for t in again) == 1 and sum(t.status == "pending" for t in again) == 3
     res = invoke("run", "tiny.toml")
     assert res.exit_code == 0
-    assert len(rows(engine, db.ResultRow)) == 4
-    assert len(rows(engine, db.MetricRow)) == len(metrics)
+    assert len(rows(engine, ResultRow)) == 4
+    assert len(rows(engine, MetricRow)) == len(metrics)
     # trials that differ only in evaluation share the pretraining: same seeds -> same results on CPU
-    new = {r.trial_id: r for r in rows(engine, db.ResultRow)}
+    new = {r.trial_id: r for r in rows(engine, ResultRow)}
     for t in trials:
         assert abs(new[t.id].linear_top1 - by_trial[t.id].linear_top1) < 1e-9
 
@@ -123,10 +125,10 @@ def test_eval_only_axis_pretrains_once(workdir: Path):
     (workdir / "evalonly.toml").write_text(text)
     res = invoke("run", "evalonly.toml")
     assert res.exit_code == 0, res.output
-    engine = db.connect("sqlite:///db/mae_lab.db", create=False)
-    trials = rows(engine, db.TrialRow)
+    engine = connect("sqlite:///db/mae_lab.db", create=False)
+    trials = rows(engine, TrialRow)
     assert len(trials) == 2 and len({t.pretrain_hash for t in trials}) == 1
-    results = rows(engine, db.ResultRow)
+    results = rows(engine, ResultRow)
     assert sorted(r.pretrain_reused for r in results) == [False, True]
     assert len(list((workdir / "db" / "artifacts" / "pretrain").glob("*.pt"))) == 1
 
@@ -144,11 +146,11 @@ def test_a_trial_done_in_another_study_is_copied_not_run_again(workdir: Path):
     assert res.exit_code == 0, res.output
     assert "done before in study 'tiny'; its result is copied, nothing runs" in res.output
     assert "2 trials: 0 already done, 1 copied from another study, 1 done" in res.output
-    engine = db.connect("sqlite:///db/mae_lab.db", create=False)
+    engine = connect("sqlite:///db/mae_lab.db", create=False)
     by_label = {}
     for study in ("tiny", "two"):
-        for t, r in db.study_trials(engine, db.get_study(engine, study).id):
-            by_label[study, t.label] = (t, r, db.trial_details(engine, t.id))
+        for t, r in study_trials(engine, get_study(engine, study).id):
+            by_label[study, t.label] = (t, r, trial_details(engine, t.id))
     (src, src_r, (src_m, _, src_a)), (cp, cp_r, (cp_m, _, cp_a)) = by_label["tiny", "mask_ratio=0.75"], \
         by_label["two", "mask_ratio=0.75"]
     assert cp.hash == src.hash and cp.status == "done" and cp.device_name == src.device_name
@@ -161,7 +163,7 @@ def test_a_trial_done_in_another_study_is_copied_not_run_again(workdir: Path):
     # --rerun means run again: nothing is copied then
     res = invoke("run", "two.toml", "--rerun")
     assert res.exit_code == 0 and "copied" not in res.output
-    assert not db.get_result(engine, cp.id).result_copied
+    assert not get_result(engine, cp.id).result_copied
 
 
 def test_failed_trial_is_recorded_and_study_goes_on(workdir: Path):
@@ -170,11 +172,11 @@ def test_failed_trial_is_recorded_and_study_goes_on(workdir: Path):
     (workdir / "diverge.toml").write_text(text)
     res = invoke("run", "diverge.toml")
     assert res.exit_code == 1, res.output
-    engine = db.connect("sqlite:///db/mae_lab.db", create=False)
-    trials = rows(engine, db.TrialRow)
+    engine = connect("sqlite:///db/mae_lab.db", create=False)
+    trials = rows(engine, TrialRow)
     assert {t.status for t in trials} == {"diverged"}
     assert all("step" in t.error for t in trials)
-    assert rows(engine, db.ResultRow) == []
+    assert rows(engine, ResultRow) == []
 
 
 def test_data_override_runs_the_study_on_other_shards(workdir: Path, digits_cache: Path):
@@ -185,8 +187,8 @@ def test_data_override_runs_the_study_on_other_shards(workdir: Path, digits_cach
     (workdir / "tiny.toml").write_text(text)
     res = invoke("run", "tiny.toml", "--data", f"train={info.train},val={info.val}")
     assert res.exit_code == 0, res.output
-    engine = db.connect("sqlite:///db/mae_lab.db", create=False)
-    (trial,) = rows(engine, db.TrialRow)
+    engine = connect("sqlite:///db/mae_lab.db", create=False)
+    (trial,) = rows(engine, TrialRow)
     assert trial.status == "done", trial.error
     spec = json.loads(trial.spec_json)["data"]
     assert spec["dataset"] is None and spec["train"] == info.train

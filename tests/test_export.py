@@ -11,7 +11,9 @@ from typer.testing import CliRunner
 
 from cli import app
 from mae_lab.run.export import trial_encoder
-from mae_lab.store import db
+from mae_lab.store.engine import connect
+from mae_lab.store.reads import get_study, study_trials
+from mae_lab.store.writes import sync_study
 from mae_lab.study.planning import plan, trial_rows
 
 STUDY = """
@@ -39,9 +41,9 @@ def _run(tmp: Path, epochs: int = 1, name: str = "exp") -> str:
     path.write_text(STUDY.format(epochs=epochs).replace('"exp"', f'"{name}"'))
     res = CliRunner().invoke(app, ["run", str(path), "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    engine = db.connect(None, create=False)
-    study = db.get_study(engine, name)
-    return db.study_trials(engine, study.id)[0][0].hash
+    engine = connect(None, create=False)
+    study = get_study(engine, name)
+    return study_trials(engine, study.id)[0][0].hash
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def trial(tmp_path_factory, digits_cache):
 
 
 def _ours(trial_hash: str, imgs: torch.Tensor) -> torch.Tensor:
-    _, model = trial_encoder(db.connect(None, create=False), trial_hash[:10])
+    _, model = trial_encoder(connect(None, create=False), trial_hash[:10])
     with torch.no_grad():
         return model.forward_features(imgs)  # (N, 1+L, D)
 
@@ -98,7 +100,7 @@ def test_hf_round_trip(trial):
 @pytest.mark.parametrize("case", ["unknown_format", "not_done", "no_trial", "out_not_empty"])
 def test_bad_export_exits_2_writes_nothing(trial, case):
     tmp, h, _ = trial
-    engine = db.connect(None, create=False)
+    engine = connect(None, create=False)
     target, fmt, out = h[:10], "timm", tmp / f"bad_{case}"
     if case == "unknown_format":
         fmt = "onnx"
@@ -106,7 +108,7 @@ def test_bad_export_exits_2_writes_nothing(trial, case):
         path = tmp / "pending.toml"  # a real trial of another study, recorded but never run
         path.write_text(STUDY.format(epochs=2).replace('"exp"', '"pending"'))
         study, trials = plan(path)
-        db.sync_study(engine, name="pending", description="", paper=None, path=str(path), spec_text=study.text,
+        sync_study(engine, name="pending", description="", paper=None, path=str(path), spec_text=study.text,
                       spec_hash="x", trials=trial_rows(study, trials))
         target = trials[0].hash[:10]
     elif case == "no_trial":

@@ -14,9 +14,21 @@ import pytest
 from conftest import study_toml
 from test_search import invoke
 
+from mae_lab.run import search
 from mae_lab.run.progress import PlainDisplay
 from mae_lab.run.runner import run_study
-from mae_lab.store import db
+from mae_lab.store.engine import connect
+from mae_lab.store.queue import Claim, LostClaim, claim_next, claim_of, claim_trial
+from mae_lab.store.reads import (
+    find_done,
+    get_checkpoint,
+    get_result,
+    get_study,
+    get_trials,
+    study_trials,
+    trial_details,
+)
+from mae_lab.store.writes import adopt_result, finish_trial, record_checkpoint, record_metrics, sync_study
 
 URL = "sqlite:///db/mae_lab.db"
 # one trial: two epochs of many small batches (a pretraining epoch of seconds, a batch of milliseconds)
@@ -41,24 +53,24 @@ class Recorder(PlainDisplay):
             self.on_pretrain()
 
 
-def take_over(engine, trial_id: int) -> db.Claim:
+def take_over(engine, trial_id: int) -> Claim:
     """Another worker claims the running trial again (its heartbeat counts as stale at once) and writes its own
     pretraining metric, checkpoint record and result."""
-    row = db.claim_trial(engine, trial_id, stale_after_s=0)
+    row = claim_trial(engine, trial_id, stale_after_s=0)
     assert row is not None and row.attempts == 2
-    claim = db.claim_of(row)
-    db.record_metrics(engine, trial_id, "pretrain", 1, {"loss": 42.0}, claim=claim)
-    db.record_checkpoint(engine, row.pretrain_hash, "successor.pt", "successor-sha", 1, claim=claim)
-    db.finish_trial(engine, trial_id, "done", result={"linear_top1": 0.123}, claim=claim)
+    claim = claim_of(row)
+    record_metrics(engine, trial_id, "pretrain", 1, {"loss": 42.0}, claim=claim)
+    record_checkpoint(engine, row.pretrain_hash, "successor.pt", "successor-sha", 1, claim=claim)
+    finish_trial(engine, trial_id, "done", result={"linear_top1": 0.123}, claim=claim)
     return claim
 
 
 def assert_successor_kept(engine) -> None:
-    (trial, result), = db.study_trials(engine, db.get_study(engine, "fence").id)
+    (trial, result), = study_trials(engine, get_study(engine, "fence").id)
     assert (trial.status, trial.attempts, result.linear_top1) == ("done", 2, 0.123)
-    metrics, _, _ = db.trial_details(engine, trial.id)
+    metrics, _, _ = trial_details(engine, trial.id)
     assert [(m.stage, m.epoch, m.name, m.value) for m in metrics] == [("pretrain", 1, "loss", 42.0)]
-    assert db.get_checkpoint(engine, trial.pretrain_hash).sha256 == "successor-sha"
+    assert get_checkpoint(engine, trial.pretrain_hash).sha256 == "successor-sha"
 
 
 def test_a_claim_lost_mid_pretraining_stops_the_worker_at_the_next_batch(workdir: Path):
@@ -71,8 +83,8 @@ def test_a_claim_lost_mid_pretraining_stops_the_worker_at_the_next_batch(workdir
     while True:  # wait for the victim's heartbeat to show it a few batches into its pretraining
         assert victim.is_alive() and time.monotonic() < deadline, display.lines
         if Path("db/mae_lab.db").exists():
-            engine = engine or db.connect(URL, create=False)
-            rows = db.study_trials(engine, 1) if db.get_study(engine, "fence") else []
+            engine = engine or connect(URL, create=False)
+            rows = study_trials(engine, 1) if get_study(engine, "fence") else []
             progress = rows[0][0].progress if rows else None
             if progress and progress.startswith("pretrain step") and int(progress.split()[-1]) >= 3:
                 break
@@ -88,10 +100,10 @@ def test_a_claim_lost_mid_pretraining_stops_the_worker_at_the_next_batch(workdir
 
 def test_a_claim_lost_before_any_beat_is_refused_at_the_next_write(workdir: Path):
     (workdir / "fence.toml").write_text(STUDY)
-    engine = db.connect(URL)
+    engine = connect(URL)
     display = Recorder(on_pretrain=lambda: take_over(engine, 1))  # taken over as the pretraining starts
     summary = run_study("fence.toml", db_url=URL, device="cpu", display=display, heartbeat_s=3600)
-    assert summary.ran == [(db.get_trials(engine, [1])[0].hash, "lost")]
+    assert summary.ran == [(get_trials(engine, [1])[0].hash, "lost")]
     assert any("lost its claim" in line for line in display.lines), display.lines
     assert_successor_kept(engine)
 
@@ -102,34 +114,34 @@ def test_a_search_that_loses_its_claim_does_not_copy_a_result_over_the_successor
                                                 space={"model.mask_ratio": {"type": "categorical", "choices": [0.5]}}))
     res = invoke("run", "grid.toml", "--device", "cpu")
     assert res.exit_code == 0, res.output
-    engine = db.connect(URL)
-    real_find_done = db.find_done
+    engine = connect(URL)
+    real_find_done = find_done
 
     def find_done_after_a_takeover(eng, trial_hash: str):  # between the search's claim and its copy
-        gs = db.get_study(engine, "gs")
-        (trial, _), = db.study_trials(engine, gs.id)
-        row = db.claim_trial(engine, trial.id, stale_after_s=0)
-        db.finish_trial(engine, row.id, "done", result={"linear_top1": 0.123}, claim=db.claim_of(row))
+        gs = get_study(engine, "gs")
+        (trial, _), = study_trials(engine, gs.id)
+        row = claim_trial(engine, trial.id, stale_after_s=0)
+        finish_trial(engine, row.id, "done", result={"linear_top1": 0.123}, claim=claim_of(row))
         return real_find_done(eng, trial_hash)
 
-    monkeypatch.setattr(db, "find_done", find_done_after_a_takeover)
+    monkeypatch.setattr(search, "find_done", find_done_after_a_takeover)  # the name search calls
     res = invoke("search", "gs.toml", "--device", "cpu")
     assert "lost its claim" in res.output, res.output
-    (trial, result), = db.study_trials(engine, db.get_study(engine, "gs").id)
+    (trial, result), = study_trials(engine, get_study(engine, "gs").id)
     assert (trial.status, trial.attempts, result.linear_top1, result.result_copied) == ("done", 2, 0.123, None)
-    assert db.trial_details(engine, trial.id)[0] == []  # none of the grid trial's metrics were copied in
+    assert trial_details(engine, trial.id)[0] == []  # none of the grid trial's metrics were copied in
 
 
 def test_adopt_result_is_fenced(workdir: Path):
-    engine = db.connect(URL)
-    study = db.sync_study(engine, name="s", description="", paper=None, path="s.toml", spec_text="", spec_hash="x",
+    engine = connect(URL)
+    study = sync_study(engine, name="s", description="", paper=None, path="s.toml", spec_text="", spec_hash="x",
                           trials=[{"hash": h, "pretrain_hash": h, "seed": 0, "label": "", "axes_json": "{}",
                                    "spec_json": "{}"} for h in ("a", "b")])
-    source = db.claim_next(engine, study.id)
-    db.finish_trial(engine, source.id, "done", result={"linear_top1": 0.9}, claim=db.claim_of(source))
-    first = db.claim_next(engine, study.id)
-    second = db.claim_trial(engine, first.id, stale_after_s=0)
-    with pytest.raises(db.LostClaim):
-        db.adopt_result(engine, first.id, db.get_result(engine, source.id), claim=db.claim_of(first))
-    db.adopt_result(engine, second.id, db.get_result(engine, source.id), claim=db.claim_of(second))
-    assert db.get_result(engine, second.id).linear_top1 == 0.9
+    source = claim_next(engine, study.id)
+    finish_trial(engine, source.id, "done", result={"linear_top1": 0.9}, claim=claim_of(source))
+    first = claim_next(engine, study.id)
+    second = claim_trial(engine, first.id, stale_after_s=0)
+    with pytest.raises(LostClaim):
+        adopt_result(engine, first.id, get_result(engine, source.id), claim=claim_of(first))
+    adopt_result(engine, second.id, get_result(engine, source.id), claim=claim_of(second))
+    assert get_result(engine, second.id).linear_top1 == 0.9

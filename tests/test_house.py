@@ -16,7 +16,9 @@ from typer.testing import CliRunner
 
 import cli
 from mae_lab.run.progress import make_display
-from mae_lab.store import db
+from mae_lab.store.engine import connect
+from mae_lab.store.reads import study_trials
+from mae_lab.store.writes import finish_trial, sync_study
 from mae_lab.study.expand import expand
 from mae_lab.study.planning import trial_rows
 from mae_lab.study.spec import parse_study
@@ -116,11 +118,11 @@ def recorded(tmp_path) -> str:
     """A study with results, written through db.py into a real SQLite file (no training)."""
     url = f"sqlite:///{tmp_path}/house.db"
     study = parse_study(STUDY, "tiny.toml")
-    engine = db.connect(url)
-    row = db.sync_study(engine, name="tiny", description="", paper=None, path="tiny.toml", spec_text=STUDY,
+    engine = connect(url)
+    row = sync_study(engine, name="tiny", description="", paper=None, path="tiny.toml", spec_text=STUDY,
                         spec_hash="x", trials=trial_rows(study, expand(study)))
-    for i, (trial, _) in enumerate(db.study_trials(engine, row.id)):
-        db.finish_trial(engine, trial.id, "done", result={"linear_top1": 0.5 + 0.01 * i, "pretrain_wall_s": 1.0})
+    for i, (trial, _) in enumerate(study_trials(engine, row.id)):
+        finish_trial(engine, trial.id, "done", result={"linear_top1": 0.5 + 0.01 * i, "pretrain_wall_s": 1.0})
     return url
 
 

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from mae_lab.data.pack import _pixel_stats, _png, _write_dataset
-from mae_lab.store import db
+from mae_lab.store.engine import connect
+from mae_lab.store.tables import MetricRow, ResultRow, TrialRow
 
 SEARCH = study_toml("split", comment="mae-lab search split.toml --data-root data",
                     data={"dataset": "shifted", "augmentation": "none"},
@@ -48,12 +49,12 @@ def test_search_and_pruning_read_the_validation_split(workdir: Path, shifted: Pa
     (workdir / "split.toml").write_text(SEARCH)
     res = CliRunner().invoke(app, ["search", "split.toml", "--data-root", str(shifted), "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    engine = db.connect("sqlite:///db/mae_lab.db", create=False)
+    engine = connect("sqlite:///db/mae_lab.db", create=False)
     with Session(engine) as s:
-        done = s.exec(select(db.TrialRow, db.ResultRow).join(db.ResultRow, db.ResultRow.trial_id == db.TrialRow.id)
-                      .where(db.TrialRow.status == "done")).all()
-        knn = {(m.trial_id, m.epoch): m.value for m in s.exec(select(db.MetricRow).where(
-            db.MetricRow.stage == "pretrain", db.MetricRow.name == "knn_top1"))}
+        done = s.exec(select(TrialRow, ResultRow).join(ResultRow, ResultRow.trial_id == TrialRow.id)
+                      .where(TrialRow.status == "done")).all()
+        knn = {(m.trial_id, m.epoch): m.value for m in s.exec(select(MetricRow).where(
+            MetricRow.stage == "pretrain", MetricRow.name == "knn_top1"))}
     assert done
     ostudy = optuna.load_study(study_name="split", storage=f"sqlite:///{workdir / 'db' / 'mae_lab.db'}")
     by_trial = {t.user_attrs["trial_ids"][0]: t for t in ostudy.trials if "trial_ids" in t.user_attrs}

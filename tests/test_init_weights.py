@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from mae_lab.data import resolve_dataset
-from mae_lab.store import db as dbm
+from mae_lab.store.engine import connect
 from mae_lab.study.expand import expand, mae_config
 from mae_lab.study.spec import parse_study
 from mae_lab.train.finetune import build_classifier, finetune
@@ -187,10 +187,10 @@ def test_a_trial_hash_starts_another_study(workdir):
     db = workdir / "db" / "mae_lab.db"
     with sqlite3.connect(db) as c:
         (first,) = c.execute("SELECT hash FROM mae_trials").fetchone()
-    _, ckpt = trial_checkpoint(dbm.connect(f"sqlite:///{db}", create=False), first)
+    _, ckpt = trial_checkpoint(connect(f"sqlite:///{db}", create=False), first)
     spec = spec_of(study_text("second", img=16, init=first))
     assert spec.pretrain.init_sha256 is None  # a trial hash is its own identity
-    model = init_model(spec, dbm.connect(f"sqlite:///{db}", create=False))
+    model = init_model(spec, connect(f"sqlite:///{db}", create=False))
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, ckpt["model"]["blocks.0.attn.qkv.weight"])
     assert model.pos_embed.shape == (1, 65, 64)
     (workdir / "second.toml").write_text(study_text("second", img=16, epochs=1, init=first))

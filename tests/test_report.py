@@ -21,8 +21,10 @@ from mae_lab.report.formats import render, render_text
 from mae_lab.report.plots import SIZES, study_plots
 from mae_lab.report.site import compute_spent
 from mae_lab.report.study_report import headline, summarize
-from mae_lab.store import db
+from mae_lab.store.engine import connect
+from mae_lab.store.reads import get_checkpoint, get_study, study_trials
 from mae_lab.store.records import StudyRecords
+from mae_lab.store.writes import finish_trial, record_metrics, sync_study
 from mae_lab.study.expand import expand
 from mae_lab.study.planning import trial_rows
 from mae_lab.study.presets import config_from_preset
@@ -48,18 +50,18 @@ FINETUNE = {1: [80, 81, 82], 2: [82, 83, 84], 4: [83, 83, 83], 8: [81, 82, 83]}
 
 
 def record(url: str, text: str, linear: dict, finetune: dict | None, axis: str, reused: bool = False) -> None:
-    """Write a study and its results into a real SQLite database through db.py (no training)."""
+    """Write a study and its results into a real SQLite database through mae_lab.store (no training)."""
     study = parse_study(text, "hand.toml")
     trials = expand(study)
-    engine = db.connect(url)
-    row = db.sync_study(engine, name=study.study.name, description="hand-made", paper=study.study.paper,
+    engine = connect(url)
+    row = sync_study(engine, name=study.study.name, description="hand-made", paper=study.study.paper,
                         path="hand.toml", spec_text=text, spec_hash="x", trials=trial_rows(study, trials))
-    for trial, _ in db.study_trials(engine, row.id):
+    for trial, _ in study_trials(engine, row.id):
         value = json.loads(trial.axes_json)[axis]
         k = study.study.seeds.index(trial.seed)
         for epoch in (1, 2, 3):
-            db.record_metrics(engine, trial.id, "pretrain", epoch, {"loss": 1.0 / (epoch + value + k)})
-        db.finish_trial(engine, trial.id, "done", result={
+            record_metrics(engine, trial.id, "pretrain", epoch, {"loss": 1.0 / (epoch + value + k)})
+        finish_trial(engine, trial.id, "done", result={
             "linear_top1": linear[value][k] / 100,
             "finetune_top1": None if finetune is None else finetune[value][k] / 100,
             "pretrain_wall_s": 0.0 if reused else 10.0 * value,
@@ -85,7 +87,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 # --- formats --------------------------------------------------------------------------------------------------
 
 def test_every_format_renders_the_recorded_values(depth_db, tmp_path):
-    engine = db.connect(depth_db, create=False)
+    engine = connect(depth_db, create=False)
     rep = summarize(engine, "depth")
     lo, hi = -12 - 2.776445 * math.sqrt(8 / 3), -12 + 2.776445 * math.sqrt(8 / 3)
 
@@ -153,7 +155,7 @@ def test_one_seed_gives_no_interval_and_widths_match_by_position(tmp_path):
     lin = {8: [60], 16: [65], 32: [70], 64: [66]}  # vit_digits' decoder is 32 wide: the default
     url = f"sqlite:///{tmp_path}/w.db"
     record(url, text, lin, lin, "model.decoder_embed_dim")
-    rep = summarize(db.connect(url, create=False), "width")
+    rep = summarize(connect(url, create=False), "width")
     md = render_text(rep, "md")
     assert "| 8 | 60.0 ± 0.0 (n=1) | -10.0 (n=1) |" in md
     assert [r.paper.setting for r in rep.rows] == ["128 wide", "256 wide", "512 wide", "768 wide"]
@@ -165,7 +167,7 @@ def test_one_seed_gives_no_interval_and_widths_match_by_position(tmp_path):
 def test_a_shared_pretraining_reports_the_figures_of_the_trial_that_ran_it(depth_db):
     record(depth_db, DEPTH_STUDY.replace('name = "depth"', 'name = "again"'), LINEAR, FINETUNE,
            "model.decoder_depth", reused=True)  # the same pretrainings, all reused from study "depth"
-    engine = db.connect(depth_db, create=False)
+    engine = connect(depth_db, create=False)
     ran, again = summarize(engine, "depth"), summarize(engine, "again")
     assert [r.pretrain_s.values for r in again.rows] == [r.pretrain_s.values for r in ran.rows]
     assert again.rows[3].peak_mem_mib.mean == pytest.approx(801.0)
@@ -175,7 +177,7 @@ def test_a_shared_pretraining_reports_the_figures_of_the_trial_that_ran_it(depth
 def test_tables_leave_out_fine_tune_columns_when_nothing_was_fine_tuned(tmp_path):
     url = f"sqlite:///{tmp_path}/lin.db"
     record(url, DEPTH_STUDY, LINEAR, None, "model.decoder_depth")
-    rep = summarize(db.connect(url, create=False), "depth")
+    rep = summarize(connect(url, create=False), "depth")
     md, tex = render_text(rep, "md"), render_text(rep, "latex")
     assert "linear val %" in md and "fine-tune" not in md.split("\n- ")[0] and "| 8 | 75.0 ± 1.0 (n=3) |" in md
     assert "fine-tune" not in tex.split(r"\midrule")[0] and "{lrrlrr}" in tex
@@ -270,7 +272,7 @@ def test_a_trials_file_without_a_column_is_refused(depth_db, tmp_path):
 # --- plots and reconstructions --------------------------------------------------------------------------------
 
 def test_plots_are_pngs_of_the_expected_size(depth_db, tmp_path):
-    engine = db.connect(depth_db, create=False)
+    engine = connect(depth_db, create=False)
     paths = study_plots(summarize(engine, "depth"), tmp_path / "plots")
     assert sorted(p.name for p in paths) == ["axis-decoder_depth.png", "compute.png", "loss.png"]
     for p in paths:
@@ -334,8 +336,8 @@ def test_a_real_study_gives_pages_plots_and_reconstructions(workdir: Path):
     assert res.exit_code == 0, res.output
     assert tree(workdir / "regen") == tree(workdir / "docs/results") and "tiny/recon.png" in tree(workdir / "regen")
 
-    engine = db.connect("sqlite:///db/mae_lab.db", create=False)
-    trials = [t for t, _ in db.study_trials(engine, db.get_study(engine, "tiny").id)]
+    engine = connect("sqlite:///db/mae_lab.db", create=False)
+    trials = [t for t, _ in study_trials(engine, get_study(engine, "tiny").id)]
     res = runner.invoke(app, ["show", trials[0].hash[:12], "--recon", "one.png"])
     assert res.exit_code == 0, res.output
     w1, h1 = png_size((workdir / "one.png").read_bytes())
@@ -355,7 +357,7 @@ def test_a_real_study_gives_pages_plots_and_reconstructions(workdir: Path):
 
     spec = TrialSpec.model_validate_json(trials[0].spec_json)
     model = MaskedAutoencoder(mae_config(spec))
-    model.load_state_dict(load_checkpoint(db.get_checkpoint(engine, trials[0].pretrain_hash).path)["model"])
+    model.load_state_dict(load_checkpoint(get_checkpoint(engine, trials[0].pretrain_hash).path)["model"])
     info = resolve_dataset("digits")
     assert val_images(spec, info).shape == (8, 3, 8, 8)
     import hashlib

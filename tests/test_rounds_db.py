@@ -11,7 +11,10 @@ from pathlib import Path
 
 from conftest import study_toml
 
-from mae_lab.store import db
+from mae_lab.store.engine import connect
+from mae_lab.store.queue import claim_of, claim_trial
+from mae_lab.store.reads import study_trials
+from mae_lab.store.writes import finish_trial, sync_study
 from mae_lab.study import planning, rounds
 
 STUDY = study_toml("rounds", study={"seeds": {"min": 3, "max": 5, "until": "decided", "min_effect": 1.0}},
@@ -26,14 +29,14 @@ LINEAR_TOP1 = {0.75: [0.500, 0.520, 0.510],  # the default
 def test_the_undecided_point_and_the_default_get_the_next_seed(workdir: Path):
     (workdir / "rounds.toml").write_text(STUDY)
     study, trials = planning.plan("rounds.toml")
-    engine = db.connect("sqlite:///db/mae_lab.db")
+    engine = connect("sqlite:///db/mae_lab.db")
     assert rounds.current_trials(engine, study, trials) == trials  # nothing recorded: the first round runs
-    row = db.sync_study(engine, name="rounds", description="", paper=None, path="rounds.toml", spec_text=study.text,
+    row = sync_study(engine, name="rounds", description="", paper=None, path="rounds.toml", spec_text=study.text,
                         spec_hash=planning.study_hash(study), trials=planning.trial_rows(study, trials))
-    for t, _ in db.study_trials(engine, row.id):  # every trial of the first round done, with its hand-set result
-        claimed = db.claim_trial(engine, t.id)
+    for t, _ in study_trials(engine, row.id):  # every trial of the first round done, with its hand-set result
+        claimed = claim_trial(engine, t.id)
         top1 = LINEAR_TOP1[t.axes["model.mask_ratio"]][t.seed]
-        db.finish_trial(engine, t.id, "done", result={"linear_top1": top1}, claim=db.claim_of(claimed))
+        finish_trial(engine, t.id, "done", result={"linear_top1": top1}, claim=claim_of(claimed))
 
     current = rounds.current_trials(engine, study, trials)
     fresh = sorted((t.axes["model.mask_ratio"], t.spec.seed) for t in current[len(trials):])

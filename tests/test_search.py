@@ -11,7 +11,11 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from cli import app
-from mae_lab.store import db
+from mae_lab.store.engine import artifacts_dir, connect
+from mae_lab.store.queue import claim_next
+from mae_lab.store.reads import get_study, study_trials, trial_details
+from mae_lab.store.tables import MetricRow, ResultRow, TrialRow
+from mae_lab.store.writes import sync_study
 
 
 def tiny(name: str, *, epochs: int = 2, **kw) -> str:
@@ -54,9 +58,9 @@ def test_search_records_trials_and_a_rerun_trains_nothing(workdir: Path):
     assert len(trials) == 6
     states = {t.number: t.state for t in trials}
     assert set(states.values()) <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
-    engine = db.connect(URL)
-    trial_rows = rows(engine, db.TrialRow)
-    assert len(trial_rows) == 6 and len(rows(engine, db.ResultRow)) == 6
+    engine = connect(URL)
+    trial_rows = rows(engine, TrialRow)
+    assert len(trial_rows) == 6 and len(rows(engine, ResultRow)) == 6
     assert sorted(r.optuna_trial for r in trial_rows) == list(range(6))
     for r in trial_rows:  # each row is its Optuna trial: status, params and objective agree
         t = trials[r.optuna_trial]
@@ -65,15 +69,15 @@ def test_search_records_trials_and_a_rerun_trains_nothing(workdir: Path):
                                            "pretrain.base_lr": t.params["pretrain.base_lr"]}
         assert t.user_attrs["trial_ids"] == [r.id]
         if r.status == "done":
-            assert t.value == pytest.approx(db.trial_details(engine, r.id)[1].linear_top1)
+            assert t.value == pytest.approx(trial_details(engine, r.id)[1].linear_top1)
         assert t.intermediate_values  # the kNN top-1 reported every epoch (probe_every = 1)
-    metrics_before = len(rows(engine, db.MetricRow))
+    metrics_before = len(rows(engine, MetricRow))
 
     res = invoke("search", "s.toml", "--trials", "6", "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert "0 asked" in res.output and "0 trained" in res.output
     assert len(optuna_trials("tiny_search")) == 6
-    assert len(rows(engine, db.ResultRow)) == 6 and len(rows(engine, db.MetricRow)) == metrics_before
+    assert len(rows(engine, ResultRow)) == 6 and len(rows(engine, MetricRow)) == metrics_before
 
     # the report: the usual table plus best trials and parameter importances
     res = invoke("report", "tiny_search")
@@ -92,10 +96,10 @@ def test_a_pruned_trial_keeps_what_it_measured(workdir: Path):
 
     (workdir / "g.toml").write_text(tiny("g", epochs=3))
     study, trials = plan("g.toml")
-    engine = db.connect(URL)
-    srow = db.sync_study(engine, name="g", description="", paper=None, path="g.toml", spec_text=study.text,
+    engine = connect(URL)
+    srow = sync_study(engine, name="g", description="", paper=None, path="g.toml", spec_text=study.text,
                          spec_hash="h", trials=trial_rows(study, trials))
-    claimed = db.claim_next(engine, srow.id)
+    claimed = claim_next(engine, srow.id)
     seen = []
 
     def prune(m):
@@ -106,10 +110,10 @@ def test_a_pruned_trial_keeps_what_it_measured(workdir: Path):
     status = run_trial(engine, claimed, resolve_dataset("digits"), device="cpu", artifacts=workdir / "art",
                        display=PlainDisplay(), on_pretrain_metrics=prune)
     assert status == "pruned" and seen == [1, 2]
-    trial, result = db.study_trials(engine, srow.id)[0]
+    trial, result = study_trials(engine, srow.id)[0]
     assert trial.status == "pruned" and "epoch 2" in trial.error
     assert result.knn_top1 is not None and result.pretrain_loss is not None and result.linear_top1 is None
-    assert db.claim_next(engine, srow.id) is None  # a pruned trial is final
+    assert claim_next(engine, srow.id) is None  # a pruned trial is final
 
 
 GRID = tiny("grid", comment="mae-lab run grid.toml", tail="""[grid]
@@ -131,13 +135,13 @@ def test_done_trials_are_prior_observations_and_not_trained_again(workdir: Path)
     trials = optuna_trials("gs")
     priors = [t for t in trials if "prior" in t.user_attrs]
     assert sorted(t.params["model.mask_ratio"] for t in priors) == [0.5, 0.75]
-    engine = db.connect(URL)
-    gs = db.get_study(engine, "gs")
-    searched = db.study_trials(engine, gs.id)
+    engine = connect(URL)
+    gs = get_study(engine, "gs")
+    searched = study_trials(engine, gs.id)
     assert len(searched) == 3 and all(t.status == "done" for t, _ in searched)
     copies = [r for _, r in searched if r.result_copied]
     assert len(copies) == 2 and all(r.pretrain_reused for r in copies)  # the grid study's results: nothing ran
-    assert len(list((db.artifacts_dir(URL) / "pretrain").glob("*.pt"))) == 3  # 2 for the grid, 1 for the search
+    assert len(list((artifacts_dir(URL) / "pretrain").glob("*.pt"))) == 3  # 2 for the grid, 1 for the search
 
 
 def test_run_refuses_a_search_study_and_search_refuses_a_grid(workdir: Path):
@@ -161,8 +165,8 @@ def test_report_shows_the_pareto_front_of_two_objectives(workdir: Path):
 
     text = SEARCH.replace('pruner = "median"', 'objectives = ["linear", "finetune"]').replace(
         "finetune = { enabled = false }", "finetune = { epochs = 1, warmup_epochs = 0 }")
-    engine = db.connect(URL)
-    db.sync_study(engine, name="tiny_search", description="", paper=None, path="s.toml", spec_text=text,
+    engine = connect(URL)
+    sync_study(engine, name="tiny_search", description="", paper=None, path="s.toml", spec_text=text,
                   spec_hash="h", trials=[], deactivate_missing=False)
     study = optuna.create_study(study_name="tiny_search", storage=storage(URL), directions=["maximize"] * 2)
     dists = {"model.mask_ratio": FloatDistribution(0.4, 0.9), "pretrain.base_lr": FloatDistribution(1e-4, 1e-2,

@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from mae_lab.store import db, workers
+from mae_lab.store import workers
+from mae_lab.store.engine import connect, transaction
+from mae_lab.store.queue import claim_next, is_stale, release_dead_local
+from mae_lab.store.reads import study_trials
+from mae_lab.store.tables import TrialRow
+from mae_lab.store.writes import sync_study
 
 
 def dead_pid() -> int:
@@ -22,12 +27,12 @@ def dead_pid() -> int:
 
 
 def one_running_trial(engine, worker: str) -> int:
-    study = db.sync_study(engine, name="s", description="", paper=None, path="s.toml", spec_text="", spec_hash="x",
+    study = sync_study(engine, name="s", description="", paper=None, path="s.toml", spec_text="", spec_hash="x",
                           trials=[{"hash": "h", "pretrain_hash": "p", "seed": 0, "label": "", "axes_json": "{}",
                                    "spec_json": "{}"}])
-    row = db.claim_next(engine, study.id)
-    with db.transaction(engine) as s:  # the claim now belongs to `worker`, with a fresh heartbeat
-        s.get(db.TrialRow, row.id).worker = worker
+    row = claim_next(engine, study.id)
+    with transaction(engine) as s:  # the claim now belongs to `worker`, with a fresh heartbeat
+        s.get(TrialRow, row.id).worker = worker
     return study.id
 
 
@@ -50,26 +55,26 @@ def test_another_pid_namespace_is_another_node():
 
 
 def test_a_same_hostname_worker_of_another_machine_is_not_taken_for_dead(tmp_path: Path):
-    engine = db.connect(f"sqlite:///{tmp_path / 'w.db'}")
+    engine = connect(f"sqlite:///{tmp_path / 'w.db'}")
     other = f"{socket.gethostname()}:{'f' * 12 if workers.node() != 'f' * 12 else 'e' * 12}:{dead_pid()}"
     study_id = one_running_trial(engine, other)
-    assert db.release_dead_local(engine, study_id) == 0
-    assert db.claim_next(engine, study_id) is None  # its heartbeat is fresh: it runs elsewhere
-    (row, _), = db.study_trials(engine, study_id)
-    assert (row.status, row.worker) == ("running", other) and not db.is_stale(row)
+    assert release_dead_local(engine, study_id) == 0
+    assert claim_next(engine, study_id) is None  # its heartbeat is fresh: it runs elsewhere
+    (row, _), = study_trials(engine, study_id)
+    assert (row.status, row.worker) == ("running", other) and not is_stale(row)
 
 
 def test_a_dead_worker_of_this_machine_is_released_at_once(tmp_path: Path):
-    engine = db.connect(f"sqlite:///{tmp_path / 'w.db'}")
+    engine = connect(f"sqlite:///{tmp_path / 'w.db'}")
     mine = f"{workers.local_prefix()}{dead_pid()}"
     study_id = one_running_trial(engine, mine)
-    (row, _), = db.study_trials(engine, study_id)
-    assert db.is_stale(row)
-    again = db.claim_next(engine, study_id)  # releases it first (heartbeat still fresh), then claims it
+    (row, _), = study_trials(engine, study_id)
+    assert is_stale(row)
+    again = claim_next(engine, study_id)  # releases it first (heartbeat still fresh), then claims it
     assert again is not None and again.attempts == 2 and again.worker == workers.worker_id()
 
 
 def test_an_older_host_pid_worker_waits_for_its_heartbeat(tmp_path: Path):
-    engine = db.connect(f"sqlite:///{tmp_path / 'w.db'}")
+    engine = connect(f"sqlite:///{tmp_path / 'w.db'}")
     study_id = one_running_trial(engine, f"{socket.gethostname()}:{dead_pid()}")  # as an older mae-lab recorded it
-    assert db.release_dead_local(engine, study_id) == 0 and db.claim_next(engine, study_id) is None
+    assert release_dead_local(engine, study_id) == 0 and claim_next(engine, study_id) is None

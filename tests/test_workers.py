@@ -17,9 +17,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlmodel import Session, select
 from test_resume import mae_lab
 
-from mae_lab.store import db
+from mae_lab.store import workers
+from mae_lab.store.engine import connect, transaction
+from mae_lab.store.queue import Claim, Heartbeat, LostClaim, claim_next, claim_of, worker_id
+from mae_lab.store.reads import get_trials
+from mae_lab.store.tables import TrialRow, now
+from mae_lab.store.writes import finish_trial, record_metrics, sync_study
 
 
 def grid_study(name: str, ratios: list[float], seeds: list[int], epochs: int = 2) -> str:
@@ -69,24 +75,24 @@ def test_two_sqlite_workers_drain_a_grid_once(workdir: Path):
 
 def test_heartbeat_thread_and_stale_after(workdir: Path):
     """The background heartbeat keeps a trial of another host alive; without it, --stale-after decides."""
-    engine = db.connect("sqlite:///db/mae_lab.db")
-    study = db.sync_study(engine, name="s", description="", paper=None, path="s.toml", spec_text="", spec_hash="x",
+    engine = connect("sqlite:///db/mae_lab.db")
+    study = sync_study(engine, name="s", description="", paper=None, path="s.toml", spec_text="", spec_hash="x",
                           trials=[{"hash": "h", "pretrain_hash": "p", "seed": 0, "label": "", "axes_json": "{}",
                                    "spec_json": "{}"}])
-    row = db.claim_next(engine, study.id)
-    with db.transaction(engine) as s:  # pretend a worker on another machine holds it, last seen 120 s ago
-        r = s.get(db.TrialRow, row.id)
-        r.worker, r.heartbeat_at = "elsewhere:1", db.now() - timedelta(seconds=120)
-    assert db.claim_next(engine, study.id, stale_after_s=600) is None
-    with db.Heartbeat(engine, db.Claim(row.id, "elsewhere:1", row.attempts), interval_s=0.05) as beat:
+    row = claim_next(engine, study.id)
+    with transaction(engine) as s:  # pretend a worker on another machine holds it, last seen 120 s ago
+        r = s.get(TrialRow, row.id)
+        r.worker, r.heartbeat_at = "elsewhere:1", now() - timedelta(seconds=120)
+    assert claim_next(engine, study.id, stale_after_s=600) is None
+    with Heartbeat(engine, Claim(row.id, "elsewhere:1", row.attempts), interval_s=0.05) as beat:
         beat.progress = "pretrain step 1"
         time.sleep(0.3)
-    assert beat.lost is None and db.get_trials(engine, [row.id])[0].progress == "pretrain step 1"
-    assert db.claim_next(engine, study.id, stale_after_s=60) is None  # the thread's beats are fresh
-    with db.transaction(engine) as s:
-        s.get(db.TrialRow, row.id).heartbeat_at = db.now() - timedelta(seconds=120)
-    again = db.claim_next(engine, study.id, stale_after_s=60)
-    assert again is not None and again.attempts == 2 and again.worker == db.worker_id()
+    assert beat.lost is None and get_trials(engine, [row.id])[0].progress == "pretrain step 1"
+    assert claim_next(engine, study.id, stale_after_s=60) is None  # the thread's beats are fresh
+    with transaction(engine) as s:
+        s.get(TrialRow, row.id).heartbeat_at = now() - timedelta(seconds=120)
+    again = claim_next(engine, study.id, stale_after_s=60)
+    assert again is not None and again.attempts == 2 and again.worker == worker_id()
 
 
 # --- PostgreSQL: the workers of many machines ---------------------------------------------------------------------
@@ -135,7 +141,7 @@ def test_a_killed_postgres_worker_is_taken_over(workdir: Path, pg_url: str):
     (workdir / "kill.toml").write_text(grid_study("kill", [0.5, 0.75], [0, 1], epochs=8))
     victim = mae_lab("worker", "kill.toml", "--db", pg_url, "--device", "cpu", cwd=workdir)
     other = mae_lab("worker", "kill.toml", "--db", pg_url, "--device", "cpu", "--poll", "0.5", cwd=workdir)
-    me = f"{db.workers.local_prefix()}{victim.pid}"
+    me = f"{workers.local_prefix()}{victim.pid}"
     deadline = time.time() + 240
     while True:  # wait until the victim is in the middle of a pretraining, past its first checkpoint
         assert victim.poll() is None, victim.stdout.read()
@@ -193,9 +199,9 @@ def _drain(url: str, study: str, cwd: str, start, out) -> None:
 
     start.wait()
     summary = run_study(study, db_url=url, device="cpu", wait=True, poll_s=0.2)
-    engine = db.connect(url, create=False)
-    with db.Session(engine) as s:
-        pending = len(s.exec(db.select(db.TrialRow).where(db.TrialRow.status == "pending")).all())
+    engine = connect(url, create=False)
+    with Session(engine) as s:
+        pending = len(s.exec(select(TrialRow).where(TrialRow.status == "pending")).all())
     out.put((os.getpid(), [h for h, _ in summary.ran], [st for _, st in summary.ran], pending))
 
 
@@ -206,7 +212,7 @@ def test_eight_postgres_workers_starting_at_once_run_each_trial_once(workdir: Pa
     (workdir / "eight.toml").write_text(grid_study("eight", [0.25, 0.5, 0.75, 0.9], [0, 1], epochs=1)
                                         .replace("epochs = 1\nbatch_size", "epochs = 1\nwarmup_epochs = 0\n"
                                                  "batch_size"))
-    db.connect(pg_url).dispose()  # the schema exists before the race, as on a server that has run before
+    connect(pg_url).dispose()  # the schema exists before the race, as on a server that has run before
     ctx = mp.get_context("spawn")
     start, out = ctx.Barrier(8), ctx.Queue()
     procs = [ctx.Process(target=_drain, args=(pg_url, "eight.toml", str(workdir), start, out)) for _ in range(8)]
@@ -225,21 +231,21 @@ def test_eight_postgres_workers_starting_at_once_run_each_trial_once(workdir: Pa
 
 
 def test_a_fenced_stale_postgres_worker_cannot_overwrite_a_result(workdir: Path, pg_url: str):
-    engine = db.connect(pg_url)
-    study = db.sync_study(engine, name="s", description="", paper=None, path="s.toml", spec_text="", spec_hash="x",
+    engine = connect(pg_url)
+    study = sync_study(engine, name="s", description="", paper=None, path="s.toml", spec_text="", spec_hash="x",
                           trials=[{"hash": "h", "pretrain_hash": "p", "seed": 0, "label": "", "axes_json": "{}",
                                    "spec_json": "{}"}])
-    first = db.claim_next(engine, study.id)
-    stale = db.claim_of(first)
-    with db.transaction(engine) as s:  # its worker hangs: no heartbeat for two minutes
-        s.get(db.TrialRow, first.id).heartbeat_at = db.now() - timedelta(seconds=120)
-    second = db.claim_next(engine, study.id, stale_after_s=60)
+    first = claim_next(engine, study.id)
+    stale = claim_of(first)
+    with transaction(engine) as s:  # its worker hangs: no heartbeat for two minutes
+        s.get(TrialRow, first.id).heartbeat_at = now() - timedelta(seconds=120)
+    second = claim_next(engine, study.id, stale_after_s=60)
     assert second is not None and second.attempts == 2
-    db.finish_trial(engine, second.id, "done", result={"linear_top1": 0.8}, claim=db.claim_of(second))
-    with pytest.raises(db.LostClaim, match="attempt 1"):
-        db.finish_trial(engine, first.id, "done", result={"linear_top1": 0.1}, claim=stale)
-    with pytest.raises(db.LostClaim):
-        db.record_metrics(engine, first.id, "linear", 1, {"top1": 0.1}, claim=stale)
+    finish_trial(engine, second.id, "done", result={"linear_top1": 0.8}, claim=claim_of(second))
+    with pytest.raises(LostClaim, match="attempt 1"):
+        finish_trial(engine, first.id, "done", result={"linear_top1": 0.1}, claim=stale)
+    with pytest.raises(LostClaim):
+        record_metrics(engine, first.id, "linear", 1, {"top1": 0.1}, claim=stale)
     assert pg_rows(pg_url, "SELECT t.status, t.attempts, r.linear_top1 FROM mae_trials t JOIN mae_results r "
                            "ON r.trial_id = t.id") == [("done", 2, 0.8)]
     assert pg_rows(pg_url, "SELECT count(*) FROM mae_metrics") == [(0,)]

@@ -22,8 +22,10 @@ from sqlalchemy.exc import OperationalError
 
 from mae_lab.report.paper import Comparison, PaperRow, compare, get_table, paper_delta
 from mae_lab.report.search_view import SearchReport, search_report
-from mae_lab.store import db
+from mae_lab.store.engine import safe_url
+from mae_lab.store.reads import get_study, list_studies
 from mae_lab.store.records import StudyRecords, from_db
+from mae_lab.store.tables import StudyRow
 from mae_lab.study.adaptive import Decision, is_decided, point_decisions
 from mae_lab.study.expand import resolve
 from mae_lab.study.spec import Study, StudyError, get_dotted, parse_study
@@ -146,7 +148,7 @@ def _add(stat: Stat, value: float | None, scale: float = 1.0) -> Stat:
 def summarize(engine: Engine, name: str) -> StudyReport:
     """The report of one study in the database (KeyError for an unknown study), with its Optuna side."""
     out = summarize_records(from_db(engine, name))
-    study = db.get_study(engine, name)
+    study = get_study(engine, name)
     out.search = _search(engine, study)
     return out
 
@@ -194,7 +196,7 @@ def summarize_records(records: StudyRecords) -> StudyReport:
     return out
 
 
-def _search(engine: Engine, study: db.StudyRow) -> SearchReport | None:
+def _search(engine: Engine, study: StudyRow) -> SearchReport | None:
     """The Optuna side of a searched study, or None (not a search, or no Optuna study in the database)."""
     try:
         parsed = parse_study(study.spec_text, "<recorded study>")
@@ -369,9 +371,9 @@ def headline(report: StudyReport) -> tuple[str, str, str]:
 
 def study_names(engine: Engine, name: str | None) -> list[str]:
     try:
-        names = [name] if name else [s.name for s, _ in db.list_studies(engine)]
+        names = [name] if name else [s.name for s, _ in list_studies(engine)]
     except OperationalError:  # a file that is not (yet) a mae-lab database
-        raise ValueError(f"database {db.safe_url(str(engine.url))} has no mae-lab tables") from None
+        raise ValueError(f"database {safe_url(str(engine.url))} has no mae-lab tables") from None
     if not names:
         raise ValueError("the database holds no study yet: run one with 'mae-lab run STUDY.toml'")
     return names

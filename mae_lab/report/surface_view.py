@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 
 from mae_lab.atomic import write_atomic
-from mae_lab.store import db
+from mae_lab.store.reads import get_study, study_trials, trial_details
 
 STAGE = "probe_surface"  # as probe_surface.STAGE (that module imports torch)
 
@@ -49,14 +49,14 @@ class Surface:
 
 def study_surfaces(engine: Engine, name: str) -> list[Surface]:
     """The surface of every point of study ``name`` that has probe_surface metrics, in study order."""
-    study = db.get_study(engine, name)
+    study = get_study(engine, name)
     if study is None:
         return []
     cells: dict[str, dict[tuple[int, int], list[float]]] = defaultdict(lambda: defaultdict(list))
     seeds: dict[str, set[int]] = defaultdict(set)
     depth: dict[str, int] = {}
-    for t, _ in db.study_trials(engine, study.id):
-        metrics, _, _ = db.trial_details(engine, t.id)
+    for t, _ in study_trials(engine, study.id):
+        metrics, _, _ = trial_details(engine, t.id)
         for m in metrics:
             block = re.fullmatch(r"block(\d+)", m.name)
             if m.stage == STAGE and block:

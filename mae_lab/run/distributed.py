@@ -30,7 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mae_lab.run.runner import run_study
+from mae_lab.run.runner import RunSummary, run_study
+from mae_lab.study.planning import parse_data_override, validate_study
 from mae_lab.study.spec import TrialSpec
 from mae_lab.train.common import DivergenceError
 from mae_lab.train.pretrain import pretrain
@@ -136,3 +137,18 @@ def launch(nproc: int, args: list[str], command: str = "run", device: str = "aut
         proc.send_signal(signal.SIGTERM)
         proc.wait()
         raise
+
+
+def launch_study(nproc: int, args: list[str], study: Path, data: str | None, data_root: str | None,
+                 allow_pipe: bool, allow_large_grid: bool, device: str) -> int:
+    """Check the study and its data here (bad input ends before any process starts), then ``launch``."""
+    validate_study(study, data_root, allow_pipe, allow_large_grid, parse_data_override(data))
+    return launch(nproc, args, device=device)
+
+
+def run_here(path: Path, *, data: str | None, **kwargs: Any) -> RunSummary | None:
+    """Run a study in this process: as one rank of a torchrun (``WORLD_SIZE`` > 1; None on ranks > 0) or alone."""
+    override = parse_data_override(data)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return run_study_ddp(path, data_override=override, **kwargs)
+    return run_study(path, data_override=override, **kwargs)

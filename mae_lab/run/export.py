@@ -24,7 +24,7 @@ import torch
 from sqlalchemy.engine import Engine
 from timm.models import save_for_hf
 
-from mae_lab.store import db
+from mae_lab.store.tables import TrialRow
 from mae_lab.study.presets import MAEConfig
 from mae_lab.train.model import MaskedAutoencoder
 from mae_lab.train.weights import InitError, trial_checkpoint
@@ -37,7 +37,7 @@ class ExportError(ValueError):
     """The export cannot be made; ``str()`` is one line naming the trial, file or option."""
 
 
-def trial_encoder(engine: Engine, ref: str) -> tuple[db.TrialRow, MaskedAutoencoder]:
+def trial_encoder(engine: Engine, ref: str) -> tuple[TrialRow, MaskedAutoencoder]:
     """The done trial ``ref`` (id or hash prefix) and its MAE, loaded from its sha256-checked checkpoint."""
     try:
         row, state = trial_checkpoint(engine, ref)

@@ -13,6 +13,7 @@ from typing import Any
 import timm
 import torch
 
+from mae_lab.store.tables import RUN_PROVENANCE
 from mae_lab.study.expand import RunContext
 
 
@@ -60,7 +61,8 @@ def provenance(device: str, ctx: RunContext, data_root: str | None) -> dict[str,
         version = importlib.metadata.version("mae-lab")
     except importlib.metadata.PackageNotFoundError:
         version = None
-    return dict(host=socket.gethostname(), git_commit=commit, git_dirty=dirty, torch_version=torch.__version__,
-                timm_version=timm.__version__, mae_lab_version=version, device=device,
-                device_name=device_name(device), world_size=ctx.world_size, cpu_threads=torch.get_num_threads(),
-                resolved_precision=ctx.precision, data_root=data_root, data_fingerprint=ctx.fingerprint)
+    ran = dict(host=socket.gethostname(), git_commit=commit, git_dirty=dirty, torch_version=torch.__version__,
+               timm_version=timm.__version__, mae_lab_version=version, device=device,
+               device_name=device_name(device), world_size=ctx.world_size, cpu_threads=torch.get_num_threads(),
+               resolved_precision=ctx.precision, data_root=data_root, data_fingerprint=ctx.fingerprint)
+    return {k: ran[k] for k in RUN_PROVENANCE}  # a column without a value here fails every trial, loudly

@@ -13,7 +13,8 @@ from torch import Tensor
 from mae_lab.atomic import write_atomic
 from mae_lab.data import DataError, DatasetInfo, resolve_spec_data
 from mae_lab.report.study_report import StudyReport
-from mae_lab.store import db
+from mae_lab.store.reads import get_checkpoint, get_study, study_trials, trial_details
+from mae_lab.store.tables import ArtifactRow, TrialRow
 from mae_lab.study.expand import mae_config
 from mae_lab.study.spec import TrialSpec
 from mae_lab.train.checkpoint import CheckpointError, load_checkpoint
@@ -39,12 +40,12 @@ def save_trial_recon(model: MaskedAutoencoder, spec: TrialSpec, info: DatasetInf
     return hashlib.sha256(png).hexdigest()
 
 
-def _artifact(engine: Engine, trial_id: int, kind: str) -> db.ArtifactRow | None:
-    _, _, arts = db.trial_details(engine, trial_id)
+def _artifact(engine: Engine, trial_id: int, kind: str) -> ArtifactRow | None:
+    _, _, arts = trial_details(engine, trial_id)
     return next((a for a in arts if a.kind == kind), None)
 
 
-def trial_recon_png(engine: Engine, row: db.TrialRow, *, data_root: str | None = None) -> bytes:
+def trial_recon_png(engine: Engine, row: TrialRow, *, data_root: str | None = None) -> bytes:
     """The trial's reconstruction PNG: its recorded "recon" artifact (sha256 checked), else made from its pretraining
     checkpoint and the validation images of its dataset (``data_root`` as for ``mae-lab run``)."""
     art = _artifact(engine, row.id, "recon")
@@ -52,7 +53,7 @@ def trial_recon_png(engine: Engine, row: db.TrialRow, *, data_root: str | None =
         data = Path(art.path).read_bytes()
         if hashlib.sha256(data).hexdigest() == art.sha256:
             return data
-    ckpt = db.get_checkpoint(engine, row.pretrain_hash)
+    ckpt = get_checkpoint(engine, row.pretrain_hash)
     if ckpt is None or not Path(ckpt.path).is_file():
         raise ReconError(f"trial {row.hash[:12]} ({row.label}) has no reconstruction artifact and no pretraining "
                          f"checkpoint (status {row.status})")
@@ -67,7 +68,7 @@ def trial_recon_png(engine: Engine, row: db.TrialRow, *, data_root: str | None =
     return recon_png(reconstruct(model, val_images(spec, info), info.mean, info.std), trial_title(spec))
 
 
-def _axis_key(row: db.TrialRow, axis: str) -> str:
+def _axis_key(row: TrialRow, axis: str) -> str:
     keys = list(json.loads(row.axes_json))
     if axis in keys:
         return axis
@@ -77,19 +78,19 @@ def _axis_key(row: db.TrialRow, axis: str) -> str:
     raise ReconError(f"trial {row.hash[:12]} has no axis {axis!r} (its axes: {', '.join(keys) or 'none'})")
 
 
-def siblings(engine: Engine, row: db.TrialRow, axis: str) -> list[db.TrialRow]:
+def siblings(engine: Engine, row: TrialRow, axis: str) -> list[TrialRow]:
     """The trials of ``row``'s study with its seed and its values of every other axis, sorted by ``axis``."""
     key = _axis_key(row, axis)
     mine = json.loads(row.axes_json)
     out = []
-    for t, _ in db.study_trials(engine, row.study_id):
+    for t, _ in study_trials(engine, row.study_id):
         axes = json.loads(t.axes_json)
         if t.seed == row.seed and all(axes.get(k) == v for k, v in mine.items() if k != key) and key in axes:
             out.append(t)
     return sorted(out, key=lambda t: (str(type(json.loads(t.axes_json)[key])), json.loads(t.axes_json)[key]))
 
 
-def show_recon(engine: Engine, row: db.TrialRow, out: str | Path, *, across: str | None = None,
+def show_recon(engine: Engine, row: TrialRow, out: str | Path, *, across: str | None = None,
                data_root: str | None = None) -> list[str]:
     """What ``mae-lab show TRIAL --recon OUT [--across AXIS]`` does: write the trial's reconstruction grid, or the
     grids of the trials that differ from it only in ``across`` (same seed), side by side. Returns their labels."""
@@ -109,7 +110,7 @@ def study_recon_png(engine: Engine, report: StudyReport) -> bytes | None:
     None when its trials have no "recon" artifacts (pages never need the data or a checkpoint)."""
     if not report.axes or not report.rows or not report.rows[0].trials:
         return None
-    first = next((t for t, _ in db.study_trials(engine, db.get_study(engine, report.name).id)
+    first = next((t for t, _ in study_trials(engine, get_study(engine, report.name).id)
                   if t.hash == report.rows[0].trials[0]), None)
     if first is None:
         return None

@@ -22,7 +22,22 @@ from mae_lab.data import DatasetInfo
 from mae_lab.run.progress import Display, PlainDisplay
 from mae_lab.run.provenance import provenance
 from mae_lab.run.recon_figures import save_trial_recon
-from mae_lab.store import db
+from mae_lab.store.engine import artifacts_dir, connect
+from mae_lab.store.queue import Claim, Heartbeat, LostClaim, claim_next, claim_of, has_runnable
+from mae_lab.store.reads import find_done, get_checkpoint, study_name, study_trials, trial_details
+from mae_lab.store.states import HEARTBEAT_S, STALE_AFTER_S
+from mae_lab.store.tables import TrialRow
+from mae_lab.store.writes import (
+    adopt_result,
+    clear_metrics,
+    finish_trial,
+    record_checkpoint,
+    record_metrics,
+    reset_trials,
+    set_provenance,
+    sync_study,
+)
+from mae_lab.store.writes import record_artifacts as record_result_artifacts
 from mae_lab.study import planning, rounds
 from mae_lab.study.expand import Trial, mae_config, pretrain_identity
 from mae_lab.study.spec import Study, StudyError, TrialSpec
@@ -49,7 +64,7 @@ class Pruned(Exception):
 class RunSummary:
     total: int = 0
     skipped: int = 0  # already done before this run
-    copied: int = 0  # done in another study before: the result copied (db.adopt_result)
+    copied: int = 0  # done in another study before: the result copied (adopt_result)
     ran: list[tuple[str, str]] = field(default_factory=list)  # (hash, final status)
 
     def count(self, status: str) -> int:
@@ -96,7 +111,7 @@ def _verified_checkpoint(engine: Engine, pretrain_hash: str, path: Path, display
     """Keep ``path`` only if its sha256 is the one the database recorded; otherwise set it aside."""
     if not path.exists():
         return
-    row = db.get_checkpoint(engine, pretrain_hash)
+    row = get_checkpoint(engine, pretrain_hash)
     if row is not None and row.sha256 == sha256_file(path):
         return
     aside = path.with_suffix(".unverified")
@@ -105,9 +120,9 @@ def _verified_checkpoint(engine: Engine, pretrain_hash: str, path: Path, display
                     "pretraining from scratch")
 
 
-def run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: str, artifacts: Path,
+def run_trial(engine: Engine, row: TrialRow, info: DatasetInfo, *, device: str, artifacts: Path,
               display: Display, on_pretrain_metrics: Callable[[dict[str, Any]], None] | None = None,
-              heartbeat_s: float = db.HEARTBEAT_S, dist_ctx: Any = None, data_root: str | None = None) -> str:
+              heartbeat_s: float = HEARTBEAT_S, dist_ctx: Any = None, data_root: str | None = None) -> str:
     """Pretrain (or resume / reuse), probe, fine-tune and record one claimed trial; return its final status.
 
     ``on_pretrain_metrics`` sees every pretraining epoch's metrics after they are recorded (``knn_top1`` every
@@ -118,29 +133,29 @@ def run_trial(engine: Engine, row: db.TrialRow, info: DatasetInfo, *, device: st
     failure is noted in ``artifact_error`` and the trial stays done with its numbers.
     ``dist_ctx`` (a ``distributed.DistContext``, this being rank 0): the other ranks pretrain alongside.
     """
-    claim = db.claim_of(row)
-    with db.Heartbeat(engine, claim, heartbeat_s) as beat:
+    claim = claim_of(row)
+    with Heartbeat(engine, claim, heartbeat_s) as beat:
         try:
             status = _run_trial(engine, row, claim, beat, info, device=device, artifacts=artifacts, display=display,
                                 on_pretrain_metrics=on_pretrain_metrics, dist_ctx=dist_ctx, data_root=data_root)
             if status == "failed" and torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the failed trial's tensors are gone with its traceback: free their cache
             return status
-        except db.LostClaim as exc:
+        except LostClaim as exc:
             display.message(f"  {exc}")
             if dist_ctx is not None:
                 raise
             return "lost"
 
 
-def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heartbeat, info: DatasetInfo, *,
+def _run_trial(engine: Engine, row: TrialRow, claim: Claim, beat: Heartbeat, info: DatasetInfo, *,
                device: str, artifacts: Path, display: Display,
                on_pretrain_metrics: Callable[[dict[str, Any]], None] | None, dist_ctx: Any,
                data_root: str | None) -> str:
     spec = TrialSpec.model_validate_json(row.spec_json)
     world_size = dist_ctx.world_size if dist_ctx is not None else 1
     ctx = planning.run_context(spec, info, device, world_size)
-    db.set_provenance(engine, row.id, claim=claim, **provenance(device, ctx, data_root))
+    set_provenance(engine, row.id, claim=claim, **provenance(device, ctx, data_root))
     ckpt = artifacts / "pretrain" / f"{row.pretrain_hash}.pt"
     last: dict[str, Any] = {}  # the latest pretraining metrics, for a pruned trial's result
     together = [False]  # under DDP: the other ranks are inside this trial's pretraining (its collectives) with us
@@ -155,10 +170,10 @@ def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heart
     def on_pretrain_epoch(m: dict[str, Any]) -> None:
         surface = m.pop(SURFACE, None)  # {"block{b}": top-1} every pretrain.probe_every epochs
         if surface:
-            db.record_metrics(engine, row.id, SURFACE, m["epoch"], surface, claim=claim)
+            record_metrics(engine, row.id, SURFACE, m["epoch"], surface, claim=claim)
         if m.get("ckpt_sha256"):
-            db.record_checkpoint(engine, row.pretrain_hash, str(ckpt), m["ckpt_sha256"], m["epoch"], claim=claim)
-        db.record_metrics(engine, row.id, "pretrain", m["epoch"],
+            record_checkpoint(engine, row.pretrain_hash, str(ckpt), m["ckpt_sha256"], m["epoch"], claim=claim)
+        record_metrics(engine, row.id, "pretrain", m["epoch"],
                           {k: v for k, v in m.items() if k not in ("epoch", "ckpt_sha256") and v is not None},
                           claim=claim)
         beat.progress = f"pretrain epoch {m['epoch']}/{spec.pretrain.epochs}"
@@ -169,7 +184,7 @@ def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heart
 
     def on_eval_epoch(stage: str, total: int):
         def cb(m: dict[str, Any]) -> None:
-            db.record_metrics(engine, row.id, stage, m["epoch"],
+            record_metrics(engine, row.id, stage, m["epoch"],
                               {k: v for k, v in m.items() if k != "epoch" and v is not None}, claim=claim)
             beat.progress = f"{stage} epoch {m['epoch']}/{total}"
             display.epoch(stage, m["epoch"], total, m)
@@ -179,10 +194,10 @@ def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heart
         display.stage("pretrain", spec.pretrain.epochs)
         with file_lock(ckpt.with_suffix(".lock")):
             _verified_checkpoint(engine, row.pretrain_hash, ckpt, display)
-            done_before = db.get_checkpoint(engine, row.pretrain_hash)
+            done_before = get_checkpoint(engine, row.pretrain_hash)
             reused = ckpt.exists() and done_before is not None and done_before.epoch >= spec.pretrain.epochs > 0
             if ckpt.exists() and done_before is not None:
-                db.set_provenance(engine, row.id, claim=claim, resumed_from_epoch=done_before.epoch)
+                set_provenance(engine, row.id, claim=claim, resumed_from_epoch=done_before.epoch)
             if dist_ctx is not None:
                 together[0] = True
                 dist_ctx.announce({"spec_json": row.spec_json, "info": info, "identity": pretrain_identity(spec, ctx),
@@ -194,23 +209,23 @@ def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heart
                            control_group=dist_ctx.control if dist_ctx is not None else None)
             together[0] = False  # the other ranks wait for the next message again: a failure from here leaves them
         for epoch, loss in enumerate(pre.loss_history, start=1):  # epochs run before a resume, or shared
-            db.record_metrics(engine, row.id, "pretrain", epoch, {"loss": loss}, claim=claim)
+            record_metrics(engine, row.id, "pretrain", epoch, {"loss": loss}, claim=claim)
         result: dict[str, Any] = {"pretrain_loss": pre.final_loss, "pretrain_wall_s": pre.wall_s,
                                   "pretrain_images_per_s": pre.images_per_s,
                                   "pretrain_peak_mem_mib": pre.peak_mem_mib, "pretrain_reused": reused}
         model = pre.model
         lin, ft = spec.eval.linear, spec.eval.finetune
         if lin.enabled:
-            db.clear_metrics(engine, row.id, "linear", claim=claim)
+            clear_metrics(engine, row.id, "linear", claim=claim)
             display.stage("linear", lin.epochs)
             out = linear_probe(spec, model, info, device=device, on_epoch=on_eval_epoch("linear", lin.epochs),
                                on_progress=note)
             result.update(linear_top1=out["top1"], linear_test_top1=out["test_top1"], linear_wall_s=out["wall_s"])
             if lin.blocks:  # the probe surface at the last epoch (one forward pass for every block)
-                db.record_metrics(engine, row.id, SURFACE, pre.epochs, probe_surface(spec, model, info, device),
+                record_metrics(engine, row.id, SURFACE, pre.epochs, probe_surface(spec, model, info, device),
                                   claim=claim)
         if ft.enabled:
-            db.clear_metrics(engine, row.id, "finetune", claim=claim)
+            clear_metrics(engine, row.id, "finetune", claim=claim)
             display.stage("finetune", ft.epochs)
             out = finetune(spec, model, info, device=device, on_epoch=on_eval_epoch("finetune", ft.epochs),
                            on_progress=note)
@@ -219,26 +234,26 @@ def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heart
         if "knn_top1" in last:
             result["knn_top1"] = last["knn_top1"]
         arts = {"checkpoint": (str(ckpt), sha256_file(ckpt))} if ckpt.exists() else {}
-        db.finish_trial(engine, row.id, "done", result=result, artifacts=arts, claim=claim)
+        finish_trial(engine, row.id, "done", result=result, artifacts=arts, claim=claim)
     except Pruned as exc:
-        db.finish_trial(engine, row.id, "pruned", error=str(exc), claim=claim,
+        finish_trial(engine, row.id, "pruned", error=str(exc), claim=claim,
                         result={"pretrain_loss": last.get("loss"), "knn_top1": last.get("knn_top1"),
                                 "pretrain_wall_s": last.get("wall_s")})
         return "pruned"
     except DivergenceError as exc:
-        db.finish_trial(engine, row.id, "diverged", error=str(exc), claim=claim)
+        finish_trial(engine, row.id, "diverged", error=str(exc), claim=claim)
         return "diverged"
-    except db.LostClaim:
+    except LostClaim:
         raise
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (the command line raises it as one, with its message)
-        db.finish_trial(engine, row.id, "interrupted", error=str(exc) or "interrupted by the user (Ctrl-C)",
+        finish_trial(engine, row.id, "interrupted", error=str(exc) or "interrupted by the user (Ctrl-C)",
                         claim=claim)
         raise
     except Exception as exc:  # noqa: BLE001 - a failing trial is recorded and the study goes on
         oom = isinstance(exc, torch.cuda.OutOfMemoryError)
         hint = ("CUDA out of memory: lower pretrain.batch_size and raise pretrain.accum_iter to keep the effective "
                 "batch\n" if oom else "")
-        db.finish_trial(engine, row.id, "failed", error=hint + traceback.format_exc(), claim=claim)
+        finish_trial(engine, row.id, "failed", error=hint + traceback.format_exc(), claim=claim)
         if together[0]:
             raise  # the other ranks may be stuck in a collective of this trial: end the run (torchrun stops them)
         return "failed"
@@ -246,7 +261,7 @@ def _run_trial(engine: Engine, row: db.TrialRow, claim: db.Claim, beat: db.Heart
     return "done"
 
 
-def record_artifacts(engine: Engine, row: db.TrialRow, spec: TrialSpec, model: Any, info: DatasetInfo,
+def record_artifacts(engine: Engine, row: TrialRow, spec: TrialSpec, model: Any, info: DatasetInfo,
                      artifacts: Path) -> None:
     """After a done trial's result: encoder FLOPs and parameter counts, and its reconstruction PNG. A failure here
     is recorded in the result's ``artifact_error``; the trial stays done with its numbers."""
@@ -259,11 +274,11 @@ def record_artifacts(engine: Engine, row: db.TrialRow, spec: TrialSpec, model: A
         arts["recon"] = (str(recon_png), save_trial_recon(model, spec, info, recon_png))
     except Exception as exc:  # noqa: BLE001 - the result is already recorded; say what is missing
         update["artifact_error"] = f"{type(exc).__name__}: {exc}"
-    db.record_artifacts(engine, row.id, arts, update)
+    record_result_artifacts(engine, row.id, arts, update)
 
 
-def _summary_line(engine: Engine, row: db.TrialRow, status: str) -> str:
-    _, result, _ = db.trial_details(engine, row.id)
+def _summary_line(engine: Engine, row: TrialRow, status: str) -> str:
+    _, result, _ = trial_details(engine, row.id)
     if status != "done" or result is None:
         return f"  {row.hash[:8]} {row.label}: {status}"
     parts = [f"{row.hash[:8]} {row.label}: done"]
@@ -278,7 +293,7 @@ def _summary_line(engine: Engine, row: db.TrialRow, status: str) -> str:
 def run_study(path: str | Path, *, db_url: str | None = None, device: str = "auto", data_root: str | None = None,
               artifacts: str | Path | None = None, data_override: dict[str, str] | None = None, rerun: bool = False,
               max_trials: int | None = None, allow_pipe: bool = False, display: Display | None = None,
-              stale_after_s: float = db.STALE_AFTER_S, heartbeat_s: float = db.HEARTBEAT_S,
+              stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S,
               wait: bool = False, poll_s: float = 10.0, dist_ctx: Any = None,
               allow_large_grid: bool = False, max_rounds: int | None = None) -> RunSummary:
     """Validate ``path`` fully, record its trials, then run every trial not done yet.
@@ -303,9 +318,9 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
     bind_run = functools.partial(planning.bind_trial, infos=infos, device=device, world_size=world_size)
     trials = planning.bind_trials(trials, infos=infos, device=device, world_size=world_size)
     check_inits(study, trials, db_url)  # a bad pretrain.init ends here, before anything is written
-    artifacts = Path(artifacts or db.artifacts_dir(db_url)).resolve()
+    artifacts = Path(artifacts or artifacts_dir(db_url)).resolve()
     check_checkpoints(study, trials, infos, device, world_size, artifacts)  # likewise a checkpoint to resume
-    engine = db.connect(db_url)
+    engine = connect(db_url)
     s = study.study
     summary, tried, synced, todo, rounds_run = RunSummary(), set(), set(), 0, 0
     row = None  # the study's row, synced in the first round
@@ -315,18 +330,18 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
                                            trusted=lambda h: not rerun or h in synced)
         new = [t for t in trials if t.hash not in synced]
         if synced and not new:
-            if max_rounds is not None or not any(t.status == "running" for t, _ in db.study_trials(engine, row.id)):
+            if max_rounds is not None or not any(t.status == "running" for t, _ in study_trials(engine, row.id)):
                 break  # with max_rounds, another process's last trials are not waited for: a later call goes on
             time.sleep(poll_s)  # another process runs this round's last trials: their results decide the next
         else:
-            row = db.sync_study(engine, name=s.name, description=s.description, paper=s.paper, path=str(path),
+            row = sync_study(engine, name=s.name, description=s.description, paper=s.paper, path=str(path),
                                 spec_text=study.text, spec_hash=planning.study_hash(study),
                                 trials=planning.trial_rows(study, trials))
             if rerun:
-                for ckpt in db.reset_trials(engine, row.id, [t.hash for t in new]):
+                for ckpt in reset_trials(engine, row.id, [t.hash for t in new]):
                     Path(ckpt.path).unlink(missing_ok=True)
             synced.update(t.hash for t in new)
-            status = {t.hash: t.status for t, _ in db.study_trials(engine, row.id)}
+            status = {t.hash: t.status for t, _ in study_trials(engine, row.id)}
             done = sum(1 for t in new if status.get(t.hash) == "done")
             summary.total, summary.skipped, todo = len(trials), summary.skipped + done, todo + len(new) - done
             display.message(f"study {s.name}: {len(trials)} trials, {summary.skipped} done, {todo - len(summary.ran)}"
@@ -335,12 +350,12 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
         by_hash = {t.hash: t for t in trials}
         waiting = False
         while max_trials is None or len(summary.ran) < max_trials:
-            claimed = db.claim_next(engine, row.id, skip=tried, stale_after_s=stale_after_s)
-            if claimed is None and db.has_runnable(engine, row.id, stale_after_s=stale_after_s, skip=tried):
+            claimed = claim_next(engine, row.id, skip=tried, stale_after_s=stale_after_s)
+            if claimed is None and has_runnable(engine, row.id, stale_after_s=stale_after_s, skip=tried):
                 time.sleep(0.05)  # another worker's claim held the row we reached for: look again, never exit
                 continue
             if claimed is None:
-                busy = [t for t, _ in db.study_trials(engine, row.id) if t.status == "running" and t.hash in by_hash]
+                busy = [t for t, _ in study_trials(engine, row.id) if t.status == "running" and t.hash in by_hash]
                 if not wait or not busy:
                     break
                 if not waiting:
@@ -352,13 +367,13 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
                 continue
             waiting = False
             tried.add(claimed.id)
-            found = None if rerun else db.find_done(engine, claimed.hash)
+            found = None if rerun else find_done(engine, claimed.hash)
             if found is not None:  # the same trial (spec hash) is done in another study: its result serves here
-                claim = db.claim_of(claimed)
-                db.adopt_result(engine, claim.trial_id, found[1], claim=claim)
+                claim = claim_of(claimed)
+                adopt_result(engine, claim.trial_id, found[1], claim=claim)
                 summary.copied, todo = summary.copied + 1, todo - 1
                 display.message(f"trial {claimed.hash[:8]} {claimed.label}: done before in study "
-                                f"{db.study_name(engine, found[0].study_id)!r}; its result is copied, nothing runs")
+                                f"{study_name(engine, found[0].study_id)!r}; its result is copied, nothing runs")
                 continue
             trial = by_hash.get(claimed.hash)  # None: another process added the next round (adaptive seeds) first
             spec = trial.spec if trial is not None else TrialSpec.model_validate_json(claimed.spec_json)

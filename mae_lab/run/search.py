@@ -37,8 +37,13 @@ from sqlalchemy.engine import Engine
 
 from mae_lab.run.progress import PlainDisplay
 from mae_lab.run.runner import Pruned, run_trial
-from mae_lab.store import db
+from mae_lab.store.engine import artifacts_dir, connect
 from mae_lab.store.optuna_storage import PRIOR, searched, storage
+from mae_lab.store.queue import LostClaim, claim_of, claim_trial, is_stale
+from mae_lab.store.reads import done_with_results, find_done, get_result, get_trials
+from mae_lab.store.states import FINAL, HEARTBEAT_S, STALE_AFTER_S
+from mae_lab.store.tables import ResultRow, TrialRow
+from mae_lab.store.writes import add_trial, adopt_result, sync_study
 from mae_lab.study.expand import Trial, bind, pretrain_hash, resolve, trial_hash
 from mae_lab.study.planning import pick_device, plan, resolve_data, run_context, study_hash
 from mae_lab.study.spec import Study, StudyError, TrialSpec, get_dotted
@@ -144,14 +149,14 @@ class SearchSummary:
         return self.count("FAIL") == 0
 
 
-def prior_points(engine: Engine, study: Study, study_id: int | None) -> list[tuple[dict[str, Any], list[db.ResultRow],
+def prior_points(engine: Engine, study: Study, study_id: int | None) -> list[tuple[dict[str, Any], list[ResultRow],
                                                                                     list[str]]]:
     """Done trials of other studies whose spec is a point of the search space, for every seed of the study:
     (point, results in seed order, "study/trial id" sources)."""
     space, seeds = study.search.space, study.study.seeds
-    found: dict[str, dict[int, tuple[db.ResultRow, str]]] = {}
+    found: dict[str, dict[int, tuple[ResultRow, str]]] = {}
     points: dict[str, dict[str, Any]] = {}
-    for row, result in db.done_with_results(engine):
+    for row, result in done_with_results(engine):
         if row.study_id == study_id or row.seed not in seeds:
             continue
         try:
@@ -176,7 +181,7 @@ def prior_points(engine: Engine, study: Study, study_id: int | None) -> list[tup
             for k, by_seed in found.items() if len(by_seed) == len(seeds)]
 
 
-def _objective_values(results: list[db.ResultRow | None], objectives: list[str]) -> list[float] | None:
+def _objective_values(results: list[ResultRow | None], objectives: list[str]) -> list[float] | None:
     values = []
     for obj in objectives:
         vals = [getattr(r, OBJECTIVES[obj]) if r is not None else None for r in results]
@@ -188,13 +193,13 @@ def _objective_values(results: list[db.ResultRow | None], objectives: list[str])
 
 def _outcome(engine: Engine, ids: list[int], objectives: list[str]) -> tuple[TrialState, list[float] | None]:
     """An Optuna trial's state and values from its trial rows."""
-    rows = db.get_trials(engine, ids)
+    rows = get_trials(engine, ids)
     statuses = {r.status for r in rows}
     if "pruned" in statuses:
         return TrialState.PRUNED, None
     if statuses != {"done"}:
         return TrialState.FAIL, None
-    values = _objective_values([db.get_result(engine, r.id) for r in rows], objectives)
+    values = _objective_values([get_result(engine, r.id) for r in rows], objectives)
     return (TrialState.COMPLETE, values) if values is not None else (TrialState.FAIL, None)
 
 
@@ -212,11 +217,11 @@ def recover(engine: Engine, ostudy: optuna.Study, objectives: list[str], stale_a
     now = datetime.now()
     for t in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         ids = t.user_attrs.get("trial_ids") or []
-        rows = db.get_trials(engine, ids)
+        rows = get_trials(engine, ids)
         age = (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0
-        if rows and all(r.status in db.FINAL for r in rows):
+        if rows and all(r.status in FINAL for r in rows):
             _tell(ostudy, t.number, *_outcome(engine, ids, objectives))
-        elif any(db.is_stale(r, stale_after_s) or r.status == "interrupted" for r in rows) or (
+        elif any(is_stale(r, stale_after_s) or r.status == "interrupted" for r in rows) or (
                 age > stale_after_s and not any(r.status == "running" for r in rows)):
             if not _retry(ostudy, t.number, t.params):
                 continue  # another search closed it first
@@ -239,7 +244,7 @@ def _retry(ostudy: optuna.Study, number: int, params: dict[str, Any]) -> bool:
 def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | None = None, device: str = "auto",
                data_root: str | None = None, artifacts: str | Path | None = None,
                data_override: dict[str, str] | None = None, allow_pipe: bool = False, display=None,
-               stale_after_s: float = db.STALE_AFTER_S, heartbeat_s: float = db.HEARTBEAT_S,
+               stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S,
                poll_s: float = 5.0) -> SearchSummary:
     """Run the ``[search]`` of the study at ``path`` until the Optuna study holds ``n_trials`` searched trials
     (default: the file's ``n_trials``), the grid is exhausted or ``timeout_s`` has passed."""
@@ -251,10 +256,10 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
         raise StudyError(study.path, "search", "the study has no [search] table: run it with 'mae-lab run'")
     dists = distributions(search)
     device = pick_device(device)
-    engine = db.connect(db_url)
-    artifacts = Path(artifacts or db.artifacts_dir(db_url)).resolve()
+    engine = connect(db_url)
+    artifacts = Path(artifacts or artifacts_dir(db_url)).resolve()
     s = study.study
-    row = db.sync_study(engine, name=s.name, description=s.description, paper=s.paper, path=str(path),
+    row = sync_study(engine, name=s.name, description=s.description, paper=s.paper, path=str(path),
                         spec_text=study.text, spec_hash=study_hash(study), trials=[], deactivate_missing=False)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -295,23 +300,23 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
 
     infos: dict[str, Any] = {}
 
-    def run_row(trow: db.TrialRow, t: Trial, report) -> str:
+    def run_row(trow: TrialRow, t: Trial, report) -> str:
         """Bring one trial row to a final status: reuse a done result, else claim and run it (waiting while another
         live process runs the same spec). Returns the row's status."""
         if trow.status in ("done", "pruned"):
             summary.reused += 1
             return trow.status
-        while (claimed := db.claim_trial(engine, trow.id, stale_after_s=stale_after_s)) is None:
-            current = db.get_trials(engine, [trow.id])[0]
+        while (claimed := claim_trial(engine, trow.id, stale_after_s=stale_after_s)) is None:
+            current = get_trials(engine, [trow.id])[0]
             if current.status in ("done", "pruned"):
                 summary.reused += 1
                 return current.status
             time.sleep(poll_s)
-        found = db.find_done(engine, trow.hash)
+        found = find_done(engine, trow.hash)
         if found is not None:  # the copy is a write like any other: fenced by the claim just taken
             try:
-                db.adopt_result(engine, claimed.id, found[1], claim=db.claim_of(claimed))
-            except db.LostClaim as exc:  # taken over meanwhile: the successor's rows stand, as in run_trial
+                adopt_result(engine, claimed.id, found[1], claim=claim_of(claimed))
+            except LostClaim as exc:  # taken over meanwhile: the successor's rows stand, as in run_trial
                 display.message(f"  {exc}")
                 return "lost"
             summary.reused += 1
@@ -350,7 +355,7 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
             continue
         planned = [Trial(spec, trial_hash(spec), pretrain_hash(spec), dict(point)) for spec in specs]
         planned = [bind(t, run_context(t.spec, data_info(t), device)) for t in planned]  # the hashes `run` records
-        rows = [db.add_trial(engine, row.id, {"hash": t.hash, "pretrain_hash": t.pretrain_hash, "seed": t.spec.seed,
+        rows = [add_trial(engine, row.id, {"hash": t.hash, "pretrain_hash": t.pretrain_hash, "seed": t.spec.seed,
                                               "label": label, "axes_json": json.dumps(point),
                                               "spec_json": t.spec.model_dump_json()}, optuna_trial=trial.number)
                 for t in planned]

@@ -32,7 +32,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 
 from mae_lab.atomic import write_atomic
-from mae_lab.store import db
+from mae_lab.store.engine import artifacts_dir, connect, resolve_url, safe_url
 from mae_lab.study.planning import plan, resolve_data
 
 STOP_SIGNALS = ("TERM", "USR1", "USR2")
@@ -168,7 +168,7 @@ def check(job: ArrayJob, url: str, search: bool) -> StopSignal:
         else:
             one_node = len(cluster_nodes(job.partition)) == 1
         if not one_node:
-            raise SlurmError(f"--db {db.safe_url(url)}: a SQLite file serves the workers of one node only (SQLite over "
+            raise SlurmError(f"--db {safe_url(url)}: a SQLite file serves the workers of one node only (SQLite over "
                              "a network file system corrupts): use PostgreSQL (--db postgresql://...) for an array "
                              "over several nodes, or keep it on one node with --nodelist NODE")
     return stop
@@ -263,15 +263,15 @@ def submit(job: ArrayJob, *, dry_run: bool = False, allow_pipe: bool = False) ->
     study, trials = plan(job.study)  # a bad study file ends here (StudyError)
     resolve_data(study, trials, job.data_root, allow_pipe)
     search = study.search is not None
-    url = absolute_url(db.resolve_url(job.db_url))
+    url = absolute_url(resolve_url(job.db_url))
     stop = check(job, url, search)
     name, command = study.study.name, "search" if search else "worker"
-    log_dir = db.artifacts_dir(url).resolve().parent / "slurm"
+    log_dir = artifacts_dir(url).resolve().parent / "slurm"
     script = sbatch_script(job, url, stop, name, command, log_dir)
     if dry_run:
         return Submitted(None, script, None, command)
     sbatch = slurm_tool("sbatch")
-    db.connect(url)  # a database that cannot be opened ends here, before anything is queued (DbError)
+    connect(url)  # a database that cannot be opened ends here, before anything is queued (DbError)
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MAE_LAB_DB": url}
     proc = subprocess.run([sbatch, "--parsable"], input=script, capture_output=True, text=True, env=env, timeout=120)

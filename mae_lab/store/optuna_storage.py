@@ -9,15 +9,15 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from mae_lab.store import db
+from mae_lab.store.engine import resolve_url, serialize_sqlite
 
 PRIOR = "prior"  # user attribute of a trial told from results already in the database
 
 
 def storage(url: str | None = None) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage on the same URL as mae-lab's tables (default resolved as ``db.connect`` does). On
+    """Optuna's RDB storage on the same URL as mae-lab's tables (default resolved as ``connect`` does). On
     SQLite its transactions are made ``BEGIN IMMEDIATE`` too, so local processes queue instead of failing."""
-    url = db.resolve_url(url)
+    url = resolve_url(url)
     sqlite = make_url(url).get_backend_name() == "sqlite"
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
     if sqlite:
@@ -35,7 +35,7 @@ def storage(url: str | None = None) -> optuna.storages.RDBStorage:
             lock.dispose()
     if sqlite:
         st.engine.dispose()
-        db.serialize_sqlite(st.engine)
+        serialize_sqlite(st.engine)
     return st
 
 

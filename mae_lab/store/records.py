@@ -18,7 +18,8 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from mae_lab.store import db
+from mae_lab.store.reads import get_study, pretraining_results, study_trials, trial_details
+from mae_lab.store.tables import RUN_PROVENANCE
 
 # column -> (type, where it comes from). Types: str, int, float, bool, json; "" in a CSV cell is None.
 STUDY_COLUMNS = {"study": "str", "study_description": "str", "study_paper": "str", "study_toml": "str"}
@@ -38,9 +39,9 @@ RESULT_COLUMNS = {**{v: "float" for v in METRIC_COLUMNS.values()}, "pretrain_reu
                   # a shared pretraining is timed by the trial that ran it (of any study): these hold its figures
                   "timed_pretrain_wall_s": "float", "timed_pretrain_images_per_s": "float",
                   "timed_pretrain_peak_mem_mib": "float", "pretrain_losses": "json"}
-PROVENANCE = ("attempts", "started_at", "ended_at", "host", "git_commit", "git_dirty", "torch_version",
-              "timm_version", "mae_lab_version", "device", "device_name", "world_size", "cpu_threads",
-              "resolved_precision", "data_fingerprint", "resumed_from_epoch")
+# how each trial ran (tables.RUN_PROVENANCE), less data_root: a path on the machine that ran it, not a record
+PROVENANCE = ("attempts", "started_at", "ended_at", *(k for k in RUN_PROVENANCE if k != "data_root"),
+              "resumed_from_epoch")
 PROVENANCE_COLUMNS = {k: "str" for k in PROVENANCE}
 COLUMNS = {**STUDY_COLUMNS, **TRIAL_COLUMNS, **RESULT_COLUMNS, **PROVENANCE_COLUMNS}
 SPLITS = {"linear_val_top1": "val", "finetune_val_top1": "val", "linear_test_top1": "test",
@@ -86,12 +87,12 @@ def _typed(value: Any, kind: str, column: str) -> Any:
 
 def from_db(engine: Engine, name: str) -> StudyRecords:
     """The records of a study's active trials (KeyError for an unknown study)."""
-    study = db.get_study(engine, name)
+    study = get_study(engine, name)
     if study is None:
         raise KeyError(f"no study named {name!r} in the database")
-    trials = db.study_trials(engine, study.id)
+    trials = study_trials(engine, study.id)
     reused = {t.pretrain_hash for t, r in trials if t.status == "done" and r is not None and r.pretrain_reused}
-    ran = db.pretraining_results(engine, reused) if reused else {}
+    ran = pretraining_results(engine, reused) if reused else {}
     out = []
     for pos, (t, r) in enumerate(trials):
         rec: dict[str, Any] = {"position": pos, "hash": t.hash, "pretrain_hash": t.pretrain_hash, "seed": t.seed,
@@ -104,7 +105,7 @@ def from_db(engine: Engine, name: str) -> StudyRecords:
         timed = None if r is None else (ran.get(t.pretrain_hash) if r.pretrain_reused else r)
         for col in ("pretrain_wall_s", "pretrain_images_per_s", "pretrain_peak_mem_mib"):
             rec[f"timed_{col}"] = None if timed is None else getattr(timed, col)
-        metrics, _, _ = db.trial_details(engine, t.id)
+        metrics, _, _ = trial_details(engine, t.id)
         losses = sorted((m.epoch, m.value) for m in metrics if m.stage == "pretrain" and m.name == "loss")
         rec["pretrain_losses"] = [v for _, v in losses]
         for k in PROVENANCE:

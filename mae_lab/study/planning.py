@@ -45,6 +45,14 @@ def plan(path: str | Path, data_override: dict[str, str] | None = None, allow_la
     return study, expand(study)
 
 
+def validate_study(path: str | Path, data_root: str | None, allow_pipe: bool = False, allow_large_grid: bool = False,
+                   data_override: dict[str, str] | None = None) -> int:
+    """Check a study file (schema, presets, shapes, data) without running it; its number of trials."""
+    study, trials = plan(path, data_override, allow_large_grid)
+    resolve_data(study, trials, data_root, allow_pipe)
+    return len(trials)
+
+
 def resolve_data(study: Study, trials: list[Trial], data_root: str | None, allow_pipe: bool = False
                  ) -> dict[str, DatasetInfo]:
     """Resolve and verify every distinct [data] of the trials up front; a DataError names the study file and key.

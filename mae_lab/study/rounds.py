@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from mae_lab.store import db
+from mae_lab.store.reads import get_study, study_trials
 from mae_lab.study.adaptive import next_round
 from mae_lab.study.expand import Trial, expand, resolve
 from mae_lab.study.spec import Study, get_dotted
@@ -53,8 +53,8 @@ def current_trials(engine: Engine, study: Study, trials: list[Trial], *,
     plan = study.study.adaptive
     if plan is None:
         return trials
-    row = db.get_study(engine, study.study.name)
-    recorded = {} if row is None else {t.hash: (t.status, r) for t, r in db.study_trials(engine, row.id,
+    row = get_study(engine, study.study.name)
+    recorded = {} if row is None else {t.hash: (t.status, r) for t, r in study_trials(engine, row.id,
                                                                                         active_only=False)
                                        if trusted(t.hash)}
     default = default_key(study, trials)

@@ -22,7 +22,9 @@ import torch
 from sqlalchemy.engine import Engine
 from timm.layers import resample_abs_pos_embed
 
-from mae_lab.store import db
+from mae_lab.store.engine import DbError, connect
+from mae_lab.store.reads import find_trial, trial_details
+from mae_lab.store.tables import TrialRow
 from mae_lab.study.expand import Trial, mae_config
 from mae_lab.study.init_check import file_sha256, is_trial_ref
 from mae_lab.study.presets import MAEConfig
@@ -38,14 +40,14 @@ class InitError(ValueError):
     """An init that cannot be used; ``str()`` is one line naming the file (or trial) and the key."""
 
 
-def trial_checkpoint(engine: Engine, ref: str) -> tuple[db.TrialRow, dict]:
+def trial_checkpoint(engine: Engine, ref: str) -> tuple[TrialRow, dict]:
     """The done trial ``ref`` (id or hash prefix) and its pretraining checkpoint, sha256-checked (InitError)."""
-    row = db.find_trial(engine, ref)
+    row = find_trial(engine, ref)
     if row is None:
         raise InitError(f"trial {ref!r}: no single trial matches (give the id or a longer hash prefix)")
     if row.status != "done":
         raise InitError(f"trial {row.hash}: status is {row.status!r}, not 'done'; run its study first")
-    _, _, arts = db.trial_details(engine, row.id)
+    _, _, arts = trial_details(engine, row.id)
     ckpt = next((a for a in arts if a.kind == "checkpoint"), None)
     if ckpt is None:
         raise InitError(f"trial {row.hash}: has no pretraining checkpoint (pretrain.epochs = 0?)")
@@ -181,10 +183,10 @@ def check_inits(study: Study, trials: list[Trial], db_url: str | None) -> None:
         seen.add(key)
         try:
             if engine is None and is_trial_ref(spec.pretrain.init):
-                engine = db.connect(db_url, create=False)
+                engine = connect(db_url, create=False)
             source, state = init_state(spec, engine)
             fit_state(state, config, source)
         except InitError as exc:
             raise StudyError(study.path, "pretrain.init", str(exc)) from None
-        except db.DbError as exc:
+        except DbError as exc:
             raise StudyError(study.path, "pretrain.init", f"trial {spec.pretrain.init}: {exc}") from None

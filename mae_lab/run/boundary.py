@@ -1,0 +1,148 @@
+"""Where the command line meets the library: exit codes, the error boundary, SIGTERM, and torchrun's arguments.
+
+Exit codes: 0 success, 1 some trials failed or diverged, 2 bad input (study file, data, database URL), 130
+interrupted (Ctrl-C), 143 terminated (SIGTERM: a scheduler's stop or `kill`, handled as Ctrl-C is; SIGUSR1 138,
+SIGUSR2 140). Torch-free and
+database-free: ``mae-lab --help`` loads this module.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+import typer
+from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
+
+from mae_lab.run.progress import Display, make_display
+
+# The errors of bad input (a study, data, a database URL, a checkpoint), as (module, class). The boundary looks a
+# class up only once its module is loaded (an error's class is loaded by the time one is raised), so the front door
+# imports no torch.
+USER_ERRORS = (("mae_lab.study.spec", "StudyError"), ("mae_lab.data.shards", "DataError"),
+               ("mae_lab.store.engine", "DbError"), ("mae_lab.train.checkpoint", "CheckpointError"))
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # the stops a scheduler sends (SLURM's --signal): all end a run
+
+
+class Terminated(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGUSR1, SIGUSR2), raised where the program is: it unwinds as Ctrl-C does (the running
+    trial is marked interrupted, with this message), so a batch scheduler's stop leaves no trial "running" for a
+    stale-heartbeat takeover to find. The exit code is 128 + the signal's number (143 for SIGTERM)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+def stop_handler():
+    """A handler that raises Terminated at the first stop signal and ignores the ones after it: under srun and
+    torchrun each process gets a stop twice, and a second raise inside the first one's cleanup (marking the trial
+    interrupted, removing a temp file) would leave that cleanup half done."""
+    fired = []
+
+    def on_stop(signum: int, frame: object) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Terminated(signum)
+    return on_stop
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    return tuple(getattr(sys.modules[m], c) for m, c in USER_ERRORS if m in sys.modules)
+
+
+def interrupted_code(exc: KeyboardInterrupt) -> int:
+    return 128 + exc.signum if isinstance(exc, Terminated) else 130
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``error: MESSAGE`` as one line on stderr (line breaks inside the message become '; ')."""
+    message = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    Console(stderr=True, highlight=False).print(f"error: {message}", markup=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+class Boundary(TyperGroup):
+    """Every command runs inside this boundary: an anticipated error (bad input, a missing or unreadable path, a
+    permission) becomes one line on stderr with exit 2, Ctrl-C exit 130, a stop signal 128 + its number (SIGTERM
+    143). Anything else keeps its traceback (a trial's own failure is recorded with its traceback in the trial, by
+    the runner, and never reaches here)."""
+
+    def invoke(self, ctx):
+        main = threading.current_thread() is threading.main_thread()  # only the main thread may set a handler
+        on_stop = stop_handler()
+        previous = {sig: signal.signal(getattr(signal, sig), on_stop) for sig in STOP_SIGNALS} if main else {}
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            Console(stderr=True).print("interrupted")
+            raise typer.Exit(interrupted_code(exc)) from None
+        except Exception as exc:
+            if isinstance(exc, BrokenPipeError):  # the reader left (`| head`): click ends quietly
+                raise
+            if isinstance(exc, OSError) and exc.filename is not None:
+                raise fail(f"{exc.filename}: {exc.strerror or exc}") from None
+            if isinstance(exc, (OSError, UnicodeError, *_user_errors())):
+                raise fail(str(exc)) from None
+            raise
+        finally:
+            for sig, handler in previous.items():  # a caller's own handler (a test runner, a notebook) is theirs again
+                signal.signal(getattr(signal, sig), handler)
+
+
+@contextmanager
+def trial_errors(resume_hint: str, display: bool = True) -> Iterator[Display | None]:
+    """Yield a progress display (None if not ``display``) and turn bad input into one line with exit 2, and Ctrl-C
+    (SIGTERM) into exit 130 (143) with ``resume_hint``."""
+    try:
+        shown = make_display(Console(highlight=False)) if display else None
+        try:
+            yield shown
+        finally:
+            if shown is not None:
+                shown.close()
+    except Exception as exc:
+        if isinstance(exc, (*_user_errors(), ValueError)):
+            raise fail(str(exc)) from None
+        raise
+    except KeyboardInterrupt as exc:
+        Console(stderr=True).print(f"interrupted: the running trial is marked interrupted; {resume_hint}")
+        raise typer.Exit(interrupted_code(exc)) from None
+
+
+class KeepArgs(TyperCommand):
+    """A command that keeps the argument vector it was given (``ctx.meta["argv"]``), for --nproc to forward."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def torchrun_rank() -> int | None:
+    """This process's rank under torchrun (``WORLD_SIZE`` > 1), else None."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+
+def torchrun_argv(argv: list[str], study: Path) -> list[str]:
+    """The ``run`` arguments every torchrun process gets: the user's own, unchanged, minus ``--nproc N`` (or
+    ``--nproc=N``). ValueError for a study the processes cannot each read again (a pipe, /dev/stdin)."""
+    if not study.is_file():
+        raise ValueError(f"--nproc: {study} is not a regular file, and each of torchrun's processes reads the study "
+                         "again: save it to a file first")
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True  # its value is the next argument
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
