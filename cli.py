@@ -37,6 +37,12 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
 PipeOpt = Annotated[bool, typer.Option("--allow-pipe", help="Allow 'pipe:' shard URLs (they run shell commands).")]
 LargeGridOpt = Annotated[bool, typer.Option("--allow-large-grid", help="Allow a study of more than 10,000 trials "
                                              "(refused otherwise: a typo in a grid multiplies fast).")]
+def study_arg(help: str):  # noqa: A002 - typer's name
+    """A study file argument. click's own readability check is off: it reports an unreadable file (to a user who is
+    not root) as a usage box; the Boundary says it in one line with exit 2 instead."""
+    return typer.Argument(help=help, readable=False)
+
+
 StaleOpt = Annotated[float, typer.Option(
     "--stale-after", min=1, help="Take over a running trial of another host after this many seconds without a "
                                  "heartbeat (a dead worker on this host is taken over at once).")]
@@ -51,7 +57,7 @@ def _open_db(url: str | None, create: bool = True):
 @app.command(cls=KeepArgs)
 def run(
     ctx: typer.Context,
-    study: Annotated[Path, typer.Argument(help="The study TOML file.")],
+    study: Annotated[Path, study_arg(help="The study TOML file.")],
     db: DbOpt = None,
     device: DeviceOpt = "auto",
     data_root: DataRootOpt = None,
@@ -105,7 +111,7 @@ def _print_summary(summary) -> None:
 @app.command(cls=KeepArgs)
 def worker(
     ctx: typer.Context,
-    study: Annotated[Path, typer.Argument(help="The study TOML file (the same file on every machine).")],
+    study: Annotated[Path, study_arg(help="The study TOML file (the same file on every machine).")],
     db: DbOpt = None,
     device: DeviceOpt = "auto",
     data_root: DataRootOpt = None,
@@ -140,7 +146,7 @@ def worker(
 
 @app.command()
 def slurm(
-    study: Annotated[Path, typer.Argument(help="The study TOML file (a run or a search study).")],
+    study: Annotated[Path, study_arg(help="The study TOML file (a run or a search study).")],
     workers: Annotated[int, typer.Option("--workers", "-n", help="Array tasks: one worker each.")] = 2,
     db: DbOpt = None,
     partition: Annotated[Optional[str], typer.Option(help="SLURM partition.")] = None,
@@ -194,7 +200,7 @@ def slurm(
 
 @app.command()
 def search(
-    study: Annotated[Path, typer.Argument(help="The study TOML file, with a [search] table.")],
+    study: Annotated[Path, study_arg(help="The study TOML file, with a [search] table.")],
     trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Searched trials the study should hold "
                                                   "in all \\[default: the file's search.n_trials].")] = None,
     db: DbOpt = None,
@@ -221,7 +227,7 @@ def search(
 
 
 @app.command()
-def validate(study: Annotated[Path, typer.Argument(help="The study TOML file.")],
+def validate(study: Annotated[Path, study_arg(help="The study TOML file.")],
              data_root: DataRootOpt = None, allow_pipe: PipeOpt = False,
              allow_large_grid: LargeGridOpt = False):
     """Check a study file (schema, presets, shapes, data) without running it."""

@@ -5,6 +5,7 @@ import json
 import statistics
 from pathlib import Path
 
+import torch
 from sqlmodel import Session, select
 from typer.testing import CliRunner
 
@@ -67,7 +68,7 @@ def test_run_records_skips_reruns_and_reports(workdir: Path):
     trials = rows(engine, TrialRow)
     assert [t.status for t in trials] == ["done"] * 4
     assert all(t.git_commit is None or len(t.git_commit) == 40 for t in trials)
-    assert {t.torch_version for t in trials} and all(t.device == "cpu" for t in trials)
+    assert {t.torch_version for t in trials} == {torch.__version__} and all(t.device == "cpu" for t in trials)
     results = rows(engine, ResultRow)
     assert len(results) == 4
     assert all(0.0 <= r.linear_top1 <= 1.0 and 0.0 <= r.finetune_top1 <= 1.0 for r in results)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, dump_db, study_toml
@@ -85,11 +86,40 @@ def test_missing_and_unreadable_paths_are_one_line(workdir: Path):
     assert dump_db(workdir / "db" / "mae_lab.db") == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def _validate_as_nobody(out) -> None:
+    """In a forked child: validate a readable copy first (every module the command needs loads while still root: the
+    interpreter's own files may be closed to others), drop root for the unprivileged 'nobody', validate the file."""
+    import pwd
+
+    assert CliRunner().invoke(app, ["validate", "readable.toml"]).exit_code == 0
+    nobody = pwd.getpwnam("nobody")
+    os.setgroups([])
+    os.setgid(nobody.pw_gid)
+    os.setuid(nobody.pw_uid)
+    res = CliRunner().invoke(app, ["validate", "locked.toml"])
+    out.put((res.exit_code, res.output + (repr(res.exception) if res.exit_code not in (0, 2) else "")))
+
+
 def test_a_study_without_read_permission_is_one_line(workdir: Path):
+    """Root reads any file: as root (CI), the command runs in a child that became the unprivileged 'nobody'."""
+    import multiprocessing as mp
+
     (workdir / "locked.toml").write_text(STUDY)
     (workdir / "locked.toml").chmod(0)
-    one_line_error(CliRunner().invoke(app, ["validate", "locked.toml"]), "locked.toml", "Permission")
+    if os.geteuid() != 0:
+        res = CliRunner().invoke(app, ["validate", "locked.toml"])
+    else:
+        workdir.chmod(0o755)  # nobody may enter the folder, not read the file
+        (workdir / "readable.toml").write_text(STUDY)
+        ctx = mp.get_context("fork")
+        out = ctx.Queue()
+        child = ctx.Process(target=_validate_as_nobody, args=(out,))
+        child.start()
+        code, output = out.get(timeout=60)
+        child.join(timeout=60)
+        assert child.exitcode == 0
+        res = SimpleNamespace(exit_code=code, output=output, exception=None)
+    one_line_error(res, "locked.toml", "Permission")
 
 
 @pytest.mark.slow

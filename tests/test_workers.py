@@ -86,7 +86,10 @@ def test_heartbeat_thread_and_stale_after(workdir: Path):
     assert claim_next(engine, study.id, stale_after_s=600) is None
     with Heartbeat(engine, Claim(row.id, "elsewhere:1", row.attempts), interval_s=0.05) as beat:
         beat.progress = "pretrain step 1"
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while get_trials(engine, [row.id])[0].progress != "pretrain step 1":  # the thread's first beat lands
+            assert time.monotonic() < deadline and beat.lost is None
+            time.sleep(0.01)
     assert beat.lost is None and get_trials(engine, [row.id])[0].progress == "pretrain step 1"
     assert claim_next(engine, study.id, stale_after_s=60) is None  # the thread's beats are fresh
     with transaction(engine) as s:
