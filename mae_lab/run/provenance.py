@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 import platform
 import socket
 import subprocess
@@ -54,6 +55,14 @@ def device_name(device: str) -> str:
     return f"{model} ({torch.backends.cpu.get_cpu_capability()}, {bf16})"
 
 
+def slurm_job() -> str | None:
+    """The SLURM job this process runs in: ``ARRAYJOB_TASK`` for an array task, else the job ID (None outside)."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
 def provenance(device: str, ctx: RunContext, data_root: str | None) -> dict[str, Any]:
     """How a trial ran (TrialRow's provenance columns): none of it is part of its identity."""
     commit, dirty = code_version()
@@ -64,5 +73,6 @@ def provenance(device: str, ctx: RunContext, data_root: str | None) -> dict[str,
     ran = dict(host=socket.gethostname(), git_commit=commit, git_dirty=dirty, torch_version=torch.__version__,
                timm_version=timm.__version__, mae_lab_version=version, device=device,
                device_name=device_name(device), world_size=ctx.world_size, cpu_threads=torch.get_num_threads(),
-               resolved_precision=ctx.precision, data_root=data_root, data_fingerprint=ctx.fingerprint)
+               resolved_precision=ctx.precision, data_root=data_root, data_fingerprint=ctx.fingerprint,
+               slurm_job=slurm_job())
     return {k: ran[k] for k in RUN_PROVENANCE}  # a column without a value here fails every trial, loudly

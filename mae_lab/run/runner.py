@@ -41,7 +41,7 @@ from mae_lab.store.writes import record_artifacts as record_result_artifacts
 from mae_lab.study import planning, rounds
 from mae_lab.study.expand import Trial, mae_config, pretrain_identity
 from mae_lab.study.spec import Study, StudyError, TrialSpec
-from mae_lab.train.checkpoint import CheckpointError, load_checkpoint, sha256_file
+from mae_lab.train.checkpoint import CheckpointError, load_checkpoint, settle_checkpoint, sha256_file
 from mae_lab.train.common import DivergenceError
 from mae_lab.train.finetune import finetune
 from mae_lab.train.model import count_params, encoder_flops_per_image
@@ -108,10 +108,12 @@ def check_checkpoints(study: Study, trials: list[Trial], infos: dict[str, Datase
 
 
 def _verified_checkpoint(engine: Engine, pretrain_hash: str, path: Path, display: Display) -> None:
-    """Keep ``path`` only if its sha256 is the one the database recorded; otherwise set it aside."""
+    """Keep ``path`` only if its sha256 is the one the database recorded (after finishing a commit a stop cut short,
+    ``checkpoint.settle_checkpoint``); otherwise set it aside."""
+    row = get_checkpoint(engine, pretrain_hash)
+    settle_checkpoint(path, row.sha256 if row is not None else None)
     if not path.exists():
         return
-    row = get_checkpoint(engine, pretrain_hash)
     if row is not None and row.sha256 == sha256_file(path):
         return
     aside = path.with_suffix(".unverified")

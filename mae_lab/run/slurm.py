@@ -271,12 +271,17 @@ def submit(job: ArrayJob, *, dry_run: bool = False, allow_pipe: bool = False) ->
     if dry_run:
         return Submitted(None, script, None, command)
     sbatch = slurm_tool("sbatch")
+    env = {**os.environ, "MAE_LAB_DB": url}
+
+    def run_sbatch(*flags: str) -> str:
+        proc = subprocess.run([sbatch, *flags], input=script, capture_output=True, text=True, env=env, timeout=120)
+        if proc.returncode != 0:
+            raise SlurmError(refusal(proc.stderr or proc.stdout))
+        return proc.stdout
+
+    run_sbatch("--test-only")  # sbatch's own checks (partition, account, gres ...) before anything is written
     connect(url)  # a database that cannot be opened ends here, before anything is queued (DbError)
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MAE_LAB_DB": url}
-    proc = subprocess.run([sbatch, "--parsable"], input=script, capture_output=True, text=True, env=env, timeout=120)
-    if proc.returncode != 0:
-        raise SlurmError(refusal(proc.stderr or proc.stdout))
-    job_id = proc.stdout.strip().split(";")[0]
+    job_id = run_sbatch("--parsable").strip().split(";")[0]
     path = write_atomic(log_dir / f"{name}.sbatch", script)
     return Submitted(job_id, script, path, command)

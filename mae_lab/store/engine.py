@@ -38,6 +38,7 @@ MIGRATIONS = {
         "linear_test_top1 FLOAT", "finetune_test_top1 FLOAT", "artifact_error TEXT")],
     4: _provenance_added(4),
     5: ["ALTER TABLE mae_results ADD COLUMN result_copied BOOLEAN"],
+    6: _provenance_added(6),
 }
 
 

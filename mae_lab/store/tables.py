@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Column, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def now() -> datetime:
@@ -43,6 +43,7 @@ class RunProvenance(SQLModel):
     resolved_precision: str | None = _since(3)  # resolved pretraining precision: bf16 or fp32
     data_root: str | None = _since(3)  # where the data was read from
     data_fingerprint: str | None = _since(3)  # the data's identity, part of the hash
+    slurm_job: str | None = _since(6)  # the SLURM array task (ARRAYJOB_TASK) or job that ran it
 
 
 RUN_PROVENANCE = tuple(RunProvenance.model_fields)

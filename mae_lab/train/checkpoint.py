@@ -16,6 +16,13 @@ A pretraining checkpoint is one ``torch.save`` of a dict that ``torch.load(weigh
 
 Files are written atomically (temp file in the same folder, fsync, ``os.replace``, fsync of the folder) and identified
 by their sha256, which the caller stores and passes back to ``load_checkpoint`` to detect a changed or truncated file.
+
+A checkpoint that the database records goes through three steps, so that a process stopped at any instant (signals,
+however many, or SIGKILL) leaves a record that names bytes on disk: ``stage_checkpoint`` writes ``NAME.next``, the
+caller records its sha256, then ``commit_checkpoint`` renames it over ``NAME``. The file at ``NAME`` is never newer
+than the record; a stop between the record and the rename leaves ``NAME.next`` holding the recorded bytes, which
+``settle_checkpoint`` (before a resume) renames into place, and a stop before the record leaves a ``NAME.next`` that
+it deletes (the record and ``NAME`` still agree, one epoch earlier).
 Loading never unpickles Python objects; reading an official MAE training checkpoint (which pickles an argparse
 Namespace) goes through ``import_official``, which says in its name and docstring that it trusts the file.
 """
@@ -29,7 +36,7 @@ from typing import Any
 
 import torch
 
-from mae_lab.atomic import atomic_file
+from mae_lab.atomic import atomic_file, fsync_dir
 
 FORMAT_KEYS = ("model", "optimizer", "epoch", "step", "rng", "config", "spec", "identity", "loss_history")
 
@@ -58,6 +65,40 @@ def save_checkpoint(path: str | Path, obj: dict[str, Any]) -> str:
         f.flush()
         digest = sha256_file(tmp)  # hash of the bytes on disk, before they become visible under `path`
     return digest
+
+
+def staged_path(path: str | Path) -> Path:
+    """Where ``stage_checkpoint`` writes the next checkpoint of ``path`` before it is recorded."""
+    path = Path(path)
+    return path.with_name(path.name + ".next")
+
+
+def stage_checkpoint(path: str | Path, obj: dict[str, Any]) -> str:
+    """Write ``obj`` as the next checkpoint of ``path`` (``staged_path``), atomically; return its sha256. ``path``
+    itself is unchanged until ``commit_checkpoint``, which the caller runs once the sha256 is recorded."""
+    return save_checkpoint(staged_path(path), obj)
+
+
+def commit_checkpoint(path: str | Path) -> None:
+    """Rename the staged checkpoint over ``path`` (one ``os.replace``; the folder fsynced); nothing if none."""
+    path = Path(path)
+    try:
+        staged_path(path).replace(path)
+    except FileNotFoundError:
+        return
+    fsync_dir(path.parent)
+
+
+def settle_checkpoint(path: str | Path, recorded_sha256: str | None) -> None:
+    """Before a resume: finish a commit that a stop cut short (the staged file holds the recorded sha256: it
+    becomes ``path``), or delete a staged file that was never recorded."""
+    staged = staged_path(path)
+    if not staged.exists():
+        return
+    if recorded_sha256 is not None and sha256_file(staged) == recorded_sha256:
+        commit_checkpoint(path)
+    else:
+        staged.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path, *, sha256: str | None = None, map_location: Any = "cpu") -> dict[str, Any]:

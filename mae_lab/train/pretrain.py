@@ -33,7 +33,7 @@ from mae_lab.data import DatasetInfo
 from mae_lab.study.expand import RunContext, mae_config, pretrain_identity
 from mae_lab.study.presets import MAEConfig
 from mae_lab.study.spec import TrialSpec
-from mae_lab.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
+from mae_lab.train.checkpoint import CheckpointError, commit_checkpoint, load_checkpoint, sha256_file, stage_checkpoint
 from mae_lab.train.common import (
     LOSS_SYNC_EVERY,
     all_min,
@@ -121,17 +121,22 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
                                   loss_history[-1] if loss_history else None, loss_history,
                                   sha256_file(ckpt_path))
 
-    def save(epoch_done: int) -> str | None:
+    def save(epoch_done: int) -> str | None:  # staged: ckpt_path changes only at commit(), after on_epoch recorded it
         if ckpt_path is None or rank != 0:
             return None
-        return save_checkpoint(ckpt_path, {
+        return stage_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch_done, "step": step,
             "rng": rng_state(dev),
             "config": config_dump, "spec": spec_dump, "identity": identity, "loss_history": loss_history,
         })
 
+    def commit() -> None:
+        if ckpt_path is not None and rank == 0:
+            commit_checkpoint(ckpt_path)
+
     if pt.epochs == 0:  # the random-init baseline
         sha = save(0)
+        commit()
         return PretrainResult(model, 0, 0, time.perf_counter() - t_start, 0.0, None, [], sha)
 
     reduce_dev = dev if world_size > 1 and dist.get_backend() == "nccl" else torch.device("cpu")
@@ -214,6 +219,8 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
                 on_epoch(metrics)
             except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
                 stop = exc
+        if stop is None:  # on_epoch recorded the staged checkpoint's sha256 (a stop: settle_checkpoint decides)
+            commit()
         if world_size > 1:  # rank 0 tells the others whether to go on
             flag = torch.tensor([int(stop is not None)])  # on the CPU: the control group is gloo
             dist.broadcast(flag, 0, group=control_group)
