@@ -1,5 +1,6 @@
-"""The house: no import cycles in mae_lab, a torch-free front door (--help, validate, list, report), the user's own
-arguments forwarded to torchrun, one-line errors for what cannot work, and texts that survive Rich and pipes."""
+"""The house: no import cycles in mae_lab, imports that run one way between its layers, a lean runner, a torch-free
+front door (--help, validate, list, report), the user's own arguments forwarded to torchrun, one-line errors for what
+cannot work, and texts that survive Rich and pipes."""
 import ast
 import io
 import json
@@ -96,6 +97,57 @@ def test_mae_lab_has_no_import_cycles():
     assert cycles(graph) == []
     # plots depend on the report model, not back
     assert "mae_lab.report.plots" not in graph["mae_lab.report.study_report"]
+
+
+# layer -> the layers it may import besides itself and the root leaves (atomic, rng, rng_streams): imports run one
+# way, cli -> run -> {train, report} -> study -> {data, store}; train and report never import each other, nor data
+# and store; training stages never touch the database
+LAYERS = {"run": {"train", "report", "study", "data", "store"}, "train": {"study", "data"},
+          "report": {"study", "data", "store"}, "study": {"data", "store"}, "data": set(), "store": set(), "": set()}
+
+
+def layer(module: str) -> str:
+    """``pkg.train.model`` -> "train"; a root leaf (``pkg.atomic``) or the package itself -> ""."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else ""
+
+
+def backward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a layer its importer may not use, as "importer -> imported"."""
+    return [f"{m} -> {d}" for m, deps in sorted(graph.items()) for d in sorted(deps)
+            if layer(d) != layer(m) and layer(d) and layer(d) not in LAYERS[layer(m)]]
+
+
+def test_the_layer_check_finds_a_backward_import(tmp_path):
+    pkg = tmp_path / "pkg"
+    for folder in ("", "train", "store", "report", "study", "run"):
+        (pkg / folder).mkdir(exist_ok=True)
+        (pkg / folder / "__init__.py").write_text("")
+    (pkg / "atomic.py").write_text("")
+    (pkg / "store" / "db.py").write_text("from pkg import atomic\n")
+    (pkg / "study" / "spec.py").write_text("from pkg.store import db\n")
+    (pkg / "run" / "runner.py").write_text("from pkg.study import spec\nfrom pkg.report import site\n")
+    (pkg / "report" / "site.py").write_text("def f():\n    from pkg.store.db import x\n")
+    assert backward_imports(import_graph(pkg)) == []
+    (pkg / "train" / "weights.py").write_text("from pkg.store import db\n")  # a training stage on the database
+    (pkg / "report" / "site.py").write_text("def f():\n    from pkg.run.runner import x\n")  # up, in a function
+    assert backward_imports(import_graph(pkg)) == [
+        "pkg.report.site -> pkg.run.runner", "pkg.train.weights -> pkg.store", "pkg.train.weights -> pkg.store.db"]
+
+
+def test_imports_run_one_way():
+    graph = import_graph(ROOT / "mae_lab")
+    assert {layer(m) for m in graph} == set(LAYERS)
+    assert backward_imports(graph) == []
+
+
+def test_the_runner_loads_neither_optuna_nor_the_report():
+    """A worker imports what trains and records, not the search's Optuna (seconds) nor the pages."""
+    code = ("import sys, mae_lab.run.runner\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'optuna' "
+            "or m.startswith('mae_lab.report')))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
 
 
 # --- the front door -------------------------------------------------------------------------------------------

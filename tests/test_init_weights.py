@@ -13,12 +13,13 @@ from typer.testing import CliRunner
 
 from cli import app
 from mae_lab.data import resolve_dataset
+from mae_lab.run.inits import init_source, trial_checkpoint
 from mae_lab.store.engine import connect
 from mae_lab.study.expand import expand, mae_config
 from mae_lab.study.spec import parse_study
 from mae_lab.train.finetune import build_classifier, finetune
 from mae_lab.train.model import MaskedAutoencoder, build_timm_vit
-from mae_lab.train.weights import checkpoint_kind, init_model, read_state, resize_pos_embed, trial_checkpoint
+from mae_lab.train.weights import checkpoint_kind, file_source, init_model, read_state, resize_pos_embed
 
 BASE = """
 [study]
@@ -86,11 +87,13 @@ def test_every_format_loads_the_same_encoder(workdir):
         assert checkpoint_kind(read_state(workdir / name)) == kind
         s = spec_of(study_text("fmt", init=name))
         assert s.pretrain.init_sha256 is not None and len(s.pretrain.init_sha256) == 64
-        torch.testing.assert_close(_features(init_model(s, None), imgs), _features(src, imgs), rtol=0, atol=0)
-    full = init_model(spec_of(study_text("fmt", init="full.pth")), None)
+        torch.testing.assert_close(_features(init_model(s, file_source(s)), imgs), _features(src, imgs), rtol=0, atol=0)
+    full_spec = spec_of(study_text("fmt", init="full.pth"))
+    full = init_model(full_spec, file_source(full_spec))
     torch.testing.assert_close(full.decoder_pred.weight, src.decoder_pred.weight, rtol=0, atol=0)  # decoder too
     # another image size: the grid is resized, the cls slot kept
-    big = init_model(spec_of(study_text("fmt", img=16, init="full.pth")), None)
+    big_spec = spec_of(study_text("fmt", img=16, init="full.pth"))
+    big = init_model(big_spec, file_source(big_spec))
     assert big.pos_embed.shape == (1, 65, 64) and big.decoder_pos_embed.shape == (1, 65, 32)
     torch.testing.assert_close(big.pos_embed[:, :1], src.pos_embed[:, :1], rtol=0, atol=0)
     torch.testing.assert_close(big.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight, rtol=0, atol=0)
@@ -190,7 +193,7 @@ def test_a_trial_hash_starts_another_study(workdir):
     _, ckpt = trial_checkpoint(connect(f"sqlite:///{db}", create=False), first)
     spec = spec_of(study_text("second", img=16, init=first))
     assert spec.pretrain.init_sha256 is None  # a trial hash is its own identity
-    model = init_model(spec, connect(f"sqlite:///{db}", create=False))
+    model = init_model(spec, init_source(spec, connect(f"sqlite:///{db}", create=False)))
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, ckpt["model"]["blocks.0.attn.qkv.weight"])
     assert model.pos_embed.shape == (1, 65, 64)
     (workdir / "second.toml").write_text(study_text("second", img=16, epochs=1, init=first))

@@ -316,8 +316,8 @@ TINY = study_toml("tiny", study={"paper": "fig5", "seeds": [0, 1]}, model={"pres
 
 
 def test_a_real_study_gives_pages_plots_and_reconstructions(workdir: Path):
-    from mae_lab.run.recon_figures import save_trial_recon, val_images
     from mae_lab.run.runner import run_study
+    from mae_lab.train.recon import save_trial_recon, val_images
 
     (workdir / "tiny.toml").write_text(TINY)
     assert run_study("tiny.toml", device="cpu").ok

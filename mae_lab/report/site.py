@@ -15,6 +15,7 @@ from mae_lab.report.export import to_csv, to_dict
 from mae_lab.report.formats import FORMATS, UNITS, fmt_diff, render, render_text, to_markdown
 from mae_lab.report.paper import paper_delta
 from mae_lab.report.plots import study_plots
+from mae_lab.report.recon_page import ReconError, study_recon_png
 from mae_lab.report.study_report import METRICS, StudyReport, headline, study_names, summarize, summarize_records, title
 from mae_lab.report.surface_view import surface_markdown, surface_notes, surface_plots
 from mae_lab.store import records as trial_records
@@ -83,9 +84,6 @@ def _recon(rep: StudyReport, engine: Engine | None, source: Path | None) -> byte
     """The study's reconstruction figure: rendered from the database's artifacts, or carried over from the folder
     of the trials.csv (reconstructions need checkpoints, which a trials file does not hold)."""
     if engine is not None:
-        # recon_lookup imports torch (checkpoints, datasets): only --all from a database pays for it
-        from mae_lab.run.recon_figures import ReconError, study_recon_png
-
         try:
             return study_recon_png(engine, rep)
         except ReconError:

@@ -24,10 +24,11 @@ import torch
 from sqlalchemy.engine import Engine
 from timm.models import save_for_hf
 
+from mae_lab.run.inits import trial_checkpoint
 from mae_lab.store.tables import TrialRow
 from mae_lab.study.presets import MAEConfig
 from mae_lab.train.model import MaskedAutoencoder
-from mae_lab.train.weights import InitError, trial_checkpoint
+from mae_lab.train.weights import InitError
 
 FORMATS = ("timm", "hf")
 TIMM_ARCH = "vit_base_patch16_224"  # any registered ViT: the export's model_args set every size

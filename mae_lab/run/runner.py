@@ -19,9 +19,9 @@ import torch
 from sqlalchemy.engine import Engine
 
 from mae_lab.data import DatasetInfo
+from mae_lab.run.inits import check_inits, init_source
 from mae_lab.run.progress import Display, PlainDisplay
 from mae_lab.run.provenance import provenance
-from mae_lab.run.recon_figures import save_trial_recon
 from mae_lab.store.engine import artifacts_dir, connect
 from mae_lab.store.queue import Claim, Heartbeat, LostClaim, claim_next, claim_of, has_runnable
 from mae_lab.store.reads import find_done, get_checkpoint, study_name, study_trials, trial_details
@@ -49,7 +49,8 @@ from mae_lab.train.pretrain import checkpoint_mismatch, pretrain
 from mae_lab.train.probe import linear_probe
 from mae_lab.train.probe_surface import STAGE as SURFACE
 from mae_lab.train.probe_surface import probe_surface
-from mae_lab.train.weights import check_inits, init_model
+from mae_lab.train.recon import save_trial_recon
+from mae_lab.train.weights import init_model
 
 
 class Pruned(Exception):
@@ -204,7 +205,8 @@ def _run_trial(engine: Engine, row: TrialRow, claim: Claim, beat: Heartbeat, inf
                 together[0] = True
                 dist_ctx.announce({"spec_json": row.spec_json, "info": info, "identity": pretrain_identity(spec, ctx),
                                    "ckpt": str(ckpt) if spec.pretrain.epochs else None})
-            start = init_model(spec, engine) if spec.pretrain.init else None  # DDP copies rank 0's weights
+            start = (init_model(spec, init_source(spec, engine))  # DDP copies rank 0's weights
+                     if spec.pretrain.init else None)
             pre = pretrain(spec, info, device=device, ckpt_path=ckpt if spec.pretrain.epochs else None,
                            resume=True, on_epoch=on_pretrain_epoch, world_size=world_size, model=start,
                            identity=pretrain_identity(spec, ctx), on_step=functools.partial(on_step, "pretrain"),

@@ -35,6 +35,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import Engine
 
+from mae_lab.run.inits import check_inits
 from mae_lab.run.progress import PlainDisplay
 from mae_lab.run.runner import Pruned, run_trial
 from mae_lab.store.engine import artifacts_dir, connect
@@ -48,7 +49,6 @@ from mae_lab.study.expand import Trial, bind, pretrain_hash, resolve, trial_hash
 from mae_lab.study.planning import pick_device, plan, resolve_data, run_context, study_hash
 from mae_lab.study.spec import Study, StudyError, TrialSpec, get_dotted
 from mae_lab.study.tables import SearchParam, SearchSection
-from mae_lab.train.weights import check_inits
 
 OBJECTIVES = {"linear": "linear_top1", "finetune": "finetune_top1"}  # objective -> ResultRow column
 

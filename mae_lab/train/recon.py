@@ -5,19 +5,25 @@ With ``norm_pix_loss`` the model predicts each patch normalized by its own mean 
 de-normalizes every predicted patch with the original patch's mean and (unbiased) variance, as the loss defined
 them, and the figure's caption says so. Images are shown de-normalized with the dataset's mean and std.
 
-This module renders (model and images in, PNG bytes out); ``recon_lookup`` finds what to render in the database,
-the checkpoints and the datasets.
+This module renders (model and images in, PNG bytes out) and writes a trial's grid when it is done;
+``run.recon_figures`` finds what to render for ``show --recon`` in the database, the checkpoints and the datasets, and
+``report.recon_page`` lays recorded grids side by side.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from mae_lab.atomic import write_atomic
+from mae_lab.data import DatasetInfo
 from mae_lab.study.spec import TrialSpec
+from mae_lab.train.loaders import eval_loader
 from mae_lab.train.model import MaskedAutoencoder
 
 NUM_IMAGES = 8
@@ -118,28 +124,14 @@ def trial_title(spec: TrialSpec) -> str:
             f"{'norm-pix' if m.norm_pix_loss else 'pixel'} target, seed {spec.seed}")
 
 
-def side_by_side(pngs: list[bytes], titles: list[str], suptitle: str = "") -> bytes:
-    """Lay PNG images side by side at their own resolution, each under its title."""
-    import matplotlib
+def val_images(spec: TrialSpec, info: DatasetInfo, n: int = NUM_IMAGES) -> Tensor:
+    """The first ``n`` validation images, resized and normalized as for evaluation: (n, C, S, S)."""
+    imgs, _ = next(iter(eval_loader(spec, info, "val", batch_size=n, max_samples=n)))
+    return imgs[:n]
 
-    matplotlib.use("Agg")
-    import matplotlib.image as mpimg
-    import matplotlib.pyplot as plt
 
-    images = [mpimg.imread(io.BytesIO(p), format="png") for p in pngs]
-    dpi = 100
-    head = 0.6  # inches above the images for the titles
-    h = max(im.shape[0] for im in images) / dpi + head
-    w = sum(im.shape[1] for im in images) / dpi * 1.02
-    fig, axes = plt.subplots(1, len(images), figsize=(w, h), dpi=dpi, squeeze=False,
-                             gridspec_kw={"width_ratios": [im.shape[1] for im in images]})
-    for ax, im, t in zip(axes[0], images, titles):
-        ax.imshow(im, interpolation="nearest")
-        ax.set_axis_off()
-        ax.set_title(t, fontsize=9, fontweight="bold")
-    fig.suptitle(suptitle, fontsize=9, y=1 - 0.05 / h, va="top")
-    fig.subplots_adjust(left=0, right=1, bottom=0, top=1 - head / h, wspace=0.02)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+def save_trial_recon(model: MaskedAutoencoder, spec: TrialSpec, info: DatasetInfo, path: str | Path) -> str:
+    """Write the trial's reconstruction grid to ``path`` (atomically); return the file's sha256."""
+    png = recon_png(reconstruct(model, val_images(spec, info), info.mean, info.std), trial_title(spec))
+    write_atomic(path, png)
+    return hashlib.sha256(png).hexdigest()

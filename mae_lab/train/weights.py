@@ -4,7 +4,8 @@
 - an official MAE checkpoint: the encoder-only ``mae_pretrain_vit_*.pth`` or the full ``mae_visualize_vit_*.pth``
   (``{"model": state_dict}``, official names; mae-lab's own checkpoints are a superset);
 - a timm ViT state dict (``.pth`` or ``.safetensors``; ``head.*`` / ``fc_norm.*`` are dropped);
-- a done trial's hash (its pretraining checkpoint, sha256-checked).
+- a done trial's hash (its pretraining checkpoint, sha256-checked; run.inits finds it in the database, so no
+  training stage touches the database).
 
 Files are read with ``weights_only=True``: a file that pickles Python objects is refused, not executed. The position
 embeddings are resized to the study's patch grid (bicubic over the grid, the cls token kept, as the official
@@ -15,20 +16,17 @@ keeps its fresh decoder.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
 import torch
-from sqlalchemy.engine import Engine
 from timm.layers import resample_abs_pos_embed
 
-from mae_lab.store.engine import DbError, connect
-from mae_lab.store.reads import find_trial, trial_details
-from mae_lab.store.tables import TrialRow
-from mae_lab.study.expand import Trial, mae_config
-from mae_lab.study.init_check import file_sha256, is_trial_ref
+from mae_lab.study.expand import mae_config
+from mae_lab.study.init_check import file_sha256
 from mae_lab.study.presets import MAEConfig
-from mae_lab.study.spec import Study, StudyError, TrialSpec
+from mae_lab.study.spec import TrialSpec
 from mae_lab.train.checkpoint import CheckpointError, load_checkpoint
 from mae_lab.train.model import MaskedAutoencoder
 
@@ -40,21 +38,21 @@ class InitError(ValueError):
     """An init that cannot be used; ``str()`` is one line naming the file (or trial) and the key."""
 
 
-def trial_checkpoint(engine: Engine, ref: str) -> tuple[TrialRow, dict]:
-    """The done trial ``ref`` (id or hash prefix) and its pretraining checkpoint, sha256-checked (InitError)."""
-    row = find_trial(engine, ref)
-    if row is None:
-        raise InitError(f"trial {ref!r}: no single trial matches (give the id or a longer hash prefix)")
-    if row.status != "done":
-        raise InitError(f"trial {row.hash}: status is {row.status!r}, not 'done'; run its study first")
-    _, _, arts = trial_details(engine, row.id)
-    ckpt = next((a for a in arts if a.kind == "checkpoint"), None)
-    if ckpt is None:
-        raise InitError(f"trial {row.hash}: has no pretraining checkpoint (pretrain.epochs = 0?)")
-    try:
-        return row, load_checkpoint(ckpt.path, sha256=ckpt.sha256)
-    except CheckpointError as exc:
-        raise InitError(str(exc)) from None
+@dataclass(frozen=True)
+class InitSource:
+    """Where ``pretrain.init``'s weights are: a weights file, or a done trial's pretraining checkpoint (``trial``;
+    run.inits finds it in the database). ``sha256``: what the file must hash to (None: unchecked); ``label`` names it
+    in messages."""
+
+    label: str
+    path: str
+    sha256: str | None = None
+    trial: bool = False
+
+
+def file_source(spec: TrialSpec) -> InitSource:
+    """The source of a file init (``pretrain.init`` a path, checked against ``pretrain.init_sha256`` when set)."""
+    return InitSource(spec.pretrain.init, spec.pretrain.init, spec.pretrain.init_sha256)
 
 
 def read_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -139,54 +137,24 @@ def fit_state(state: dict[str, torch.Tensor], config: MAEConfig, source: str) ->
     return {**{k: state[k] for k in encoder}, **decoder}
 
 
-def init_state(spec: TrialSpec, engine: Engine | None) -> tuple[str, dict[str, torch.Tensor]]:
-    """(source, state) of ``spec.pretrain.init``: a trial's checkpoint (needs ``engine``) or a file, whose sha256
-    must be ``pretrain.init_sha256`` when that is set (InitError)."""
-    init = spec.pretrain.init
-    if is_trial_ref(init):
-        if engine is None:
-            raise InitError(f"trial {init}: a trial init needs the database")
-        row, ckpt = trial_checkpoint(engine, init)
-        return f"trial {row.hash}", ckpt["model"]
-    if spec.pretrain.init_sha256 is not None:
-        if not Path(init).is_file() or file_sha256(init) != spec.pretrain.init_sha256:
-            raise InitError(f"{init}: missing or changed since the study was expanded (sha256 differs)")
-    return init, read_state(init)
+def init_state(source: InitSource) -> dict[str, torch.Tensor]:
+    """The tensors of ``source`` (InitError when they cannot be read, or the file changed: sha256 differs)."""
+    if source.trial:
+        try:
+            return load_checkpoint(source.path, sha256=source.sha256)["model"]
+        except CheckpointError as exc:
+            raise InitError(str(exc)) from None
+    if source.sha256 is not None:
+        if not Path(source.path).is_file() or file_sha256(source.path) != source.sha256:
+            raise InitError(f"{source.path}: missing or changed since the study was expanded (sha256 differs)")
+    return read_state(source.path)
 
 
-def init_model(spec: TrialSpec, engine: Engine | None) -> MaskedAutoencoder:
-    """A MaskedAutoencoder for ``spec`` (seeded as pretraining seeds it) carrying ``spec.pretrain.init``'s weights."""
+def init_model(spec: TrialSpec, source: InitSource) -> MaskedAutoencoder:
+    """A MaskedAutoencoder for ``spec`` (seeded as pretraining seeds it) carrying the weights of ``source``."""
     config = mae_config(spec)
-    source, state = init_state(spec, engine)
-    fitted = fit_state(state, config, source)
+    fitted = fit_state(init_state(source), config, source.label)
     torch.manual_seed(spec.seed)
     model = MaskedAutoencoder(config)
     model.load_state_dict(fitted, strict=False)
     return model
-
-
-def check_inits(study: Study, trials: list[Trial], db_url: str | None) -> None:
-    """Every distinct init of the trials can be read and fits its model; StudyError (``pretrain.init``) otherwise.
-
-    Run before anything is written: a bad init leaves the database as it was (and file inits never open it; a
-    trial-hash init opens the existing database ``db_url`` read-only)."""
-    engine: Engine | None = None
-    seen: set[tuple[str, str]] = set()
-    for t in trials:
-        spec = t.spec
-        if spec.pretrain.init is None:
-            continue
-        config = mae_config(spec)
-        key = (spec.pretrain.init, repr(config))
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            if engine is None and is_trial_ref(spec.pretrain.init):
-                engine = connect(db_url, create=False)
-            source, state = init_state(spec, engine)
-            fit_state(state, config, source)
-        except InitError as exc:
-            raise StudyError(study.path, "pretrain.init", str(exc)) from None
-        except DbError as exc:
-            raise StudyError(study.path, "pretrain.init", f"trial {spec.pretrain.init}: {exc}") from None
