@@ -86,6 +86,20 @@ def test_probe_probe_surface_and_finetune(digits):
     assert surface and all(0.0 <= v <= 1.0 for v in surface.values())
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="pinned memory needs CUDA")
+@pytest.mark.parametrize("train_samples", [512, None], ids=["in-memory", "streamed"])
+def test_a_cuda_loader_serves_pinned_uint8_normalised_on_the_device_to_the_same_values(digits, train_samples):
+    from mae_lab.train.loaders import pretrain_loader
+
+    spec = make_spec(data={"augmentation": "none", "train_samples": train_samples}, pretrain={"batch_size": 64})
+    on_cpu = next(iter(pretrain_loader(spec, digits, 0)))[0]  # (B, 3, 8, 8) float, normalised on the CPU
+    loader = pretrain_loader(spec, digits, 0, device=DEV)
+    raw = next(iter(loader))[0]
+    assert raw.dtype == torch.uint8 and raw.is_pinned()
+    on_dev = loader.transform.normalize(raw.to(DEV, non_blocking=True))
+    assert torch.allclose(on_dev.cpu(), on_cpu, rtol=0, atol=1e-6)
+
+
 class Stop(Exception):
     pass
 

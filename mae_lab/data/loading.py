@@ -175,13 +175,14 @@ class MemoryLoader:
     """
 
     def __init__(self, images: Tensor | list[Tensor], labels: Tensor, *, transform, batch_size: int, shuffle: bool,
-                 seed: int, epoch: int, rank: int = 0, world_size: int = 1, drop_last: bool = False):
+                 seed: int, epoch: int, rank: int = 0, world_size: int = 1, drop_last: bool = False,
+                 device_batches: bool = False):
         if batch_size < 1 or len(labels) < 1 or not 0 <= rank < world_size:
             raise DataError(f"in-memory loader: need batch_size >= 1, samples >= 1 (got {len(labels)}), "
                             "0 <= rank < world_size")
         self.images, self.labels, self.transform, self.batch_size = images, labels, transform, batch_size
         self.shuffle, self.seed, self.epoch, self.drop_last = shuffle, seed, epoch, drop_last
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.device_batches = rank, world_size, device_batches
 
     @property
     def num_samples(self) -> int:
@@ -198,6 +199,9 @@ class MemoryLoader:
             idx = mine[b * self.batch_size : (b + 1) * self.batch_size]  # (B,)
             x = torch.stack([_augment(self.transform, self.images[i], self.seed, self.epoch, i)
                              for i in idx.tolist()])  # (B, 3, S, S) uint8, or the transform's float
+            if self.device_batches:  # uint8, pinned: the consumer copies it without blocking and normalises there
+                yield x.pin_memory(), self.labels[idx]
+                continue
             yield (self.transform.normalize(x) if isinstance(self.transform, ImageTransform) else x), self.labels[idx]
 
 
@@ -209,8 +213,9 @@ class ShardLoader:
     """
 
     def __init__(self, stream: _ShardStream, *, num_samples: int, batch_size: int, num_workers: int,
-                 drop_last: bool, transform, rank: int = 0, world_size: int = 1):
+                 drop_last: bool, transform, rank: int = 0, world_size: int = 1, device_batches: bool = False):
         self.stream, self.num_samples, self.batch_size = stream, num_samples, batch_size
+        self.device_batches = device_batches
         self.num_workers, self.drop_last, self.transform = num_workers, drop_last, transform
         self.rank, self.world_size = rank, world_size
 
@@ -222,7 +227,7 @@ class ShardLoader:
         source: Iterable = self.stream
         if self.num_workers > 0:
             source = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                                                 pin_memory=torch.cuda.is_available())  # for non_blocking copies
+                                                 pin_memory=self.device_batches)  # for non_blocking copies
         early: dict[int, tuple[Tensor, Tensor]] = {}
         nxt = 0
         for item in source:
@@ -236,13 +241,16 @@ class ShardLoader:
             raise DataError(f"expected {len(self)} batches for this rank, made {nxt}")
 
     def _finish(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self.device_batches:  # uint8, pinned: the consumer copies it without blocking and normalises there
+            return (x if x.is_pinned() else x.pin_memory()), y
         return (self.transform.normalize(x) if isinstance(self.transform, ImageTransform) else x), y
 
 
 def make_loader(pattern: str, *, num_samples: int, transform, batch_size: int, shuffle: bool, seed: int = 0,
                 epoch: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
                 in_memory: bool = False, allow_pipe: bool = False, subset: Subset | None = None,
-                label_key: str = "label", need_label: bool = True) -> ShardLoader | MemoryLoader:
+                label_key: str = "label", need_label: bool = True,
+                device_batches: bool = False) -> ShardLoader | MemoryLoader:
     """Loader over one epoch of `pattern` (or the `subset` of its samples) for `rank` of `world_size`.
 
     The batches are a function of (seed, epoch, global batch) only (module docstring): `num_workers` and
@@ -250,7 +258,9 @@ def make_loader(pattern: str, *, num_samples: int, transform, batch_size: int, s
     ImageTransform from pretrain/eval_transform, or any callable returning a float tensor). `in_memory=True`
     decodes the split once per process (`load_split`) and serves it through `MemoryLoader`, so later epochs cost
     no decoding. Labels come from `.cls` or field `label_key` of `.json`; with `need_label=False` a sample without
-    one gets label -1.
+    one gets label -1. `device_batches=True` (a CUDA consumer) yields the augmented uint8 batches pinned and not
+    normalised: a quarter of the bytes to copy, copied without blocking, normalised on the device by the consumer
+    (`transform.normalize`, the same arithmetic).
     """
     if batch_size < 1 or num_samples < 1 or not 0 <= rank < world_size:
         raise DataError(f"{pattern!r}: need batch_size >= 1, num_samples >= 1, 0 <= rank < world_size")
@@ -260,7 +270,8 @@ def make_loader(pattern: str, *, num_samples: int, transform, batch_size: int, s
         if len(labels) != num_samples:
             raise DataError(f"{pattern!r}: num_samples is {num_samples} but the shards hold {len(labels)} samples")
         return MemoryLoader(images, labels, transform=transform, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                            epoch=epoch, rank=rank, world_size=world_size, drop_last=drop_last)
+                            epoch=epoch, rank=rank, world_size=world_size, drop_last=drop_last,
+                            device_batches=device_batches)
     shards = expand_shards(pattern, allow_pipe=allow_pipe)
     index = sample_index(shards, subset, num_samples)
     if index is None and world_size > 1:  # a wrong count would give ranks different batch counts: check up front
@@ -275,7 +286,7 @@ def make_loader(pattern: str, *, num_samples: int, transform, batch_size: int, s
                           index=index)
     return ShardLoader(stream, num_samples=_rank_share(num_samples, rank, world_size), batch_size=batch_size,
                        num_workers=num_workers, drop_last=drop_last, transform=transform, rank=rank,
-                       world_size=world_size)
+                       world_size=world_size, device_batches=device_batches)
 
 
 def _stack(images: list[Tensor]) -> Tensor | list[Tensor]:

@@ -25,9 +25,9 @@ class ImageTransform:
     std: tuple[float, float, float]
 
     def normalize(self, x: Tensor) -> Tensor:
-        """uint8 (..., 3, H, W) -> float32 (..., 3, H, W), (x / 255 - mean) / std."""
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1) * 255
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1) * 255
+        """uint8 (..., 3, H, W) -> float32 (..., 3, H, W), (x / 255 - mean) / std, on x's device."""
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1).to(x.device) * 255
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1).to(x.device) * 255
         return (x.float() - mean) / std
 
     def __call__(self, img) -> Tensor:

@@ -10,6 +10,8 @@ read the labeled train split, validation reads "val" (the dataset's own, or the 
 """
 from __future__ import annotations
 
+import os
+
 from mae_lab import rng
 from mae_lab.data import DataError, DatasetInfo
 from mae_lab.data.loading import MemoryLoader, first_samples, make_loader
@@ -30,31 +32,45 @@ def _train_loader(spec: TrialSpec, info: DatasetInfo, transform: ImageTransform,
 
 def _split_loader(spec: TrialSpec, info: DatasetInfo, split: str, transform, *, batch_size: int, shuffle: bool,
                   epoch: int, drop_last: bool, seed: int, rank: int = 0, world_size: int = 1,
-                  limit: int | None = None, need_label: bool = True):
+                  limit: int | None = None, need_label: bool = True, device: str | None = None):
     """Loader over one split of `info` ("train", "val", "test"), or over its first `limit` samples (decoded once,
     served from memory)."""
     d = spec.data
+    cuda = device is not None and device.startswith("cuda")
     pattern, n, subset = info.split(split)
     if limit is not None and limit < n:
         images, targets = first_samples(pattern, limit, allow_pipe=info.allow_pipe, subset=subset,
                                         label_key=d.label_key, need_label=need_label)
         return MemoryLoader(images, targets, transform=transform, batch_size=batch_size, shuffle=shuffle,
-                            seed=seed, epoch=epoch, rank=rank, world_size=world_size, drop_last=drop_last)
+                            seed=seed, epoch=epoch, rank=rank, world_size=world_size, drop_last=drop_last,
+                            device_batches=cuda)
     return make_loader(pattern, num_samples=n, transform=transform, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                       epoch=epoch, num_workers=d.num_workers, rank=rank, world_size=world_size, drop_last=drop_last,
-                       in_memory=d.in_memory, allow_pipe=info.allow_pipe, subset=subset, label_key=d.label_key,
-                       need_label=need_label)
+                       epoch=epoch, num_workers=_workers(d.num_workers, cuda, world_size), rank=rank,
+                       world_size=world_size, drop_last=drop_last, in_memory=d.in_memory, allow_pipe=info.allow_pipe,
+                       subset=subset, label_key=d.label_key, need_label=need_label, device_batches=cuda)
 
 
-def pretrain_loader(spec: TrialSpec, info: DatasetInfo, epoch: int, *, rank: int = 0, world_size: int = 1):
+def _workers(num_workers: int, cuda: bool, world_size: int) -> int:
+    """`data.num_workers`, where 0 on a CUDA run means "decode in workers": up to 8 per process, from the cores
+    this process may use (a GPU waits on a main process that decodes and augments alone). The batches do not
+    depend on it (module docstring)."""
+    if num_workers or not cuda:
+        return num_workers
+    return max(1, min(8, len(os.sched_getaffinity(0)) // max(1, world_size) - 1))
+
+
+def pretrain_loader(spec: TrialSpec, info: DatasetInfo, epoch: int, *, rank: int = 0, world_size: int = 1,
+                    device: str | None = None):
     """Shuffled, augmented (`data.augmentation`) batches of `pretrain.batch_size` from the pretraining data (the
-    [data] pretraining source, else the train split); drop_last (official). Labels are not needed."""
+    [data] pretraining source, else the train split); drop_last (official). Labels are not needed. On a CUDA
+    `device` the batches come as pinned uint8, to be normalised on the device (`make_loader`'s device_batches),
+    and `data.num_workers = 0` means workers (`_workers`)."""
     src = info.pretrain_data
     transform = pretrain_transform(spec.data.augmentation, spec.model.img_size, src.mean, src.std)
     limit = spec.data.train_samples if info.pretrain is None else None
     return _split_loader(spec, src, "train", transform, batch_size=spec.pretrain.batch_size, shuffle=True,
                          epoch=epoch, drop_last=True, seed=spec.seed, rank=rank, world_size=world_size, limit=limit,
-                         need_label=False)
+                         need_label=False, device=device)
 
 
 def eval_loader(spec: TrialSpec, info: DatasetInfo, split: str, batch_size: int, *,

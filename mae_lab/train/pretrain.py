@@ -166,7 +166,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
     while epoch < pt.epochs:
         t_epoch = time.perf_counter()
         mask_gen = rng.generator(spec.seed, "mask", epoch)  # masking (CPU generator): the global batch's masks
-        loader = pretrain_loader(spec, info, epoch, rank=rank, world_size=world_size)
+        loader = pretrain_loader(spec, info, epoch, rank=rank, world_size=world_size, device=device)
         model.train()
         optimizer.zero_grad(set_to_none=True)
         loss_sum, n_micro, n_images, lr = 0.0, 0, 0, 0.0
@@ -178,7 +178,9 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
                 lr = lr_at(step, total_steps, warmup_steps, peak_lr, pt.min_lr)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-            imgs = imgs.to(dev, non_blocking=True)  # (B, C, H, W)
+            imgs = imgs.to(dev, non_blocking=True)  # (B, C, H, W); uint8 and pinned on CUDA
+            if imgs.dtype == torch.uint8:  # normalised here, on the device: a quarter of the bytes copied
+                imgs = loader.transform.normalize(imgs)
             noise = step_noise(model.config, imgs.shape[0], mask_gen, dev, rank, world_size)  # (B, L) this rank's
             last_micro = (i + 1) % pt.accum_iter == 0
             with ddp.no_sync() if ddp is not None and not last_micro else nullcontext():
