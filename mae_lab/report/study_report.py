@@ -27,7 +27,7 @@ from mae_lab.store.reads import get_study, list_studies
 from mae_lab.store.records import StudyRecords, from_db
 from mae_lab.store.tables import StudyRow
 from mae_lab.study.adaptive import Decision, is_decided, point_decisions
-from mae_lab.study.expand import resolve
+from mae_lab.study.expand import resolve_settings
 from mae_lab.study.spec import Study, StudyError, get_dotted, parse_study
 from mae_lab.study.stats import Interval, by_seed, paired_interval, verdict, verdict_text, welch_interval
 from mae_lab.study.tables import SeedPlan
@@ -129,11 +129,12 @@ def _parse(toml: str) -> Study | None:
 
 
 def _base_values(study: Study | None, axes: list[str]) -> dict[str, Any] | None:
-    """The study's default value of every axis (from its base settings and model preset)."""
+    """The study's default value of every axis, from its recorded text and model preset alone (no file is read: the
+    init file may be gone, or on another machine)."""
     if study is None:
         return None
     try:
-        base = resolve(study, {}, study.study.seeds[0])
+        base = resolve_settings(study, {}, study.study.seeds[0])
         return {k: get_dotted(base, k) for k in axes}
     except (StudyError, ValueError, AttributeError, KeyError):
         return None

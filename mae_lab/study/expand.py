@@ -190,7 +190,18 @@ def _mae_defaults() -> dict[str, Any]:
 
 
 def resolve(study: Study, point: dict[str, Any], seed: int) -> TrialSpec:
-    """Fill the model from its preset and check what depends on several fields; errors name the key."""
+    """Fill the model from its preset and check what depends on several fields, then the probed blocks, the fine-tune
+    size and the init file (its sha256 into the spec); errors name the key."""
+    spec = resolve_settings(study, point, seed)
+    try:  # probed blocks, fine-tune size, and the init file's sha256 into the spec (issue 17)
+        return resolve_fields(spec)
+    except FieldError as exc:
+        raise StudyError(study.path, f"grid.{exc.key}" if exc.key in point else exc.key, exc.reason) from None
+
+
+def resolve_settings(study: Study, point: dict[str, Any], seed: int) -> TrialSpec:
+    """``resolve`` without reading any file: the settings as written, the model filled from its preset and checked
+    (what a report compares points against: a pure function of the study text)."""
     raw = set_dotted(study.base, "seed", seed)
     spec = validate_trial(study.path, raw, point)
     model = spec.model
@@ -245,10 +256,7 @@ def resolve(study: Study, point: dict[str, Any], seed: int) -> TrialSpec:
     except ValueError as exc:  # anything MAEConfig checks beyond the above (e.g. widths for sin-cos tables)
         key = next((f"grid.{k}" for k in point if k.startswith("model.")), "model")
         raise StudyError(study.path, key, str(exc)) from None
-    try:  # probed blocks, fine-tune size, and the init file's sha256 into the spec (issue 17)
-        return resolve_fields(spec)
-    except FieldError as exc:
-        raise StudyError(study.path, f"grid.{exc.key}" if exc.key in point else exc.key, exc.reason) from None
+    return spec
 
 
 def search_values(study: Study) -> dict[str, list[tuple[str, Any]]]:
