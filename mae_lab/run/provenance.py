@@ -63,8 +63,10 @@ def slurm_job() -> str | None:
     return env.get("SLURM_JOB_ID")
 
 
-def provenance(device: str, ctx: RunContext, data_root: str | None) -> dict[str, Any]:
-    """How a trial ran (TrialRow's provenance columns): none of it is part of its identity."""
+def provenance(device: str, ctx: RunContext, data_root: str | None, mlflow_run_id: str | None = None
+               ) -> dict[str, Any]:
+    """How a trial ran (TrialRow's provenance columns): none of it is part of its identity. ``mlflow_run_id``: its
+    run in MLflow (``run.tracking``), if it is logged there."""
     commit, dirty = code_version()
     try:
         version = importlib.metadata.version("mae-lab")
@@ -74,5 +76,5 @@ def provenance(device: str, ctx: RunContext, data_root: str | None) -> dict[str,
                timm_version=timm.__version__, mae_lab_version=version, device=device,
                device_name=device_name(device), world_size=ctx.world_size, cpu_threads=torch.get_num_threads(),
                resolved_precision=ctx.precision, data_root=data_root, data_fingerprint=ctx.fingerprint,
-               slurm_job=slurm_job())
+               slurm_job=slurm_job(), mlflow_run_id=mlflow_run_id)
     return {k: ran[k] for k in RUN_PROVENANCE}  # a column without a value here fails every trial, loudly

@@ -21,7 +21,8 @@ from sqlalchemy.engine import Engine
 from mae_lab.data import DatasetInfo
 from mae_lab.run.inits import check_inits, init_source
 from mae_lab.run.progress import Display, PlainDisplay
-from mae_lab.run.provenance import provenance
+from mae_lab.run.provenance import code_version, provenance
+from mae_lab.run.tracking import NO_LOG, STEP_STAGE, Trackers, TrialLog, trackers_for
 from mae_lab.store.engine import artifacts_dir, connect
 from mae_lab.store.queue import Claim, Heartbeat, LostClaim, claim_next, claim_of, has_runnable
 from mae_lab.store.reads import find_done, get_checkpoint, study_name, study_trials, trial_details
@@ -125,7 +126,8 @@ def _verified_checkpoint(engine: Engine, pretrain_hash: str, path: Path, display
 
 def run_trial(engine: Engine, row: TrialRow, info: DatasetInfo, *, device: str, artifacts: Path,
               display: Display, on_pretrain_metrics: Callable[[dict[str, Any]], None] | None = None,
-              heartbeat_s: float = HEARTBEAT_S, dist_ctx: Any = None, data_root: str | None = None) -> str:
+              heartbeat_s: float = HEARTBEAT_S, dist_ctx: Any = None, data_root: str | None = None,
+              trackers: Trackers | None = None, study: str = "") -> str:
     """Pretrain (or resume / reuse), probe, fine-tune and record one claimed trial; return its final status.
 
     ``on_pretrain_metrics`` sees every pretraining epoch's metrics after they are recorded (``knn_top1`` every
@@ -135,33 +137,45 @@ def run_trial(engine: Engine, row: TrialRow, info: DatasetInfo, *, device: str, 
     with "lost" (and says so). The result is recorded before the artifacts (FLOPs, reconstructions): an artifact
     failure is noted in ``artifact_error`` and the trial stays done with its numbers.
     ``dist_ctx`` (a ``distributed.DistContext``, this being rank 0): the other ranks pretrain alongside.
+    ``trackers``: live views of the trial (``tracking.py``), fed from what is recorded; ``study`` names it there.
     """
     claim = claim_of(row)
+    status, log = None, NO_LOG  # status None: the views read it from the database (an exception ended the trial)
     with Heartbeat(engine, claim, heartbeat_s) as beat:
         try:
+            if trackers is not None:
+                log = trackers.open(engine, study, row, commit=code_version()[0], claim=claim)
             status = _run_trial(engine, row, claim, beat, info, device=device, artifacts=artifacts, display=display,
-                                on_pretrain_metrics=on_pretrain_metrics, dist_ctx=dist_ctx, data_root=data_root)
+                                on_pretrain_metrics=on_pretrain_metrics, dist_ctx=dist_ctx, data_root=data_root,
+                                log=log)
             if status == "failed" and torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the failed trial's tensors are gone with its traceback: free their cache
             return status
         except LostClaim as exc:
             display.message(f"  {exc}")
+            status = "lost"  # another worker goes on with the trial and its views
             if dist_ctx is not None:
                 raise
-            return "lost"
+            return status
+        finally:
+            log.close(engine, row.id, status)
 
 
 def _run_trial(engine: Engine, row: TrialRow, claim: Claim, beat: Heartbeat, info: DatasetInfo, *,
                device: str, artifacts: Path, display: Display,
                on_pretrain_metrics: Callable[[dict[str, Any]], None] | None, dist_ctx: Any,
-               data_root: str | None) -> str:
+               data_root: str | None, log: TrialLog) -> str:
     spec = TrialSpec.model_validate_json(row.spec_json)
     world_size = dist_ctx.world_size if dist_ctx is not None else 1
     ctx = planning.run_context(spec, info, device, world_size)
-    set_provenance(engine, row.id, claim=claim, **provenance(device, ctx, data_root))
+    set_provenance(engine, row.id, claim=claim, **provenance(device, ctx, data_root, log.mlflow_run_id))
     ckpt = artifacts / "pretrain" / f"{row.pretrain_hash}.pt"
     last: dict[str, Any] = {}  # the latest pretraining metrics, for a pruned trial's result
     together = [False]  # under DDP: the other ranks are inside this trial's pretraining (its collectives) with us
+
+    def record(stage: str, epoch: int, values: dict[str, Any]) -> None:  # the database, then the live views
+        record_metrics(engine, row.id, stage, epoch, values, claim=claim)
+        log.metrics(stage, epoch, values)
 
     def on_step(stage: str, step: int) -> None:
         note(f"{stage} step {step}")
@@ -173,12 +187,11 @@ def _run_trial(engine: Engine, row: TrialRow, claim: Claim, beat: Heartbeat, inf
     def on_pretrain_epoch(m: dict[str, Any]) -> None:
         surface = m.pop(SURFACE, None)  # {"block{b}": top-1} every pretrain.probe_every epochs
         if surface:
-            record_metrics(engine, row.id, SURFACE, m["epoch"], surface, claim=claim)
+            record(SURFACE, m["epoch"], surface)
         if m.get("ckpt_sha256"):
             record_checkpoint(engine, row.pretrain_hash, str(ckpt), m["ckpt_sha256"], m["epoch"], claim=claim)
-        record_metrics(engine, row.id, "pretrain", m["epoch"],
-                          {k: v for k, v in m.items() if k not in ("epoch", "ckpt_sha256") and v is not None},
-                          claim=claim)
+        record("pretrain", m["epoch"], {k: v for k, v in m.items() if k not in ("epoch", "ckpt_sha256")
+                                        and v is not None})
         beat.progress = f"pretrain epoch {m['epoch']}/{spec.pretrain.epochs}"
         display.epoch("pretrain", m["epoch"], spec.pretrain.epochs, m)
         last.update({k: v for k, v in m.items() if v is not None})
@@ -187,8 +200,7 @@ def _run_trial(engine: Engine, row: TrialRow, claim: Claim, beat: Heartbeat, inf
 
     def on_eval_epoch(stage: str, total: int):
         def cb(m: dict[str, Any]) -> None:
-            record_metrics(engine, row.id, stage, m["epoch"],
-                              {k: v for k, v in m.items() if k != "epoch" and v is not None}, claim=claim)
+            record(stage, m["epoch"], {k: v for k, v in m.items() if k != "epoch" and v is not None})
             beat.progress = f"{stage} epoch {m['epoch']}/{total}"
             display.epoch(stage, m["epoch"], total, m)
         return cb
@@ -210,10 +222,12 @@ def _run_trial(engine: Engine, row: TrialRow, claim: Claim, beat: Heartbeat, inf
             pre = pretrain(spec, info, device=device, ckpt_path=ckpt if spec.pretrain.epochs else None,
                            resume=True, on_epoch=on_pretrain_epoch, world_size=world_size, model=start,
                            identity=pretrain_identity(spec, ctx), on_step=functools.partial(on_step, "pretrain"),
-                           control_group=dist_ctx.control if dist_ctx is not None else None)
+                           control_group=dist_ctx.control if dist_ctx is not None else None,
+                           on_log=functools.partial(record, STEP_STAGE) if log.active else None,
+                           log_every=log.every)
             together[0] = False  # the other ranks wait for the next message again: a failure from here leaves them
         for epoch, loss in enumerate(pre.loss_history, start=1):  # epochs run before a resume, or shared
-            record_metrics(engine, row.id, "pretrain", epoch, {"loss": loss}, claim=claim)
+            record("pretrain", epoch, {"loss": loss})
         result: dict[str, Any] = {"pretrain_loss": pre.final_loss, "pretrain_wall_s": pre.wall_s,
                                   "pretrain_images_per_s": pre.images_per_s,
                                   "pretrain_peak_mem_mib": pre.peak_mem_mib, "pretrain_reused": reused}
@@ -226,8 +240,7 @@ def _run_trial(engine: Engine, row: TrialRow, claim: Claim, beat: Heartbeat, inf
                                on_progress=note)
             result.update(linear_top1=out["top1"], linear_test_top1=out["test_top1"], linear_wall_s=out["wall_s"])
             if lin.blocks:  # the probe surface at the last epoch (one forward pass for every block)
-                record_metrics(engine, row.id, SURFACE, pre.epochs, probe_surface(spec, model, info, device),
-                                  claim=claim)
+                record(SURFACE, pre.epochs, probe_surface(spec, model, info, device))
         if ft.enabled:
             clear_metrics(engine, row.id, "finetune", claim=claim)
             display.stage("finetune", ft.epochs)
@@ -299,7 +312,7 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
               max_trials: int | None = None, allow_pipe: bool = False, display: Display | None = None,
               stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S,
               wait: bool = False, poll_s: float = 10.0, dist_ctx: Any = None,
-              allow_large_grid: bool = False, max_rounds: int | None = None) -> RunSummary:
+              allow_large_grid: bool = False, max_rounds: int | None = None, log: str | None = None) -> RunSummary:
     """Validate ``path`` fully, record its trials, then run every trial not done yet.
 
     The trials table is the queue: each trial is claimed in one transaction, so any number of processes (``mae-lab
@@ -310,6 +323,7 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
     ``max_rounds`` (adaptive seeds): run at most this many rounds, and end rather than wait for another process's
     last trials of a round; a later call goes on (``make results`` runs the studies breadth-first so).
     ``dist_ctx``: this is rank 0 of a DistributedDataParallel run (``distributed.run_study_ddp``).
+    ``log``: ``"tensorboard,mlflow"``, the live views, instead of the study's ``[log] trackers``.
     """
     display = display or PlainDisplay()
     study, trials = planning.plan(path, data_override, allow_large_grid)
@@ -324,6 +338,7 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
     check_inits(study, trials, db_url)  # a bad pretrain.init ends here, before anything is written
     artifacts = Path(artifacts or artifacts_dir(db_url)).resolve()
     check_checkpoints(study, trials, infos, device, world_size, artifacts)  # likewise a checkpoint to resume
+    trackers = trackers_for(study, log, db_url=db_url, artifacts=artifacts, warn=display.message)  # and a view
     engine = connect(db_url)
     s = study.study
     summary, tried, synced, todo, rounds_run = RunSummary(), set(), set(), 0, 0
@@ -384,7 +399,7 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
             display.trial_start(len(summary.ran) + 1, todo, claimed.label, claimed.hash)
             result = run_trial(engine, claimed, infos[spec.data.model_dump_json()], device=device,
                                artifacts=artifacts, display=display, heartbeat_s=heartbeat_s, dist_ctx=dist_ctx,
-                               data_root=data_root)
+                               data_root=data_root, trackers=trackers, study=s.name)
             summary.ran.append((claimed.hash, result))
             display.trial_end(_summary_line(engine, claimed, result))
         rounds_run += 1

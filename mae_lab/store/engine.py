@@ -39,6 +39,7 @@ MIGRATIONS = {
     4: _provenance_added(4),
     5: ["ALTER TABLE mae_results ADD COLUMN result_copied BOOLEAN"],
     6: _provenance_added(6),
+    7: _provenance_added(7),
 }
 
 

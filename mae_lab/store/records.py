@@ -39,9 +39,10 @@ RESULT_COLUMNS = {**{v: "float" for v in METRIC_COLUMNS.values()}, "pretrain_reu
                   # a shared pretraining is timed by the trial that ran it (of any study): these hold its figures
                   "timed_pretrain_wall_s": "float", "timed_pretrain_images_per_s": "float",
                   "timed_pretrain_peak_mem_mib": "float", "pretrain_losses": "json"}
-# how each trial ran (tables.RUN_PROVENANCE), less data_root and slurm_job: a path and a job ID of the cluster that
-# ran it, not a record
-PROVENANCE = ("attempts", "started_at", "ended_at", *(k for k in RUN_PROVENANCE if k not in ("data_root", "slurm_job")),
+# how each trial ran (tables.RUN_PROVENANCE), less data_root, slurm_job and mlflow_run_id: a path and a job ID of the
+# cluster that ran it, and a key into a tracking store, not a record
+PROVENANCE = ("attempts", "started_at", "ended_at",
+              *(k for k in RUN_PROVENANCE if k not in ("data_root", "slurm_job", "mlflow_run_id")),
               "resumed_from_epoch")
 PROVENANCE_COLUMNS = {k: "str" for k in PROVENANCE}
 COLUMNS = {**STUDY_COLUMNS, **TRIAL_COLUMNS, **RESULT_COLUMNS, **PROVENANCE_COLUMNS}

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Column, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 def now() -> datetime:
@@ -44,6 +44,7 @@ class RunProvenance(SQLModel):
     data_root: str | None = _since(3)  # where the data was read from
     data_fingerprint: str | None = _since(3)  # the data's identity, part of the hash
     slurm_job: str | None = _since(6)  # the SLURM array task (ARRAYJOB_TASK) or job that ran it
+    mlflow_run_id: str | None = _since(7)  # its run in an MLflow view (run.tracking), continued when it resumes
 
 
 RUN_PROVENANCE = tuple(RunProvenance.model_fields)

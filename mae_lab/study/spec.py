@@ -1,9 +1,9 @@
 """Study and trial schemas, and TOML loading with precise errors.
 
 A study file is data: ``[study]``, ``[data]``, ``[model]``, ``[pretrain]``, ``[eval]`` and a ``[grid]`` (cartesian
-product over dotted keys) and/or ``[[cases]]`` (explicit points). Every error names the file, the dotted key and the
-reason. This module imports nothing else of mae-lab's but ``spec_tables`` (the ``[study]`` and ``[search]`` tables):
-presets are resolved in ``expand.py``.
+product over dotted keys) and/or ``[[cases]]`` (explicit points); ``[log]`` names live views (no part of a trial).
+Every error names the file, the dotted key and the reason. This module imports nothing else of mae-lab's but
+``spec_tables`` (the ``[study]``, ``[search]`` and ``[log]`` tables): presets are resolved in ``expand.py``.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mae_lab.study.tables import SearchSection, Strict, StudySection, TableError, check_search_table
+from mae_lab.study.tables import LogSection, SearchSection, Strict, StudySection, TableError, check_search_table
 
 
 class StudyError(ValueError):
@@ -200,6 +200,7 @@ class StudyFile(Strict):
     grid: dict[str, list[Any]] = {}
     cases: list[dict[str, Any]] = []
     search: SearchSection | None = None
+    log: LogSection = LogSection()
 
 
 class Study(BaseModel):
@@ -212,6 +213,7 @@ class Study(BaseModel):
     base: dict[str, Any]  # the trial dict without grid values: data / model / pretrain / eval
     points: list[dict[str, Any]]  # one dict of dotted key -> value per grid point (or [{}])
     search: SearchSection | None = None
+    log: LogSection = LogSection()  # live views (TensorBoard, MLflow): how it runs, not what it computes
 
 
 # --- error formatting -----------------------------------------------------------------------------------------
@@ -365,7 +367,7 @@ def parse_study(text: str, path: str | Path = "<study>", *, allow_large_grid: bo
             validate_trial(path, base, {key: value})
     for case in f.cases:
         validate_trial(path, base, case)
-    return Study(path=str(path), text=text, study=f.study, base=base, points=points, search=f.search)
+    return Study(path=str(path), text=text, study=f.study, base=base, points=points, search=f.search, log=f.log)
 
 
 def load_study(path: str | Path, *, allow_large_grid: bool = False) -> Study:

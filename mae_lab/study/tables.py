@@ -1,5 +1,6 @@
-"""The study file's own tables, beside the trial: ``[study]`` (name, seeds or an adaptive seed plan) and
-``[search]`` (an Optuna space and the checks of its structure), and the strict base every schema shares. Split out
+"""The study file's own tables, beside the trial: ``[study]`` (name, seeds or an adaptive seed plan),
+``[search]`` (an Optuna space and the checks of its structure) and ``[log]`` (live views in TensorBoard or MLflow),
+and the strict base every schema shares. Split out
 of ``spec.py`` by job; like it, this module imports nothing else of mae-lab's (``spec.py`` adds the file name to a
 TableError).
 """
@@ -118,6 +119,24 @@ class StudySection(Strict):
                 check_seed(seed)
             if len(set(v)) != len(v):
                 raise ValueError(f"duplicate seeds in {v}")
+        return v
+
+
+TRACKERS = ("tensorboard", "mlflow")  # the views `[log] trackers` and `--log` may name
+
+
+class LogSection(Strict):
+    """``[log]``: live views of every trial (``mae_lab/run/tracking.py``). Execution, not science: no part of a
+    trial's identity."""
+
+    trackers: list[Literal["tensorboard", "mlflow"]] = Field([], description="where each trial is logged live")
+    every: int = Field(20, ge=1, description="pretraining steps between logged losses, lrs and images/s")
+
+    @field_validator("trackers")
+    @classmethod
+    def _unique_trackers(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate tracker in {v}")
         return v
 
 

@@ -72,7 +72,8 @@ class PretrainResult:
 def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path | None, resume: bool = True,
              on_epoch: Callable[[dict], None] | None = None, model: MaskedAutoencoder | None = None,
              rank: int = 0, world_size: int = 1, identity: dict | None = None,
-             on_step: Callable[[int], None] | None = None, control_group: Any = None) -> PretrainResult:
+             on_step: Callable[[int], None] | None = None, control_group: Any = None,
+             on_log: Callable[[int, dict], None] | None = None, log_every: int = 20) -> PretrainResult:
     """Pretrain an MAE on `info`'s train split as `spec.pretrain` says; checkpoint and report after each epoch.
 
     With `resume` and an existing `ckpt_path` the run continues from it (its `identity`, ``expand.pretrain_identity``
@@ -80,7 +81,9 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
     differs); a checkpoint that already has every epoch returns at once. The weights start from the ``init``
     streams (one per parameter name), so arms of a study share every parameter whose name and shape agree;
     `model` replaces them (``pretrain.init``: released or earlier weights). `on_step(step)` follows every
-    optimizer step (the runner's heartbeat progress; it may raise to stop the run).
+    optimizer step (the runner's heartbeat progress; it may raise to stop the run). `on_log(step, {"loss", "lr",
+    "images_per_s"})` follows every `log_every`-th step (live views): the mean loss of rank 0's micro-batches and
+    its throughput (all ranks' images) since the last call, read back then (a host-device sync every `log_every`).
     `rank` / `world_size`: this process in a DistributedDataParallel run (module docstring); every rank calls this
     with the same spec and checkpoint path; `control_group` (``distributed.DistContext.control``, a gloo group with a
     long timeout) carries rank 0's end-of-epoch stop flag, so the others wait there while it probes. Raises
@@ -164,7 +167,11 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
     reset_peak_memory(dev)
     train_s, images = 0.0, 0
     while epoch < pt.epochs:
-        t_epoch = time.perf_counter()
+        t_epoch = t_log = time.perf_counter()
+        # on_log: rank 0's micro-batch losses and all images since the last call or the epoch's start (as a resumed
+        # run starts: a logged loss is the same resumed or not)
+        window: list[torch.Tensor] = []
+        log_images = 0
         mask_gen = rng.generator(spec.seed, "mask", epoch)  # masking (CPU generator): the global batch's masks
         loader = pretrain_loader(spec, info, epoch, rank=rank, world_size=world_size, device=device)
         model.train()
@@ -187,6 +194,9 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                     loss, _, _ = fwd(imgs, noise=noise)
                 pending.append((step, loss.detach()))
+                if on_log is not None:
+                    window.append(loss.detach())
+                    log_images += imgs.shape[0] * world_size
                 (loss / pt.accum_iter).backward()
             if last_micro:
                 optimizer.step()
@@ -194,6 +204,12 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
                 step += 1
                 if on_step is not None and rank == 0:
                     on_step(step)  # progress for the heartbeat (cheap: no device sync)
+                if on_log is not None and rank == 0 and step % log_every == 0:
+                    mean_loss = torch.stack(window).float().mean().item()  # (waits for the device)
+                    on_log(step, {"loss": mean_loss, "lr": lr,
+                                  "images_per_s": log_images / max(time.perf_counter() - t_log, 1e-9)})
+                    window.clear()
+                    t_log, log_images = time.perf_counter(), 0  # the callback's own time is not training
             if len(pending) >= sync_every:  # the loss is read (a host-device sync) only every sync_every batches
                 loss_sum += read_losses(pending, world_size, reduce_dev)
             n_micro += 1
