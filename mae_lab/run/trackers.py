@@ -92,7 +92,11 @@ class TensorBoardRun:
             acc.Reload()
             tags = acc.Tags()
             self.last = {t: max(e.step for e in acc.Scalars(t)) for t in tags["scalars"]}
-            self.held = set(tags["images"]) | set(tags["tensors"]) | set(acc.PluginTagToContent("hparams"))
+            self.held = set(tags["images"]) | set(tags["tensors"])
+            try:
+                self.held |= set(acc.PluginTagToContent("hparams"))
+            except KeyError:  # none written yet
+                pass
         self.writer = SummaryWriter(log_dir=str(self.folder), flush_secs=10)
         if "trial/text_summary" not in self.held:
             lines = [f"{k}: `{v}`" for k, v in meta.tags.items()]
