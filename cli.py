@@ -43,6 +43,9 @@ def study_arg(help: str):  # noqa: A002 - typer's name
     return typer.Argument(help=help, readable=False)
 
 
+LogOpt = Annotated[Optional[str], typer.Option(
+    "--log", help="Log every trial live to these views, e.g. 'tensorboard,mlflow' (instead of the study's [log] "
+                  "trackers; needs the extras mae-lab[tensorboard], mae-lab[mlflow]).")]
 StaleOpt = Annotated[float, typer.Option(
     "--stale-after", min=1, help="Take over a running trial of another host after this many seconds without a "
                                  "heartbeat (a dead worker on this host is taken over at once).")]
@@ -74,6 +77,7 @@ def run(
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes per trial: DistributedDataParallel "
                                        "pretraining through torchrun (one per GPU, or gloo on CPU); "
                                        "pretrain.batch_size is per process.")] = 1,
+    log: LogOpt = None,
 ):
     """Expand STUDY into trials and run every trial not done yet (pretrain, linear probe, fine-tune)."""
     if dry_run:
@@ -85,8 +89,10 @@ def run(
     rank = torchrun_rank()  # None outside torchrun
     if nproc > 1 and rank is None:  # start torchrun, whose processes each run this command again
         from mae_lab.run.distributed import launch_study
+        from mae_lab.run.trackers import parse_trackers
 
         with trial_errors("run the same command to resume it", display=False):
+            parse_trackers(log or "")  # a bad --log ends here, before torchrun starts
             code = launch_study(nproc, torchrun_argv(ctx.meta["argv"], study), study, data, data_root, allow_pipe,
                                 allow_large_grid, device)
         raise typer.Exit(code)
@@ -95,7 +101,7 @@ def run(
     with trial_errors("run the same command to resume it", display=rank in (None, 0)) as display:
         summary = run_here(study, db_url=db, device=device, data_root=data_root, data=data, rerun=rerun,
                            max_trials=max_trials, max_rounds=rounds, allow_pipe=allow_pipe, display=display,
-                           stale_after_s=stale_after, allow_large_grid=allow_large_grid)
+                           stale_after_s=stale_after, allow_large_grid=allow_large_grid, log=log)
     if summary is not None:  # None on a rank > 0: rank 0 reports
         _print_summary(summary)
 
@@ -123,6 +129,7 @@ def worker(
                                                                 "workers run.")] = 10.0,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes per trial (torchrun, as for 'run'): rank 0 "
                                        "alone claims trials and records them.")] = 1,
+    log: LogOpt = None,
 ):
     """Drain STUDY with any number of workers on one database (PostgreSQL for several machines): each trial is
     claimed by exactly one worker; the trial of a dead worker is taken over and resumes from its checkpoint.
@@ -139,7 +146,7 @@ def worker(
     with trial_errors("any worker resumes it", display=rank in (None, 0)) as display:
         summary = run_here(study, db_url=db, device=device, data_root=data_root, data=data, allow_pipe=allow_pipe,
                            display=display, stale_after_s=stale_after, wait=True, poll_s=poll,
-                           allow_large_grid=allow_large_grid)
+                           allow_large_grid=allow_large_grid, log=log)
     if summary is not None:  # None on a rank > 0: rank 0 reports
         _print_summary(summary)
 
@@ -302,6 +309,22 @@ def show(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix.")],
     except ReconError as exc:
         raise fail(str(exc)) from None
     out().print(f"wrote {recon}: reconstructions of {'; '.join(labels)}", markup=False)
+
+
+@app.command("log")
+def log_(study: Annotated[str, typer.Argument(help="Study name (in the database).")],
+         to: Annotated[str, typer.Option("--to", help="tensorboard or mlflow (or both: 'tensorboard,mlflow').")],
+         db: DbOpt = None):
+    """Write what the database holds for STUDY's done trials to TensorBoard or MLflow, as live logging does (what a
+    view already holds is skipped). TensorBoard: the artifacts folder; MLflow: MLFLOW_TRACKING_URI, else mlflow.db
+    beside the database."""
+    from mae_lab.run.tracking import backfill
+
+    with trial_errors("", display=False):
+        n, where, failed = backfill(study, to, db_url=db, warn=lambda m: Console(stderr=True).print(m, markup=False))
+    out().print(f"{study}: {n} done trials logged to {where}", markup=False)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -142,7 +142,7 @@ def test_mlflow_one_run_per_trial_with_params_history_tags_and_recon(live: Path)
         assert [s for s, _ in history["linear/top1"]] == [1, 2]
         assert [a.path for a in client.list_artifacts(run_id, "recon")] == [f"recon/{h}.png"]
     out = CliRunner().invoke(app, ["show", trials[0][0][:10], "--db", str(db)]).output
-    assert f"mlflow run {trials[0][2]}" in out
+    assert f"mlflow run id {trials[0][2]}" in out
 
 
 def test_backfill_writes_what_live_logging_wrote(live: Path, tmp_path: Path, monkeypatch):
