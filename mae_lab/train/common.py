@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,7 +135,7 @@ def restore_rng(state: dict, dev: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, dev)
 
 
-def compile_module(module: nn.Module, **kwargs) -> nn.Module:
+def compile_module(module: nn.Module, **kwargs) -> Callable[..., Any]:
     """``torch.compile(module)`` after ``torch._dynamo.reset()``: Dynamo keeps the graphs of every earlier model on
     the shared ``forward`` code and, past its recompile limit (8), silently runs later ones eagerly, as a search
     or study of many trials in one process would. The caller passes the masks' noise in (``pretrain.step_noise``),

@@ -158,7 +158,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
         # find_unused_parameters costs a graph walk per step: only where a parameter gets no gradient by design
         ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
                                       find_unused_parameters=bool(model.unused_parameters()))
-    fwd = ddp or model
+    fwd: Callable[..., Any] = ddp or model
     fwd = compile_module(fwd) if pt.compile else fwd
     amp = use_bf16(pt.amp, dev, model.config.embed_dim)
     allow_tf32(dev)
