@@ -1,7 +1,8 @@
 """The mae-lab command line: parse, call one library function, print.
 
 Exit codes (mae_lab.run.boundary): 0 success, 1 some trials failed or diverged, 2 bad input (study file, data,
-database URL), 130 interrupted (Ctrl-C), 128 + N for a stop signal N (SIGTERM 143, SIGUSR1 138, SIGUSR2 140).
+database URL), 75 the database server stayed away longer than MAE_LAB_DB_OUTAGE_S, 130 interrupted (Ctrl-C),
+128 + N for a stop signal N (SIGTERM 143, SIGUSR1 138, SIGUSR2 140).
 Our library loads inside the commands that use it: --help imports only typer, rich and the boundary, and validate,
 list, report and run --dry-run never import torch (tests/test_house.py).
 """

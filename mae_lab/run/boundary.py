@@ -1,6 +1,7 @@
 """Where the command line meets the library: exit codes, the error boundary, SIGTERM, and torchrun's arguments.
 
-Exit codes: 0 success, 1 some trials failed or diverged, 2 bad input (study file, data, database URL), 130
+Exit codes: 0 success, 1 some trials failed or diverged, 2 bad input (study file, data, database URL), 75 the
+database server stayed away longer than MAE_LAB_DB_OUTAGE_S (store.outage; the trials stay resumable), 130
 interrupted (Ctrl-C), 143 terminated (SIGTERM: a scheduler's stop or `kill`, handled as Ctrl-C is; SIGUSR1 138,
 SIGUSR2 140). Torch-free and
 database-free: ``mae-lab --help`` loads this module.
@@ -55,6 +56,15 @@ def stop_handler():
     return on_stop
 
 
+EXIT_UNAVAILABLE = 75  # = store.outage.EXIT_UNAVAILABLE (this module loads no database code)
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """The database server stayed away for the whole outage limit (``store.outage.DbUnavailable``)."""
+    outage = sys.modules.get("mae_lab.store.outage")
+    return outage is not None and isinstance(exc, outage.DbUnavailable)
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     return tuple(getattr(sys.modules[m], c) for m, c in USER_ERRORS if m in sys.modules)
 
@@ -88,6 +98,8 @@ class Boundary(TyperGroup):
         except Exception as exc:
             if isinstance(exc, BrokenPipeError):  # the reader left (`| head`): click ends quietly
                 raise
+            if _unavailable(exc):
+                raise fail(str(exc), EXIT_UNAVAILABLE) from None
             if isinstance(exc, OSError) and exc.filename is not None:
                 raise fail(f"{exc.filename}: {exc.strerror or exc}") from None
             if isinstance(exc, (OSError, UnicodeError, *_user_errors())):
@@ -110,6 +122,8 @@ def trial_errors(resume_hint: str, display: bool = True) -> Iterator[Display | N
             if shown is not None:
                 shown.close()
     except Exception as exc:
+        if _unavailable(exc):
+            raise fail(str(exc), EXIT_UNAVAILABLE) from None
         if isinstance(exc, (*_user_errors(), ValueError)):
             raise fail(str(exc)) from None
         raise

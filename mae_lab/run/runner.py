@@ -24,6 +24,7 @@ from mae_lab.run.progress import Display, PlainDisplay
 from mae_lab.run.provenance import code_version, provenance
 from mae_lab.run.tracking import NO_LOG, STEP_STAGE, Trackers, TrialLog, trackers_for
 from mae_lab.store.engine import artifacts_dir, connect
+from mae_lab.store.outage import DbUnavailable
 from mae_lab.store.queue import Claim, Heartbeat, LostClaim, claim_next, claim_of, has_runnable
 from mae_lab.store.reads import find_done, get_checkpoint, study_name, study_trials, trial_details
 from mae_lab.store.states import HEARTBEAT_S, STALE_AFTER_S
@@ -111,7 +112,10 @@ def check_checkpoints(study: Study, trials: list[Trial], infos: dict[str, Datase
 
 def _verified_checkpoint(engine: Engine, pretrain_hash: str, path: Path, display: Display) -> None:
     """Keep ``path`` only if its sha256 is the one the database recorded (after finishing a commit a stop cut short,
-    ``checkpoint.settle_checkpoint``); otherwise set it aside."""
+    ``checkpoint.settle_checkpoint``); otherwise set it aside. Under the checkpoint's file lock: a temp file of an
+    earlier write of it (or of its staged next one) is a write cut short by a killed worker, deleted."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
     row = get_checkpoint(engine, pretrain_hash)
     settle_checkpoint(path, row.sha256 if row is not None else None)
     if not path.exists():
@@ -260,7 +264,7 @@ def _run_trial(engine: Engine, row: TrialRow, claim: Claim, beat: Heartbeat, inf
     except DivergenceError as exc:
         finish_trial(engine, row.id, "diverged", error=str(exc), claim=claim)
         return "diverged"
-    except LostClaim:
+    except (LostClaim, DbUnavailable):  # nothing more may be written: a successor's trial, or no server
         raise
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (the command line raises it as one, with its message)
         finish_trial(engine, row.id, "interrupted", error=str(exc) or "interrupted by the user (Ctrl-C)",

@@ -20,6 +20,7 @@ from sqlmodel import Session, select
 
 from mae_lab.store import workers
 from mae_lab.store.engine import transaction
+from mae_lab.store.outage import through_outages
 from mae_lab.store.reads import get_trials
 from mae_lab.store.states import HEARTBEAT_S, STALE_AFTER_S
 from mae_lab.store.tables import TrialRow, now
@@ -89,6 +90,7 @@ def _take_first(s: Session, stmt) -> TrialRow | None:
     return row
 
 
+@through_outages
 def release_dead_local(engine: Engine, study_id: int) -> int:
     """Mark interrupted the running trials whose worker is a dead process of this machine (``workers.dead_here``:
     same host, boot and PID namespace; no need to wait for the heartbeat to go stale); returns how many. Each update
@@ -107,6 +109,7 @@ def release_dead_local(engine: Engine, study_id: int) -> int:
     return len(dead)
 
 
+@through_outages
 def claim_next(engine: Engine, study_id: int, *, stale_after_s: float = STALE_AFTER_S,
                skip: set[int] = frozenset()) -> TrialRow | None:
     """Claim the next runnable trial of the study (in study order): one row per transaction, chosen in SQL with
@@ -120,6 +123,7 @@ def claim_next(engine: Engine, study_id: int, *, stale_after_s: float = STALE_AF
         return _take_first(s, stmt)
 
 
+@through_outages
 def has_runnable(engine: Engine, study_id: int, *, stale_after_s: float = STALE_AFTER_S,
                  skip: set[int] = frozenset()) -> bool:
     """Whether a trial of the study is runnable now (a claim that found none may have lost a race for it)."""
@@ -129,6 +133,7 @@ def has_runnable(engine: Engine, study_id: int, *, stale_after_s: float = STALE_
                       .limit(1)).first() is not None
 
 
+@through_outages
 def claim_trial(engine: Engine, trial_id: int, *, stale_after_s: float = STALE_AFTER_S) -> TrialRow | None:
     """Claim one given trial if it is runnable (pending, interrupted, failed, diverged, or running with a stale
     heartbeat or progress); None when another live worker runs it or it is done or pruned."""
@@ -156,6 +161,7 @@ def _aware(t: datetime) -> datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
+@through_outages
 def heartbeat(engine: Engine, claim: Claim, progress: str | None = None) -> None:
     """Write the claim's heartbeat, and its progress (e.g. "pretrain step 120") with the time it last changed."""
     with transaction(engine) as s:

@@ -5,15 +5,18 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from mae_lab.store.outage import through_outages
 from mae_lab.store.states import STATUSES
 from mae_lab.store.tables import ArtifactRow, CheckpointRow, MetricRow, ResultRow, StudyRow, TrialRow
 
 
+@through_outages
 def get_study(engine: Engine, name: str) -> StudyRow | None:
     with Session(engine) as s:
         return s.exec(select(StudyRow).where(StudyRow.name == name)).first()
 
 
+@through_outages
 def study_name(engine: Engine, study_id: int) -> str:
     with Session(engine) as s:
         return s.exec(select(StudyRow.name).where(StudyRow.id == study_id)).one()
@@ -31,6 +34,7 @@ def list_studies(engine: Engine) -> list[tuple[StudyRow, dict[str, int]]]:
     return out
 
 
+@through_outages
 def study_trials(engine: Engine, study_id: int, *, active_only: bool = True
                  ) -> list[tuple[TrialRow, ResultRow | None]]:
     with Session(engine) as s:
@@ -43,22 +47,26 @@ def study_trials(engine: Engine, study_id: int, *, active_only: bool = True
         return [(t, results.get(t.id)) for t in trials]
 
 
+@through_outages
 def get_trials(engine: Engine, ids: list[int]) -> list[TrialRow]:
     with Session(engine) as s:
         rows = {r.id: r for r in s.exec(select(TrialRow).where(TrialRow.id.in_(ids)))}
         return [rows[i] for i in ids if i in rows]
 
 
+@through_outages
 def get_result(engine: Engine, trial_id: int) -> ResultRow | None:
     with Session(engine) as s:
         return s.exec(select(ResultRow).where(ResultRow.trial_id == trial_id)).first()
 
 
+@through_outages
 def get_checkpoint(engine: Engine, pretrain_hash: str) -> CheckpointRow | None:
     with Session(engine) as s:
         return s.get(CheckpointRow, pretrain_hash)
 
 
+@through_outages
 def find_done(engine: Engine, trial_hash: str) -> tuple[TrialRow, ResultRow] | None:
     """A done trial with this spec hash and its result, in any study (the earliest), or None."""
     with Session(engine) as s:
@@ -100,6 +108,7 @@ def find_trial(engine: Engine, ref: str) -> TrialRow | None:
         return rows[0] if len(rows) == 1 else None
 
 
+@through_outages
 def trial_details(engine: Engine, trial_id: int) -> tuple[list[MetricRow], ResultRow | None, list[ArtifactRow]]:
     with Session(engine) as s:
         metrics = s.exec(select(MetricRow).where(MetricRow.trial_id == trial_id)

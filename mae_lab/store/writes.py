@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
 from mae_lab.store.engine import transaction
+from mae_lab.store.outage import through_outages
 from mae_lab.store.queue import Claim, fenced
 from mae_lab.store.tables import (
     RUN_PROVENANCE,
@@ -39,6 +40,7 @@ def _retrying(write: Callable[[], T], attempts: int = 5) -> T:
     raise AssertionError("unreachable")
 
 
+@through_outages
 def sync_study(engine: Engine, *, name: str, description: str, paper: str | None, path: str, spec_text: str,
                spec_hash: str, trials: list[dict[str, Any]], deactivate_missing: bool = True) -> StudyRow:
     """Create or update the study row and insert its trials that are not there yet, in one transaction.
@@ -81,6 +83,7 @@ def _sync_study(engine: Engine, *, name: str, description: str, paper: str | Non
         return study
 
 
+@through_outages
 def add_trial(engine: Engine, study_id: int, trial: dict[str, Any], *, optuna_trial: int | None = None
               ) -> TrialRow:
     """The study's trial with ``trial["hash"]``, inserted (pending) if it is not there yet; links the Optuna trial
@@ -103,6 +106,7 @@ def _add_trial(engine: Engine, study_id: int, trial: dict[str, Any], optuna_tria
         return row
 
 
+@through_outages
 def reset_trials(engine: Engine, study_id: int, hashes: list[str]) -> list[CheckpointRow]:
     """Set the given trials back to pending and drop their metrics, results, artifacts and pretraining checkpoint
     records (``--rerun``); return the dropped checkpoint records so the caller can delete their files."""
@@ -121,6 +125,7 @@ def reset_trials(engine: Engine, study_id: int, hashes: list[str]) -> list[Check
         return dropped
 
 
+@through_outages
 def set_provenance(engine: Engine, trial_id: int, *, claim: Claim | None = None, **fields: Any) -> None:
     with transaction(engine) as s:
         row = fenced(s, claim, trial_id)
@@ -128,6 +133,7 @@ def set_provenance(engine: Engine, trial_id: int, *, claim: Claim | None = None,
             setattr(row, k, v)
 
 
+@through_outages
 def record_metrics(engine: Engine, trial_id: int, stage: str, epoch: int, values: dict[str, float], *,
                    claim: Claim | None = None) -> None:
     """Write one epoch's metrics, replacing any earlier row for the same (trial, stage, epoch, name); fenced by
@@ -141,12 +147,14 @@ def record_metrics(engine: Engine, trial_id: int, stage: str, epoch: int, values
             s.add(MetricRow(trial_id=trial_id, stage=stage, epoch=epoch, name=name, value=float(value)))
 
 
+@through_outages
 def clear_metrics(engine: Engine, trial_id: int, stage: str, *, claim: Claim | None = None) -> None:
     with transaction(engine) as s:
         fenced(s, claim, trial_id)
         s.exec(delete(MetricRow).where(MetricRow.trial_id == trial_id, MetricRow.stage == stage))
 
 
+@through_outages
 def record_checkpoint(engine: Engine, pretrain_hash: str, path: str, sha256: str, epoch: int, *,
                       claim: Claim | None = None) -> None:
     with transaction(engine) as s:
@@ -159,6 +167,7 @@ def record_checkpoint(engine: Engine, pretrain_hash: str, path: str, sha256: str
             row.path, row.sha256, row.epoch, row.updated_at = path, sha256, epoch, now()
 
 
+@through_outages
 def adopt_result(engine: Engine, trial_id: int, source: ResultRow, claim: Claim | None = None) -> None:
     """Close a trial as done with a copy of a done trial's result (the same spec hash, in another study or a search):
     its metrics, artifacts and the provenance of the run that made it come along, nothing is trained or evaluated,
@@ -179,6 +188,7 @@ def adopt_result(engine: Engine, trial_id: int, source: ResultRow, claim: Claim 
             s.add(ArtifactRow(trial_id=trial_id, kind=a.kind, path=a.path, sha256=a.sha256))
 
 
+@through_outages
 def finish_trial(engine: Engine, trial_id: int, status: str, *, result: dict[str, Any] | None = None,
                  artifacts: dict[str, tuple[str, str]] | None = None, error: str | None = None,
                  claim: Claim | None = None) -> None:
@@ -192,6 +202,7 @@ def finish_trial(engine: Engine, trial_id: int, status: str, *, result: dict[str
         _put_artifacts(s, trial_id, artifacts)
 
 
+@through_outages
 def record_artifacts(engine: Engine, trial_id: int, artifacts: dict[str, tuple[str, str]],
                      update: dict[str, Any]) -> None:
     """After a done trial's result: its artifacts, and ``update`` to its result row (FLOPs, artifact_error)."""
