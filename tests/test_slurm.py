@@ -209,16 +209,23 @@ def test_requeued_task_resumes_its_trial_from_the_checkpoint(workdir: Path, clus
 
 @pytest.mark.slow
 def test_time_limit_signal_requeues_and_completes(workdir: Path, cluster):
-    (workdir / "tl.toml").write_text(tiny("tl", epochs=12, samples=768))
-    job = submit(cluster, workdir, "tl.toml", "--workers", "1", "--time", "1", "--signal", "TERM@40",
-                 "--max-requeues", "6")
-    wait_gone(job, timeout=900)
+    """SLURM checks time limits every ~30 s and sends --signal up to 60 s early, so a short limit lands anywhere;
+    the test moves the limit instead: once the trial has a checkpoint, the task's limit drops to 2 minutes (within
+    the 110 s lead: TERM at the next check), and once it has requeued itself the limit is raised again."""
+    (workdir / "tl.toml").write_text(tiny("tl", epochs=30, samples=512))  # ~45 s on 2 idle cores
+    db = workdir / "db" / "mae_lab.db"
+    job = submit(cluster, workdir, "tl.toml", "--workers", "1", "--time", "5", "--signal", "TERM@110")
+    wait_for(lambda: ckpt_epoch(db) >= 1, "the first checkpoint")
+    subprocess.run(["scontrol", "update", f"JobId={job}_0", "TimeLimit=2"], check=True)
+    wait_for(lambda: "requeueing job" in "".join(logs(workdir, job).values()), "the task to requeue itself", 180)
+    subprocess.run(["scontrol", "update", f"JobId={job}_0", "TimeLimit=5"], check=True)
+    wait_gone(job)
     [log] = logs(workdir, job).values()
-    assert "exited with code 143" in log and "requeueing job" in log, log
-    (status, attempts), = query(db := workdir / "db" / "mae_lab.db", "SELECT status, attempts FROM mae_trials")
-    assert status == "done" and attempts >= 2, log
+    assert "exited with code 143" in log and "restart 1" in log, log
+    (status, attempts, resumed), = query(db, "SELECT status, attempts, resumed_from_epoch FROM mae_trials")
+    assert status == "done" and attempts >= 2 and resumed >= 1, log
     assert query(db, "SELECT count(*) FROM mae_results") == [(1,)]
-    assert_each_epoch_once(log, 12)
+    assert_each_epoch_once(log, 30)
 
 
 @pytest.mark.slow
