@@ -135,8 +135,9 @@ def test_an_oom_is_recorded_with_the_hint_and_the_next_trial_runs(workdir):
         torch.cuda.set_per_process_memory_fraction(1.0)
     with sqlite3.connect(workdir / "db" / "mae_lab.db") as c:
         rows = c.execute("SELECT label, status, error FROM mae_trials ORDER BY id").fetchall()
-    assert [r[1] for r in rows] == ["failed", "done"], rows
-    assert rows[0][2].startswith("CUDA out of memory: lower pretrain.batch_size"), rows[0][2]
+    status = {label: (s, error) for label, s, error in rows}
+    assert status["decoder_embed_dim=4096"][0] == "failed" and status["decoder_embed_dim=32"][0] == "done", rows
+    assert status["decoder_embed_dim=4096"][1].startswith("CUDA out of memory: lower pretrain.batch_size"), rows
     assert summary.count("failed") == 1 and summary.count("done") == 1
 
 
