@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import mae_lab, query
+from conftest import mae_lab, query, study_toml
 from typer.testing import CliRunner
 
 from cli import app
@@ -274,3 +274,20 @@ def test_logging_is_not_part_of_a_trials_identity(workdir: Path):
     plans = [CliRunner().invoke(app, ["run", f, "--dry-run"], env={"COLUMNS": "200"}).output
              for f in ("a.toml", "b.toml")]
     assert plans[0] == plans[1] and "0.75" in plans[0]
+
+
+def test_a_search_logs_its_trials_too(workdir: Path):
+    (workdir / "s.toml").write_text(study_toml(
+        "searched", pretrain={"epochs": 1, "batch_size": 128, "warmup_epochs": 0},
+        linear={"epochs": 2, "warmup_epochs": 1},
+        search={"n_trials": 2, "sampler": "grid"},
+        space={"model.mask_ratio": {"type": "categorical", "choices": [0.5, 0.75]}},
+        tail='[log]\ntrackers = ["tensorboard"]\nevery = 3\n'))
+    res = CliRunner().invoke(app, ["search", "s.toml"])
+    assert res.exit_code == 0, res.output
+    runs = sorted((workdir / "db" / "artifacts" / "tensorboard" / "searched").iterdir())
+    assert len(runs) == 2
+    for folder in runs:
+        got = scalars(folder)
+        assert [s for s, _ in got["pretrain_step/loss"]] == list(range(3, 3 * len(got["pretrain_step/loss"]) + 1, 3))
+        assert len(got["result/linear_top1"]) == 1

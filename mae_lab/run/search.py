@@ -38,6 +38,7 @@ from sqlalchemy.engine import Engine
 from mae_lab.run.inits import check_inits
 from mae_lab.run.progress import PlainDisplay
 from mae_lab.run.runner import Pruned, run_trial
+from mae_lab.run.tracking import trackers_for
 from mae_lab.store.engine import artifacts_dir, connect
 from mae_lab.store.optuna_storage import PRIOR, searched, storage
 from mae_lab.store.queue import LostClaim, claim_of, claim_trial, is_stale
@@ -256,8 +257,9 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
         raise StudyError(study.path, "search", "the study has no [search] table: run it with 'mae-lab run'")
     dists = distributions(search)
     device = pick_device(device)
-    engine = connect(db_url)
     artifacts = Path(artifacts or artifacts_dir(db_url)).resolve()
+    trackers = trackers_for(study, None, db_url=db_url, artifacts=artifacts, warn=display.message)  # [log]
+    engine = connect(db_url)
     s = study.study
     row = sync_study(engine, name=s.name, description=s.description, paper=s.paper, path=str(path),
                         spec_text=study.text, spec_hash=study_hash(study), trials=[], deactivate_missing=False)
@@ -323,7 +325,8 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
             return "done"
         summary.trained += 1
         return run_trial(engine, claimed, data_info(t), device=device, artifacts=artifacts, display=display,
-                         on_pretrain_metrics=report, heartbeat_s=heartbeat_s, data_root=data_root)
+                         on_pretrain_metrics=report, heartbeat_s=heartbeat_s, data_root=data_root,
+                         trackers=trackers, study=s.name)
 
     def data_info(t: Trial) -> Any:
         key = t.spec.data.model_dump_json()
