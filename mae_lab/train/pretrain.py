@@ -240,7 +240,8 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
         if stop is None:  # on_epoch recorded the staged checkpoint's sha256 (a stop: settle_checkpoint decides)
             commit()
         if world_size > 1:  # rank 0 tells the others whether to go on
-            flag = torch.tensor([int(stop is not None)])  # on the CPU: the control group is gloo
+            flag = torch.tensor([int(stop is not None)],  # the control group is gloo (CPU); else the default group's
+                                device="cpu" if control_group is not None else reduce_dev)
             dist.broadcast(flag, 0, group=control_group)
             if flag.item() and stop is None:
                 break
