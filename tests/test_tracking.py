@@ -4,15 +4,17 @@ reconstruction, a killed trial resumed into the same runs with no step twice, a 
 tracker that fails leaving the trials done with one warning, and bad input refused before anything is written."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sqlite3
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import mae_lab, query, study_toml
+from conftest import REPO, mae_lab, query, study_toml
 from typer.testing import CliRunner
 
 from cli import app
@@ -291,3 +293,28 @@ def test_a_search_logs_its_trials_too(workdir: Path):
         got = scalars(folder)
         assert [s for s, _ in got["pretrain_step/loss"]] == list(range(3, 3 * len(got["pretrain_step/loss"]) + 1, 3))
         assert len(got["result/linear_top1"]) == 1
+
+
+@pytest.mark.slow
+def test_under_ddp_only_rank_0_logs(workdir: Path):
+    """Two gloo ranks started by hand as torchrun would, each in its own folder: rank 0 logs the trial once (every
+    step once), rank 1's folder stays empty (no view, no database)."""
+    study = STUDY.replace("seeds = [0]", "seeds = [0]\n\n[data]\ntrain_samples = 512")  # 16 steps of 2 x 16
+    (workdir / "d.toml").write_text(study.replace("epochs = 3\nbatch_size = 64\nwarmup_epochs = 1",
+                                                  "epochs = 1\nbatch_size = 16\nwarmup_epochs = 0").split("[grid]")[0])
+    port, procs = closed_port(), []
+    for rank in (0, 1):
+        (workdir / f"rank{rank}").mkdir()
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "cli", "run", str(workdir / "d.toml"), "--device", "cpu",
+                                       "--db", "sqlite:///db/mae_lab.db"], cwd=workdir / f"rank{rank}", env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert list((workdir / "rank1").iterdir()) == []
+    [folder] = (workdir / "rank0" / "db" / "artifacts" / "tensorboard" / "tracked").iterdir()
+    steps = [s for s, _ in scalars(folder)["pretrain_step/loss"]]
+    assert steps == list(range(EVERY, EVERY * len(steps) + 1, EVERY)) and len(steps) >= 2
+    client, runs = mlflow_runs(workdir / "rank0" / "db")
+    assert len(runs) == 1 and [s for s, _ in metric_history(client, runs[0])["pretrain_step/loss"]] == steps
