@@ -54,6 +54,8 @@ from mae_lab.train.probe_surface import probe_surface
 from mae_lab.train.recon import save_trial_recon
 from mae_lab.train.weights import init_model
 
+OOM_HINT = "CUDA out of memory: lower pretrain.batch_size and raise pretrain.accum_iter to keep the effective batch\n"
+
 
 class Pruned(Exception):
     """Raised by an ``on_pretrain_metrics`` callback to stop a trial early (a search's pruner said so)."""
@@ -271,9 +273,7 @@ def _run_trial(engine: Engine, row: TrialRow, claim: Claim, beat: Heartbeat, inf
                         claim=claim)
         raise
     except Exception as exc:  # noqa: BLE001 - a failing trial is recorded and the study goes on
-        oom = isinstance(exc, torch.cuda.OutOfMemoryError)
-        hint = ("CUDA out of memory: lower pretrain.batch_size and raise pretrain.accum_iter to keep the effective "
-                "batch\n" if oom else "")
+        hint = OOM_HINT if isinstance(exc, torch.cuda.OutOfMemoryError) else ""
         finish_trial(engine, row.id, "failed", error=hint + traceback.format_exc(), claim=claim)
         if together[0]:
             raise  # the other ranks may be stuck in a collective of this trial: end the run (torchrun stops them)
