@@ -3,8 +3,8 @@
 # slurmctld, slurmd and slurm-client if sbatch is missing, writes a slurm.conf for this one node under a temp folder
 # (no munge, no accounting database, no cgroups), starts `slurmctld -D` and `slurmd -D` in the background, waits
 # until the node is idle and exports SLURM_CONF and MAE_LAB_TEST_SLURM=1. stop_slurm stops exactly those two PIDs
-# and deletes the folder. Needs root (slurmd starts job steps as their user). Ports: MAE_LAB_SLURM_PORT (the
-# controller; the node daemon takes the next one), default 16817.
+# and deletes the folder. Needs root (slurmd starts job steps as their user). Ports: two free loopback ports picked
+# by the kernel, or MAE_LAB_SLURM_PORT (the controller; the node daemon takes the next one).
 
 start_slurm() {
   if ! command -v sbatch >/dev/null || ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null; then
@@ -13,7 +13,11 @@ start_slurm() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client >/dev/null
   fi
   SLURM_DIR="$(mktemp -d /tmp/mae-lab-slurm.XXXXXX)"
-  local port="${MAE_LAB_SLURM_PORT:-16817}" host node
+  local ports port dport host node
+  ports="$(python3 -c 'import socket; s = [socket.socket() for _ in "ab"]; [x.bind(("127.0.0.1", 0)) for x in s]
+print(*(x.getsockname()[1] for x in s))')"
+  port="${MAE_LAB_SLURM_PORT:-${ports% *}}"
+  dport="$([ -n "${MAE_LAB_SLURM_PORT:-}" ] && echo $((port + 1)) || echo "${ports#* }")"
   host="$(hostname -s)"
   node="$(slurmd -C | head -n 1 | sed -E "s/^NodeName=[^ ]+ //; s/ UpTime=.*//")"  # CPUs=... RealMemory=...
   mkdir -p "$SLURM_DIR/state" "$SLURM_DIR/spool"
@@ -21,7 +25,7 @@ start_slurm() {
 ClusterName=maelab
 SlurmctldHost=$host
 SlurmctldPort=$port
-SlurmdPort=$((port + 1))
+SlurmdPort=$dport
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/none

@@ -16,7 +16,9 @@ import pytest
 from conftest import mae_lab, query, study_toml
 from test_resume import pretrained_epochs
 from test_workers import pg_rows, pg_url  # noqa: F401 - the fixture
+from typer.testing import CliRunner
 
+from cli import app
 from mae_lab.run.slurm import time_limit_s
 
 QUICK = {"epochs": 1, "warmup_epochs": 0}
@@ -110,18 +112,16 @@ def assert_each_epoch_once(log: str, epochs: int) -> None:
 ])
 def test_bad_options_are_one_line_and_submit_nothing(workdir: Path, args: list[str], option: str):
     (workdir / "s.toml").write_text(tiny("s"))
-    proc = mae_lab("slurm", "s.toml", *args, cwd=workdir)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2, out
-    assert out.startswith(f"error: {option}") and len(out.strip().splitlines()) == 1, out
+    res = CliRunner().invoke(app, ["slurm", "s.toml", *args])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith(f"error: {option}") and len(res.output.strip().splitlines()) == 1, res.output
     assert not (workdir / "db").exists()  # no database, no script
 
 
 def test_sqlite_multi_node_points_to_postgresql(workdir: Path):
     (workdir / "s.toml").write_text(tiny("s"))
-    proc = mae_lab("slurm", "s.toml", "--workers", "4", "--nodelist", "n[1-4]", cwd=workdir)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "PostgreSQL" in out and "--nodelist" in out, out
+    res = CliRunner().invoke(app, ["slurm", "s.toml", "--workers", "4", "--nodelist", "n[1-4]"])
+    assert res.exit_code == 2 and "PostgreSQL" in res.output and "--nodelist" in res.output, res.output
 
 
 def test_sbatch_missing_from_path_is_one_line(workdir: Path):
@@ -141,11 +141,11 @@ def test_time_limits_and_the_script(workdir: Path):
     assert [time_limit_s(t) for t in ("5", "5:30", "1:00:00", "2-0", "1-2:03", "1-0:0:7")] == \
         [300, 330, 3600, 172800, 93780, 86407]
     (workdir / "s.toml").write_text(tiny("s"))
-    proc = mae_lab("slurm", "s.toml", "--workers", "3", "--parallel", "2", "--gpus-per-worker", "2", "--nproc", "2",
-                   "--partition", "gpu", "--time", "4:00:00", "--signal", "B:USR1@300", "--sbatch", "--exclusive",
-                   "--nodelist", "n1", "--dry-run", cwd=workdir)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    res = CliRunner().invoke(app, ["slurm", "s.toml", "--workers", "3", "--parallel", "2", "--gpus-per-worker", "2",
+                                   "--nproc", "2", "--partition", "gpu", "--time", "4:00:00", "--signal", "B:USR1@300",
+                                   "--sbatch", "--exclusive", "--nodelist", "n1", "--dry-run"])
+    out = res.output
+    assert res.exit_code == 0, out
     for line in ("#SBATCH --array=0-2%2", "#SBATCH --gres=gpu:2", "#SBATCH --signal=B:USR1@300",
                  "#SBATCH --partition=gpu", "#SBATCH --time=4:00:00", "#SBATCH --exclusive", "--nproc 2"):
         assert line in out, out
@@ -208,20 +208,21 @@ def test_requeued_task_resumes_its_trial_from_the_checkpoint(workdir: Path, clus
 
 
 @pytest.mark.slow
-def test_time_limit_signal_requeues_and_completes(workdir: Path, cluster):
+@pytest.mark.parametrize("stop, code", [("TERM@110", 143), ("B:USR1@110", 138)])  # B: the batch shell passes it on
+def test_time_limit_signal_requeues_and_completes(workdir: Path, cluster, stop: str, code: int):
     """SLURM checks time limits every ~30 s and sends --signal up to 60 s early, so a short limit lands anywhere;
     the test moves the limit instead: once the trial has a checkpoint, the task's limit drops to 2 minutes (within
     the 110 s lead: TERM at the next check), and once it has requeued itself the limit is raised again."""
     (workdir / "tl.toml").write_text(tiny("tl", epochs=30, samples=512))  # ~45 s on 2 idle cores
     db = workdir / "db" / "mae_lab.db"
-    job = submit(cluster, workdir, "tl.toml", "--workers", "1", "--time", "5", "--signal", "TERM@110")
+    job = submit(cluster, workdir, "tl.toml", "--workers", "1", "--time", "5", "--signal", stop)
     wait_for(lambda: ckpt_epoch(db) >= 1, "the first checkpoint")
     subprocess.run(["scontrol", "update", f"JobId={job}_0", "TimeLimit=2"], check=True)
     wait_for(lambda: "requeueing job" in "".join(logs(workdir, job).values()), "the task to requeue itself", 180)
     subprocess.run(["scontrol", "update", f"JobId={job}_0", "TimeLimit=5"], check=True)
     wait_gone(job)
     [log] = logs(workdir, job).values()
-    assert "exited with code 143" in log and "restart 1" in log, log
+    assert f"exited with code {code}" in log and "restart 1" in log, log
     (status, attempts, resumed), = query(db, "SELECT status, attempts, resumed_from_epoch FROM mae_trials")
     assert status == "done" and attempts >= 2 and resumed >= 1, log
     assert query(db, "SELECT count(*) FROM mae_results") == [(1,)]
