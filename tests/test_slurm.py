@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from test_workers import pg_rows, pg_url  # noqa: F401 - the fixture
 from typer.testing import CliRunner
 
 from cli import app
+from mae_lab.run.boundary import Terminated, interrupted_code, stop_handler
 from mae_lab.run.slurm import time_limit_s
 
 QUICK = {"epochs": 1, "warmup_epochs": 0}
@@ -135,6 +137,18 @@ def test_sbatch_missing_from_path_is_one_line(workdir: Path):
         os.environ["PATH"] = env_path
     assert proc.returncode == 2 and out.startswith("error: sbatch is not on PATH"), out
     assert not (workdir / "db").exists()
+
+
+def test_only_the_first_stop_signal_raises():
+    """srun and torchrun each pass a stop on: the second must not interrupt the first one's cleanup."""
+    on_stop = stop_handler()
+    with pytest.raises(Terminated) as first:
+        on_stop(signal.SIGUSR1, None)
+    assert interrupted_code(first.value) == 138 and "SIGUSR1" in str(first.value)
+    try:
+        on_stop(signal.SIGTERM, None)  # ignored: the run is already unwinding
+    except Terminated:
+        pytest.fail("a second stop signal raised again")
 
 
 def test_time_limits_and_the_script(workdir: Path):
