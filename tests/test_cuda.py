@@ -16,7 +16,7 @@ from conftest import REPO, study_toml
 from test_train import make_spec
 
 from mae_lab.study.presets import config_from_preset
-from mae_lab.train.checkpoint import load_checkpoint
+from mae_lab.train.checkpoint import commit_checkpoint, load_checkpoint
 from mae_lab.train.finetune import finetune
 from mae_lab.train.masking import ids_from_noise
 from mae_lab.train.model import MaskedAutoencoder
@@ -115,6 +115,7 @@ def test_a_checkpoint_resumes_on_the_other_device(tmp_path, digits, first, then)
     ckpt = tmp_path / "ckpt.pt"
     with pytest.raises(Stop):
         pretrain(spec, digits, device=first, ckpt_path=ckpt, on_epoch=_stop_after_first)
+    commit_checkpoint(ckpt)  # as the runner does once the staged checkpoint's sha256 is recorded
     out = pretrain(spec, digits, device=then, ckpt_path=ckpt)
     assert out.epochs == 2 and load_checkpoint(ckpt)["epoch"] == 2
     assert next(out.model.parameters()).device.type == torch.device(then).type

@@ -10,7 +10,7 @@ from test_train import make_spec
 from mae_lab import rng
 from mae_lab.study.expand import mae_config
 from mae_lab.study.presets import config_from_preset
-from mae_lab.train.checkpoint import load_checkpoint, save_checkpoint
+from mae_lab.train.checkpoint import commit_checkpoint, load_checkpoint, save_checkpoint
 from mae_lab.train.common import compile_module
 from mae_lab.train.masking import ids_from_noise
 from mae_lab.train.model import MaskedAutoencoder
@@ -119,6 +119,7 @@ def test_a_checkpoint_without_a_cuda_rng_state_resumes(tmp_path, digits, cuda_st
     ckpt = tmp_path / "ckpt.pt"
     with pytest.raises(Stop):
         pretrain(spec, digits, device="cpu", ckpt_path=ckpt, on_epoch=_stop_after_first)
+    commit_checkpoint(ckpt)  # as the runner does once the staged checkpoint's sha256 is recorded
     state = load_checkpoint(ckpt)
     if cuda_state == "absent":
         del state["rng"]["cuda"]
