@@ -15,12 +15,12 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from mae_lab.run.boundary import Boundary, KeepArgs, fail, torchrun_argv, torchrun_rank, trial_errors
+from mae_lab.run.boundary import Boundary, Command, Group, fail, torchrun_argv, torchrun_rank, trial_errors
 from mae_lab.store.states import STALE_AFTER_S
 
 app = typer.Typer(cls=Boundary, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Declarative ablation studies for Masked Autoencoders, recorded in a database.")
-data_app = typer.Typer(no_args_is_help=True, help="Pack, fetch and inspect WebDataset shards.")
+data_app = typer.Typer(cls=Group, no_args_is_help=True, help="Pack, fetch and inspect WebDataset shards.")
 app.add_typer(data_app, name="data")
 
 
@@ -38,6 +38,8 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
 PipeOpt = Annotated[bool, typer.Option("--allow-pipe", help="Allow 'pipe:' shard URLs (they run shell commands).")]
 LargeGridOpt = Annotated[bool, typer.Option("--allow-large-grid", help="Allow a study of more than 10,000 trials "
                                              "(refused otherwise: a typo in a grid multiplies fast).")]
+
+
 def study_arg(help: str):  # noqa: A002 - typer's name
     """A study file argument. click's own readability check is off: it reports an unreadable file (to a user who is
     not root) as a usage box; the Boundary says it in one line with exit 2 instead."""
@@ -58,7 +60,7 @@ def _open_db(url: str | None, create: bool = True):
     return connect(url, create=create)  # a DbError is bad input: the boundary says it in one line, exit 2
 
 
-@app.command(cls=KeepArgs)
+@app.command(cls=Command)
 def run(
     ctx: typer.Context,
     study: Annotated[Path, study_arg(help="The study TOML file.")],
@@ -115,7 +117,7 @@ def _print_summary(summary) -> None:
         raise typer.Exit(1)
 
 
-@app.command(cls=KeepArgs)
+@app.command(cls=Command)
 def worker(
     ctx: typer.Context,
     study: Annotated[Path, study_arg(help="The study TOML file (the same file on every machine).")],
@@ -152,7 +154,7 @@ def worker(
         _print_summary(summary)
 
 
-@app.command()
+@app.command(cls=Command)
 def slurm(
     study: Annotated[Path, study_arg(help="The study TOML file (a run or a search study).")],
     workers: Annotated[int, typer.Option("--workers", "-n", help="Array tasks: one worker each.")] = 2,
@@ -188,17 +190,14 @@ def slurm(
 ):
     """Submit a SLURM job array of WORKERS 'mae-lab worker' tasks (or 'search' for a search study) draining
     STUDY, and return with the job ID; the sbatch script is kept beside the database. Follow with 'mae-lab list'."""
-    from mae_lab.run.slurm import ArrayJob, SlurmError, submit
+    from mae_lab.run.slurm import ArrayJob, submit
 
     job = ArrayJob(study=study, workers=workers, db_url=db, partition=partition, account=account, qos=qos,
                    time=time, cpus_per_worker=cpus_per_worker, mem=mem, gpus_per_worker=gpus_per_worker,
                    constraint=constraint, parallel=parallel, nodelist=nodelist, signal=stop_signal,
                    max_requeues=max_requeues, nproc=nproc, device=device, data_root=data_root,
                    stale_after=stale_after, poll=poll, sbatch_lines=tuple(sbatch or ()))
-    try:
-        done = submit(job, dry_run=dry_run, allow_pipe=allow_pipe)
-    except SlurmError as exc:
-        raise fail(str(exc)) from None
+    done = submit(job, dry_run=dry_run, allow_pipe=allow_pipe)
     if dry_run:
         print(done.script, end="")
         return
@@ -206,7 +205,7 @@ def slurm(
                 f"{done.path}; follow with: mae-lab list", markup=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=Command)
 def search(
     study: Annotated[Path, study_arg(help="The study TOML file, with a [search] table.")],
     trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Searched trials the study should hold "
@@ -234,7 +233,7 @@ def search(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=Command)
 def validate(study: Annotated[Path, study_arg(help="The study TOML file.")],
              data_root: DataRootOpt = None, allow_pipe: PipeOpt = False,
              allow_large_grid: LargeGridOpt = False):
@@ -244,7 +243,7 @@ def validate(study: Annotated[Path, study_arg(help="The study TOML file.")],
     out().print(f"{study}: ok ({validate_study(study, data_root, allow_pipe, allow_large_grid)} trials)")
 
 
-@app.command()
+@app.command(cls=Command)
 def report(
     study: Annotated[Optional[str], typer.Argument(help="Study name (default: every study).")] = None,
     db: DbOpt = None,
@@ -264,18 +263,13 @@ def report(
     if all_ and study:
         raise fail("give a study name or --all, not both")
     engine = None if from_csv is not None else _open_db(db, create=False)
-    try:
-        written = report_command(engine, study, fmt=fmt, out=out_path, plots=plots, site=all_, console=out(),
-                                 from_csv=from_csv)
-    except KeyError as exc:
-        raise fail(str(exc.args[0])) from None
-    except (ValueError, OSError) as exc:
-        raise fail(str(exc)) from None
+    written = report_command(engine, study, fmt=fmt, out=out_path, plots=plots, site=all_, console=out(),
+                             from_csv=from_csv)
     for path in written:
         out().print(f"wrote {path}", markup=False)
 
 
-@app.command("list")
+@app.command("list", cls=Command)
 def list_(db: DbOpt = None):
     """List the studies in the database with their trials counted by status."""
     from mae_lab.run.views import studies_table
@@ -283,7 +277,7 @@ def list_(db: DbOpt = None):
     out().print(studies_table(_open_db(db, create=False)))
 
 
-@app.command()
+@app.command(cls=Command)
 def show(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix.")], db: DbOpt = None,
          recon: Annotated[Optional[Path], typer.Option(
              "--recon", help="Write the trial's reconstructions (paper Figure 2) to this PNG.")] = None,
@@ -303,16 +297,13 @@ def show(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix.")],
         return show_trial(engine, row, out())
     if recon is None:
         raise fail("--across needs --recon OUT.png")
-    from mae_lab.run.recon_figures import ReconError, show_recon
+    from mae_lab.run.recon_figures import show_recon
 
-    try:
-        labels = show_recon(engine, row, recon, across=across, data_root=data_root)
-    except ReconError as exc:
-        raise fail(str(exc)) from None
+    labels = show_recon(engine, row, recon, across=across, data_root=data_root)
     out().print(f"wrote {recon}: reconstructions of {'; '.join(labels)}", markup=False)
 
 
-@app.command("log")
+@app.command("log", cls=Command)
 def log_(study: Annotated[str, typer.Argument(help="Study name (in the database).")],
          to: Annotated[str, typer.Option("--to", help="tensorboard or mlflow (or both: 'tensorboard,mlflow').")],
          db: DbOpt = None):
@@ -328,23 +319,20 @@ def log_(study: Annotated[str, typer.Argument(help="Study name (in the database)
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=Command)
 def export(trial: Annotated[str, typer.Argument(help="Trial id or hash prefix (a done trial).")],
            out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="New folder for the export.")],
            to: Annotated[str, typer.Option("--to", help="timm (local-dir: hub layout) or hf (ViTModel).")],
            db: DbOpt = None):
     """Write a trial's pretrained encoder as safetensors plus the config timm or Hugging Face loads."""
-    from mae_lab.run.export import ExportError, export_trial
+    from mae_lab.run.export import export_trial
 
     engine = _open_db(db, create=False)
-    try:
-        written = export_trial(engine, trial, to, out_dir)
-    except (ExportError, OSError) as exc:
-        raise fail(str(exc)) from None
+    written = export_trial(engine, trial, to, out_dir)
     out().print(f"wrote {written} ({to})", markup=False)
 
 
-@data_app.command("pack")
+@data_app.command("pack", cls=Command)
 def data_pack(src: Annotated[Path, typer.Argument(help="Image folder: class folders of images, train/ + val/ of "
                                                       "class folders, or images with no class folders (unlabeled, "
                                                       "for pretraining).")],
@@ -355,44 +343,35 @@ def data_pack(src: Annotated[Path, typer.Argument(help="Image folder: class fold
     """Pack an image folder into WebDataset shards plus dataset.json (image files stored as they are)."""
     from rich.progress import Progress
 
-    from mae_lab.data import DataError, pack_imagefolder
+    from mae_lab.data import pack_imagefolder
 
     console = Console(stderr=True)
     with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("packing", total=None)
-        try:
-            meta = pack_imagefolder(src, dest, shard_size=shard_size, name=name, val_fraction=val_fraction,
-                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
-        except DataError as exc:
-            raise fail(str(exc)) from None
+        meta = pack_imagefolder(src, dest, shard_size=shard_size, name=name, val_fraction=val_fraction,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total))
     splits = ", ".join(f"{k}: {v['samples']}" for k, v in meta["splits"].items())
     kind = f"{len(meta['classes'])} classes" if meta["classes"] else "unlabeled"
     out().print(f"packed {meta['name']} into {dest}: {splits}; {kind}; {len(meta['sha256'])} shards", markup=False,
                 soft_wrap=True)
 
 
-@data_app.command("info")
+@data_app.command("info", cls=Command)
 def data_info(pattern: Annotated[str, typer.Argument(help="Shard pattern, e.g. 'data/x-{000000..000009}.tar'.")],
               label_key: Annotated[str, typer.Option(help="the label's field in .json (without .cls)")] = "label"):
     """Count the samples, classes and image sizes of some shards."""
-    from mae_lab.data import DataError, dataset_info
+    from mae_lab.data import dataset_info
 
-    try:
-        info = dataset_info(pattern, label_key=label_key)
-    except DataError as exc:
-        raise fail(str(exc)) from None
+    info = dataset_info(pattern, label_key=label_key)
     out().print_json(json.dumps(info, default=str))
 
 
-@data_app.command("get")
+@data_app.command("get", cls=Command)
 def data_get(name: Annotated[str, typer.Argument(help="cifar10 or cifar100.")], data_root: DataRootOpt = None):
     """Download a dataset through torchvision and pack it into shards under the data root."""
-    from mae_lab.data import DataError, get_dataset
+    from mae_lab.data import get_dataset
 
-    try:
-        path = get_dataset(name, data_root)
-    except DataError as exc:
-        raise fail(str(exc)) from None
+    path = get_dataset(name, data_root)
     out().print(f"{name}: shards and dataset.json in {path}", markup=False, soft_wrap=True)
 
 

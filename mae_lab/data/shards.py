@@ -25,11 +25,13 @@ from typing import Literal
 import braceexpand
 import numpy as np
 
+from mae_lab.errors import BadInput
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # tried first, in this order; then any other extension PIL decodes
 COMPRESSED = (".tar.gz", ".tgz")
 
 
-class DataError(ValueError):
+class DataError(BadInput, ValueError):
     """Bad data or a bad data argument; the message is one line naming the pattern/shard and sample key.
     `key` is the study key to blame (a setting such as "data.val_holdout"; "data" for the data itself)."""
 

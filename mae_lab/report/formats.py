@@ -10,6 +10,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.table import Table
 
+from mae_lab.errors import BadInput
 from mae_lab.report.export import to_csv, to_dict
 from mae_lab.report.search_view import render_search, search_markdown
 from mae_lab.report.study_report import (
@@ -344,4 +345,4 @@ def render_text(report: StudyReport, fmt: str, *, width: int = 200) -> str:
         console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False)
         render(report, console)
         return console.file.getvalue()
-    raise ValueError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    raise BadInput(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")

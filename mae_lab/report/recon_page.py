@@ -9,12 +9,13 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
+from mae_lab.errors import BadInput
 from mae_lab.report.study_report import StudyReport
 from mae_lab.store.reads import get_study, study_trials, trial_details
 from mae_lab.store.tables import ArtifactRow, TrialRow
 
 
-class ReconError(ValueError):
+class ReconError(BadInput, ValueError):
     """No reconstruction can be made or found (no artifact, no checkpoint, bad axis)."""
 
 

@@ -11,6 +11,7 @@ from rich.console import Console
 from sqlalchemy.engine import Engine
 
 from mae_lab.atomic import write_atomic
+from mae_lab.errors import BadInput
 from mae_lab.report.export import to_csv, to_dict
 from mae_lab.report.formats import FORMATS, UNITS, fmt_diff, render, render_text, to_markdown
 from mae_lab.report.paper import paper_delta
@@ -33,18 +34,18 @@ def report_command(engine: Engine | None, name: str | None, *, fmt: str = "table
     Otherwise ``out`` is one file holding every selected study in ``fmt`` (JSON: a list when several), and the
     table format prints to ``console`` when there is no ``out``. ``from_csv``: read the trials from a trials.csv
     instead of the database (``engine`` unused). Returns the files written.
-    Raises KeyError for an unknown study, ValueError for a bad format, an empty database or a bad trials file.
+    Raises BadInput for an unknown study, a bad format, an empty database or a bad trials file.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        raise BadInput(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if site and out is None:
-        raise ValueError("--all writes a folder of pages: give it with --out DIR (e.g. docs/results/)")
+        raise BadInput("--all writes a folder of pages: give it with --out DIR (e.g. docs/results/)")
     if from_csv is not None:
         studies = trial_records.read_csv(from_csv)
         if name is not None:
             studies = [s for s in studies if s.name == name]
             if not studies:
-                raise KeyError(f"no study named {name!r} in {from_csv}")
+                raise BadInput(f"no study named {name!r} in {from_csv}")
         if site:
             return write_site(studies, out, source=Path(from_csv).parent)
         reports = [summarize_records(s) for s in studies]

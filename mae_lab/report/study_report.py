@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
+from mae_lab.errors import BadInput
 from mae_lab.report.paper import Comparison, PaperRow, compare, get_table, paper_delta
 from mae_lab.report.search_view import SearchReport, search_report
 from mae_lab.store.engine import safe_url
@@ -147,7 +148,7 @@ def _add(stat: Stat, value: float | None, scale: float = 1.0) -> Stat:
 
 
 def summarize(engine: Engine, name: str) -> StudyReport:
-    """The report of one study in the database (KeyError for an unknown study), with its Optuna side."""
+    """The report of one study in the database (BadInput for an unknown study), with its Optuna side."""
     out = summarize_records(from_db(engine, name))
     study = get_study(engine, name)
     out.search = _search(engine, study)
@@ -374,7 +375,7 @@ def study_names(engine: Engine, name: str | None) -> list[str]:
     try:
         names = [name] if name else [s.name for s, _ in list_studies(engine)]
     except OperationalError:  # a file that is not (yet) a mae-lab database
-        raise ValueError(f"database {safe_url(str(engine.url))} has no mae-lab tables") from None
+        raise BadInput(f"database {safe_url(str(engine.url))} has no mae-lab tables") from None
     if not names:
-        raise ValueError("the database holds no study yet: run one with 'mae-lab run STUDY.toml'")
+        raise BadInput("the database holds no study yet: run one with 'mae-lab run STUDY.toml'")
     return names

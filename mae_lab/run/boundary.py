@@ -1,10 +1,10 @@
 """Where the command line meets the library: exit codes, the error boundary, SIGTERM, and torchrun's arguments.
 
-Exit codes: 0 success, 1 some trials failed or diverged, 2 bad input (study file, data, database URL), 75 the
-database server stayed away longer than MAE_LAB_DB_OUTAGE_S (store.outage; the trials stay resumable), 130
-interrupted (Ctrl-C), 143 terminated (SIGTERM: a scheduler's stop or `kill`, handled as Ctrl-C is; SIGUSR1 138,
-SIGUSR2 140). Torch-free and
-database-free: ``mae-lab --help`` loads this module.
+Exit codes: 0 success, 1 some trials failed or diverged, or a bug (its traceback and a line saying so), 2 bad input
+(``mae_lab.errors.BadInput``: a study file, data, a database URL, an option; or a file the system cannot read or
+write), 75 the database server stayed away longer than MAE_LAB_DB_OUTAGE_S (store.outage; the trials stay
+resumable), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM: a scheduler's stop or `kill`, handled as Ctrl-C is;
+SIGUSR1 138, SIGUSR2 140). Torch-free and database-free: ``mae-lab --help`` loads this module.
 """
 from __future__ import annotations
 
@@ -12,23 +12,17 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
+from mae_lab.errors import BadInput
 from mae_lab.run.progress import Display, make_display
-
-# The errors of bad input (a study, data, a database URL, a checkpoint), as (module, class). The boundary looks a
-# class up only once its module is loaded (an error's class is loaded by the time one is raised), so the front door
-# imports no torch.
-USER_ERRORS = (("mae_lab.study.spec", "StudyError"), ("mae_lab.data.shards", "DataError"),
-               ("mae_lab.store.engine", "DbError"), ("mae_lab.train.checkpoint", "CheckpointError"))
-
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # the stops a scheduler sends (SLURM's --signal): all end a run
 
@@ -65,10 +59,6 @@ def _unavailable(exc: BaseException) -> bool:
     return outage is not None and isinstance(exc, outage.DbUnavailable)
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    return tuple(getattr(sys.modules[m], c) for m, c in USER_ERRORS if m in sys.modules)
-
-
 def interrupted_code(exc: KeyboardInterrupt) -> int:
     return 128 + exc.signum if isinstance(exc, Terminated) else 130
 
@@ -80,11 +70,48 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-class Boundary(TyperGroup):
-    """Every command runs inside this boundary: an anticipated error (bad input, a missing or unreadable path, a
-    permission) becomes one line on stderr with exit 2, Ctrl-C exit 130, a stop signal 128 + its number (SIGTERM
-    143). Anything else keeps its traceback (a trial's own failure is recorded with its traceback in the trial, by
-    the runner, and never reaches here)."""
+class Command(TyperCommand):
+    """Every command: keeps the argument vector it was given (``ctx.meta["argv"]``, for --nproc to forward), and
+    shows no type after --help."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        ctx.meta["argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+    def get_help_option(self, ctx: typer.Context) -> TyperOption | None:
+        return _plain(super().get_help_option(ctx))
+
+
+class Group(TyperGroup):
+    """A group of commands whose --help shows no type after a flag or a text option (Typer prints ``<bool>`` and
+    ``<str>`` there); numbers keep their ranges and paths say so."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for command in self.commands.values():
+            for p in command.params:
+                _plain(p)
+
+    def get_help_option(self, ctx: typer.Context) -> TyperOption | None:
+        return _plain(super().get_help_option(ctx))
+
+
+def _plain(p):  # noqa: ANN001, ANN202 - a parameter, or None
+    text = getattr(getattr(p, "type_descriptor", None), "annotation", None) in (str, list[str])
+    if isinstance(p, TyperOption) and p.metavar is None and (p.is_flag or text):
+        p.metavar = ""
+    return p
+
+
+BUG = ("error: this is a bug in mae-lab, not in your input (an unexpected {name}, traceback above); please report "
+       "it with the command and the traceback")
+
+
+class Boundary(Group):
+    """Every command runs inside this boundary: bad input (BadInput, or a file the system cannot read or write)
+    becomes one line on stderr with exit 2, Ctrl-C exit 130, a stop signal 128 + its number (SIGTERM 143). Anything
+    else is a bug: its traceback, a line saying so, exit 1 (a trial's own failure is recorded with its traceback in
+    the trial, by the runner, and never reaches here)."""
 
     def invoke(self, ctx):
         main = threading.current_thread() is threading.main_thread()  # only the main thread may set a handler
@@ -95,19 +122,27 @@ class Boundary(TyperGroup):
         except KeyboardInterrupt as exc:
             Console(stderr=True).print("interrupted")
             raise typer.Exit(interrupted_code(exc)) from None
-        except Exception as exc:
-            if isinstance(exc, BrokenPipeError):  # the reader left (`| head`): click ends quietly
-                raise
-            if _unavailable(exc):
-                raise fail(str(exc), EXIT_UNAVAILABLE) from None
-            if isinstance(exc, OSError) and exc.filename is not None:
-                raise fail(f"{exc.filename}: {exc.strerror or exc}") from None
-            if isinstance(exc, (OSError, UnicodeError, *_user_errors())):
-                raise fail(str(exc)) from None
+        except (typer.Exit, typer.Abort, typer.TyperException, BrokenPipeError):
+            # Typer's own (an exit code, a usage error), and a reader that left (`| head`): Typer ends them
             raise
+        except BadInput as exc:  # a database server that stayed away (a DbError) has its own code
+            raise fail(str(exc), EXIT_UNAVAILABLE if _unavailable(exc) else 2) from None
+        except OSError as exc:
+            if exc.filename is None:
+                raise bug(exc) from None
+            raise fail(f"{exc.filename}: {exc.strerror or exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the one place an unexpected error is said to be a bug
+            raise bug(exc) from None
         finally:
             for sig, handler in previous.items():  # a caller's own handler (a test runner, a notebook) is theirs again
                 signal.signal(getattr(signal, sig), handler)
+
+
+def bug(exc: BaseException) -> typer.Exit:
+    """Print ``exc``'s traceback and a line saying it is a bug; exit 1."""
+    traceback.print_exception(exc, file=sys.stderr)
+    Console(stderr=True, highlight=False).print(BUG.format(name=type(exc).__name__), markup=False, soft_wrap=True)
+    return typer.Exit(1)
 
 
 @contextmanager
@@ -121,23 +156,11 @@ def trial_errors(resume_hint: str, display: bool = True) -> Iterator[Display | N
         finally:
             if shown is not None:
                 shown.close()
-    except Exception as exc:
-        if _unavailable(exc):
-            raise fail(str(exc), EXIT_UNAVAILABLE) from None
-        if isinstance(exc, (*_user_errors(), ValueError)):
-            raise fail(str(exc)) from None
-        raise
+    except BadInput as exc:
+        raise fail(str(exc), EXIT_UNAVAILABLE if _unavailable(exc) else 2) from None
     except KeyboardInterrupt as exc:
         Console(stderr=True).print(f"interrupted: the running trial is marked interrupted; {resume_hint}")
         raise typer.Exit(interrupted_code(exc)) from None
-
-
-class KeepArgs(TyperCommand):
-    """A command that keeps the argument vector it was given (``ctx.meta["argv"]``), for --nproc to forward."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        ctx.meta["argv"] = list(args)
-        return super().parse_args(ctx, args)
 
 
 def torchrun_rank() -> int | None:
@@ -147,10 +170,10 @@ def torchrun_rank() -> int | None:
 
 def torchrun_argv(argv: list[str], study: Path) -> list[str]:
     """The ``run`` arguments every torchrun process gets: the user's own, unchanged, minus ``--nproc N`` (or
-    ``--nproc=N``). ValueError for a study the processes cannot each read again (a pipe, /dev/stdin)."""
+    ``--nproc=N``). BadInput for a study the processes cannot each read again (a pipe, /dev/stdin)."""
     if not study.is_file():
-        raise ValueError(f"--nproc: {study} is not a regular file, and each of torchrun's processes reads the study "
-                         "again: save it to a file first")
+        raise BadInput(f"--nproc: {study} is not a regular file, and each of torchrun's processes reads the study "
+                       "again: save it to a file first")
     out, skip = [], False
     for arg in argv:
         if skip:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mae_lab.errors import BadInput
 from mae_lab.run.runner import RunSummary, run_study
 from mae_lab.study.planning import parse_data_override, validate_study
 from mae_lab.study.spec import TrialSpec
@@ -64,8 +65,8 @@ def check_nproc(nproc: int, device: str) -> None:
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if nproc > visible:
         where = os.environ.get("CUDA_VISIBLE_DEVICES")
-        raise ValueError(f"--nproc {nproc} --device {device}: {visible} GPU(s) visible"
-                         + (f" (CUDA_VISIBLE_DEVICES={where})" if where is not None else "")
+        raise BadInput(f"--nproc {nproc} --device {device}: {visible} GPU(s) visible"
+                       + (f" (CUDA_VISIBLE_DEVICES={where})" if where is not None else "")
                          + "; one process per GPU: lower --nproc or use --device cpu")
 
 
@@ -78,7 +79,7 @@ def init(device: str = "auto") -> DistContext:
     device_id = None
     if use_cuda:
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA device is available here (use cpu or auto)")
+            raise BadInput(f"--device {device}: no CUDA device is available here (use cpu or auto)")
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
         device_id = torch.device(device)  # binds NCCL's communicator to this rank's GPU at once

@@ -24,6 +24,7 @@ import torch
 from sqlalchemy.engine import Engine
 from timm.models import save_for_hf
 
+from mae_lab.errors import BadInput
 from mae_lab.run.inits import trial_checkpoint
 from mae_lab.store.tables import TrialRow
 from mae_lab.study.presets import MAEConfig
@@ -34,7 +35,7 @@ FORMATS = ("timm", "hf")
 TIMM_ARCH = "vit_base_patch16_224"  # any registered ViT: the export's model_args set every size
 
 
-class ExportError(ValueError):
+class ExportError(BadInput, ValueError):
     """The export cannot be made; ``str()`` is one line naming the trial, file or option."""
 
 

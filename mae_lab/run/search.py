@@ -43,17 +43,13 @@ from mae_lab.store.engine import artifacts_dir, connect
 from mae_lab.store.optuna_storage import PRIOR, searched, storage
 from mae_lab.store.queue import LostClaim, claim_of, claim_trial, is_stale
 from mae_lab.store.reads import done_with_results, find_done, get_result, get_trials
-from mae_lab.store.states import FINAL, HEARTBEAT_S, STALE_AFTER_S
+from mae_lab.store.states import FINAL, HEARTBEAT_S, METRIC_COLUMNS, STALE_AFTER_S
 from mae_lab.store.tables import ResultRow, TrialRow
 from mae_lab.store.writes import add_trial, adopt_result, sync_study
 from mae_lab.study.expand import Trial, bind, pretrain_hash, resolve, trial_hash
 from mae_lab.study.planning import pick_device, plan, resolve_data, run_context, study_hash
 from mae_lab.study.spec import Study, StudyError, TrialSpec, get_dotted
 from mae_lab.study.tables import SearchParam, SearchSection
-
-OBJECTIVES = {"linear": "linear_top1", "finetune": "finetune_top1"}  # objective -> ResultRow column
-
-
 
 
 def distributions(search: SearchSection) -> dict[str, BaseDistribution]:
@@ -167,7 +163,7 @@ def prior_points(engine: Engine, study: Study, study_id: int | None) -> list[tup
             continue
         if not all(_in_space(space[k], v) for k, v in point.items()):
             continue
-        if any(getattr(result, OBJECTIVES[o]) is None for o in study.search.objectives):
+        if any(getattr(result, METRIC_COLUMNS[o]) is None for o in study.search.objectives):
             continue
         try:
             ran = TrialSpec.model_validate_json(row.spec_json)
@@ -185,7 +181,7 @@ def prior_points(engine: Engine, study: Study, study_id: int | None) -> list[tup
 def _objective_values(results: list[ResultRow | None], objectives: list[str]) -> list[float] | None:
     values = []
     for obj in objectives:
-        vals = [getattr(r, OBJECTIVES[obj]) if r is not None else None for r in results]
+        vals = [getattr(r, METRIC_COLUMNS[obj]) if r is not None else None for r in results]
         if any(v is None or not math.isfinite(v) for v in vals):
             return None
         values.append(statistics.fmean(vals))

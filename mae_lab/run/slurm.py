@@ -32,7 +32,9 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 
 from mae_lab.atomic import write_atomic
+from mae_lab.errors import BadInput
 from mae_lab.store.engine import artifacts_dir, connect, resolve_url, safe_url
+from mae_lab.store.states import STALE_AFTER_S
 from mae_lab.study.planning import plan, resolve_data
 
 STOP_SIGNALS = ("TERM", "USR1", "USR2")
@@ -42,7 +44,7 @@ REFUSALS = (("partition", "--partition"), ("account", "--account"), ("qos", "--q
             ("memory", "--mem"), ("node", "--nodelist"))
 
 
-class SlurmError(ValueError):
+class SlurmError(BadInput, ValueError):
     """Bad input for a submission: one line that names the option."""
 
 
@@ -78,7 +80,7 @@ class ArrayJob:
     nproc: int = 1
     device: str = "auto"
     data_root: str | None = None
-    stale_after: float = 600.0
+    stale_after: float = STALE_AFTER_S
     poll: float = 10.0  # seconds between a waiting worker's looks at the queue
     sbatch_lines: tuple[str, ...] = field(default_factory=tuple)
 

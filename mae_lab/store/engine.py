@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, create_engine, select
 
+from mae_lab.errors import BadInput
 from mae_lab.store.tables import SCHEMA_VERSION, Meta, TrialRow
 
 DEFAULT_URL = "sqlite:///db/mae_lab.db"
@@ -43,7 +44,7 @@ MIGRATIONS = {
 }
 
 
-class DbError(RuntimeError):
+class DbError(BadInput, RuntimeError):
     """The database cannot be used (cannot be opened, newer schema, ...)."""
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from mae_lab.errors import BadInput
 from mae_lab.store.reads import get_study, pretraining_results, study_trials, trial_details
 from mae_lab.store.tables import RUN_PROVENANCE
 
@@ -50,7 +51,7 @@ SPLITS = {"linear_val_top1": "val", "finetune_val_top1": "val", "linear_test_top
           "finetune_test_top1": "test", "knn_val_top1": "val"}
 
 
-class RecordsError(ValueError):
+class RecordsError(BadInput, ValueError):
     """A trials file that cannot be read: ``str()`` is one line naming the file and the column."""
 
 
@@ -88,10 +89,10 @@ def _typed(value: Any, kind: str, column: str) -> Any:
 
 
 def from_db(engine: Engine, name: str) -> StudyRecords:
-    """The records of a study's active trials (KeyError for an unknown study)."""
+    """The records of a study's active trials (BadInput for an unknown study)."""
     study = get_study(engine, name)
     if study is None:
-        raise KeyError(f"no study named {name!r} in the database")
+        raise BadInput(f"no study named {name!r} in the database")
     trials = study_trials(engine, study.id)
     reused = {t.pretrain_hash for t, r in trials if t.status == "done" and r is not None and r.pretrain_reused}
     ran = pretraining_results(engine, reused) if reused else {}

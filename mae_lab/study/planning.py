@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mae_lab.data import DataError, DatasetInfo, resolve_spec_data, verify_dataset
+from mae_lab.errors import BadInput
 from mae_lab.study.expand import RunContext, Trial, bind, bind_all, expand
 from mae_lab.study.precision import pick_device, resolve_bf16
 from mae_lab.study.spec import DataSpec, Study, StudyError, TrialSpec, load_study, set_dotted
@@ -26,8 +27,8 @@ def parse_data_override(text: str | None) -> dict[str, str]:
     for part in text.split(","):
         key, sep, value = part.partition("=")
         if not sep or key.strip() not in ("dataset", "train", "val", "pretrain_dataset", "pretrain_shards"):
-            raise ValueError(f"--data {text!r}: expected dataset=NAME or train=PATTERN,val=PATTERN (and optionally "
-                             "pretrain_dataset=NAME or pretrain_shards=PATTERN)")
+            raise BadInput(f"--data {text!r}: expected dataset=NAME or train=PATTERN,val=PATTERN (and optionally "
+                           "pretrain_dataset=NAME or pretrain_shards=PATTERN)")
         out[key.strip()] = value.strip()
     return out
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from mae_lab.errors import BadInput
+
 BF16_MIN_CPU_WIDTH = 192  # narrower encoders stay fp32 on CPU: the casts cost more than bf16 gains (use_bf16)
 GPU_DRIVER_PATHS = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
 
@@ -33,9 +35,9 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if cuda_available() else "cpu"
     if device.startswith("cuda") and not cuda_available():
-        raise ValueError(f"--device {device}: no CUDA device is available here (use cpu or auto)")
+        raise BadInput(f"--device {device}: no CUDA device is available here (use cpu or auto)")
     if not device.startswith("cuda"):
-        raise ValueError(f"--device {device}: expected cpu, cuda or auto")
+        raise BadInput(f"--device {device}: expected cpu, cuda or auto")
     return device
 
 

@@ -14,12 +14,10 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from mae_lab.store.reads import get_study, study_trials
+from mae_lab.store.states import FINAL, METRIC_COLUMNS
 from mae_lab.study.adaptive import next_round
 from mae_lab.study.expand import Trial, expand, resolve
 from mae_lab.study.spec import Study, get_dotted
-
-METRIC_COLUMNS = {"linear": "linear_top1", "finetune": "finetune_top1"}  # the validation split: what decides
-FINISHED = ("done", "failed", "diverged", "pruned")
 
 
 def point_key(axes: dict[str, Any]) -> str:
@@ -77,5 +75,5 @@ def current_trials(engine: Engine, study: Study, trials: list[Trial], *,
         if not fresh:
             return out
         out += fresh
-        if any(recorded.get(t.hash, ("pending", None))[0] not in FINISHED for t in fresh):
+        if any(recorded.get(t.hash, ("pending", None))[0] not in FINAL for t in fresh):
             return out

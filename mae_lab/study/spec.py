@@ -13,12 +13,13 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mae_lab.study.tables import LogSection, SearchSection, Strict, StudySection, TableError, check_search_table
+from mae_lab.errors import BadInput
+from mae_lab.study.tables import Float, LogSection, SearchSection, Strict, StudySection, TableError, check_search_table
 
 
-class StudyError(ValueError):
+class StudyError(BadInput, ValueError):
     """A study file is invalid. ``str()`` is one line: ``FILE: KEY: REASON``."""
 
     def __init__(self, path: str | Path, key: str, reason: str):
@@ -76,26 +77,22 @@ class ModelSpec(Strict):
     decoder_embed_dim: int | None = Field(None, ge=1)
     decoder_depth: int | None = Field(None, ge=1)
     decoder_num_heads: int | None = Field(None, ge=1)
-    mlp_ratio: float | None = Field(None, gt=0)
+    mlp_ratio: Float | None = Field(None, gt=0)
     norm_pix_loss: bool | None = None
-    mask_ratio: float | None = Field(None, ge=0.0, lt=1.0)
+    mask_ratio: Float | None = Field(None, ge=0.0, lt=1.0)
     mask_sampling: Literal["random", "block", "grid"] | None = None
     mask_token_in_encoder: bool | None = None
 
-    @field_validator("mlp_ratio", "mask_ratio", mode="before")
-    @classmethod
-    def _int_as_float(cls, v: Any) -> Any:
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 class PretrainSpec(Strict):
     epochs: int = Field(10, ge=0, description="0 keeps the random init (a baseline)")
     batch_size: int = Field(256, ge=1)
     accum_iter: int = Field(1, ge=1)
-    base_lr: float = Field(1.5e-4, gt=0)
-    min_lr: float = Field(0.0, ge=0)
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_epochs: float = Field(1.0, ge=0)
+    base_lr: Float = Field(1.5e-4, gt=0)
+    min_lr: Float = Field(0.0, ge=0)
+    weight_decay: Float = Field(0.05, ge=0)
+    warmup_epochs: Float = Field(1.0, ge=0)
     amp: Literal["auto", "none", "bf16"] = Field(
         "auto",
         description="bf16 autocast; auto: where it pays (CUDA with bf16; a CPU with native bf16 from width 192)")
@@ -106,56 +103,43 @@ class PretrainSpec(Strict):
     init_sha256: str | None = Field(None, description="sha256 of the init's weights file: filled in when the study is "
                                     "expanded (the trial's identity); give it to pin the file")
 
-    @field_validator("base_lr", "min_lr", "weight_decay", "warmup_epochs", mode="before")
-    @classmethod
-    def _int_as_float(cls, v: Any) -> Any:
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 class LinearSpec(Strict):
     enabled: bool = True
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(256, ge=1)
-    base_lr: float = Field(0.1, gt=0)
+    base_lr: Float = Field(0.1, gt=0)
     optimizer: Literal["sgd", "lars"] = "sgd"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_epochs: float = Field(5.0, ge=0)
+    momentum: Float = Field(0.9, ge=0, lt=1)
+    weight_decay: Float = Field(0.0, ge=0)
+    warmup_epochs: Float = Field(5.0, ge=0)
     pool: Literal["cls", "mean"] = "cls"
     blocks: list[int] = Field([], description="also probe the features after these blocks (1 = the first), "
                               "one forward pass for all; with pretrain.probe_every, at those epochs too")
 
-    @field_validator("base_lr", "momentum", "weight_decay", "warmup_epochs", mode="before")
-    @classmethod
-    def _int_as_float(cls, v: Any) -> Any:
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 class FinetuneSpec(Strict):
     enabled: bool = True
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=1)
-    base_lr: float = Field(1e-3, gt=0)
-    layer_decay: float = Field(0.75, gt=0, le=1)
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_epochs: float = Field(2.0, ge=0)
-    drop_path: float = Field(0.1, ge=0, lt=1)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    mixup: float = Field(0.0, ge=0)
-    cutmix: float = Field(0.0, ge=0)
+    base_lr: Float = Field(1e-3, gt=0)
+    layer_decay: Float = Field(0.75, gt=0, le=1)
+    weight_decay: Float = Field(0.05, ge=0)
+    warmup_epochs: Float = Field(2.0, ge=0)
+    drop_path: Float = Field(0.1, ge=0, lt=1)
+    label_smoothing: Float = Field(0.1, ge=0, lt=1)
+    mixup: Float = Field(0.0, ge=0)
+    cutmix: Float = Field(0.0, ge=0)
     randaug: str | None = Field(None, description="timm RandAugment string, e.g. 'rand-m9-mstd0.5-inc1'")
-    min_crop_scale: float = Field(0.08, gt=0, le=1, description="RandomResizedCrop's smallest area fraction")
+    min_crop_scale: Float = Field(0.08, gt=0, le=1, description="RandomResizedCrop's smallest area fraction")
     flip: bool = Field(True, description="random horizontal flips while fine-tuning")
     global_pool: Literal["avg", "token"] = "avg"
     last_k_blocks: int | None = Field(None, ge=0, description="tune only the last k blocks (paper Fig. 9)")
     img_size: int | None = Field(None, ge=1, description="fine-tune and evaluate at this size, the position "
                                  "embeddings interpolated (None: model.img_size)")
 
-    @field_validator("base_lr", "layer_decay", "weight_decay", "warmup_epochs", "drop_path", "label_smoothing",
-                     "mixup", "cutmix", "min_crop_scale", mode="before")
-    @classmethod
-    def _int_as_float(cls, v: Any) -> Any:
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 class EvalSpec(Strict):

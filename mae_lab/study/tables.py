@@ -9,9 +9,25 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Collection
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+
+def _int_as_float(v: Any) -> Any:
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+Float = Annotated[float, BeforeValidator(_int_as_float)]  # a float field that takes a TOML integer (lr = 1) as well
 
 
 class TableError(ValueError):
@@ -53,14 +69,9 @@ class SeedPlan(Strict):
     max: int = Field(8, ge=2, le=MAX_SEEDS, description=f"the most seeds a point gets (at most {MAX_SEEDS})")
     until: Literal["decided"] = Field("decided", description="decided: the paired 95% interval of the difference "
                                       "to the default excludes 0, or lies within +-min_effect")
-    min_effect: float = Field(gt=0, description="the smallest effect of interest, in top-1 points")
+    min_effect: Float = Field(gt=0, description="the smallest effect of interest, in top-1 points")
     metrics: list[Literal["linear", "finetune"]] = Field(["linear"], min_length=1,
                                                          description="the validation top-1s that must be decided")
-
-    @field_validator("min_effect", mode="before")
-    @classmethod
-    def _int_as_float(cls, v: Any) -> Any:
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
     @field_validator("max")
     @classmethod

@@ -37,11 +37,12 @@ from typing import Any
 import torch
 
 from mae_lab.atomic import atomic_file, fsync_dir
+from mae_lab.errors import BadInput
 
 FORMAT_KEYS = ("model", "optimizer", "epoch", "step", "rng", "config", "spec", "identity", "loss_history")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BadInput, RuntimeError):
     """A checkpoint cannot be used: wrong sha256, unreadable, or it holds pickled Python objects."""
 
 
