@@ -164,7 +164,7 @@ def run_trial(engine: Engine, row: TrialRow, info: DatasetInfo, *, device: str, 
                 raise
             return status
         finally:
-            log.close(engine, row.id, status)
+            log.close(engine, claim.trial_id, status)
 
 
 def _run_trial(engine: Engine, row: TrialRow, claim: Claim, beat: Heartbeat, info: DatasetInfo, *,

@@ -122,8 +122,9 @@ class TensorBoardRun:
         if status == "done" and "_hparams_/session_start_info" not in self.held:
             axes = {k: _plain(v) for k, v in {**self.meta.axes, "seed": self.meta.seed}.items()}
             _, start, end = hparams(axes, {k: v for k, v in results.items()})  # the experiment: from every run's
-            self.writer.file_writer.add_summary(start)  # start info, so runs of all studies share one table
-            self.writer.file_writer.add_summary(end)
+            file_writer = self.writer._get_file_writer()  # start info, so runs of all studies share one table
+            file_writer.add_summary(start)  # (torch's add_hparams writes them so, in a folder of its own)
+            file_writer.add_summary(end)
         self.writer.flush()
 
     def close(self) -> None:
@@ -146,14 +147,17 @@ class MlflowRun:
         self.client = client = MlflowClient(tracking_uri=uri)
         self.last: dict[str, int] = {}
         exp = client.get_experiment_by_name(meta.study)
-        if exp is None:
+        if exp is not None:
+            exp_id = exp.experiment_id
+        else:
             try:
                 exp_id = client.create_experiment(meta.study, artifact_location=(
                     (artifact_root / meta.study).resolve().as_uri() if artifact_root is not None else None))
             except MlflowException:  # another process created it first
-                exp_id = client.get_experiment_by_name(meta.study).experiment_id
-        else:
-            exp_id = exp.experiment_id
+                exp = client.get_experiment_by_name(meta.study)
+                if exp is None:
+                    raise
+                exp_id = exp.experiment_id
         run = None
         if run_id is not None:
             try:

@@ -40,8 +40,8 @@ def mlflow_uri(db_url: str | None, artifacts: Path) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     parsed = parse_url(resolve_url(db_url))
-    local = parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:"
-    folder = Path(parsed.database).parent if local else artifacts
+    local = parsed.database if parsed.get_backend_name() == "sqlite" and parsed.database != ":memory:" else None
+    folder = Path(local).parent if local else artifacts
     return f"sqlite:///{(folder / 'mlflow.db').resolve()}"
 
 
@@ -80,9 +80,11 @@ class Trackers:
              claim: Claim | None = None, fresh: bool | None = None) -> TrialLog:
         """The trial's runs in every working tracker, with what the database already holds replayed into them.
         ``fresh`` (default: the database holds no metrics of the trial): the trial starts over, so does its view."""
+        assert row.id is not None  # a row read from the database
         rows, _, _ = trial_details(engine, row.id)
         fresh = not rows if fresh is None else fresh
-        meta, runs = trial_meta(study, row, commit), []
+        meta = trial_meta(study, row, commit)
+        runs: list[TensorBoardRun | MlflowRun] = []
         for name in self.names:
             if name in self.failed:
                 continue
@@ -99,7 +101,7 @@ class Trackers:
                 raise
             except Exception as exc:  # noqa: BLE001 - a view never fails a trial
                 self.fail(name, exc)
-        log = TrialLog(self, runs, next((r.run_id for r in runs if r.name == "mlflow"), row.mlflow_run_id))
+        log = TrialLog(self, runs, next((r.run_id for r in runs if isinstance(r, MlflowRun)), row.mlflow_run_id))
         by_step: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
         for m in rows:
             by_step[(m.stage, m.epoch)][m.name] = m.value
@@ -162,7 +164,7 @@ def trackers_for(study: Study, override: str | None, *, db_url: str | None, arti
                  warn: Callable[[str], None]) -> Trackers | None:
     """The run's trackers: ``--log`` (``override``) else the study's ``[log] trackers``; None for none. Raises
     TrackerError (bad input, before anything is written) for an unknown name or a missing extra."""
-    names = parse_trackers(override) if override is not None else list(study.log.trackers)
+    names: list[str] = parse_trackers(override) if override is not None else list(study.log.trackers)
     if not names:
         return None
     require(names, "--log" if override is not None else f"{study.path}: log.trackers")
@@ -184,13 +186,13 @@ def backfill(study: str, to: str, *, db_url: str | None,
     require(names, "--to")
     engine = connect(db_url, create=False)
     row = get_study(engine, study)
-    if row is None:
+    if row is None or row.id is None:
         raise TrackerError(f"no study named {study!r} in the database")
     trackers = make_trackers(names, 1, db_url=db_url, artifacts=artifacts_dir(db_url).resolve(), warn=warn)
     done = [t for t, _ in study_trials(engine, row.id) if t.status == "done"]
     for t in done:
         log = trackers.open(engine, study, t, commit=t.git_commit, fresh=False)
-        log.close(engine, t.id, t.status)
+        log.close(engine, t.id or 0, t.status)  # (a row read from the database has its id)
     where = ", ".join(str(trackers.tensorboard_dir / study) if n == "tensorboard" else trackers.mlflow_uri
                       for n in names)
     return len(done), where, trackers.failed
