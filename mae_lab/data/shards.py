@@ -201,12 +201,6 @@ def check_end(shard: str) -> None:
         shard_keys(shard)  # raises DataError naming the shard and the last good key
 
 
-def _shard_count(shard: str) -> int | None:
-    """Samples in a shard if it is a local file (header scan), else None."""
-    keys = shard_keys(shard)
-    return None if keys is None else len(keys)
-
-
 # ---------------------------------------------------------------------------------------------- labels and decoding
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from mae_lab.study.init_check import FieldError, resolve_fields
 from mae_lab.study.presets import PRESETS, MAEConfig, grid_k
-from mae_lab.study.spec import Study, StudyError, TrialSpec, get_dotted, schedule_problem, set_dotted, validate_trial
+from mae_lab.study.spec import Study, StudyError, TrialSpec, schedule_problem, set_dotted, validate_trial
 
 
 @dataclass(frozen=True)
@@ -298,8 +298,3 @@ def expand(study: Study) -> list[Trial]:
             spec = first if seed == first.seed else first.model_copy(update={"seed": seed})
             trials.append(Trial(spec, *digests(seed), dict(point)))
     return trials
-
-
-def axis_value(trial: Trial, key: str) -> Any:
-    """The resolved value of a dotted key in a trial's spec."""
-    return get_dotted(trial.spec, key)

@@ -3,13 +3,11 @@ bf16 resolution, AdamW parameter groups, batched loss read-back with divergence 
 from __future__ import annotations
 
 import math
-import random
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -66,13 +64,6 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_lr: f
         return min_lr
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def seed_all(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy and Python's `random`: every global RNG an augmentation may use."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def use_bf16(amp: str, device: torch.device, embed_dim: int) -> bool:
