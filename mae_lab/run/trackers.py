@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mae_lab.errors import BadInput
 from mae_lab.study.tables import TRACKERS
 
 
-class TrackerError(ValueError):
+class TrackerError(BadInput, ValueError):
     """A tracker asked for that cannot be used: an unknown name, or its extra is not installed (bad input)."""
 
 
