@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import study_toml
 
-from mae_lab.study.adaptive import decide, is_decided, next_round, point_decisions
+from mae_lab.study.adaptive import decide, decision_level, is_decided, next_round, point_decisions
 from mae_lab.study.spec import StudyError, parse_study
 from mae_lab.study.tables import SeedPlan
 
@@ -70,7 +70,7 @@ def test_missing_results_no_default_and_the_first_round():
     assert next_round(plan, {"q": [0, 1, 2], "p": [0, 1, 2]}, undecided, None) == {"q": [0, 1, 2], "p": [0, 1, 2]}
     # a metric the study does not evaluate does not hold a point back; one it does must be decided too
     both = SeedPlan(min=2, max=4, min_effect=1.0, metrics=["linear", "finetune"])
-    lin_only = {"p": {"linear": {0: 75.0, 1: 76.0}}, "d": {"linear": {0: 70.0, 1: 70.5}}}
+    lin_only = {"p": {"linear": {0: 75.0, 1: 76.0}}, "d": {"linear": {0: 70.0, 1: 70.9}}}
     assert next_round(both, {"d": [0, 1], "p": [0, 1]}, lin_only, "d") == {"d": [0, 1], "p": [0, 1]}
     with_ft = {"p": {**lin_only["p"], "finetune": {0: 80.0, 1: 84.0}}, "d": {**lin_only["d"],
                                                                               "finetune": {0: 82.0, 1: 82.0}}}
@@ -103,6 +103,22 @@ def test_a_bad_seeds_table_names_its_key(table, key, words):
     assert "\n" not in line and line.startswith(f"bad.toml: {key}: ") and words in line
 
 
+@pytest.mark.parametrize("alpha, words", [("0.5", "outside (0, 0.5)"), ("0", "outside (0, 0.5)"),
+                                          ("-0.1", "outside (0, 0.5)"), ('"5%"', "a number")])
+def test_a_bad_alpha_names_its_key(alpha, words):
+    with pytest.raises(StudyError) as exc:
+        parse_study(STUDY.format("[0, 1]") + f"alpha = {alpha}\n", "bad.toml")
+    line = str(exc.value)
+    assert "\n" not in line and line.startswith("bad.toml: study.alpha: ") and words in line
+
+
+def test_alpha_sets_the_decision_level():
+    s = parse_study(STUDY.format("{ min = 2, max = 6, min_effect = 1.0 }") + "alpha = 0.1\n", "ok.toml")
+    assert s.study.alpha == 0.1 and decision_level(s.study.adaptive, s.study.alpha) == pytest.approx(0.98)
+    s = parse_study(STUDY.format("[0, 1]"), "ok.toml")
+    assert s.study.alpha == 0.05 and decision_level(None, s.study.alpha) == pytest.approx(0.95)
+
+
 def test_a_bad_seeds_table_ends_the_run_with_exit_2_and_leaves_the_database_alone(workdir):
     from conftest import dump_db
     from typer.testing import CliRunner
@@ -114,7 +130,9 @@ def test_a_bad_seeds_table_ends_the_run_with_exit_2_and_leaves_the_database_alon
     before = dump_db(workdir / "db" / "mae_lab.db")
     for table, key in (("{ min = 4, max = 3, min_effect = 1.0 }", "study.seeds.max"),
                        ("{ max = 33, min_effect = 1.0 }", "study.seeds.max"),
-                       ('{ until = "tired", min_effect = 1.0 }', "study.seeds.until")):
+                       ('{ until = "tired", min_effect = 1.0 }', "study.seeds.until"),
+                       ("{ min_effect = -1.0 }", "study.seeds.min_effect"),
+                       ("{ min_effect = 1.0 }\nalpha = 0.7", "study.alpha")):
         (workdir / "bad.toml").write_text(STUDY.format(table))
         res = CliRunner().invoke(app, ["run", "bad.toml", "--device", "cpu"])
         assert res.exit_code == 2 and res.output.count("\n") == 1 and f"bad.toml: {key}: " in res.output, res.output

@@ -99,9 +99,13 @@ def test_every_format_renders_the_recorded_values(depth_db, tmp_path):
     row4 = next(line for line in md.splitlines() if line.startswith("| 4 |"))
     assert "70.0 ± 1.0 (n=3) | -2.0 [-4.5, +0.5] ≈ |" in row4 and "| 4 blocks | 71.9 | 84.9 |" in row4
     assert "| [-6.2, +2.2] |" in row4  # Welch's interval beside it: wider, the seeds' shared spread left in
-    assert "linear, decoder_depth=8: Δ +3.0 [+0.5, +5.5] -> reproduces (paired); paper Δ +3.5" in md
-    assert "linear, decoder_depth=4: Δ -2.0 [-4.5, +0.5] -> not detected (paired; rules out |Δ| > 4.5)" \
-        in md.replace("\\|", "|")
+    # reproduces: 0 excluded on the paper's side and the paper's +3.5 inside the interval
+    assert "linear, decoder_depth=8: Δ +3.0 [+0.5, +5.5] -> reproduces (paired 95%, one look); paper Δ +3.5" in md
+    # the interval holds 0 but not the paper's +1.9 (71.9 - 70.0, the paper's row at our default, 2 blocks)
+    assert ("linear, decoder_depth=4: Δ -2.0 [-4.5, +0.5] -> no effect detected, the paper's Δ ruled out here "
+            "(paired 95%, one look; rules out |Δ| > 4.5); paper Δ +1.9") in md.replace("\\|", "|")
+    assert "paper Δ: each paper row minus the paper's row at our default (2 blocks), not minus the paper's own " \
+        "default (8 blocks)" in md
     assert "fine-tune, decoder_depth=8: Δ -1.0 (no spread) -> no interval (no spread)" not in md
     # ours 60 < 70 < 72 < 75 against the paper's 65.5 < 70.0 < 71.9 < 73.5: one swapped pair, rho = 1 - 6*2/60
     assert "linear: our ordering agrees with the paper's (Spearman rho = +0.80 over 4 matched points)" in md
@@ -113,13 +117,14 @@ def test_every_format_renders_the_recorded_values(depth_db, tmp_path):
     assert float(rows["1"]["linear_ci_low"]) == pytest.approx(lo, abs=1e-5)
     assert float(rows["1"]["linear_ci_high"]) == pytest.approx(hi, abs=1e-5)
     assert rows["1"]["linear_ci_kind"] == "welch" and rows["8"]["linear_ci_kind"] == "paired"
-    assert rows["8"]["linear_verdict"] == "reproduces (paired)"
+    assert rows["8"]["linear_verdict"] == "reproduces (paired 95%, one look)"
     assert rows["4"]["linear_within_noise"] == "True" and rows["2"]["is_default"] == "True"
     assert float(rows["8"]["paper_lin"]) == 73.5 and float(rows["8"]["finetune_mean"]) == pytest.approx(82.0)
     assert float(rows["4"]["speed_vs_default"]) == pytest.approx((250 + 1) / (500 + 1))
     assert float(rows["8"]["peak_mem_mib"]) == pytest.approx(801.0)  # mean over seeds k = 0, 1, 2
+    # depth 1: [-16.5, -7.5] Welch beyond the paper's -4.5: the same direction, larger than the paper
     assert headline(rep) == ("decoder_depth=8 (75.0)", "agrees (ρ = +0.80, 4 points)",
-                             "not detected 1, reproduces 2")
+                             "paper's Δ ruled out 1, reproduces 1, same direction, larger 1")
 
     data = json.loads(render_text(rep, "json"))
     first = data["rows"][0]
@@ -158,7 +163,10 @@ def test_one_seed_gives_no_interval_and_widths_match_by_position(tmp_path):
     rep = summarize(connect(url, create=False), "width")
     md = render_text(rep, "md")
     assert "| 8 | 60.0 ± 0.0 (n=1) | -10.0 (n=1) |" in md
-    assert [r.paper.setting for r in rep.rows] == ["128 wide", "256 wide", "512 wide", "768 wide"]
+    # by position: the ordering only; no paper number, paper Δ or verdict against the paper on any row
+    assert [m.setting for m in rep.comparison.matches] == ["128 wide", "256 wide", "512 wide", "768 wide"]
+    assert [r.paper for r in rep.rows] == [None] * 4 and "; paper Δ +" not in md and "; paper Δ -" not in md
+    assert "reproduces" not in md and "ruled out" not in md
     assert "by position" in md and "1024 wide" in md
     # 60 < 65 < 70 > 66 against 69.1 < 71.3 < 73.5 > 73.1: the same ordering
     assert rep.comparison.agreement["linear"] == (pytest.approx(1.0), 4)
@@ -190,15 +198,19 @@ def test_tables_leave_out_fine_tune_columns_when_nothing_was_fine_tuned(tmp_path
 def test_paper_matching_rules():
     fig5 = paper.get_table("fig5")
     comp = paper.compare(fig5, [(0.25,), (0.5,), (0.75,), (0.9,)], [40, 50, 60, 55], [70, 71, 72, 73])
-    assert [m and m.setting for m in comp.matches] == ["lowest ratio tried", None, "75%", None]
-    assert comp.agreement == {"linear": (pytest.approx(1.0), 2), "finetune": (None, 1)}  # 84.9 at 75%
+    # 0.25 is not a plotted ratio whose label we have: it matches nothing (not the 10% point)
+    assert [m and m.setting for m in comp.matches] == [None, None, "75%", None] == \
+        [m and m.setting for m in comp.by_value]
+    assert comp.agreement == {"linear": (None, 1), "finetune": (None, 1)}
+    comp = paper.compare(fig5, [(0.1,), (0.75,)], [40, 60], [None, None])
+    assert [m.lin for m in comp.by_value] == [54.6, 73.5] and comp.agreement["linear"] == (None, 2)  # rho needs 3
     t1f = paper.get_table("1f")
     comp = paper.compare(t1f, [("random", 0.75), ("block", 0.5), ("grid", 0.75)], [70, 69, 60], [None] * 3)
     assert comp.rule == "value" and [m.ft for m in comp.matches] == [84.9, 83.9, 84.0]
     assert comp.agreement["linear"] == (pytest.approx(1.0), 3)  # 70 > 69 > 60 like 73.5 > 72.3 > 66.0
     t1d = paper.get_table("1d")
     comp = paper.compare(t1d, [(False,), (True,)], [70, 71], [80, 79])
-    assert comp.unmatched == ["PCA", "dVAE token"] and comp.agreement["finetune"] == (-1.0, 2)
+    assert comp.unmatched == ["PCA", "dVAE token"] and comp.agreement["finetune"] == (None, 2)
     assert paper.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)
 
 
@@ -216,9 +228,9 @@ def test_the_site_regenerates_from_trials_csv_byte_for_byte(depth_db, tmp_path):
     first = tree(site)
     assert {"index.md", "summary.md", "trials.csv", "trials.json", "depth.md", "depth/loss.png"} <= set(first)
     summary = (site / "summary.md").read_text()
-    assert summary.startswith("# Results\n\nWritten by hand.\n") and "| [depth](depth.md) | decoder_depth=8 | " \
-        "linear | +3.0 [+0.5, +5.5] | +3.5 | reproduces (paired) | 3 | - |" in summary
-    assert r"| not detected (paired; rules out \|Δ\| > 4.5) | 3 | - |" in summary  # a pipe inside a cell, escaped
+    assert summary.startswith("# Results\n\nWritten by hand.\n") and "| [depth](depth.md) | decoder_depth=8 | linear " \
+        "| +3.0 [+0.5, +5.5] | 95% | +3.5 | reproduces (paired 95%, one look) | not detected | 3 | - |" in summary
+    assert r"(paired 95%, one look; rules out \|Δ\| > 4.5) | not detected | 3 | - |" in summary  # a pipe, escaped
     assert "Compute: 12 trials done: " in (site / "depth.md").read_text()
     rows = list(csv.DictReader(io.StringIO((site / "trials.csv").read_text())))
     assert len(rows) == 12 and rows[0]["linear_val_top1"] == "0.58" and rows[0]["seed"] == "0"
@@ -365,3 +377,17 @@ def test_a_real_study_gives_pages_plots_and_reconstructions(workdir: Path):
     sha = save_trial_recon(model, spec, info, workdir / "art.png")
     assert hashlib.sha256((workdir / "art.png").read_bytes()).hexdigest() == sha
     assert (workdir / "art.png").read_bytes() == (workdir / "one.png").read_bytes()
+
+
+def test_the_summary_states_a_shared_control_from_the_records():
+    from mae_lab.report.study_report import Row, StudyReport
+    from mae_lab.report.summary import shared_control
+
+    def study(name: str, default_hashes: list[str]) -> StudyReport:
+        rows = [Row("d", {}, trials=default_hashes, is_default=True), Row("p", {}, trials=[name + "-p"])]
+        return StudyReport(name, "", None, [], rows)
+
+    one = shared_control([study("a", ["h0", "h1"]), study("b", ["h0", "h1"]), study("c", ["x0"])])
+    assert one.startswith("One shared control: the default arms of 2 studies (a, b) are the same trials, one per "
+                          "seed (2 trials whose hash appears in 2 to 2 studies")
+    assert shared_control([study("a", ["h0"]), study("c", ["x0"])]).startswith("No two studies here share")

@@ -9,7 +9,17 @@ import pytest
 from scipy import stats as sps
 
 from mae_lab.report import paper
-from mae_lab.study.stats import by_seed, paired_interval, spearman, t_ppf, verdict, verdict_text, welch_interval
+from mae_lab.study.stats import (
+    by_seed,
+    holm,
+    paired_interval,
+    paired_p,
+    spearman,
+    t_ppf,
+    verdict,
+    verdict_text,
+    welch_interval,
+)
 
 
 def test_t_quantiles_match_the_printed_table():
@@ -64,18 +74,32 @@ def test_pairs_are_matched_by_seed():
 
 
 def test_verdicts():
-    up = paired_interval([72.0, 73.0, 74.5], [70.0, 70.5, 71.0])  # excludes 0 above
+    up = paired_interval([72.0, 73.0, 74.5], [70.0, 70.5, 71.0])  # [+0.8, +4.6]: excludes 0 above
     down = paired_interval([70.0, 70.5, 71.0], [72.0, 73.0, 74.5])
-    none = paired_interval([70.0, 71.5, 70.2], [70.4, 70.9, 70.6])  # contains 0
+    none = paired_interval([70.0, 71.5, 70.2], [70.4, 70.9, 70.6])  # [-1.5, +1.4]: contains 0
     assert up.low > 0 and down.high < 0 and none.within_noise
-    assert verdict(up, +1.2) == "reproduces" and verdict(down, -0.4) == "reproduces"
+    # reproduces: 0 excluded on the paper's side AND the paper's Δ inside; never for a sign alone
+    assert verdict(up, +1.2) == "reproduces" and verdict(down, -2.0) == "reproduces"
+    assert verdict(up, +13.9) == "same direction, smaller" and verdict(down, -0.4) == "same direction, larger"
     assert verdict(up, -3.0) == "opposite" and verdict(down, +0.1) == "opposite"
     assert verdict(up, 0.0) == "opposite" and verdict(up, None) == "detected"
-    assert verdict(none, +5.0) == "not detected" and verdict(paired_interval([1.0], [2.0]), 1.0) == "no interval"
-    text = verdict_text(none, 5.0)
-    assert text == f"not detected (paired; rules out |Δ| > {none.largest_bound:.1f})"
+    assert verdict(none, +5.0) == "paper's Δ ruled out" and verdict(none, -1.0) == "not detected"
+    assert verdict(none, None) == "not detected" and verdict(paired_interval([1.0], [2.0]), 1.0) == "no interval"
+    assert verdict_text(none, -1.0) == f"not detected (paired 95%; rules out |Δ| > {none.largest_bound:.1f})"
+    assert verdict_text(none, 5.0, "99%, Bonferroni over 5 looks") == (
+        "no effect detected, the paper's Δ ruled out here (paired 99%, Bonferroni over 5 looks; rules "
+        f"out |Δ| > {none.largest_bound:.1f})")
     assert none.largest_bound == max(abs(none.low), abs(none.high))
-    assert verdict_text(welch_interval([75.0, 76.0, 77.0], [70.0, 70.5, 71.0]), 1.0) == "reproduces (Welch)"
+    assert verdict_text(welch_interval([75.0, 76.0, 77.0], [70.0, 70.5, 71.0]), 5.0) == "reproduces (Welch 95%)"
+    assert verdict_text(up, 9.0) == "same direction, smaller than the paper (paired 95%)"
+
+
+def test_holm_steps_down_and_paired_p_is_ttest_rel():
+    assert holm([0.01, 0.04, 0.03, None], 0.05) == [True, False, False, None]  # 0.01 <= 0.05/3; 0.03 > 0.05/2
+    assert holm([0.01, 0.02, 0.04], 0.05) == [True, True, True]  # 0.01 <= .05/3, 0.02 <= .05/2, 0.04 <= .05
+    assert holm([0.2, 0.001], 0.05) == [False, True]
+    a, b = [72.0, 73.0, 74.5], [70.0, 70.5, 71.0]
+    assert paired_p(a, b) == pytest.approx(float(sps.ttest_rel(a, b).pvalue)) and paired_p([1.0], [2.0]) is None
 
 
 def test_spearman_matches_scipy_and_paper_directions():
@@ -84,7 +108,19 @@ def test_spearman_matches_scipy_and_paper_directions():
     assert spearman([1, 1], [1, 2]) is None and spearman([1], [1]) is None
     fig5 = paper.get_table("fig5")
     p75 = next(r for r in fig5.rows if r.values == (0.75,))
-    lowest = next(r for r in fig5.rows if r.at == "lowest")
-    assert p75.ft == 84.9 and p75.lin == 73.5 and lowest.lin == 54.6
-    assert paper.paper_delta(lowest, p75, "linear") == pytest.approx(-18.9)
-    assert paper.paper_delta(lowest, p75, "finetune") is None
+    p10 = next(r for r in fig5.rows if r.values == (0.1,))
+    assert p75.ft == 84.9 and p75.lin == 73.5 and p10.lin == 54.6
+    assert paper.paper_delta(p10, p75, "linear") == pytest.approx(-18.9)
+    assert paper.paper_delta(p10, p75, "finetune") is None
+    # a ratio the transcribed figure does not plot matches nothing, never the nearest other ratio
+    _, _, by_value, _ = paper.match_rows(fig5, [(0.25,), (0.5,), (0.75,), (0.9,)])
+    assert by_value == [None, None, p75, None]
+    # by position (decoder widths at CIFAR scale): ordering only; paper Δ only where the values are equal
+    t1b = paper.get_table("1b")
+    comp = paper.compare(t1b, [(32,), (64,), (128,), (256,)], [1.0, 2.0, 3.0, 4.0], [None] * 4)
+    assert comp.rule == "position" and [m.values for m in comp.matches] == [(128,), (256,), (512,), (768,)]
+    assert [m and m.values for m in comp.by_value] == [None, None, (128,), (256,)]
+    assert paper.paper_delta(comp.by_value[3], comp.by_value[2], "linear") == pytest.approx(2.2)
+    assert comp.agreement["linear"] == (pytest.approx(0.8), 4)  # paper 69.1 < 71.3 < 73.5 > 73.1
+    two = paper.compare(t1b, [(128,), (256,)], [2.0, 1.0], [None] * 2)  # rho over 2 points is +-1: not given
+    assert two.agreement["linear"] == (None, 2)

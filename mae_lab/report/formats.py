@@ -14,16 +14,17 @@ from mae_lab.errors import BadInput
 from mae_lab.report.export import to_csv, to_dict
 from mae_lab.report.search_view import render_search, search_markdown
 from mae_lab.report.study_report import (
-    LEGEND,
     NOISE_MARK,
     Row,
     Stat,
     StudyReport,
     has_finetune,
     has_memory,
+    legend,
     title,
     verdicts,
 )
+from mae_lab.study.adaptive import rule_text
 from mae_lab.study.stats import Interval
 
 FORMATS = ("table", "md", "csv", "latex", "json")
@@ -64,6 +65,14 @@ def fmt_welch(row: Row, attr: str) -> str:
     if d is None or d.low is None:
         return "-"
     return f"[{d.low:+.1f}, {d.high:+.1f}]"
+
+
+def fmt_holm(row: Row, attr: str) -> str:
+    """Whether the point's difference is detected after Holm's step-down over the study's points."""
+    if row.is_default:
+        return "default"
+    held = row.holm.get(attr)
+    return "-" if held is None else "detected" if held else "not detected"
 
 
 def has_test(report: StudyReport, attr: str) -> bool:
@@ -142,12 +151,14 @@ class Column:
 COLUMNS = (
     Column("linear val %", lambda r, row: fmt_stat(row.linear), tex_header="linear",
            tex=lambda r, row: _tex_stat(row.linear)),
-    Column("Δ linear [95% CI]", lambda r, row: fmt_diff(row, "linear"), tex_header=r"$\Delta$ linear [95\% CI]",
+    Column("Δ linear [CI]", lambda r, row: fmt_diff(row, "linear"), tex_header=r"$\Delta$ linear [CI]",
            tex=lambda r, row: _tex_diff(row, "linear")),
     Column("fine-tune val %", lambda r, row: fmt_stat(row.finetune), has_finetune, "fine-tune",
            lambda r, row: _tex_stat(row.finetune)),
-    Column("Δ fine-tune [95% CI]", lambda r, row: fmt_diff(row, "finetune"), has_finetune,
-           r"$\Delta$ fine-tune [95\% CI]", lambda r, row: _tex_diff(row, "finetune")),
+    Column("Δ fine-tune [CI]", lambda r, row: fmt_diff(row, "finetune"), has_finetune,
+           r"$\Delta$ fine-tune [CI]", lambda r, row: _tex_diff(row, "finetune")),
+    Column("Holm linear", lambda r, row: fmt_holm(row, "linear")),
+    Column("Holm fine-tune", lambda r, row: fmt_holm(row, "finetune"), has_finetune),
     Column("Δ linear Welch", lambda r, row: fmt_welch(row, "linear")),
     Column("Δ fine-tune Welch", lambda r, row: fmt_welch(row, "finetune"), has_finetune),
     Column("linear test %", lambda r, row: fmt_stat(row.linear_test), lambda r: has_test(r, "linear")),
@@ -259,7 +270,7 @@ def rich_table(report: StudyReport, width: int | None = None) -> Table:
 def render(report: StudyReport, console: Console) -> None:
     """Print the paper-style table of one study, its verdicts against the paper and the legend."""
     console.print(rich_table(report, console.width))
-    for line in verdicts(report) + [LEGEND, UNITS]:
+    for line in verdicts(report) + [legend(report), UNITS]:
         console.print(line, markup=False, highlight=False)
     if report.search is not None:
         render_search(report.search, console)
@@ -284,7 +295,7 @@ def to_markdown(report: StudyReport, *, heading: str = "##") -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines += [f"- {esc(v)}" for v in verdicts(report)]
-    lines += [f"- {LEGEND}", f"- {UNITS}", ""]
+    lines += [f"- {legend(report)}", f"- {UNITS}", ""]
     if report.search is not None:
         lines += search_markdown(report.search)
     return "\n".join(lines)
@@ -322,7 +333,8 @@ def to_latex(report: StudyReport) -> str:
         cells += [c.tex(report, r) for c in tex_cols if c.tex is not None]
         lines.append(" & ".join(cells) + r" \\")
     caption = (f"{report.description or report.name}. Top-1 \\% (mean $\\pm$ std over seeds, n in parentheses); "
-               f"$\\Delta$: difference to the default (bold) in points with a 95\\% interval paired over seeds "
+               f"$\\Delta$: difference to the default (bold) in points with a "
+               f"{_tex(rule_text(report.plan, report.alpha))} interval paired over seeds "
                f"(Welch's where fewer than 2 are shared), $\\approx$ when it contains 0. Validation split.")
     if with_paper:
         caption += " " + " ".join(_tex(v) + "." for v in verdicts(report) if "Spearman" in v)

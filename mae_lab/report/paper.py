@@ -5,15 +5,18 @@ the report prints beside its verdict:
 
 1. **By value**: a paper row matches our row when its values of the table's axes equal ours (floats by isclose),
    e.g. decoder depth 4 <-> 4, ``norm_pix_loss`` true <-> "pixel (w/ per-patch norm)", (block, 0.5) <-> "block 50%".
+   Only these matches (``Comparison.by_value``) give a row a paper Δ and a verdict; the paper's Δ is the paper row
+   minus the paper's row at *our* default (for decoder depth, the paper's 2 blocks, not its default 8), and a value
+   the paper does not report (a mask ratio Figure 5's transcribed labels lack) matches nothing.
 2. **By position**, for a table with one numeric axis when some of our values are not among the paper's (our
    CIFAR-scale decoder widths 32 / 64 / 128 / 256 against the paper's 128 ... 1024): our i-th smallest value <->
-   the paper's i-th smallest, provided we have no more points than the paper. Only the ordering is compared then.
-3. A paper row known only as the lowest setting tried (Figure 5's 54.6 % linear at its lowest mask ratio) matches
-   our lowest value when that is below every value-matched paper setting.
+   the paper's i-th smallest, provided we have no more points than the paper. Only the ordering is compared then:
+   no paper Δ and no verdict come from a position match.
 
 Rows with no counterpart (Table 1d's PCA and dVAE targets) stay unmatched. The ordering of the matched points is
 compared by Spearman's rank correlation (``stats.spearman``), per metric, over the points where both numbers exist
-(ties get average ranks; with 2 points rho is +1 or -1, i.e. whether the pair is ordered the same way).
+(ties get average ranks), and only over ``MIN_ORDERED`` (3) or more points: over 2, rho is +1 or -1 by
+construction.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from typing import Any
 
 from mae_lab.study.stats import spearman
 
+MIN_ORDERED = 3  # matched points an ordering needs (over 2, Spearman's rho is +-1 by construction)
+
 
 @dataclass(frozen=True)
 class PaperRow:
@@ -35,7 +40,6 @@ class PaperRow:
     ft: float | None
     lin: float | None
     default: bool = False
-    at: str | None = None  # "lowest": the paper's lowest setting, value not given
 
 
 @dataclass(frozen=True)
@@ -53,9 +57,10 @@ class Comparison:
 
     table: PaperTable
     rule: str  # "value" | "position" | "none"
-    matches: list[PaperRow | None]
+    matches: list[PaperRow | None]  # for the ordering: by value, or by position
     agreement: dict[str, tuple[float | None, int]] = field(default_factory=dict)  # metric -> (rho, points)
     reason: str = ""  # why nothing could be compared
+    by_value: list[PaperRow | None] = field(default_factory=list)  # the value matches: the only ones with a paper Δ
 
     @property
     def unmatched(self) -> list[str]:
@@ -67,7 +72,8 @@ class Comparison:
             return "paper rows matched to ours by equal axis values"
         if self.rule == "position":
             return ("paper rows matched to ours by position (our i-th smallest value <-> the paper's i-th smallest): "
-                    "the scales differ, only the ordering is compared")
+                    "the scales differ, only the ordering is compared; paper Δ and verdicts only where the values "
+                    "are equal")
         return self.reason
 
 
@@ -78,7 +84,7 @@ def tables() -> dict[str, PaperTable]:
     out = {}
     for key, t in raw["tables"].items():
         rows = tuple(PaperRow(r["setting"], None if r.get("values") is None else tuple(r["values"]), r.get("ft"),
-                              r.get("lin"), bool(r.get("default", False)), r.get("at")) for r in t["rows"])
+                              r.get("lin"), bool(r.get("default", False))) for r in t["rows"])
         out[key] = PaperTable(key, t["title"], tuple(t["axes"]), rows, tuple(t.get("notes", ())))
     return out
 
@@ -104,11 +110,14 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def match_rows(table: PaperTable, ours: Sequence[tuple[Any, ...]]) -> tuple[str, list[PaperRow | None], str]:
-    """(rule, paper row per our row, reason) for our rows' values of ``table.axes`` (see the module docstring)."""
+def match_rows(table: PaperTable, ours: Sequence[tuple[Any, ...]]
+               ) -> tuple[str, list[PaperRow | None], list[PaperRow | None], str]:
+    """(rule, paper row per our row for the ordering, paper row per our row by value, reason) for our rows' values
+    of ``table.axes`` (see the module docstring)."""
     if len(set(map(repr, ours))) != len(ours):
-        return "none", [None] * len(ours), (f"not compared: the study varies axes other than "
-                                            f"{', '.join(table.axes)}, so several rows share one paper setting")
+        return "none", [None] * len(ours), [None] * len(ours), (
+            f"not compared: the study varies axes other than {', '.join(table.axes)}, so several rows share one "
+            "paper setting")
     valued = [r for r in table.rows if r.values is not None]
     by_value = [next((r for r in valued if all(map(_same, r.values, v))), None) for v in ours]
     rule, matches = "value", by_value
@@ -120,27 +129,22 @@ def match_rows(table: PaperTable, ours: Sequence[tuple[Any, ...]]) -> tuple[str,
         matches = [None] * len(ours)
         for pos, i in enumerate(order):
             matches[i] = paper_sorted[pos]
-    lowest = next((r for r in table.rows if r.at == "lowest"), None)
-    if lowest is not None and rule == "value" and numeric and ours:
-        i = min(range(len(ours)), key=lambda j: ours[j][0])
-        matched_values = [m.values[0] for m in matches if m is not None]
-        if matches[i] is None and all(ours[i][0] < v for v in matched_values):
-            matches[i] = lowest
     if all(m is None for m in matches):
-        return "none", matches, f"not compared: none of the study's settings of {', '.join(table.axes)} is in " \
-                                f"{table.title}"
-    return rule, matches, ""
+        return "none", matches, by_value, f"not compared: none of the study's settings of {', '.join(table.axes)} " \
+                                          f"is in {table.title}"
+    return rule, matches, by_value, ""
 
 
 def compare(table: PaperTable, ours: Sequence[tuple[Any, ...]], linear: Sequence[float | None],
             finetune: Sequence[float | None]) -> Comparison:
     """Match our rows (their values of ``table.axes`` and metric means) to the table; rank-correlate per metric."""
-    rule, matches, reason = match_rows(table, ours)
-    comp = Comparison(table, rule, matches, reason=reason)
+    rule, matches, by_value, reason = match_rows(table, ours)
+    comp = Comparison(table, rule, matches, reason=reason, by_value=by_value)
     for metric, mine, attr in (("linear", linear, "lin"), ("finetune", finetune, "ft")):
         pairs = [(m, getattr(p, attr)) for m, p in zip(mine, matches)
                  if p is not None and m is not None and getattr(p, attr) is not None]
-        comp.agreement[metric] = (spearman([a for a, _ in pairs], [b for _, b in pairs]), len(pairs))
+        rho = spearman([a for a, _ in pairs], [b for _, b in pairs]) if len(pairs) >= MIN_ORDERED else None
+        comp.agreement[metric] = (rho, len(pairs))
     return comp
 
 

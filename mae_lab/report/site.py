@@ -13,11 +13,11 @@ from sqlalchemy.engine import Engine
 from mae_lab.atomic import write_atomic
 from mae_lab.errors import BadInput
 from mae_lab.report.export import to_csv, to_dict
-from mae_lab.report.formats import FORMATS, UNITS, fmt_diff, render, render_text, to_markdown
-from mae_lab.report.paper import paper_delta
+from mae_lab.report.formats import FORMATS, UNITS, render, render_text, to_markdown
 from mae_lab.report.plots import study_plots
 from mae_lab.report.recon_page import ReconError, study_recon_png
-from mae_lab.report.study_report import METRICS, StudyReport, headline, study_names, summarize, summarize_records, title
+from mae_lab.report.study_report import StudyReport, headline, study_names, summarize, summarize_records, title
+from mae_lab.report.summary import shared_control, verdict_table
 from mae_lab.report.surface_view import surface_markdown, surface_notes, surface_plots
 from mae_lab.store import records as trial_records
 from mae_lab.store.records import StudyRecords
@@ -82,13 +82,17 @@ def report_command(engine: Engine | None, name: str | None, *, fmt: str = "table
 
 
 def _recon(rep: StudyReport, engine: Engine | None, source: Path | None) -> bytes | None:
-    """The study's reconstruction figure: rendered from the database's artifacts, or carried over from the folder
-    of the trials.csv (reconstructions need checkpoints, which a trials file does not hold)."""
+    """The study's reconstruction figure: rendered from the database's artifacts, or else carried over from
+    ``source``, the folder of the trials.csv or the folder being rewritten (reconstructions need checkpoints, which
+    neither a trials file nor a committed database holds)."""
     if engine is not None:
         try:
-            return study_recon_png(engine, rep)
+            png = study_recon_png(engine, rep)
         except ReconError:
-            return None
+            png = None
+        if png is not None:
+            return png
+        # no checkpoints or figures here (a committed database): keep the figure the folder has
     old = None if source is None else source / rep.name / "recon.png"
     return old.read_bytes() if old is not None and old.is_file() else None
 
@@ -97,24 +101,7 @@ def summary_page(reports: list[StudyReport], studies: list[StudyRecords], intro:
     """``summary.md``: the hand-kept introduction, then every verdict, n per point and the compute spent, all
     computed from the trials."""
     lines = [intro.rstrip("\n"), "", "## Verdicts (computed by `mae-lab report --all`; do not edit below)", "",
-             "Per point: the difference to its study's default (top-1 points, validation split) with the 95% "
-             "interval the verdict uses (paired over seeds unless marked Welch), the paper's difference, and the "
-             "verdict: *reproduces* (the interval excludes 0 on the paper's side), *opposite* (it excludes 0 on "
-             "the other side), *not detected* (it contains 0; it rules out every effect beyond its largest |bound|).",
-             "", "| study | point | metric | Δ [95% CI] | paper Δ | verdict | n | decided |",
-             "|:---|:---|:---|---:|---:|:---|---:|:---|"]
-    for rep in reports:
-        base = rep.default_row()
-        for attr, name in METRICS:
-            for row in rep.rows:
-                if getattr(row, f"{attr}_diff") is None:
-                    continue
-                p = paper_delta(row.paper, base.paper if base else None, attr)
-                decided = "-" if row.decided is None else ("yes" if row.decided else "no")
-                verdict = row.verdict[attr].replace("|", r"\|")  # "rules out |Δ| > x" inside a table cell
-                lines.append(f"| [{rep.name}]({rep.name}.md) | {row.label} | {name} | {fmt_diff(row, attr)} | "
-                             f"{'-' if p is None else f'{p:+.1f}'} | {verdict} | "
-                             f"{row.n} | {decided} |")
+             *verdict_table(reports), "", shared_control(reports)]
     lines += ["", "## State of the run", "", run_state(reports)]
     lines += ["", "## Orderings against the paper", ""]
     for rep in reports:
@@ -202,7 +189,7 @@ def write_site(studies: list[StudyRecords], folder: str | Path, *, engine: Engin
         rep = summarize(engine, s.name) if engine is not None else summarize_records(s)
         reports.append(rep)
         images = study_plots(rep, folder / rep.name)
-        recon = _recon(rep, engine, source)
+        recon = _recon(rep, engine, folder if engine is not None else source)
         if recon is not None:
             images.append(write_atomic(folder / rep.name / "recon.png", recon))
         page = [f"# {title(rep)}", "", to_markdown(rep, heading=""), f"Compute: {compute_spent([s])}", "",

@@ -21,25 +21,36 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
 from mae_lab.errors import BadInput
-from mae_lab.report.paper import Comparison, PaperRow, compare, get_table, paper_delta
+from mae_lab.report.paper import MIN_ORDERED, Comparison, PaperRow, compare, get_table, paper_delta
 from mae_lab.report.search_view import SearchReport, search_report
 from mae_lab.store.engine import safe_url
 from mae_lab.store.reads import get_study, list_studies
 from mae_lab.store.records import StudyRecords, from_db
 from mae_lab.store.tables import StudyRow
-from mae_lab.study.adaptive import Decision, is_decided, point_decisions
+from mae_lab.study.adaptive import (
+    Decision,
+    comparison_p,
+    decision_level,
+    is_decided,
+    point_decisions,
+    rule_text,
+    to_points,
+)
 from mae_lab.study.expand import resolve_settings
 from mae_lab.study.spec import Study, StudyError, get_dotted, parse_study
-from mae_lab.study.stats import Interval, by_seed, paired_interval, verdict, verdict_text, welch_interval
-from mae_lab.study.tables import SeedPlan
+from mae_lab.study.stats import Interval, by_seed, holm, paired_interval, verdict, verdict_text, welch_interval
+from mae_lab.study.tables import ALPHA, SeedPlan
 
 NOISE_MARK = "≈"
 METRICS = (("linear", "linear"), ("finetune", "fine-tune"))  # (attribute, name)
 
 
-LEGEND = (f"Δ: row minus default in points with its 95% interval, paired over the seeds both share (Welch's "
-          f"unpaired interval when fewer than 2 are shared; the Welch column shows it for every point); "
-          f"{NOISE_MARK}: the interval contains 0; n=1: one seed, no interval")
+def legend(report: StudyReport) -> str:
+    """The table's legend, with the level of this study's intervals and the rule that sets it."""
+    return (f"Δ: row minus default in points with its interval at {rule_text(report.plan, report.alpha)}, paired over "
+            f"the seeds both share (Welch's unpaired interval when fewer than 2 are shared; the Welch column shows it "
+            f"for every point); Holm: detected after Holm's step-down over the study's points at alpha "
+            f"{report.alpha:g}; {NOISE_MARK}: the interval contains 0; n=1: one seed, no interval")
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,8 @@ class Row:
     linear_welch: Interval | None = None  # the unpaired interval, beside it
     finetune_welch: Interval | None = None
     verdict: dict[str, str] = field(default_factory=dict)  # metric -> verdict_text
+    p: dict[str, float | None] = field(default_factory=dict)  # metric -> adaptive.comparison_p
+    holm: dict[str, bool | None] = field(default_factory=dict)  # metric -> detected after Holm over the points
     decisions: list[Decision] = field(default_factory=list)  # adaptive seeds: per metric of the plan
     decided: bool | None = None  # None: the study's seeds are a fixed list
     paper: PaperRow | None = None
@@ -110,6 +123,12 @@ class StudyReport:
     comparison: Comparison | None = None
     search: SearchReport | None = None  # for a searched study
     plan: SeedPlan | None = None  # adaptive seeds
+    alpha: float = ALPHA  # [study] alpha: every decision's error rate
+
+    @property
+    def level(self) -> float:
+        """The level of every interval of this report (``adaptive.decision_level``)."""
+        return decision_level(self.plan, self.alpha)
 
     def default_row(self) -> Row | None:
         return next((r for r in self.rows if r.is_default), None)
@@ -173,9 +192,9 @@ def summarize_records(records: StudyRecords) -> StudyReport:
             continue
         for attr, col in (("linear", "linear_val_top1"), ("finetune", "finetune_val_top1"),
                           ("linear_test", "linear_test_top1"), ("finetune_test", "finetune_test_top1")):
-            setattr(row, attr, _add(getattr(row, attr), t[col], 100.0))
+            setattr(row, attr, _add(getattr(row, attr), None if t[col] is None else to_points(t[col])))
             if attr in row.by_seed and t[col] is not None:
-                row.by_seed[attr][t["seed"]] = 100.0 * t[col]
+                row.by_seed[attr][t["seed"]] = to_points(t[col])
         row.pretrain_s = _add(row.pretrain_s, t["timed_pretrain_wall_s"])
         if t["timed_pretrain_images_per_s"]:
             row.images_per_s = _add(row.images_per_s, t["timed_pretrain_images_per_s"])
@@ -188,7 +207,8 @@ def summarize_records(records: StudyRecords) -> StudyReport:
             row.losses.append((t["seed"], list(t["pretrain_losses"])))
     study = _parse(records.toml)
     out = StudyReport(records.name, records.description, records.paper, axes, list(rows.values()),
-                      plan=None if study is None else study.study.adaptive)
+                      plan=None if study is None else study.study.adaptive,
+                      alpha=ALPHA if study is None else study.study.alpha)
     base = _base_values(study, axes)
     for row in out.rows:
         row.is_default = base is not None and all(row.axes.get(k, base[k]) == base[k] for k in axes)
@@ -210,11 +230,13 @@ def _search(engine: Engine, study: StudyRow) -> SearchReport | None:
 
 
 def _differences(report: StudyReport) -> None:
-    """Per point and metric: the paired interval over shared seeds (Welch's when fewer than 2 are shared) and the
-    Welch interval; for adaptive seeds, the decision of every metric of the plan."""
+    """Per point and metric, at the report's level: the paired interval over shared seeds (Welch's when fewer than 2
+    are shared) and the Welch interval; for adaptive seeds, the decision of every metric of the plan (the same
+    function and level the rounds used); the p-value and Holm's decision over the study's points."""
     base = report.default_row()
     if base is None:
         return
+    level = report.level
     for row in report.rows:
         if row is base:
             continue
@@ -222,14 +244,19 @@ def _differences(report: StudyReport) -> None:
             mine, ref = getattr(row, attr), getattr(base, attr)
             if not (mine.n and ref.n):
                 continue
-            welch = welch_interval(mine.values, ref.values)
+            welch = welch_interval(mine.values, ref.values, level)
             _, a, b = by_seed(row.by_seed[attr], base.by_seed[attr])
-            paired = paired_interval(a, b)
+            paired = paired_interval(a, b, level)
+            row.p[attr] = comparison_p(report.plan, row.by_seed[attr], base.by_seed[attr])
             setattr(row, f"{attr}_welch", welch)
             setattr(row, f"{attr}_diff", paired if paired.low is not None else welch)
         if report.plan is not None:
-            row.decisions = point_decisions(report.plan, row.by_seed, base.by_seed)
+            row.decisions = point_decisions(report.plan, row.by_seed, base.by_seed, report.alpha)
             row.decided = is_decided(row.decisions)
+    for attr, _ in METRICS:  # the family: the study's points against its default, one metric
+        others = [r for r in report.rows if r is not base and attr in r.p]
+        for row, rejected in zip(others, holm([r.p[attr] for r in others], report.alpha)):
+            row.holm[attr] = rejected
 
 
 def _paper(report: StudyReport) -> None:
@@ -237,7 +264,7 @@ def _paper(report: StudyReport) -> None:
     if table is None:
         return
     if not set(table.axes) & set(report.axes):
-        report.comparison = Comparison(table, "none", [None] * len(report.rows),
+        report.comparison = Comparison(table, "none", [None] * len(report.rows), by_value=[None] * len(report.rows),
                                        reason=f"not compared: the study does not vary {', '.join(table.axes)}")
         return
     ours = []
@@ -248,7 +275,7 @@ def _paper(report: StudyReport) -> None:
             ours.append((row.label,))
     comp = compare(table, ours, [r.linear.mean for r in report.rows], [r.finetune.mean for r in report.rows])
     report.comparison = comp
-    for row, match in zip(report.rows, comp.matches):
+    for row, match in zip(report.rows, comp.by_value):  # a position match gives ordering only: no Δ, no verdict
         row.paper = match
 
 
@@ -259,7 +286,8 @@ def _verdicts(report: StudyReport) -> None:
         for attr, _ in METRICS:
             d = getattr(row, f"{attr}_diff")
             if d is not None:
-                row.verdict[attr] = verdict_text(d, paper_delta(row.paper, base.paper if base else None, attr))
+                row.verdict[attr] = verdict_text(d, paper_delta(row.paper, base.paper if base else None, attr),
+                                                 rule_text(report.plan, report.alpha))
 
 
 def verdict_counts(report: StudyReport, attr: str = "linear") -> dict[str, int]:
@@ -303,6 +331,8 @@ def point_verdicts(report: StudyReport) -> list[str]:
             p = paper_delta(row.paper, base.paper if base else None, attr)
             line = f"{name}, {row.label}: Δ {_fmt_interval(d)} -> {row.verdict[attr]}"
             line += "" if p is None else f"; paper Δ {p:+.1f}"
+            if row.holm.get(attr) is not None:
+                line += "; Holm: " + ("detected" if row.holm[attr] else "not detected")
             if row.decided is not None:
                 line += f"; n={row.n}, " + ("decided" if row.decided else "not decided")
             lines.append(line)
@@ -316,7 +346,11 @@ def verdicts(report: StudyReport) -> list[str]:
     if report.plan is not None:
         plan = report.plan
         lines.append(f"adaptive seeds: {plan.min} to {plan.max} per point until the paired interval of "
-                     f"{' and '.join(plan.metrics)} excludes 0 or lies within ±{plan.min_effect:g} points")
+                     f"{' and '.join(plan.metrics)} excludes 0 or lies within ±{plan.min_effect:g} points, at "
+                     f"{rule_text(plan, report.alpha)}: a false \"detected\" and a false \"within "
+                     f"±{plan.min_effect:g}\" each have a chance of at most alpha = {report.alpha:g} over all looks")
+    else:
+        lines.append(f"intervals at {rule_text(None, report.alpha)}: a fixed list of seeds, one look")
     comp = report.comparison
     if comp is None:
         return lines
@@ -326,8 +360,9 @@ def verdicts(report: StudyReport) -> list[str]:
         name = "linear" if metric == "linear" else "fine-tune"
         if metric == "finetune" and not has_finetune(report):
             continue
-        if n < 2:
-            lines.append(f"{comp.table.title}, {name}: fewer than 2 matched points, ordering not compared")
+        if n < MIN_ORDERED:
+            lines.append(f"{comp.table.title}, {name}: {n} matched point{'s' * (n != 1)}, fewer than "
+                         f"{MIN_ORDERED}: ordering not compared")
         elif rho is None:
             lines.append(f"{comp.table.title}, {name}: no ordering to compare (ties over {n} points)")
         else:
@@ -343,6 +378,11 @@ def verdicts(report: StudyReport) -> list[str]:
                          f"(Spearman rho = {rho:+.2f} over {n} matched points); best here {ours}, in the paper "
                          f"{theirs}")
     lines.append(f"matching: {comp.rule_text()}")
+    base = report.default_row()
+    paper_default = next((r for r in comp.table.rows if r.default), None)
+    if base is not None and base.paper is not None and paper_default is not None and base.paper is not paper_default:
+        lines.append(f"paper Δ: each paper row minus the paper's row at our default ({base.paper.setting}), not "
+                     f"minus the paper's own default ({paper_default.setting})")
     if comp.unmatched:
         lines.append(f"paper settings without a counterpart here: {', '.join(comp.unmatched)}")
     lines += [f"paper: {note}" for note in comp.table.notes]

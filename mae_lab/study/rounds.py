@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 
 from mae_lab.store.reads import get_study, study_trials
 from mae_lab.store.states import FINAL, METRIC_COLUMNS
-from mae_lab.study.adaptive import next_round
+from mae_lab.study.adaptive import next_round, to_points
 from mae_lab.study.expand import Trial, expand, resolve
 from mae_lab.study.spec import Study, get_dotted
 
@@ -68,8 +68,8 @@ def current_trials(engine: Engine, study: Study, trials: list[Trial], *,
             for metric, column in METRIC_COLUMNS.items():
                 value = None if status != "done" or result is None else getattr(result, column)
                 if value is not None:
-                    values[key][metric][t.spec.seed] = 100.0 * value
-        target = next_round(plan, seeds, values, default)
+                    values[key][metric][t.spec.seed] = to_points(value)
+        target = next_round(plan, seeds, values, default, study.study.alpha)
         fresh = [bind(t) for key, ss in target.items() for s in ss if s not in seeds[key]
                  for t in _with_seed(study, axes[key], s)]
         if not fresh:

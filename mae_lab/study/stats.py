@@ -5,12 +5,14 @@
   sd / sqrt(n), the interval of ``scipy.stats.ttest_rel``.
 - ``welch_interval``: the arms treated as independent samples (``scipy.stats.ttest_ind(equal_var=False)``); wider
   when the seeds are correlated, shown beside the paired one.
-- ``verdict``: what an interval says about the paper's direction ("reproduces", "opposite", "not detected").
+- ``verdict``: what an interval says against the paper's difference (its words: ``verdict``'s docstring).
+- ``paired_p`` and ``holm``: a comparison's p-value and Holm's step-down over a study's comparisons.
 
 scipy returns NaN where an interval does not exist; these functions say why instead (``Interval.note``).
 """
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ from scipy import stats as sps
 Kind = Literal["paired", "welch"]
 
 
+@functools.lru_cache(maxsize=4096)  # adaptive rounds and the simulation test ask for the same few quantiles
 def t_ppf(p: float, df: float) -> float:
     """The p-quantile of Student's t with ``df`` (> 0, not necessarily whole) degrees of freedom."""
     if not 0.0 < p < 1.0:
@@ -71,7 +74,8 @@ def paired_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95)
     n = len(diffs)
     if n < 2:
         return Interval(delta, None, None, None, level, "paired", n, "n=1")
-    sd = statistics.stdev(diffs)
+    sd = math.sqrt(math.fsum((d - delta) ** 2 for d in diffs) / (n - 1))  # as statistics.stdev, in floats:
+    # its exact fractions cost 20x more, and the rounds and the simulation test call this many thousand times
     if sd <= 1e-9 * max(1.0, abs(delta)):  # every pair differs by the same amount (up to rounding): no estimate
         # of the spread, so no interval
         return Interval(delta, None, None, None, level, "paired", n, "no spread")
@@ -109,37 +113,77 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     return round(float(sps.spearmanr(xs, ys).statistic), 12)  # so that a perfect (anti)correlation is exactly +-1
 
 
-Verdict = Literal["reproduces", "opposite", "not detected", "detected", "no interval"]
+def paired_p(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """The two-sided p-value of ``scipy.stats.ttest_rel(a, b)``; None without one (fewer than 2 pairs, no spread)."""
+    ci = paired_interval(a, b)
+    if ci.low is None:
+        return None
+    return float(sps.ttest_rel(a, b).pvalue)
+
+
+def holm(pvalues: Sequence[float | None], alpha: float) -> list[bool | None]:
+    """Holm's step-down over a family: which hypotheses are rejected at family-wise error ``alpha`` (None where a
+    p-value is missing; the family is the comparisons that have one)."""
+    have = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    out: list[bool | None] = [None if p is None else False for p in pvalues]
+    for rank, (p, i) in enumerate(have):
+        if p > alpha / (len(have) - rank):
+            break
+        out[i] = True
+    return out
+
+
+Verdict = Literal["reproduces", "same direction, smaller", "same direction, larger", "opposite",
+                  "paper's Δ ruled out", "not detected", "detected", "no interval"]
 
 
 def verdict(interval: Interval | None, paper_delta: float | None) -> Verdict:
     """What an interval of (row - default) says, against the paper's (row - default) when there is one.
 
-    - "reproduces": the interval excludes 0 on the paper's side;
+    - "reproduces": the interval excludes 0 on the paper's side and contains the paper's Δ;
+    - "same direction, smaller" / "larger": it excludes 0 on the paper's side, and the paper's Δ lies beyond its
+      far / near bound;
     - "opposite": it excludes 0 on the other side (or the paper saw no difference at all);
-    - "not detected": it contains 0 (``Interval.largest_bound`` is the smallest effect it rules out);
+    - "paper's Δ ruled out": it contains 0 but not the paper's Δ (no effect detected; the paper's effect is ruled
+      out at this scale);
+    - "not detected": it contains 0 and the paper's Δ (or there is no paper Δ): ``Interval.largest_bound`` is the
+      smallest effect it rules out;
     - "detected": it excludes 0 and the paper has no number to compare with;
     - "no interval": one seed, or no pairs.
+
+    Never "reproduces" for a sign alone.
     """
     if interval is None or interval.low is None or interval.high is None:
         return "no interval"
+    lo, hi = interval.low, interval.high
     if interval.within_noise:
-        return "not detected"
+        if paper_delta is None or lo <= paper_delta <= hi:
+            return "not detected"
+        return "paper's Δ ruled out"
     if paper_delta is None:
         return "detected"
-    if paper_delta != 0 and (interval.low > 0) == (paper_delta > 0):
+    if paper_delta == 0 or (lo > 0) != (paper_delta > 0):
+        return "opposite"
+    if lo <= paper_delta <= hi:
         return "reproduces"
-    return "opposite"
+    return "same direction, smaller" if abs(paper_delta) > max(abs(lo), abs(hi)) else "same direction, larger"
 
 
-def verdict_text(interval: Interval | None, paper_delta: float | None) -> str:
-    """``verdict`` in words with the interval kind, e.g. "not detected (paired, rules out |Δ| ≥ 1.3)"."""
+def verdict_text(interval: Interval | None, paper_delta: float | None, rule: str = "") -> str:
+    """``verdict`` in words with the interval's kind and level (``rule`` says how the level was chosen), e.g.
+    "not detected (paired 99%, Bonferroni over 5 looks; rules out |Δ| > 1.3)"."""
     word = verdict(interval, paper_delta)
     if word == "no interval":
         return f"no interval ({interval.note if interval is not None else 'no data'})"
     kind = "paired" if interval.kind == "paired" else "Welch"
+    how = f"{kind} {rule}" if rule else f"{kind} {100 * interval.level:.4g}%"
     if word == "not detected":
-        return f"not detected ({kind}; rules out |Δ| > {interval.largest_bound:.1f})"
+        return f"not detected ({how}; rules out |Δ| > {interval.largest_bound:.1f})"
+    if word == "paper's Δ ruled out":
+        return f"no effect detected, the paper's Δ ruled out here ({how}; rules out |Δ| > " \
+               f"{interval.largest_bound:.1f})"
     if word == "opposite" and paper_delta == 0:
-        return f"opposite ({kind}; the paper saw no difference)"
-    return f"{word} ({kind})"
+        return f"opposite ({how}; the paper saw no difference)"
+    if word.startswith("same direction"):
+        return f"{word} than the paper ({how})"
+    return f"{word} ({how})"

@@ -58,6 +58,7 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 MAX_SEEDS = 32  # the most seeds an adaptive study may give one point
+ALPHA = 0.05  # [study] alpha's default: the error rate a study's decisions hold over all their looks
 
 
 class SeedPlan(Strict):
@@ -67,8 +68,9 @@ class SeedPlan(Strict):
 
     min: int = Field(2, ge=2, description="seeds every point gets first (2: the fewest with an interval)")
     max: int = Field(8, ge=2, le=MAX_SEEDS, description=f"the most seeds a point gets (at most {MAX_SEEDS})")
-    until: Literal["decided"] = Field("decided", description="decided: the paired 95% interval of the difference "
-                                      "to the default excludes 0, or lies within +-min_effect")
+    until: Literal["decided"] = Field("decided", description="decided: the paired interval of the difference to "
+                                      "the default, at the level adaptive.decision_level spends over the looks, "
+                                      "excludes 0, or lies within +-min_effect")
     min_effect: Float = Field(gt=0, description="the smallest effect of interest, in top-1 points")
     metrics: list[Literal["linear", "finetune"]] = Field(["linear"], min_length=1,
                                                          description="the validation top-1s that must be decided")
@@ -88,6 +90,17 @@ class StudySection(Strict):
     seeds: list[int] = Field([0], min_length=1, description="a list, or an adaptive table (SeedPlan): then the "
                              "first round's seeds 0 .. min-1")
     adaptive: SeedPlan | None = Field(None, description="set from a seeds table, never written in a study")
+    alpha: float = Field(ALPHA, gt=0.0, lt=0.5, description="the error rate of every decision: a fixed seed list's "
+                         "intervals are at 1 - alpha; adaptive seeds spend alpha over their looks (adaptive.py)")
+
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alpha_float(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"alpha must be a number in (0, 0.5); got {v!r}")
+        if not 0.0 < v < 0.5:
+            raise ValueError(f"alpha {v:g} is outside (0, 0.5): it is the chance of a false decision, e.g. 0.05")
+        return float(v)
 
     @model_validator(mode="before")
     @classmethod
