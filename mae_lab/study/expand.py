@@ -121,33 +121,9 @@ def hashes(spec: TrialSpec, ctx: RunContext = RunContext()) -> tuple[str, str]:
 _NOT_SEED = tuple(f for f in TrialSpec.model_fields if f != "seed")  # a trial's sections but its seed
 
 
-_SEED_MARK = "\x00seed\x00"  # stands for the seed while a point's identity is encoded once for all its seeds
-
-
-def _seed_digests(flat: dict[str, Any]) -> Callable[[int], tuple[str, str]]:
-    """For one identity: seed -> (trial hash, pretrain hash) of the identity with that seed, as `hashes` gives
-    them. The rest is encoded once (a large grid's points have several seeds each): a seed's JSON text is its
-    decimal digits, put where the mark's text is in ``json.dumps(sort_keys=True)``'s output. The pretraining keys
-    are encoded once for both hashes: in sorted order the other (eval) keys form one run, so each text is the
-    pieces before, in and after that run, joined."""
-    marked = {**flat, "seed": _SEED_MARK}
-    order = sorted(marked)
-    ours = [k.partition(".")[0] in PRETRAIN_SECTIONS for k in order]
-    first = ours.index(False) if False in ours else len(order)
-    end = first + ours[first:].count(False)
-    if not all(ours[end:]):  # the eval keys are not one run: encode each seed whole
-        return lambda seed: hashes_of({**flat, "seed": seed})
-    pieces = [json.dumps({k: marked[k] for k in part}, sort_keys=True, separators=(",", ":"))[1:-1]
-              for part in (order[:first], order[first:end], order[end:])]
-    texts = []
-    for kept in (pieces, [pieces[0], pieces[2]]):
-        text = "{" + ",".join(p for p in kept if p) + "}"
-        head, mark, tail = text.partition(json.dumps(_SEED_MARK))
-        if not mark or json.dumps(_SEED_MARK) in tail:  # a value holds the mark's text: encode each seed whole
-            return lambda seed: hashes_of({**flat, "seed": seed})
-        texts.append((head, tail))
-    return lambda seed: tuple(hashlib.sha256(f"{h}{int(seed)}{t}".encode()).hexdigest()[:16]  # type: ignore
-                              for h, t in texts)
+def _per_seed(flat: dict[str, Any]) -> Callable[[int], tuple[str, str]]:
+    """seed -> (trial hash, pretrain hash) of the identity ``flat`` with that seed (``hashes_of``, nothing else)."""
+    return lambda seed: hashes_of({**flat, "seed": seed})
 
 
 def hashes_of(flat: dict[str, Any]) -> tuple[str, str]:
@@ -163,7 +139,7 @@ def bind_all(trials: Iterable[Trial], ctx_of: Callable[[TrialSpec], RunContext])
     for t in trials:
         ctx, sections = ctx_of(t.spec), tuple(getattr(t.spec, f) for f in _NOT_SEED)
         if last is None or last[1] != ctx or any(a is not b for a, b in zip(sections, last[0])):
-            last = (sections, ctx, _seed_digests(identity(t.spec, ctx)))
+            last = (sections, ctx, _per_seed(identity(t.spec, ctx)))
         h, ph = last[2](t.spec.seed)
         out.append(dataclasses.replace(t, hash=h, pretrain_hash=ph))
     return out
@@ -293,7 +269,7 @@ def expand(study: Study) -> list[Trial]:
     trials = []
     for point in study.points:
         first = resolve(study, point, study.study.seeds[0])  # validated once per point: seeds change only `seed`
-        digests = _seed_digests(identity(first))  # and its identity encoded once: the seed is one key of it
+        digests = _per_seed(identity(first))  # and its identity computed once: the seed is one key of it
         for seed in study.study.seeds:
             spec = first if seed == first.seed else first.model_copy(update={"seed": seed})
             trials.append(Trial(spec, *digests(seed), dict(point)))
