@@ -159,7 +159,8 @@ class TrialSpec(Strict):
 
 def schedule_problem(spec: TrialSpec) -> tuple[str, str] | None:
     """(key, reason) when a stage that runs has a warmup of at least its epochs: its learning rate would never leave
-    the warmup ramp (a probe that never reaches its peak lr can land below chance); None when every schedule is fine.
+    the warmup ramp (a probe that never reaches its peak lr can land below chance), or when pretraining probes less
+    often than it has epochs (``probe_every`` above them); None when every schedule is fine.
     Checked when a study is expanded, not on recorded specs, so that older databases stay readable."""
     stages = (("pretrain", spec.pretrain, spec.pretrain.epochs > 0),
               ("eval.linear", spec.eval.linear, spec.eval.linear.enabled),
@@ -170,6 +171,10 @@ def schedule_problem(spec: TrialSpec) -> tuple[str, str] | None:
             return (f"{key}.warmup_epochs", f"a warmup of {stage.warmup_epochs:g} epochs{given} is not below "
                     f"{key}.epochs = {stage.epochs}: the learning rate would never leave its warmup; set "
                     f"{key}.warmup_epochs below the epochs (0 for none)")
+    pt = spec.pretrain
+    if pt.epochs > 0 and pt.probe_every > pt.epochs:
+        return ("pretrain.probe_every", f"probe_every = {pt.probe_every} is above pretrain.epochs = {pt.epochs}: no "
+                "epoch would be probed; set it to at most the epochs (0 for never)")
     return None
 
 
