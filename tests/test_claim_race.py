@@ -5,16 +5,20 @@ SKIP LOCKED`` (PostgreSQL): without either, the same race double-claims or fails
 from __future__ import annotations
 
 import multiprocessing as mp
+import time
 from collections import Counter
 from pathlib import Path
 
+from sqlalchemy import func
 from sqlalchemy.exc import OperationalError
+from sqlmodel import Session, select
 from test_workers import pg_rows, pg_url  # noqa: F401 - pg_url is a fixture
 
 from mae_lab.store.engine import connect
-from mae_lab.store.queue import LostClaim, claim_next, claim_of, has_runnable
+from mae_lab.store.queue import LostClaim, claim_next, claim_of, claim_trial, has_runnable
 from mae_lab.store.reads import integrity_ok, study_trials
-from mae_lab.store.writes import finish_trial, sync_study
+from mae_lab.store.tables import MetricRow
+from mae_lab.store.writes import finish_trial, record_metrics, sync_study
 
 
 def make_study(url: str, m: int) -> int:
@@ -80,3 +84,52 @@ def test_postgres_claim_race(pg_url: str):  # noqa: F811
     claims, errors = race(pg_url, make_study(pg_url, m), n=6)
     check(claims, errors, m)
     assert pg_rows(pg_url, "SELECT status, attempts, count(*) FROM mae_trials GROUP BY 1, 2") == [("done", 1, m)]
+
+
+# --- the row lock of a fenced write ------------------------------------------------------------------------------
+
+def steady_writer(url: str, trial_id: int, seconds: float, out) -> None:
+    """Claims the trial (taking it from whoever holds it) and writes one metric after another under that claim
+    until the claim is lost, then claims again; reports every write that committed as (attempt, value)."""
+    engine = connect(url, create=False)
+    wrote, k, end = [], 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        row = claim_trial(engine, trial_id, stale_after_s=0)
+        if row is None:
+            continue
+        claim = claim_of(row)
+        try:
+            while time.monotonic() < end:
+                k += 1
+                record_metrics(engine, trial_id, "pretrain", k, {"loss": float(k)}, claim=claim)
+                wrote.append((claim.attempt, k))
+        except LostClaim:
+            pass
+    engine.dispose()
+    out.put(wrote)
+
+
+def test_a_fenced_write_cannot_land_after_a_postgres_takeover(pg_url: str):  # noqa: F811
+    """One process writes under its claim while this one takes the trial over again and again and, right after
+    each takeover commits, reads the newest write. A write of the superseded claim that this read did not see was
+    committed after the takeover: the fence's row lock (FOR UPDATE in ``queue.fenced``) forbids that."""
+    make_study(pg_url, 1)
+    trial_id = 1
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    writer = ctx.Process(target=steady_writer, args=(pg_url, trial_id, 6.0, out))
+    writer.start()
+    engine, seen, end = connect(pg_url, create=False), {}, time.monotonic() + 6.0
+    while time.monotonic() < end:
+        row = claim_trial(engine, trial_id, stale_after_s=0)
+        if row is not None:
+            with Session(engine) as s:
+                seen[row.attempts] = s.exec(select(func.max(MetricRow.epoch))
+                                            .where(MetricRow.trial_id == trial_id)).one() or 0
+        time.sleep(0.002)
+    wrote = out.get(timeout=60)
+    writer.join(timeout=60)
+    engine.dispose()
+    assert len(seen) >= 20 and len(wrote) >= 30, (len(seen), len(wrote))  # both sides were busy
+    late = [(a, k) for a, k in wrote if a + 1 in seen and k > seen[a + 1]]
+    assert late == [], f"{len(late)} writes committed under a claim already taken over, e.g. {late[:3]}"
