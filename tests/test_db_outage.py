@@ -128,3 +128,18 @@ def test_a_server_gone_past_the_limit_ends_the_worker_and_its_trial_resumes(work
     # taken over and finished: from the first worker's checkpoint when the database recorded it, else (the file
     # was written again while the server was away, so its sha256 is not the recorded one) from scratch
     assert rows(pg_server.url, "SELECT status, attempts FROM mae_trials") == [("done", 2)]
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan"])
+def test_a_bad_outage_limit_is_one_line_and_writes_nothing(workdir: Path, value: str):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    (workdir / "s.toml").write_text(study_toml("s", pretrain={"epochs": 1, "warmup_epochs": 0},
+                                               linear={"epochs": 1, "warmup_epochs": 0}))
+    res = CliRunner().invoke(app, ["run", "s.toml", "--device", "cpu"], env={"MAE_LAB_DB_OUTAGE_S": value})
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: MAE_LAB_DB_OUTAGE_S="), res.output
+    assert not (workdir / "db" / "mae_lab.db").exists()  # refused before the database was opened

@@ -24,7 +24,7 @@ from mae_lab.run.progress import Display, PlainDisplay
 from mae_lab.run.provenance import code_version, provenance
 from mae_lab.run.tracking import NO_LOG, STEP_STAGE, Trackers, TrialLog, trackers_for
 from mae_lab.store.engine import artifacts_dir, connect
-from mae_lab.store.outage import DbUnavailable
+from mae_lab.store.outage import DbUnavailable, outage_limit_s
 from mae_lab.store.queue import Claim, Heartbeat, LostClaim, claim_next, claim_of, has_runnable
 from mae_lab.store.reads import find_done, get_checkpoint, study_name, study_trials, trial_details
 from mae_lab.store.states import HEARTBEAT_S, STALE_AFTER_S
@@ -343,6 +343,7 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
     artifacts = Path(artifacts or artifacts_dir(db_url)).resolve()
     check_checkpoints(study, trials, infos, device, world_size, artifacts)  # likewise a checkpoint to resume
     trackers = trackers_for(study, log, db_url=db_url, artifacts=artifacts, warn=display.message)  # and a view
+    outage_limit_s()  # a bad MAE_LAB_DB_OUTAGE_S ends here, before the database is opened
     engine = connect(db_url)
     s = study.study
     summary, tried, synced, todo, rounds_run = RunSummary(), set(), set(), 0, 0

@@ -41,6 +41,7 @@ from mae_lab.run.runner import Pruned, run_trial
 from mae_lab.run.tracking import trackers_for
 from mae_lab.store.engine import artifacts_dir, connect
 from mae_lab.store.optuna_storage import PRIOR, searched, storage
+from mae_lab.store.outage import outage_limit_s
 from mae_lab.store.queue import LostClaim, claim_of, claim_trial, is_stale
 from mae_lab.store.reads import done_with_results, find_done, get_result, get_trials
 from mae_lab.store.states import FINAL, HEARTBEAT_S, METRIC_COLUMNS, STALE_AFTER_S
@@ -255,6 +256,7 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
     device = pick_device(device)
     artifacts = Path(artifacts or artifacts_dir(db_url)).resolve()
     trackers = trackers_for(study, None, db_url=db_url, artifacts=artifacts, warn=display.message)  # [log]
+    outage_limit_s()  # a bad MAE_LAB_DB_OUTAGE_S ends here, before the database is opened
     engine = connect(db_url)
     s = study.study
     row = sync_study(engine, name=s.name, description=s.description, paper=s.paper, path=str(path),

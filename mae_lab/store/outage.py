@@ -32,8 +32,16 @@ class DbUnavailable(DbError):
 
 
 def outage_limit_s() -> float:
-    """``MAE_LAB_DB_OUTAGE_S`` seconds, else ``OUTAGE_LIMIT_S``."""
-    return float(os.environ.get("MAE_LAB_DB_OUTAGE_S") or OUTAGE_LIMIT_S)
+    """``MAE_LAB_DB_OUTAGE_S`` seconds, else ``OUTAGE_LIMIT_S``; DbError (one line, exit 2) when it is not a
+    number of seconds >= 0."""
+    raw = os.environ.get("MAE_LAB_DB_OUTAGE_S") or str(OUTAGE_LIMIT_S)
+    try:
+        limit = float(raw)
+    except ValueError:
+        limit = -1.0
+    if not limit >= 0:  # also NaN
+        raise DbError(f"MAE_LAB_DB_OUTAGE_S={raw!r}: expected a number of seconds >= 0")
+    return limit
 
 
 def lost_connection(exc: BaseException) -> bool:
@@ -50,7 +58,7 @@ def through_outages(fn: Callable[P, T]) -> Callable[P, T]:
     outage limit has passed since the first failure (then ``DbUnavailable``)."""
     @functools.wraps(fn)
     def call(*args: P.args, **kwargs: P.kwargs) -> T:
-        first, wait = None, 0.25
+        first, wait, limit = None, 0.25, outage_limit_s()  # a bad limit is refused before any call
         while True:
             try:
                 return fn(*args, **kwargs)
@@ -60,10 +68,10 @@ def through_outages(fn: Callable[P, T]) -> Callable[P, T]:
                 reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
                 if first is None:
                     first = time.monotonic()
-                    print(f"database connection lost ({reason}); retrying for up to {outage_limit_s():g} s",
+                    print(f"database connection lost ({reason}); retrying for up to {limit:g} s",
                           file=sys.stderr, flush=True)
-                if time.monotonic() - first > outage_limit_s():
-                    raise DbUnavailable(f"the database server did not answer for {outage_limit_s():g} s "
+                if time.monotonic() - first > limit:
+                    raise DbUnavailable(f"the database server did not answer for {limit:g} s "
                                         f"(MAE_LAB_DB_OUTAGE_S): {reason}; the running trials stay resumable: "
                                         "start the workers again once it is back") from None
                 time.sleep(wait)
