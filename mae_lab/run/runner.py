@@ -4,13 +4,10 @@ checkpoint; a file lock serializes two processes that reach the same pretraining
 """
 from __future__ import annotations
 
-import dataclasses
-import fcntl
 import functools
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ from mae_lab.data import DatasetInfo
 from mae_lab.run.inits import check_inits, init_source
 from mae_lab.run.progress import Display, PlainDisplay
 from mae_lab.run.provenance import code_version, provenance
+from mae_lab.run.resume import check_checkpoints, file_lock, verified_checkpoint
 from mae_lab.run.tracking import NO_LOG, STEP_STAGE, Trackers, TrialLog, trackers_for
 from mae_lab.store.engine import artifacts_dir, connect
 from mae_lab.store.outage import DbUnavailable, outage_limit_s
@@ -41,13 +39,13 @@ from mae_lab.store.writes import (
 )
 from mae_lab.store.writes import record_artifacts as record_result_artifacts
 from mae_lab.study import planning, rounds
-from mae_lab.study.expand import Trial, mae_config, pretrain_identity
-from mae_lab.study.spec import Study, StudyError, TrialSpec
-from mae_lab.train.checkpoint import CheckpointError, load_checkpoint, settle_checkpoint, sha256_file
+from mae_lab.study.expand import mae_config, pretrain_identity
+from mae_lab.study.spec import StudyError, TrialSpec
+from mae_lab.train.checkpoint import sha256_file
 from mae_lab.train.common import DivergenceError
 from mae_lab.train.finetune import finetune
 from mae_lab.train.model import count_params, encoder_flops_per_image
-from mae_lab.train.pretrain import checkpoint_mismatch, pretrain
+from mae_lab.train.pretrain import pretrain
 from mae_lab.train.probe import linear_probe
 from mae_lab.train.probe_surface import STAGE as SURFACE
 from mae_lab.train.probe_surface import probe_surface
@@ -78,56 +76,6 @@ class RunSummary:
     @property
     def ok(self) -> bool:
         return all(s == "done" for _, s in self.ran)
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def check_checkpoints(study: Study, trials: list[Trial], infos: dict[str, DatasetInfo], device: str,
-                      world_size: int, artifacts: Path) -> None:
-    """Every pretraining checkpoint a trial would resume must have been written for its pretraining identity;
-    StudyError names the first key that differs (before anything is written to the database)."""
-    seen: set[str] = set()
-    for t in trials:
-        path = artifacts / "pretrain" / f"{t.pretrain_hash}.pt"
-        if t.pretrain_hash in seen or not path.exists():
-            continue
-        seen.add(t.pretrain_hash)
-        try:
-            ckpt = load_checkpoint(path, map_location="cpu")
-        except CheckpointError:
-            continue  # unreadable: set aside and pretrained again when the trial runs (_verified_checkpoint)
-        ctx = planning.run_context(t.spec, infos[t.spec.data.model_dump_json()], device, world_size)
-        mismatch = checkpoint_mismatch(ckpt, dataclasses.asdict(mae_config(t.spec)), pretrain_identity(t.spec, ctx))
-        if mismatch:
-            raise StudyError(study.path, mismatch[0], f"cannot resume {path}: {mismatch[1]} (delete the checkpoint "
-                             "to pretrain again)")
-
-
-def _verified_checkpoint(engine: Engine, pretrain_hash: str, path: Path, display: Display) -> None:
-    """Keep ``path`` only if its sha256 is the one the database recorded (after finishing a commit a stop cut short,
-    ``checkpoint.settle_checkpoint``); otherwise set it aside. Under the checkpoint's file lock: a temp file of an
-    earlier write of it (or of its staged next one) is a write cut short by a killed worker, deleted."""
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        tmp.unlink(missing_ok=True)
-    row = get_checkpoint(engine, pretrain_hash)
-    settle_checkpoint(path, row.sha256 if row is not None else None)
-    if not path.exists():
-        return
-    if row is not None and row.sha256 == sha256_file(path):
-        return
-    aside = path.with_suffix(".unverified")
-    path.replace(aside)
-    display.message(f"  checkpoint {path.name} does not match the database's sha256: set aside as {aside.name}, "
-                    "pretraining from scratch")
 
 
 def run_trial(engine: Engine, row: TrialRow, info: DatasetInfo, *, device: str, artifacts: Path,
@@ -214,7 +162,7 @@ def _run_trial(engine: Engine, row: TrialRow, claim: Claim, beat: Heartbeat, inf
     try:
         display.stage("pretrain", spec.pretrain.epochs)
         with file_lock(ckpt.with_suffix(".lock")):
-            _verified_checkpoint(engine, row.pretrain_hash, ckpt, display)
+            verified_checkpoint(engine, row.pretrain_hash, ckpt, display)
             done_before = get_checkpoint(engine, row.pretrain_hash)
             reused = ckpt.exists() and done_before is not None and done_before.epoch >= spec.pretrain.epochs > 0
             if ckpt.exists() and done_before is not None:
