@@ -19,6 +19,7 @@ from mae_lab.report.recon_page import ReconError, study_recon_png
 from mae_lab.report.study_report import StudyReport, headline, study_names, summarize, summarize_records, title
 from mae_lab.report.summary import shared_control, verdict_table
 from mae_lab.report.surface_view import surface_markdown, surface_notes, surface_plots
+from mae_lab.report.trajectory import probe_count, trajectory_section
 from mae_lab.store import records as trial_records
 from mae_lab.store.records import StudyRecords
 
@@ -167,9 +168,13 @@ def compute_spent(studies: list[StudyRecords]) -> str:
     trials, *total = [sum(m[i] for m in per_machine.values()) for i in range(4)]
     machines = "; ".join(f"{name}, {m[0]:.0f} trial{'s' * (m[0] != 1)}: {spent(*m[1:])}"
                          for name, m in sorted(per_machine.items())) or "-"
+    probes = probe_count(studies)
+    extra = (f" Beside the final linear probes: {probes} linear probe{'s' * (probes != 1)} at pretraining epochs "
+             "(pretrain.probe_every with eval.linear.blocks; those inside pretraining are in its wall clock)."
+             if probes else "")
     return (f"{trials:.0f} trials done: {spent(*total)} (each trial's own wall clock: pretraining, probe, fine-tune; "
             "a pretraining shared by several trials, or a result copied from another study, counted once, where it "
-            f"ran). Per machine: {machines}.")
+            f"ran). Per machine: {machines}.{extra}")
 
 
 def write_site(studies: list[StudyRecords], folder: str | Path, *, engine: Engine | None = None,
@@ -198,6 +203,10 @@ def write_site(studies: list[StudyRecords], folder: str | Path, *, engine: Engin
             page += [f"![{img.stem}]({rep.name}/{img.name})", ""]
         if not images:
             page += ["(no finished trials to plot yet)", ""]
+        trajectory, traj_png = trajectory_section(rep, s, folder)
+        if trajectory:  # effects over pretraining: Δ per probed epoch (pretrain.probe_every)
+            page.append(trajectory)
+            written += traj_png
         if engine is not None and (surface := surface_markdown(engine, rep.name, rep.name)):
             page.append(surface)  # the probe surface: where the best block is, and its heatmaps
             written += surface_plots(engine, rep.name, folder / rep.name)

@@ -3,8 +3,11 @@
 The report model (``report.summarize_records``) is built from these records only, so ``mae-lab report --from
 docs/results/trials.csv`` regenerates every page and plot without the database. A record holds the study it
 belongs to (name, description, paper table, study TOML), the trial's identity (hash, pretrain hash, seed, axes,
-resolved spec), every metric with its split in the column name, times, the pretraining loss per epoch, and
-provenance. Floats are written with ``repr`` (CSV) or as JSON numbers, so they read back bit for bit.
+resolved spec), every metric with its split in the column name, times, the pretraining loss per epoch, the linear
+probe of the last block at each probed epoch (``linear_epochs``: [[epoch, val top-1], ...], from the ``probe_surface``
+metrics that ``pretrain.probe_every`` with ``eval.linear.blocks`` records; the trial's own, so a trial that reused
+another's pretraining has only its last epoch), and provenance. Floats are written with ``repr`` (CSV) or as JSON
+numbers, so they read back bit for bit.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ RESULT_COLUMNS = {**{v: "float" for v in METRIC_COLUMNS.values()}, "pretrain_reu
                   "result_copied": "bool",
                   # a shared pretraining is timed by the trial that ran it (of any study): these hold its figures
                   "timed_pretrain_wall_s": "float", "timed_pretrain_images_per_s": "float",
-                  "timed_pretrain_peak_mem_mib": "float", "pretrain_losses": "json"}
+                  "timed_pretrain_peak_mem_mib": "float", "pretrain_losses": "json", "linear_epochs": "json"}
 # how each trial ran (tables.RUN_PROVENANCE), less data_root, slurm_job and mlflow_run_id: a path and a job ID of the
 # cluster that ran it, and a key into a tracking store, not a record
 PROVENANCE = ("attempts", "started_at", "ended_at",
@@ -47,6 +50,8 @@ PROVENANCE = ("attempts", "started_at", "ended_at",
               "resumed_from_epoch")
 PROVENANCE_COLUMNS = {k: "str" for k in PROVENANCE}
 COLUMNS = {**STUDY_COLUMNS, **TRIAL_COLUMNS, **RESULT_COLUMNS, **PROVENANCE_COLUMNS}
+OPTIONAL = ("linear_epochs",)  # columns a trials.csv written before them may lack (read as empty)
+SURFACE = "probe_surface"  # the stage of the per-epoch probes (train/probe_surface.py, which imports torch)
 SPLITS = {"linear_val_top1": "val", "finetune_val_top1": "val", "linear_test_top1": "test",
           "finetune_test_top1": "test", "knn_val_top1": "val"}
 
@@ -111,6 +116,9 @@ def from_db(engine: Engine, name: str) -> StudyRecords:
         metrics, _, _ = trial_details(engine, t.id)
         losses = sorted((m.epoch, m.value) for m in metrics if m.stage == "pretrain" and m.name == "loss")
         rec["pretrain_losses"] = [v for _, v in losses]
+        last_block = f"block{rec['spec']['model']['depth']}"
+        probes = sorted((m.epoch, m.value) for m in metrics if m.stage == SURFACE and m.name == last_block)
+        rec["linear_epochs"] = [[e, v] for e, v in probes] or None
         for k in PROVENANCE:
             rec[k] = _provenance(getattr(t, k, None))
         out.append({c: _typed(rec[c], kind, c) for c, kind in COLUMNS.items() if c not in STUDY_COLUMNS})
@@ -177,13 +185,13 @@ def read_csv(path: str | Path) -> list[StudyRecords]:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecordsError(f"{p}: cannot read the trials file ({exc.__class__.__name__}: {exc})") from None
     reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+    missing = [c for c in COLUMNS if c not in (reader.fieldnames or []) and c not in OPTIONAL]
     if missing:
         raise RecordsError(f"{p}: missing column {missing[0]!r}" + (f" (and {len(missing) - 1} more)"
                                                                    if len(missing) > 1 else ""))
     studies: dict[str, StudyRecords] = {}
     for line, row in enumerate(reader, start=2):
-        full = {c: _parse(row[c] or "", kind, f"{p}: line {line}: column {c!r}") for c, kind in COLUMNS.items()}
+        full = {c: _parse(row.get(c) or "", kind, f"{p}: line {line}: column {c!r}") for c, kind in COLUMNS.items()}
         if not full["study"]:
             raise RecordsError(f"{p}: line {line}: column 'study' is empty")
         s = studies.setdefault(full["study"], StudyRecords(full["study"], full["study_description"] or "",
