@@ -9,9 +9,10 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from cli import app
-from mae_lab.report.trajectory import Trajectory
+from mae_lab.report.study_report import summarize_records
+from mae_lab.report.trajectory import Trajectory, study_trajectories
 from mae_lab.store.engine import connect
-from mae_lab.store.records import from_db, read_csv
+from mae_lab.store.records import COLUMNS, STUDY_COLUMNS, StudyRecords, from_db, read_csv
 from mae_lab.study.stats import Interval
 
 STUDY = """
@@ -53,6 +54,37 @@ def test_the_sentence_says_from_which_epoch_the_interval_excludes_0():
     assert "Δ excludes 0 at no probed epoch" in says(_ci(0.5, -1, 2), _ci(0.1, -1, 1), _ci(0, None, None))
     assert "Δ excludes 0 at epoch 2, not at the last" in says(_ci(0.5, -1, 2), _ci(2, 1, 3), _ci(0.1, -1, 1))
     assert "from epoch 3 on" in says(_ci(2, 1, 3), _ci(0.1, -1, 1), _ci(2, 1, 3))  # every epoch from E on
+
+
+ADAPTIVE = """
+[study]
+name = "ad"
+seeds = { min = 2, max = 6, until = "decided", min_effect = 1.0 }
+[model]
+preset = "vit_digits"
+mask_ratio = 0.75
+[grid]
+"model.mask_ratio" = [0.75, 0.25]
+"""
+
+
+def test_each_epochs_interval_is_the_one_the_verdicts_use():
+    """Adaptive seeds: every epoch's interval is at the study's level (Bonferroni over 5 looks), and the last
+    epoch's, whose probe is the linear probe, equals the verdict's interval."""
+    top1 = {0.75: [(0.50, 0.60), (0.52, 0.61), (0.49, 0.62)], 0.25: [(0.45, 0.50), (0.47, 0.52), (0.46, 0.49)]}
+    trials = []
+    for ratio, per_seed in top1.items():
+        for seed, (first, last) in enumerate(per_seed):
+            rec = {c: None for c in COLUMNS if c not in STUDY_COLUMNS}
+            rec.update(hash=f"{ratio}-{seed}", seed=seed, label=f"mask_ratio={ratio}", axes={"model.mask_ratio": ratio},
+                       spec={}, status="done", linear_val_top1=last, linear_epochs=[[1, first], [2, last]])
+            trials.append(rec)
+    records = StudyRecords("ad", "", None, ADAPTIVE, trials)
+    report = summarize_records(records)
+    (tr,) = study_trajectories(report, records)
+    assert report.level == 1 - 0.05 / 5 and [ci.level for ci in tr.intervals] == [report.level] * 2
+    assert tr.point == "mask_ratio=0.25" and tr.epochs == [1, 2]
+    assert tr.intervals[-1] == report.rows[1].linear_diff
 
 
 def tree(folder: Path) -> dict[str, bytes]:
