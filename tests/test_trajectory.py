@@ -115,6 +115,8 @@ def test_per_epoch_probes_are_recorded_reported_and_rebuilt_from_trials_csv(work
     assert "![trajectory](traj/trajectory.png)" in section
     assert (workdir / "db_site" / "traj" / "trajectory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "8 linear probes at pretraining epochs" in page  # the compute line: 4 trials x 2 probed epochs
+    summary = (workdir / "db_site" / "summary.md").read_text(encoding="utf-8")
+    assert "## Effects over pretraining" in summary and "- [traj](traj.md), mask_ratio=0.25: Δ excludes 0" in summary
 
     # the probe surface's heatmaps are read from the database only: everything else rebuilds from trials.csv
     db, csv = tree(workdir / "db_site"), tree(workdir / "csv_site")

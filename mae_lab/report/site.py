@@ -19,7 +19,7 @@ from mae_lab.report.recon_page import ReconError, study_recon_png
 from mae_lab.report.study_report import StudyReport, headline, study_names, summarize, summarize_records, title
 from mae_lab.report.summary import shared_control, verdict_table
 from mae_lab.report.surface_view import surface_markdown, surface_notes, surface_plots
-from mae_lab.report.trajectory import probe_count, trajectory_section
+from mae_lab.report.trajectory import has_trajectories, probe_count, study_trajectories, trajectory_section
 from mae_lab.store import records as trial_records
 from mae_lab.store.records import StudyRecords
 
@@ -108,6 +108,10 @@ def summary_page(reports: list[StudyReport], studies: list[StudyRecords], intro:
     for rep in reports:
         _, order, _ = headline(rep)
         lines.append(f"- [{rep.name}]({rep.name}.md): linear ordering {order}; best here {headline(rep)[0]}")
+    emerges = [f"- [{rep.name}]({rep.name}.md), {tr.sentence()}" for rep, s in zip(reports, studies)
+               if has_trajectories(s) for tr in study_trajectories(rep, s)]
+    if emerges:  # where each effect emerges over pretraining (pretrain.probe_every)
+        lines += ["", "## Effects over pretraining", "", *emerges]
     lines += ["", "## Compute", "", compute_spent(studies), "", f"- {UNITS}", ""]
     return "\n".join(lines)
 
