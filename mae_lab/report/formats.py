@@ -22,8 +22,8 @@ from mae_lab.report.study_report import (
     has_memory,
     legend,
     title,
-    verdicts,
 )
+from mae_lab.report.verdict_lines import verdicts
 from mae_lab.study.adaptive import rule_text
 from mae_lab.study.stats import Interval
 

@@ -31,13 +31,20 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import Engine
 
 from mae_lab.run.inits import check_inits
 from mae_lab.run.progress import PlainDisplay
 from mae_lab.run.runner import Pruned, run_trial
+from mae_lab.run.search_space import (
+    AskTellGridSampler,
+    distributions,
+    grid_values,
+    in_space,
+    make_pruner,
+    make_sampler,
+)
 from mae_lab.run.tracking import trackers_for
 from mae_lab.store.engine import artifacts_dir, connect
 from mae_lab.store.optuna_storage import PRIOR, searched, storage
@@ -50,65 +57,6 @@ from mae_lab.store.writes import add_trial, adopt_result, sync_study
 from mae_lab.study.expand import Trial, bind, pretrain_hash, resolve, trial_hash
 from mae_lab.study.planning import pick_device, plan, resolve_data, run_context, study_hash
 from mae_lab.study.spec import Study, StudyError, TrialSpec, get_dotted
-from mae_lab.study.tables import SearchParam, SearchSection
-
-
-def distributions(search: SearchSection) -> dict[str, BaseDistribution]:
-    return {key: _distribution(p) for key, p in search.space.items()}
-
-
-def _distribution(p: SearchParam) -> BaseDistribution:
-    if p.type == "categorical":
-        return CategoricalDistribution(p.choices)
-    if p.type == "int":
-        return IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
-    return FloatDistribution(p.low, p.high, log=p.log, step=p.step)
-
-
-def _grid(p: SearchParam) -> list[Any]:
-    if p.type == "categorical":
-        return list(p.choices)
-    n = int(math.floor((p.high - p.low) / (p.step or 1) + 1e-9))
-    values = [p.low + i * (p.step or 1) for i in range(n + 1)]
-    return [int(round(v)) for v in values] if p.type == "int" else [round(v, 12) for v in values]
-
-
-def _in_space(p: SearchParam, value: Any) -> bool:
-    if p.type == "categorical":
-        return any(type(value) is type(c) and value == c for c in p.choices)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    if p.type == "int" and value != int(value):
-        return False
-    if not p.low <= value <= p.high:
-        return False
-    return p.step is None or abs((value - p.low) / p.step - round((value - p.low) / p.step)) < 1e-6
-
-
-class AskTellGridSampler(optuna.samplers.GridSampler):
-    """Optuna's GridSampler without its ``study.stop()`` after the last point, which only works inside
-    ``optimize``; the ask/tell loop checks ``is_exhausted`` itself."""
-
-    def after_trial(self, study, trial, state, values) -> None:
-        pass
-
-
-def make_sampler(search: SearchSection, seed: int) -> optuna.samplers.BaseSampler:
-    if search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if search.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    if search.sampler == "grid":
-        return AskTellGridSampler({k: _grid(p) for k, p in search.space.items()}, seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
-
-
-def make_pruner(search: SearchSection, epochs: int, probe_every: int) -> optuna.pruners.BasePruner:
-    if search.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-    if search.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, probe_every), max_resource=max(1, epochs))
-    return optuna.pruners.NopPruner()
 
 
 def _label(point: dict[str, Any]) -> str:
@@ -162,7 +110,7 @@ def prior_points(engine: Engine, study: Study, study_id: int | None) -> list[tup
             point = {k: get_dotted(spec, k) for k in space}
         except (KeyError, TypeError, ValueError):
             continue
-        if not all(_in_space(space[k], v) for k, v in point.items()):
+        if not all(in_space(space[k], v) for k, v in point.items()):
             continue
         if any(getattr(result, METRIC_COLUMNS[o]) is None for o in study.search.objectives):
             continue
@@ -292,7 +240,7 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
     # a fresh sampler seed per call: a rerun must not replay the first call's random stream
     ostudy.sampler = make_sampler(search, s.seeds[0] * 1_000_003 + len(ostudy.get_trials(deepcopy=False)))
     if search.sampler == "grid":
-        grid_size = math.prod(len(_grid(p)) for p in search.space.values())
+        grid_size = math.prod(len(grid_values(p)) for p in search.space.values())
         summary.target = min(summary.target, grid_size)
     display.message(f"search {s.name}: {search.sampler} sampler, pruner {search.pruner}, objectives "
                     f"{' + '.join(search.objectives)}; {_counted(ostudy.get_trials(deepcopy=False))} of "
