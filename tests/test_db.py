@@ -195,5 +195,5 @@ def test_an_artifact_failure_keeps_the_trial_done_with_its_numbers(workdir: Path
     assert f"({torch.backends.cpu.get_cpu_capability()}, " in trial.device_name  # what sets a CPU's speed
     assert trial.data_fingerprint and trial.mae_lab_version and trial.git_commit
     shown = CliRunner().invoke(app, ["show", str(trial.id)])
-    assert "world size 1" in shown.output and f"CPU threads {trial.cpu_threads}" in shown.output
+    assert "world size 1" in shown.output and f"cpu threads {trial.cpu_threads}" in shown.output
     assert f"precision {trial.resolved_precision}" in shown.output, shown.output

@@ -10,7 +10,7 @@ import torch
 from mae_lab.data import resolve_dataset
 from mae_lab.study.expand import expand
 from mae_lab.study.spec import TrialSpec, parse_study
-from mae_lab.train.checkpoint import FORMAT_KEYS, CheckpointError, load_checkpoint
+from mae_lab.train.checkpoint import FORMAT_KEYS, CheckpointError, commit_checkpoint, load_checkpoint
 from mae_lab.train.common import DivergenceError, lr_at
 from mae_lab.train.finetune import build_classifier, finetune, param_groups_lrd
 from mae_lab.train.pretrain import pretrain
@@ -84,6 +84,8 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, digits, train_samples)
     ckpt = tmp_path / "resumed.pt"
     with pytest.raises(Interrupt):
         pretrain(spec, digits, device="cpu", ckpt_path=ckpt, on_epoch=stop_after_first)
+    assert not ckpt.exists()  # staged, not yet in place: on_epoch records the sha256 first
+    commit_checkpoint(ckpt)  # as the runner does once the sha256 is recorded (settle_checkpoint on resume)
     assert load_checkpoint(ckpt)["epoch"] == 1
     resumed = pretrain(spec, digits, device="cpu", ckpt_path=ckpt)
     assert resumed.steps == full.steps and resumed.loss_history == full.loss_history

@@ -83,7 +83,7 @@ def show_trial(engine, row: TrialRow, console: Console) -> None:  # noqa: ANN001
     """A trial: spec, how it ran (tables.RUN_PROVENANCE), metrics, result, artifacts and error."""
     metrics, result, arts = trial_details(engine, row.id)
     console.print(f"[bold]trial {row.id}[/bold] {row.hash} {row.label} — {row.status}")
-    ran = ", ".join(f"{k.replace('_', ' ')} {getattr(row, k)}" for k in RUN_PROVENANCE)
+    ran = ", ".join(f"{k.replace('_', ' ')} {getattr(row, k)}" for k in RUN_PROVENANCE if getattr(row, k) is not None)
     for line in (ran, f"started {row.started_at}, ended {row.ended_at}, attempts {row.attempts}"
                  + (f", progress {row.progress}" if row.progress else "")):
         console.print(line, markup=False, soft_wrap=True)
