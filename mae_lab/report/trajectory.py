@@ -12,6 +12,7 @@ same section and plot as the database does. Torch-free.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,9 @@ class Trajectory:
         return f"{self.point}: {head} ({tail})"
 
 
-def epoch_values(records: StudyRecords) -> dict[str, dict[int, dict[int, float]]]:
+def epoch_values(records: StudyRecords) -> dict[str, dict[int, float]]:
     """{trial hash: {epoch: top-1 in points}} of the done trials with per-epoch probes."""
-    out: dict[str, dict[int, dict[int, float]]] = {}
+    out: dict[str, dict[int, float]] = {}
     for t in records.trials:
         if t["status"] == "done" and t.get("linear_epochs"):
             out[t["hash"]] = {int(e): to_points(v) for e, v in t["linear_epochs"]}
@@ -118,9 +119,9 @@ def trajectory_png(trajectories: list[Trajectory], title: str) -> bytes:
     width = 0.25 / max(1, len(trajectories))  # points side by side around each epoch
     for i, tr in enumerate(trajectories):
         xs = [e + (i - (len(trajectories) - 1) / 2) * width for e in tr.epochs]
-        ys = [ci.delta for ci in tr.intervals]
-        lo = [0.0 if ci.low is None else ci.delta - ci.low for ci in tr.intervals]
-        hi = [0.0 if ci.high is None else ci.high - ci.delta for ci in tr.intervals]
+        ys = [math.nan if ci.delta is None else ci.delta for ci in tr.intervals]
+        lo = [0.0 if ci.low is None or ci.delta is None else ci.delta - ci.low for ci in tr.intervals]
+        hi = [0.0 if ci.high is None or ci.delta is None else ci.high - ci.delta for ci in tr.intervals]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=4, capsize=3, label=tr.point)
     epochs = sorted({e for tr in trajectories for e in tr.epochs})
     ax.set_xticks(epochs, [str(e) for e in epochs])

@@ -15,32 +15,45 @@ def distributions(search: SearchSection) -> dict[str, BaseDistribution]:
     return {key: _distribution(p) for key, p in search.space.items()}
 
 
+def _choices(p: SearchParam) -> list[Any]:
+    assert p.choices is not None  # a categorical parameter has its choices (tables.SearchParam checks)
+    return p.choices
+
+
+def _bounds(p: SearchParam) -> tuple[float, float]:
+    assert p.low is not None and p.high is not None  # a numeric parameter has both (tables.SearchParam checks)
+    return p.low, p.high
+
+
 def _distribution(p: SearchParam) -> BaseDistribution:
     if p.type == "categorical":
-        return CategoricalDistribution(p.choices)
+        return CategoricalDistribution(_choices(p))
+    low, high = _bounds(p)
     if p.type == "int":
-        return IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
-    return FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+        return IntDistribution(int(low), int(high), log=p.log, step=int(p.step or 1))
+    return FloatDistribution(low, high, log=p.log, step=p.step)
 
 
 def grid_values(p: SearchParam) -> list[Any]:
     if p.type == "categorical":
-        return list(p.choices)
-    n = int(math.floor((p.high - p.low) / (p.step or 1) + 1e-9))
-    values = [p.low + i * (p.step or 1) for i in range(n + 1)]
+        return list(_choices(p))
+    low, high = _bounds(p)
+    n = int(math.floor((high - low) / (p.step or 1) + 1e-9))
+    values = [low + i * (p.step or 1) for i in range(n + 1)]
     return [int(round(v)) for v in values] if p.type == "int" else [round(v, 12) for v in values]
 
 
 def in_space(p: SearchParam, value: Any) -> bool:
     if p.type == "categorical":
-        return any(type(value) is type(c) and value == c for c in p.choices)
+        return any(type(value) is type(c) and value == c for c in _choices(p))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     if p.type == "int" and value != int(value):
         return False
-    if not p.low <= value <= p.high:
+    low, high = _bounds(p)
+    if not low <= value <= high:
         return False
-    return p.step is None or abs((value - p.low) / p.step - round((value - p.low) / p.step)) < 1e-6
+    return p.step is None or abs((value - low) / p.step - round((value - low) / p.step)) < 1e-6
 
 
 class AskTellGridSampler(optuna.samplers.GridSampler):
