@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -310,6 +311,17 @@ def has_finetune(report: StudyReport) -> bool:
 def has_memory(report: StudyReport) -> bool:
     """Whether any point has a recorded peak memory (databases before schema 2 have none)."""
     return any(r.peak_mem_mib.mean is not None for r in report.rows)
+
+
+def comparisons(report: StudyReport) -> Iterator[tuple[str, str, Row, Interval, float | None]]:
+    """(metric attribute, metric name, row, its difference to the default, the paper's Δ) for every compared point,
+    metric by metric in study order: what the verdict lines and the summary's table both list."""
+    base = report.default_row()
+    for attr, name in METRICS:
+        for row in report.rows:
+            d = getattr(row, f"{attr}_diff")
+            if d is not None:
+                yield attr, name, row, d, paper_delta(row.paper, base.paper if base else None, attr)
 
 
 def title(report: StudyReport) -> str:

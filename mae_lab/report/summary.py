@@ -4,8 +4,7 @@ writes the page; everything here is a pure function of the study reports."""
 from __future__ import annotations
 
 from mae_lab.report.formats import fmt_diff, fmt_holm
-from mae_lab.report.paper import paper_delta
-from mae_lab.report.study_report import METRICS, StudyReport
+from mae_lab.report.study_report import StudyReport, comparisons
 
 VERDICT_WORDS = (
     "Per point: the difference to its study's default (top-1 points, validation split) with the interval its verdict "
@@ -25,18 +24,12 @@ def verdict_table(reports: list[StudyReport]) -> list[str]:
     lines = [VERDICT_WORDS, "", "| study | point | metric | Δ [CI] | level | paper Δ | verdict | Holm | n | decided |",
              "|:---|:---|:---|---:|:---|---:|:---|:---|---:|:---|"]
     for rep in reports:
-        base = rep.default_row()
-        for attr, name in METRICS:
-            for row in rep.rows:
-                d = getattr(row, f"{attr}_diff")
-                if d is None:
-                    continue
-                p = paper_delta(row.paper, base.paper if base else None, attr)
-                decided = "-" if row.decided is None else ("yes" if row.decided else "no")
-                verdict = row.verdict[attr].replace("|", r"\|")  # "rules out |Δ| > x" inside a table cell
-                lines.append(f"| [{rep.name}]({rep.name}.md) | {row.label} | {name} | {fmt_diff(row, attr)} | "
-                             f"{100 * d.level:.4g}% | {'-' if p is None else f'{p:+.1f}'} | {verdict} | "
-                             f"{fmt_holm(row, attr)} | {row.n} | {decided} |")
+        for attr, name, row, d, p in comparisons(rep):
+            decided = "-" if row.decided is None else ("yes" if row.decided else "no")
+            verdict = row.verdict[attr].replace("|", r"\|")  # "rules out |Δ| > x" inside a table cell
+            lines.append(f"| [{rep.name}]({rep.name}.md) | {row.label} | {name} | {fmt_diff(row, attr)} | "
+                         f"{100 * d.level:.4g}% | {'-' if p is None else f'{p:+.1f}'} | {verdict} | "
+                         f"{fmt_holm(row, attr)} | {row.n} | {decided} |")
     return lines
 
 

@@ -2,8 +2,8 @@
 verdict, Holm and the paper's Δ; then the seed rule and level, and the ordering against the paper."""
 from __future__ import annotations
 
-from mae_lab.report.paper import MIN_ORDERED, paper_delta
-from mae_lab.report.study_report import METRICS, StudyReport, has_finetune
+from mae_lab.report.paper import MIN_ORDERED
+from mae_lab.report.study_report import StudyReport, comparisons, has_finetune
 from mae_lab.study.adaptive import rule_text
 from mae_lab.study.stats import Interval
 
@@ -17,21 +17,15 @@ def _fmt_interval(d: Interval) -> str:
 def point_verdicts(report: StudyReport) -> list[str]:
     """One line per point and metric: the difference with the interval its verdict uses, the verdict, the paper's
     difference, and for adaptive seeds n and whether the point is decided."""
-    base = report.default_row()
     lines = []
-    for attr, name in METRICS:
-        for row in report.rows:
-            d = getattr(row, f"{attr}_diff")
-            if d is None:
-                continue
-            p = paper_delta(row.paper, base.paper if base else None, attr)
-            line = f"{name}, {row.label}: Δ {_fmt_interval(d)} -> {row.verdict[attr]}"
-            line += "" if p is None else f"; paper Δ {p:+.1f}"
-            if row.holm.get(attr) is not None:
-                line += "; Holm: " + ("detected" if row.holm[attr] else "not detected")
-            if row.decided is not None:
-                line += f"; n={row.n}, " + ("decided" if row.decided else "not decided")
-            lines.append(line)
+    for attr, name, row, d, p in comparisons(report):
+        line = f"{name}, {row.label}: Δ {_fmt_interval(d)} -> {row.verdict[attr]}"
+        line += "" if p is None else f"; paper Δ {p:+.1f}"
+        if row.holm.get(attr) is not None:
+            line += "; Holm: " + ("detected" if row.holm[attr] else "not detected")
+        if row.decided is not None:
+            line += f"; n={row.n}, " + ("decided" if row.decided else "not decided")
+        lines.append(line)
     return lines
 
 
