@@ -53,6 +53,23 @@ def pct(values: list[float], q: float) -> float:
 
 # --- mae-lab's queue -------------------------------------------------------------------------------------------
 
+def race(target, args: tuple, workers: int) -> tuple[list, float]:
+    """Start ``workers`` forked processes of ``target(*args, start, out)``, release them together through a barrier,
+    and return (each one's report, wall seconds from the release to the last report)."""
+    ctx = mp.get_context("fork")
+    start, out = ctx.Barrier(workers + 1), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, start, out)) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    start.wait()
+    t0 = time.perf_counter()
+    reports = [out.get(timeout=3600) for _ in procs]
+    wall = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    return reports, wall
+
+
 def queue_worker(url: str, study_id: int, start, out) -> None:
     engine = connect(url, create=False)
     claims, latencies, errors = [], [], []
@@ -84,17 +101,7 @@ def bench_queue(server: str, workers: int, trials: int) -> dict:
                            spec_hash="x", trials=[{"hash": f"h{i}", "pretrain_hash": f"p{i}", "seed": 0, "label": "",
                                                    "axes_json": "{}", "spec_json": "{}"} for i in range(trials)])
         engine.dispose()
-        ctx = mp.get_context("fork")
-        start, out = ctx.Barrier(workers + 1), ctx.Queue()
-        procs = [ctx.Process(target=queue_worker, args=(url, study.id, start, out)) for _ in range(workers)]
-        for p in procs:
-            p.start()
-        start.wait()
-        t0 = time.perf_counter()
-        reports = [out.get(timeout=3600) for _ in procs]
-        wall = time.perf_counter() - t0
-        for p in procs:
-            p.join()
+        reports, wall = race(queue_worker, (url, study.id), workers)
         rows = create_engine(url)
         with rows.connect() as c:
             sql = "SELECT status || '/' || attempts, count(*) FROM mae_trials GROUP BY 1"
@@ -135,18 +142,7 @@ def bench_optuna(server: str, workers: int, trials: int) -> dict:
     name, url = fresh_database(server)
     try:
         optuna.create_study(study_name="bench", storage=storage(url), direction="maximize")
-        ctx = mp.get_context("fork")
-        start, out = ctx.Barrier(workers + 1), ctx.Queue()
-        each = trials // workers
-        procs = [ctx.Process(target=optuna_worker, args=(url, each, start, out)) for _ in range(workers)]
-        for p in procs:
-            p.start()
-        start.wait()
-        t0 = time.perf_counter()
-        reports = [out.get(timeout=3600) for _ in procs]
-        wall = time.perf_counter() - t0
-        for p in procs:
-            p.join()
+        reports, wall = race(optuna_worker, (url, trials // workers), workers)
         done = optuna.load_study(study_name="bench", storage=storage(url)).get_trials(deepcopy=False)
     finally:
         drop_database(server, name)

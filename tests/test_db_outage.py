@@ -13,21 +13,12 @@ from pathlib import Path
 import pytest
 from conftest import mae_lab, study_toml
 from pg_server import pg_server  # noqa: F401 - a fixture
-from sqlalchemy import create_engine, text
+from test_workers import pg_rows as rows
 
 from mae_lab.store.engine import connect
 from mae_lab.store.outage import EXIT_UNAVAILABLE, DbUnavailable
 from mae_lab.store.reads import get_study
 from mae_lab.store.writes import sync_study
-
-
-def rows(url: str, sql: str) -> list[tuple]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as c:
-            return [tuple(r) for r in c.execute(text(sql))]
-    finally:
-        engine.dispose()
 
 
 def wait_for(what: str, cond, procs=(), timeout: float = 300) -> None:
