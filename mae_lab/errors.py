@@ -9,4 +9,7 @@ mae-lab and exits 1 with its traceback.
 
 
 class BadInput(Exception):
-    """Input that cannot be used: ``str()`` is one line naming the file and key (or the option)."""
+    """Input that cannot be used: ``str()`` is one line naming the file and key (or the option); the command exits
+    with ``exit_code``."""
+
+    exit_code = 2

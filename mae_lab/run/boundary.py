@@ -50,15 +50,6 @@ def stop_handler():
     return on_stop
 
 
-EXIT_UNAVAILABLE = 75  # = store.outage.EXIT_UNAVAILABLE (this module loads no database code)
-
-
-def _unavailable(exc: BaseException) -> bool:
-    """The database server stayed away for the whole outage limit (``store.outage.DbUnavailable``)."""
-    outage = sys.modules.get("mae_lab.store.outage")
-    return outage is not None and isinstance(exc, outage.DbUnavailable)
-
-
 def interrupted_code(exc: KeyboardInterrupt) -> int:
     return 128 + exc.signum if isinstance(exc, Terminated) else 130
 
@@ -125,8 +116,8 @@ class Boundary(Group):
         except (typer.Exit, typer.Abort, typer.TyperException, BrokenPipeError):
             # Typer's own (an exit code, a usage error), and a reader that left (`| head`): Typer ends them
             raise
-        except BadInput as exc:  # a database server that stayed away (a DbError) has its own code
-            raise fail(str(exc), EXIT_UNAVAILABLE if _unavailable(exc) else 2) from None
+        except BadInput as exc:  # exit 2, or the error's own code (a database server that stayed away: 75)
+            raise fail(str(exc), exc.exit_code) from None
         except OSError as exc:
             if exc.filename is None:
                 raise bug(exc) from None
@@ -157,7 +148,7 @@ def trial_errors(resume_hint: str, display: bool = True) -> Iterator[Display | N
             if shown is not None:
                 shown.close()
     except BadInput as exc:
-        raise fail(str(exc), EXIT_UNAVAILABLE if _unavailable(exc) else 2) from None
+        raise fail(str(exc), exc.exit_code) from None
     except KeyboardInterrupt as exc:
         Console(stderr=True).print(f"interrupted: the running trial is marked interrupted; {resume_hint}")
         raise typer.Exit(interrupted_code(exc)) from None

@@ -30,6 +30,8 @@ EXIT_UNAVAILABLE = 75  # sysexits' EX_TEMPFAIL: try again later (the trials stay
 class DbUnavailable(DbError):
     """The database server did not answer for the whole outage limit."""
 
+    exit_code = EXIT_UNAVAILABLE
+
 
 def outage_limit_s() -> float:
     """``MAE_LAB_DB_OUTAGE_S`` seconds, else ``OUTAGE_LIMIT_S``; DbError (one line, exit 2) when it is not a
