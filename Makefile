@@ -1,5 +1,6 @@
 # make demo: install into .venv and run the quickstart study on the embedded digits, then print its table.
-# make test: install into .venv (with test extras) and run the whole test suite.
+# make test: install into .venv (with test extras) and run the test suite without the tests marked slow.
+# make test-all: every test, the slow ones included (PostgreSQL, SLURM, chaos soak, DDP failures): what .ci/run runs.
 # make results: run the CIFAR-10 studies (hours on 2 cores; resumable, two processes share the queue) and write
 #   docs/results/ (MAE_LAB_DATA must hold cifar10/, e.g. MAE_LAB_DATA=../shared/data).
 PYTHON ?= python3
@@ -18,8 +19,12 @@ demo: install  # one thread, as the README's time was measured
 	OMP_NUM_THREADS=1 $(BIN)/mae-lab run studies/quickstart.toml
 	$(BIN)/mae-lab report quickstart
 
-test: install  # one torch thread per process (tiny models, two-process tests): the six slowest test files took 305 s
-# instead of 358 s with torch's default threads on 2 Xeon cores (1.17x)
+# One torch thread per process (tiny models, two-process tests): the six slowest test files took 305 s instead of
+# 358 s with torch's default threads on 2 Xeon cores (1.17x).
+test: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
+
+test-all: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 STUDIES := recipe baseline mask_ratio mask_token mask_sampling recon_target augmentation decoder_depth decoder_width
@@ -35,4 +40,4 @@ results: install
 	($(RUN_STUDIES)) & ($(RUN_STUDIES)); a=$$?; wait $$! && test $$a = 0
 	$(BIN)/mae-lab report --all --db $(RESULTS_DB) --out docs/results
 
-.PHONY: install demo test results
+.PHONY: install demo test test-all results

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED_DATA
 from PIL import Image
 
 from mae_lab import data as D
@@ -20,7 +21,7 @@ from mae_lab.data import catalog as _catalog  # noqa: F401  (D.catalog, D.verify
 from mae_lab.data import loading as L
 from mae_lab.data import transforms as T
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared/data"
+SHARED = SHARED_DATA
 CIFAR = SHARED / "cifar10"
 needs_cifar = pytest.mark.skipif(not (CIFAR / "dataset.json").is_file(), reason="shared CIFAR-10 shards not present")
 

@@ -124,7 +124,7 @@ def test_the_control_messages_wait_on_their_own_group(workdir: Path):
     """The collectives' timeout is 5 s, rank 0 then fine-tunes for longer while rank 1 waits for the next message:
     the job still ends well (the wait is on the gloo control group, with its own long timeout)."""
     study = STUDY.format(epochs=1, batch=32).replace("finetune = { enabled = false }",
-                                                     "finetune = { epochs = 6, batch_size = 32 }")
+                                                     "finetune = { epochs = 25, batch_size = 32 }")
     (workdir / "ddp.toml").write_text(study)
     args = ["run", "ddp.toml", "--device", "cpu", "--db", f"sqlite:///{workdir}/mae_lab.db"]
     results = _wait(_start(None, args, workdir, MAE_LAB_DDP_TIMEOUT_S="5"), 300)

@@ -11,7 +11,7 @@ from mae_lab import rng
 from mae_lab.study.expand import mae_config
 from mae_lab.study.presets import config_from_preset
 from mae_lab.train.checkpoint import commit_checkpoint, load_checkpoint, save_checkpoint
-from mae_lab.train.common import compile_module
+from mae_lab.train.common import compile_module, use_compile
 from mae_lab.train.masking import ids_from_noise
 from mae_lab.train.model import MaskedAutoencoder
 from mae_lab.train.pretrain import pretrain, step_noise
@@ -158,3 +158,11 @@ def test_a_compiled_pretraining_with_block_masking_runs(digits):
     compiled = pretrain(make_spec(**kw, pretrain={"epochs": 1, "batch_size": 32, "warmup_epochs": 0,
                                                   "compile": True}), digits, device="cpu", ckpt_path=None)
     assert compiled.loss_history == pytest.approx(eager.loss_history, rel=1e-4)
+
+
+def test_compile_auto_compiles_on_cuda_only(digits):
+    """pretrain.compile defaults to "auto": compiled on CUDA, eager on the CPU (where compiling outlasts a short
+    run); true and false are kept as given."""
+    assert make_spec().pretrain.compile == "auto"
+    assert [use_compile(c, torch.device(d)) for c in ("auto", True, False) for d in ("cuda", "cpu")] == \
+        [True, False, True, True, False, False]

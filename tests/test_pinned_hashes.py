@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 from mae_lab.data import DataError
 from mae_lab.study.planning import bind_trials, plan, resolve_data
@@ -32,7 +32,7 @@ def test_a_studys_hashes_are_pinned(workdir, name):
     study, trials = plan(ROOT / "studies" / f"{name}.toml", None, True)
     assert (len(trials), digest(trials)) == (pin["n"], pin["expand"])
     try:
-        infos = resolve_data(study, trials, os.environ.get("MAE_LAB_DATA", "/work/shared/data"), False)
+        infos = resolve_data(study, trials, SHARED_DATA, False)
     except DataError as exc:  # CIFAR-10 shards are not everywhere; the digits are
         pytest.skip(f"{name}: its data is not here ({exc})")
     assert digest(bind_trials(trials, infos=infos, device="cpu", world_size=1)) == pin["dry_run"]

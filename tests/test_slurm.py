@@ -227,7 +227,8 @@ def test_time_limit_signal_requeues_and_completes(workdir: Path, cluster, stop: 
     """SLURM checks time limits every ~30 s and sends --signal up to 60 s early, so a short limit lands anywhere;
     the test moves the limit instead: once the trial has a checkpoint, the task's limit drops to 2 minutes (within
     the 110 s lead: TERM at the next check), and once it has requeued itself the limit is raised again."""
-    (workdir / "tl.toml").write_text(tiny("tl", epochs=30, samples=512))  # ~45 s on 2 idle cores
+    # ~90 s on 2 idle cores: the trial must outlast SLURM's ~30 s between time-limit checks (512 samples did not)
+    (workdir / "tl.toml").write_text(tiny("tl", epochs=30, samples=1024))
     db = workdir / "db" / "mae_lab.db"
     job = submit(cluster, workdir, "tl.toml", "--workers", "1", "--time", "5", "--signal", stop)
     wait_for(lambda: ckpt_epoch(db) >= 1, "the first checkpoint")

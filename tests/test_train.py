@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 from mae_lab.data import resolve_dataset
 from mae_lab.study.expand import expand
@@ -16,7 +16,6 @@ from mae_lab.train.finetune import build_classifier, finetune, param_groups_lrd
 from mae_lab.train.pretrain import pretrain
 from mae_lab.train.probe import knn_top1, linear_probe
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 # every MAEConfig field beyond the preset's size, so the tests do not depend on preset defaults
 MODEL_FIELDS = {"in_chans": 3, "mlp_ratio": 4.0, "norm_pix_loss": False, "mask_ratio": 0.75,
                 "mask_sampling": "random", "mask_token_in_encoder": False}

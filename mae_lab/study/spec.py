@@ -16,7 +16,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mae_lab.errors import BadInput
-from mae_lab.study.tables import Float, LogSection, SearchSection, Strict, StudySection, TableError, check_search_table
+from mae_lab.study.tables import (
+    AutoBool,
+    Float,
+    LogSection,
+    SearchSection,
+    Strict,
+    StudySection,
+    TableError,
+    check_search_table,
+)
 
 
 class StudyError(BadInput, ValueError):
@@ -96,7 +105,8 @@ class PretrainSpec(Strict):
     amp: Literal["auto", "none", "bf16"] = Field(
         "auto",
         description="bf16 autocast; auto: where it pays (CUDA with bf16; a CPU with native bf16 from width 192)")
-    compile: bool = False
+    compile: AutoBool = Field(
+        "auto", description="torch.compile the training step; auto: on CUDA (on the CPU compiling outlasts short runs)")
     probe_every: int = Field(0, ge=0, description="every N epochs, a kNN probe on cached features (0: never)")
     init: str | None = Field(None, description="start from these weights: an official MAE checkpoint (encoder-only or "
                              "full), a timm ViT state dict (.pth / .safetensors) or a done trial's hash")

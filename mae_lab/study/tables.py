@@ -30,6 +30,15 @@ def _int_as_float(v: Any) -> Any:
 Float = Annotated[float, BeforeValidator(_int_as_float)]  # a float field that takes a TOML integer (lr = 1) as well
 
 
+def _bool_or_auto(v: Any) -> Any:
+    if v is True or v is False or v == "auto":
+        return v
+    raise ValueError(f"should be true, false or \"auto\" (got {v!r})")
+
+
+AutoBool = Annotated[bool | Literal["auto"], BeforeValidator(_bool_or_auto)]  # true, false or "auto"
+
+
 class TableError(ValueError):
     """A problem in a [study] or [search] table: ``key`` (dotted) and the reason; spec.py names the file."""
 

@@ -71,6 +71,11 @@ def use_bf16(amp: str, device: torch.device, embed_dim: int) -> bool:
     return resolve_bf16(amp, device.type, embed_dim)
 
 
+def use_compile(compile: bool | str, device: torch.device) -> bool:
+    """Resolve ``pretrain.compile``: true or false as given; auto compiles on CUDA only."""
+    return compile is True or (compile == "auto" and device.type == "cuda")
+
+
 def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decay on >= 2-D weights; none on 1-D params (norms) and biases (timm / official MAE)."""
     decay, no_decay = [], []

@@ -47,6 +47,7 @@ from mae_lab.train.common import (
     restore_rng,
     rng_state,
     use_bf16,
+    use_compile,
 )
 from mae_lab.train.loaders import pretrain_loader
 from mae_lab.train.masking import mask_noise
@@ -159,7 +160,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
         ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
                                       find_unused_parameters=bool(model.unused_parameters()))
     fwd: Callable[..., Any] = ddp or model
-    fwd = compile_module(fwd) if pt.compile else fwd
+    fwd = compile_module(fwd) if use_compile(pt.compile, dev) else fwd
     amp = use_bf16(pt.amp, dev, model.config.embed_dim)
     allow_tf32(dev)
 
