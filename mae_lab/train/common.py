@@ -35,6 +35,12 @@ def reset_peak_memory(dev: torch.device) -> None:
         pass  # not Linux: peak_memory_mib then reports the process's lifetime peak
 
 
+def synchronize(dev: torch.device) -> None:
+    """Wait for the work queued on `dev` (CUDA; elsewhere nothing is queued), so a timer reads the work done."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def peak_memory_mib(dev: torch.device) -> float | None:
     """MiB since reset_peak_memory: CUDA max_memory_allocated, else the process's peak RSS."""
     if dev.type == "cuda":

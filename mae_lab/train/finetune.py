@@ -19,7 +19,7 @@ from mae_lab import rng
 from mae_lab.data import DatasetInfo
 from mae_lab.study.init_check import at_finetune_size
 from mae_lab.study.spec import TrialSpec
-from mae_lab.train.common import LOSS_SYNC_EVERY, lr_at, read_losses, use_bf16
+from mae_lab.train.common import LOSS_SYNC_EVERY, lr_at, read_losses, synchronize, use_bf16
 from mae_lab.train.loaders import eval_loader, finetune_loader
 from mae_lab.train.model import MaskedAutoencoder, build_timm_vit
 from mae_lab.train.probe import has_test_split
@@ -150,8 +150,7 @@ def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, de
             if on_progress is not None:
                 on_progress(f"finetune step {step}")
         loss_sum += read_losses(pending, stage="fine-tuning")
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        synchronize(dev)
         epoch_s = time.perf_counter() - t_epoch
         train_s += epoch_s
         images += n_images

@@ -46,6 +46,7 @@ from mae_lab.train.common import (
     reset_peak_memory,
     restore_rng,
     rng_state,
+    synchronize,
     use_bf16,
     use_compile,
 )
@@ -95,10 +96,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
     dev = torch.device(device)
     if identity is None:  # the data as the spec names it, the precision as written
         identity = pretrain_identity(spec, RunContext(world_size=world_size))
-    if model is None:
-        with rng.seeded(spec.seed, "init", "defaults"):  # what the official init leaves at torch's default
-            model = MaskedAutoencoder(mae_config(spec))  # (the patch conv's bias: drawn first, so shared too)
-        model.initialize_weights(rng.init_generators(spec.seed))
+    model = model if model is not None else initial_model(spec)
     model.to(dev)
 
     eff_batch = pt.batch_size * pt.accum_iter * world_size  # the global batch of one optimizer step
@@ -106,59 +104,27 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
     # fused: one kernel per step instead of ~10 ops per parameter (the same update; benchmarks/pretrain_step.py)
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, pt.weight_decay), lr=peak_lr, betas=(0.9, 0.95),
                                   fused=dev.type in ("cpu", "cuda"))
-    spec_dump = spec.model_dump(mode="json")
-    config_dump = dataclasses.asdict(model.config)
+    ckpt = _Checkpoints(Path(ckpt_path) if ckpt_path is not None else None, rank, model, optimizer, dev,
+                        spec.model_dump(mode="json"), identity)
 
     epoch, step, loss_history, sha = 0, 0, [], None
-    ckpt_path = Path(ckpt_path) if ckpt_path is not None else None
-    if ckpt_path is not None and resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-        mismatch = checkpoint_mismatch(ckpt, config_dump, identity)
-        if mismatch:
-            raise CheckpointError(f"{ckpt_path}: {mismatch[0]}: {mismatch[1]}; delete it or run without resume")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        epoch, step, loss_history = ckpt["epoch"], ckpt["step"], list(ckpt["loss_history"])
-        restore_rng(ckpt["rng"], dev)
+    if ckpt.path is not None and resume and ckpt.path.exists():
+        epoch, step, loss_history = ckpt.restore()
         if epoch >= pt.epochs:  # nothing left to train
             return PretrainResult(model, epoch, step, time.perf_counter() - t_start, 0.0,
                                   loss_history[-1] if loss_history else None, loss_history,
-                                  sha256_file(ckpt_path))
-
-    def save(epoch_done: int) -> str | None:  # staged: ckpt_path changes only at commit(), after on_epoch recorded it
-        if ckpt_path is None or rank != 0:
-            return None
-        return stage_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch_done, "step": step,
-            "rng": rng_state(dev),
-            "config": config_dump, "spec": spec_dump, "identity": identity, "loss_history": loss_history,
-        })
-
-    def commit() -> None:
-        if ckpt_path is not None and rank == 0:
-            commit_checkpoint(ckpt_path)
+                                  sha256_file(ckpt.path))
 
     if pt.epochs == 0:  # the random-init baseline
-        sha = save(0)
-        commit()
+        sha = ckpt.save(0, 0, [])
+        ckpt.commit()
         return PretrainResult(model, 0, 0, time.perf_counter() - t_start, 0.0, None, [], sha)
 
     reduce_dev = dev if world_size > 1 and dist.get_backend() == "nccl" else torch.device("cpu")
-    micro_per_epoch = all_min(len(pretrain_loader(spec, info, 0, rank=rank, world_size=world_size)), world_size,
-                               reduce_dev)  # every rank takes the same number of steps
-    steps_per_epoch = micro_per_epoch // pt.accum_iter
-    if steps_per_epoch == 0:
-        raise ValueError(f"pretraining has no full step per epoch: {micro_per_epoch} batches of {pt.batch_size} "
-                         f"with accum_iter {pt.accum_iter}; lower pretrain.batch_size")
+    steps_per_epoch = _steps_per_epoch(spec, info, rank, world_size, reduce_dev)
     total_steps = steps_per_epoch * pt.epochs
     warmup_steps = round(pt.warmup_epochs * steps_per_epoch)
-    ddp = None
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # find_unused_parameters costs a graph walk per step: only where a parameter gets no gradient by design
-        ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                      find_unused_parameters=bool(model.unused_parameters()))
+    ddp = _distributed(model, dev) if world_size > 1 else None
     fwd: Callable[..., Any] = ddp or model
     fwd = compile_module(fwd) if use_compile(pt.compile, dev) else fwd
     amp = use_bf16(pt.amp, dev, model.config.embed_dim)
@@ -168,11 +134,8 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
     reset_peak_memory(dev)
     train_s, images = 0.0, 0
     while epoch < pt.epochs:
-        t_epoch = t_log = time.perf_counter()
-        # on_log: rank 0's micro-batch losses and all images since the last call or the epoch's start (as a resumed
-        # run starts: a logged loss is the same resumed or not)
-        window: list[torch.Tensor] = []
-        log_images = 0
+        t_epoch = time.perf_counter()
+        log = _LossLog(on_log if rank == 0 else None, log_every, world_size)
         mask_gen = rng.generator(spec.seed, "mask", epoch)  # masking (CPU generator): the global batch's masks
         loader = pretrain_loader(spec, info, epoch, rank=rank, world_size=world_size, device=device)
         model.train()
@@ -183,9 +146,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
             if i >= steps_per_epoch * pt.accum_iter:
                 break  # drop the micro-batches of an incomplete accumulation
             if i % pt.accum_iter == 0:  # per-step lr, a pure function of the step
-                lr = lr_at(step, total_steps, warmup_steps, peak_lr, pt.min_lr)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
+                lr = set_lr(optimizer, lr_at(step, total_steps, warmup_steps, peak_lr, pt.min_lr))
             imgs = imgs.to(dev, non_blocking=True)  # (B, C, H, W); uint8 and pinned on CUDA
             if imgs.dtype == torch.uint8:  # normalised here, on the device: a quarter of the bytes copied
                 imgs = loader.transform.normalize(imgs)
@@ -195,9 +156,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                     loss, _, _ = fwd(imgs, noise=noise)
                 pending.append((step, loss.detach()))
-                if on_log is not None:
-                    window.append(loss.detach())
-                    log_images += imgs.shape[0] * world_size
+                log.add(loss, imgs.shape[0])
                 (loss / pt.accum_iter).backward()
             if last_micro:
                 optimizer.step()
@@ -205,52 +164,178 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
                 step += 1
                 if on_step is not None and rank == 0:
                     on_step(step)  # progress for the heartbeat (cheap: no device sync)
-                if on_log is not None and rank == 0 and step % log_every == 0:
-                    mean_loss = torch.stack(window).float().mean().item()  # (waits for the device)
-                    on_log(step, {"loss": mean_loss, "lr": lr,
-                                  "images_per_s": log_images / max(time.perf_counter() - t_log, 1e-9)})
-                    window.clear()
-                    t_log, log_images = time.perf_counter(), 0  # the callback's own time is not training
+                log.after_step(step, lr)
             if len(pending) >= sync_every:  # the loss is read (a host-device sync) only every sync_every batches
                 loss_sum += read_losses(pending, world_size, reduce_dev)
             n_micro += 1
             n_images += imgs.shape[0] * world_size
         loss_sum += read_losses(pending, world_size, reduce_dev)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        synchronize(dev)
         epoch_s = time.perf_counter() - t_epoch
         train_s += epoch_s
         images += n_images
         epoch += 1
         loss_history.append(loss_sum / max(1, n_micro))
+
+        # the epoch's bookkeeping: probes, the staged checkpoint, on_epoch, then commit (or stop every rank)
         metrics = {"epoch": epoch, "loss": loss_history[-1], "lr": lr,
                    "images_per_s": n_images / epoch_s, "peak_mem_mib": peak_memory_mib(dev)}
-        if pt.probe_every and epoch % pt.probe_every == 0 and rank == 0:
-            metrics["knn_top1"] = knn_top1(model, info, spec, device)
-            if spec.eval.linear.blocks:  # the probe surface: top-1 after each listed block
-                metrics[SURFACE] = probe_surface(spec, model, info, device)
-        sha = save(epoch)
+        if rank == 0:
+            metrics.update(epoch_probes(spec, model, info, device, epoch))
+        sha = ckpt.save(epoch, step, loss_history)
         metrics["ckpt_sha256"] = sha
         metrics["wall_s"] = time.perf_counter() - t_start
-        stop: BaseException | None = None
-        if on_epoch is not None and rank == 0:
-            try:
-                on_epoch(metrics)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
-                stop = exc
-        if stop is None:  # on_epoch recorded the staged checkpoint's sha256 (a stop: settle_checkpoint decides)
-            commit()
-        if world_size > 1:  # rank 0 tells the others whether to go on
-            flag = torch.tensor([int(stop is not None)],  # the control group is gloo (CPU); else the default group's
-                                device="cpu" if control_group is not None else reduce_dev)
-            dist.broadcast(flag, 0, group=control_group)
-            if flag.item() and stop is None:
-                break
-        if stop is not None:
-            raise stop
+        if _close_epoch(on_epoch if rank == 0 else None, metrics, ckpt, world_size, control_group, reduce_dev):
+            break  # rank 0 stopped (and raised there)
 
     return PretrainResult(model, epoch, step, time.perf_counter() - t_start, images / max(train_s, 1e-9),
                           loss_history[-1], loss_history, sha, peak_memory_mib(dev))
+
+
+def initial_model(spec: TrialSpec) -> MaskedAutoencoder:
+    """The MAE `spec` describes, its weights drawn from the ``init`` streams (one per parameter name)."""
+    with rng.seeded(spec.seed, "init", "defaults"):  # what the official init leaves at torch's default
+        model = MaskedAutoencoder(mae_config(spec))  # (the patch conv's bias: drawn first, so shared too)
+    model.initialize_weights(rng.init_generators(spec.seed))
+    return model
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Set every parameter group's lr to `lr`; returns it."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def epoch_probes(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, device: str,
+                 epoch: int) -> dict[str, Any]:
+    """The probes due after `epoch` (``pretrain.probe_every``): k-NN top-1, and the probe surface when
+    ``eval.linear.blocks`` lists blocks; {} when none is due."""
+    pt = spec.pretrain
+    if not pt.probe_every or epoch % pt.probe_every != 0:
+        return {}
+    metrics: dict[str, Any] = {"knn_top1": knn_top1(model, info, spec, device)}
+    if spec.eval.linear.blocks:  # the probe surface: top-1 after each listed block
+        metrics[SURFACE] = probe_surface(spec, model, info, device)
+    return metrics
+
+
+@dataclass
+class _Checkpoints:
+    """The checkpoint at `path` (None: none): restore, stage after each epoch, commit. Only rank 0 writes."""
+    path: Path | None
+    rank: int
+    model: MaskedAutoencoder
+    optimizer: torch.optim.Optimizer
+    dev: torch.device
+    spec_dump: dict
+    identity: dict
+
+    def restore(self) -> tuple[int, int, list[float]]:
+        """Load weights, optimizer and RNG state from `path`; returns (epoch, step, loss_history)."""
+        assert self.path is not None
+        ckpt = load_checkpoint(self.path, map_location="cpu")
+        mismatch = checkpoint_mismatch(ckpt, dataclasses.asdict(self.model.config), self.identity)
+        if mismatch:
+            raise CheckpointError(f"{self.path}: {mismatch[0]}: {mismatch[1]}; delete it or run without resume")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        restore_rng(ckpt["rng"], self.dev)
+        return ckpt["epoch"], ckpt["step"], list(ckpt["loss_history"])
+
+    def save(self, epoch_done: int, step: int, loss_history: list[float]) -> str | None:
+        """Stage the state after `epoch_done` epochs; `path` changes only at commit(), after on_epoch recorded it."""
+        if self.path is None or self.rank != 0:
+            return None
+        return stage_checkpoint(self.path, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch_done,
+            "step": step, "rng": rng_state(self.dev),
+            "config": dataclasses.asdict(self.model.config), "spec": self.spec_dump, "identity": self.identity,
+            "loss_history": loss_history,
+        })
+
+    def commit(self) -> None:
+        if self.path is not None and self.rank == 0:
+            commit_checkpoint(self.path)
+
+
+class _LossLog:
+    """`on_log`'s window: rank 0's micro-batch losses and all ranks' images since the last call or the epoch's
+    start (as a resumed run starts, so a logged loss is the same resumed or not). `on_log` None: does nothing."""
+
+    def __init__(self, on_log: Callable[[int, dict], None] | None, every: int, world_size: int):
+        self.on_log, self.every, self.world_size = on_log, every, world_size
+        self.losses: list[torch.Tensor] = []
+        self.images, self.t = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, batch: int) -> None:
+        if self.on_log is not None:
+            self.losses.append(loss.detach())
+            self.images += batch * self.world_size
+
+    def after_step(self, step: int, lr: float) -> None:
+        if self.on_log is None or step % self.every != 0:
+            return
+        mean_loss = torch.stack(self.losses).float().mean().item()  # (waits for the device)
+        self.on_log(step, {"loss": mean_loss, "lr": lr,
+                           "images_per_s": self.images / max(time.perf_counter() - self.t, 1e-9)})
+        self.losses.clear()
+        self.t, self.images = time.perf_counter(), 0  # the callback's own time is not training
+
+
+def _steps_per_epoch(spec: TrialSpec, info: DatasetInfo, rank: int, world_size: int,
+                     reduce_dev: torch.device) -> int:
+    """Optimizer steps per epoch, the same on every rank (the fewest any rank's loader allows)."""
+    pt = spec.pretrain
+    micro_per_epoch = all_min(len(pretrain_loader(spec, info, 0, rank=rank, world_size=world_size)), world_size,
+                              reduce_dev)
+    if micro_per_epoch // pt.accum_iter == 0:
+        raise ValueError(f"pretraining has no full step per epoch: {micro_per_epoch} batches of {pt.batch_size} "
+                         f"with accum_iter {pt.accum_iter}; lower pretrain.batch_size")
+    return micro_per_epoch // pt.accum_iter
+
+
+def _distributed(model: MaskedAutoencoder, dev: torch.device) -> Any:
+    """`model` wrapped in DistributedDataParallel (a process group already initialised)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    # find_unused_parameters costs a graph walk per step: only where a parameter gets no gradient by design
+    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                   find_unused_parameters=bool(model.unused_parameters()))
+
+
+def _close_epoch(on_epoch: Callable[[dict], None] | None, metrics: dict, ckpt: _Checkpoints, world_size: int,
+                 control_group: Any, reduce_dev: torch.device) -> bool:
+    """Hand `metrics` to `on_epoch` (rank 0's; None on the others), then commit the staged checkpoint whose sha256
+    it recorded. Returns whether rank 0 stopped; on rank 0, what `on_epoch` raised (e.g. a pruned trial) is raised
+    again here once every rank knows (a stop leaves the checkpoint staged: settle_checkpoint decides)."""
+    stop = _report_epoch(on_epoch, metrics)
+    if stop is None:
+        ckpt.commit()
+    stopping = _stop_flag(stop is not None, world_size, control_group, reduce_dev)
+    if stop is not None:
+        raise stop
+    return stopping
+
+
+def _report_epoch(on_epoch: Callable[[dict], None] | None, metrics: dict) -> BaseException | None:
+    """Call `on_epoch(metrics)`; returns what it raised (e.g. a pruned trial), to re-raise once every rank knows."""
+    if on_epoch is None:
+        return None
+    try:
+        on_epoch(metrics)
+    except BaseException as exc:  # noqa: BLE001 - re-raised by the caller, after the other ranks know
+        return exc
+    return None
+
+
+def _stop_flag(stop: bool, world_size: int, control_group: Any, reduce_dev: torch.device) -> bool:
+    """Rank 0's `stop`, broadcast to every rank (the control group is gloo (CPU); else the default group's)."""
+    if world_size == 1:
+        return stop
+    flag = torch.tensor([int(stop)], device="cpu" if control_group is not None else reduce_dev)
+    dist.broadcast(flag, 0, group=control_group)
+    return bool(flag.item())
 
 
 def global_mask_noise(config: MAEConfig, batch: int, generator: torch.Generator) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from mae_lab import rng
 from mae_lab.data import DatasetInfo
 from mae_lab.study.spec import LinearSpec, TrialSpec
-from mae_lab.train.common import lr_at, use_bf16
+from mae_lab.train.common import lr_at, synchronize, use_bf16
 from mae_lab.train.loaders import eval_loader
 from mae_lab.train.model import MaskedAutoencoder
 
@@ -99,8 +99,7 @@ def linear_probe(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *
 
     train_x, train_y = encode("train")  # (N, D), (N,)
     val_x, val_y = encode("val")
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    synchronize(dev)
     encode_s = time.perf_counter() - t_start
 
     probe = LinearHead(lin, train_x.shape[1], info.num_classes, len(train_y), dev, spec.seed)
