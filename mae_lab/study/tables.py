@@ -204,51 +204,70 @@ def check_search_table(search: SearchSection, base: dict[str, Any], trial_keys: 
     trial schema when the study is expanded (``expand.check_search``)."""
     for key, p in search.space.items():
         where = f"search.space.{key}"
-        if key == "seed" or key.split(".")[0] not in trial_keys:
-            if key == "seed":
-                raise TableError(where, "the seed is not searched: list the seeds in [study].seeds")
-            near = difflib.get_close_matches(key.split(".")[0], list(trial_keys), n=1)
-            hint = f" (did you mean '{near[0]}.…'?)" if near else " (keys start with data., model., pretrain., eval.)"
-            raise TableError(where, f"unknown key{hint}")
+        _check_space_key(where, key, trial_keys)
         if p.type == "categorical":
-            for name in ("low", "high", "step"):
-                if getattr(p, name) is not None:
-                    raise TableError(f"{where}.{name}", f"'{name}' is for float and int parameters; a "
-                                     "categorical parameter has only choices")
-            if p.log:
-                raise TableError(f"{where}.log", "a categorical parameter cannot be log-scaled")
-            if not p.choices:
-                raise TableError(f"{where}.choices", "a categorical parameter needs a non-empty list of choices")
-            bad = next((c for c in p.choices if not isinstance(c, (str, int, float, bool))), None)
-            if bad is not None:
-                raise TableError(f"{where}.choices", f"choices must be strings, numbers or booleans; got {bad!r}")
-            seen = [repr(c) for c in p.choices]
-            if len(set(seen)) != len(seen):
-                raise TableError(f"{where}.choices", "duplicate choices")
-            continue
-        if p.choices is not None:
-            raise TableError(f"{where}.choices", f"choices are for categorical parameters, not {p.type}")
-        for name in ("low", "high"):
-            if getattr(p, name) is None:
-                raise TableError(f"{where}.{name}", f"required key is missing (a {p.type} parameter needs "
-                                 "low and high)")
-        if p.low > p.high:
-            raise TableError(f"{where}.low", f"low {p.low:g} is above high {p.high:g}")
-        if p.log and p.low <= 0:
-            raise TableError(f"{where}.low", f"a log-scaled parameter needs low > 0; got {p.low:g}")
-        if p.type == "int":
-            for name in ("low", "high", "step"):
-                v = getattr(p, name)
-                if v is not None and v != int(v):
-                    raise TableError(f"{where}.{name}", f"an int parameter needs whole numbers; got {v:g}")
-            if p.log and p.step not in (None, 1):
-                raise TableError(f"{where}.step", "an int parameter cannot be log-scaled with a step other "
-                                 "than 1")
-        elif p.log and p.step is not None:
-            raise TableError(f"{where}.step", "a float parameter takes either log or step, not both")
-        if search.sampler == "grid" and p.type == "float" and p.step is None:
-            raise TableError(f"{where}.step", "the grid sampler needs a step for a float parameter (or make "
-                             "it categorical)")
+            _check_categorical(where, p)
+        else:
+            _check_numeric(where, p, search.sampler)
+    _check_objectives(search, base)
+
+
+def _check_space_key(where: str, key: str, trial_keys: Collection[str]) -> None:
+    """A searched key names a section of the trial spec, and is not the seed."""
+    if key == "seed":
+        raise TableError(where, "the seed is not searched: list the seeds in [study].seeds")
+    if key.split(".")[0] not in trial_keys:
+        near = difflib.get_close_matches(key.split(".")[0], list(trial_keys), n=1)
+        hint = f" (did you mean '{near[0]}.…'?)" if near else " (keys start with data., model., pretrain., eval.)"
+        raise TableError(where, f"unknown key{hint}")
+
+
+def _check_categorical(where: str, p: SearchParam) -> None:
+    """A categorical parameter: distinct plain choices, and none of the numeric fields."""
+    for name in ("low", "high", "step"):
+        if getattr(p, name) is not None:
+            raise TableError(f"{where}.{name}", f"'{name}' is for float and int parameters; a "
+                             "categorical parameter has only choices")
+    if p.log:
+        raise TableError(f"{where}.log", "a categorical parameter cannot be log-scaled")
+    if not p.choices:
+        raise TableError(f"{where}.choices", "a categorical parameter needs a non-empty list of choices")
+    bad = next((c for c in p.choices if not isinstance(c, (str, int, float, bool))), None)
+    if bad is not None:
+        raise TableError(f"{where}.choices", f"choices must be strings, numbers or booleans; got {bad!r}")
+    seen = [repr(c) for c in p.choices]
+    if len(set(seen)) != len(seen):
+        raise TableError(f"{where}.choices", "duplicate choices")
+
+
+def _check_numeric(where: str, p: SearchParam, sampler: str) -> None:
+    """A float or int parameter: low <= high, log or step as its type allows, whole numbers for an int, a step for
+    a float under the grid sampler."""
+    if p.choices is not None:
+        raise TableError(f"{where}.choices", f"choices are for categorical parameters, not {p.type}")
+    if p.low is None or p.high is None:
+        name = "low" if p.low is None else "high"
+        raise TableError(f"{where}.{name}", f"required key is missing (a {p.type} parameter needs low and high)")
+    if p.low > p.high:
+        raise TableError(f"{where}.low", f"low {p.low:g} is above high {p.high:g}")
+    if p.log and p.low <= 0:
+        raise TableError(f"{where}.low", f"a log-scaled parameter needs low > 0; got {p.low:g}")
+    if p.type == "int":
+        for name in ("low", "high", "step"):
+            v = getattr(p, name)
+            if v is not None and v != int(v):
+                raise TableError(f"{where}.{name}", f"an int parameter needs whole numbers; got {v:g}")
+        if p.log and p.step not in (None, 1):
+            raise TableError(f"{where}.step", "an int parameter cannot be log-scaled with a step other than 1")
+    elif p.log and p.step is not None:
+        raise TableError(f"{where}.step", "a float parameter takes either log or step, not both")
+    if sampler == "grid" and p.type == "float" and p.step is None:
+        raise TableError(f"{where}.step", "the grid sampler needs a step for a float parameter (or make it "
+                         "categorical)")
+
+
+def _check_objectives(search: SearchSection, base: dict[str, Any]) -> None:
+    """Distinct objectives, each evaluated; the sampler and pruner able to serve them."""
     if len(set(search.objectives)) != len(search.objectives):
         raise TableError("search.objectives", f"duplicate objective in {search.objectives}")
     for obj in search.objectives:
@@ -257,10 +276,11 @@ def check_search_table(search: SearchSection, base: dict[str, Any], trial_keys: 
             raise TableError("search.objectives", f"objective '{obj}' needs eval.{obj}.enabled = true")
     if search.sampler == "cmaes" and len(search.objectives) > 1:
         raise TableError("search.sampler", "cmaes optimizes one objective; use tpe or random for two")
-    if search.pruner != "none":
-        if len(search.objectives) > 1:
-            raise TableError("search.pruner", "Optuna prunes single-objective searches only: use "
-                             "pruner = \"none\" with two objectives")
-        if not base.get("pretrain", {}).get("probe_every") and "pretrain.probe_every" not in search.space:
-            raise TableError("search.pruner", "a pruner needs an intermediate value: set pretrain.probe_every "
-                             "> 0 (a kNN top-1 every that many pretraining epochs)")
+    if search.pruner == "none":
+        return
+    if len(search.objectives) > 1:
+        raise TableError("search.pruner", "Optuna prunes single-objective searches only: use "
+                         "pruner = \"none\" with two objectives")
+    if not base.get("pretrain", {}).get("probe_every") and "pretrain.probe_every" not in search.space:
+        raise TableError("search.pruner", "a pruner needs an intermediate value: set pretrain.probe_every "
+                         "> 0 (a kNN top-1 every that many pretraining epochs)")
