@@ -89,7 +89,7 @@ def worker_copy(index) -> int:
     """Bytes a forked child gains in private dirty pages by reading every sample of `index` once."""
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: read each sample as `_ShardStream._indexed` does, report, exit at once
+    if pid == 0:  # the child: read each sample as `loading.ShardSamples` does, report, exit at once
         gc.collect()  # the pages a collection dirties anyway (every tracked object's header), counted before
         before = private_dirty()
         for i in range(len(index)):

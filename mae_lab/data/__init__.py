@@ -5,11 +5,11 @@ A dataset is a folder with `<name>-<split>-{000000..}.tar` shards (samples `{key
 shard, optional mean/std). `"digits"` (scikit-learn's bundled 8x8 digits) is packed into such a folder on first use,
 so everything runs offline.
 
-Modules, by job: `shards` (patterns, header scans, labels), `tar_index` (where samples lie in local .tar shards, as
-numpy arrays; a standard-library reader for checks), `stream` (webdataset's reader and torchvision's decoder, for
-training), `transforms`, `loading` (streams, ShardLoader, the in-memory loader), `catalog` (dataset.json, splits,
-resolve), `verify` (checksums, up-front checks, summaries), `pack` (writing shards), `digits` (the embedded
-dataset). This package re-exports the public names of the modules that import no torch; code that trains imports
+Modules, by job: `shards` (patterns, header scans, labels), `stream` (the one tar reader, tarfile, for training and
+for the checks), `tar_index` (where samples lie in local .tar shards, as numpy arrays), `transforms`, `loading`
+(the global batch order, the map-style ShardSamples read by torch's DataLoader, the in-memory loader), `catalog`
+(dataset.json, splits, resolve), `verify` (checksums, up-front checks, summaries), `pack` (writing shards),
+`digits` (the embedded dataset). This package re-exports the public names of the modules that import no torch; code that trains imports
 `mae_lab.data.loading` and `mae_lab.data.transforms` itself (so resolving and checking data, as `mae-lab validate`
 does, imports no torch).
 """

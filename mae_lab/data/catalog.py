@@ -20,7 +20,7 @@ from mae_lab.atomic import write_atomic
 from mae_lab.data.digits import _pack_digits, _pack_digits_unlabeled
 from mae_lab.data.pack import _data_root
 from mae_lab.data.shards import DataError, Subset, _image_size, _is_local, expand_shards, shard_keys
-from mae_lab.data.tar_index import iter_samples
+from mae_lab.data.stream import read_samples
 from mae_lab.data.verify import cache_root, scan, shard_sha256, verify_split
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -179,7 +179,7 @@ def _json_beside(pattern: str) -> tuple[dict, str] | None:
 
 def _first_image_size(pattern: str, *, allow_pipe: bool) -> tuple[int, int]:
     shard = expand_shards(pattern, allow_pipe=allow_pipe)[0]
-    for key, files in iter_samples(shard):
+    for key, files in read_samples(shard):
         return _image_size(shard, key, files)
     raise DataError(f"{os.path.basename(shard)}: shard holds no samples")
 

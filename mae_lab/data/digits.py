@@ -11,7 +11,7 @@ import numpy as np
 
 from mae_lab.data.pack import _pixel_stats, _png, _write_dataset, pack_imagefolder
 from mae_lab.data.shards import DataError, expand_shards
-from mae_lab.data.tar_index import iter_samples
+from mae_lab.data.stream import read_samples
 from mae_lab.rng_streams import plain_numpy_rng
 
 DIGITS_NUM_VAL, DIGITS_SEED = 300, 0  # fixed split of sklearn's 1,797 digits: 1,497 train / 300 val
@@ -51,7 +51,7 @@ def export_images(folder: str | Path, *, cache: str | Path | None = None) -> int
     folder.mkdir(parents=True, exist_ok=True)
     n = 0
     for shard in expand_shards(str(pattern)):
-        for key, files in iter_samples(shard):
+        for key, files in read_samples(shard):
             (folder / f"{key}.png").write_bytes(files["png"])
             n += 1
     return n

@@ -1,5 +1,5 @@
-"""Loaders: one global sample order per (seed, epoch), rank/worker splitting by global batch, exact counts, and the
-in-memory loader.
+"""Loaders: one global sample order per (seed, epoch) (`GlobalBatches`, a batch sampler), a map-style Dataset over
+the split's samples (`ShardSamples`) read by torch's DataLoader, exact counts, and the in-memory loader.
 
 Both loaders serve the same batches. The epoch's order is a permutation of the split's sample indices (index = place
 in shard order, counting only the samples of a `subset`) drawn from the stream ("data_order", epoch); global batch
@@ -12,16 +12,27 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
-import numpy as np
 import torch
 from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
 
 from mae_lab import rng
-from mae_lab.data.shards import DataError, Subset, check_end, expand_shards, shard_keys
-from mae_lab.data.stream import _decode, read_samples
+from mae_lab.data.shards import (
+    DataError,
+    Subset,
+    _image_bytes,
+    _label,
+    check_end,
+    decode_pil,
+    expand_shards,
+    shard_keys,
+)
+from mae_lab.data.stream import read_samples
 from mae_lab.data.tar_index import SampleIndex, read_sample_at, sample_index
 from mae_lab.data.transforms import ImageTransform
 
@@ -58,6 +69,21 @@ def _worker_slot() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
+def _decode(shard: str, key: str, files: dict[str, bytes], *, label_key: str = "label",
+            need_label: bool = True) -> tuple[Tensor, int]:
+    """Raw sample -> (uint8 image (3, H, W) in RGB, label; -1 when missing and not needed)."""
+    label, data = _label(shard, key, files, label_key=label_key, required=need_label), _image_bytes(shard, key, files)
+    try:  # torchvision's decoder first (3-4x faster than PIL on small JPEGs; the same pixels), else PIL
+        with warnings.catch_warnings():  # it warns on every call that torchcodec will replace it; not a dependency
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return image, label
+    except Exception:  # a format or mode it does not take (16-bit PNG, BMP, ...), or bad data: PIL decides
+        pass
+    arr, _ = decode_pil(shard, key, files, label_key=label_key, need_label=need_label)  # (H, W, 3)
+    return torch.from_numpy(arr).permute(2, 0, 1), label
+
+
 @dataclass(frozen=True)
 class _Failure:
     """A DataError raised inside a DataLoader worker, carried to the main process as data (one clean line)."""
@@ -65,107 +91,105 @@ class _Failure:
     message: str
 
 
-class _ShardStream(torch.utils.data.IterableDataset):
-    """One epoch of one rank over shards: yields (batch number, uint8 or float images (B, 3, S, S), labels (B,)).
+def _as_is(batch):
+    """DataLoader's collate_fn: `ShardSamples.__getitems__` makes the batch itself."""
+    return batch
 
-    Rank batch b goes to loader worker b mod W, which makes its batches in order. Local uncompressed .tar shards
-    come with an `index` (where each sample's files lie, from the tar headers): a worker reads just its batches'
-    samples, out of order, holding one batch. Otherwise (http(s), pipe:, .tar.gz, or headers tarfile cannot
-    parse) every worker reads the whole stream in shard order, counting the global sample index, keeps the raw
-    bytes of its batches' samples, and decodes a batch once all its samples have arrived. Shuffled, a batch's
-    samples lie all over the split, so such a worker holds the encoded bytes of up to its share of the epoch (about
-    1/(W * world_size) of the split) and its first batch comes after one read of the split: for remote shards that
-    is W downloads of the split per rank and epoch, and a split too large for memory should be read unshuffled
-    (a batch then completes as it is read) or made local.
-    """
 
-    def __init__(self, shards: list[str], *, num_samples: int, transform, batch_size: int, shuffle: bool, seed: int,
-                 epoch: int, rank: int, world_size: int, drop_last: bool, subset: Subset | None, label_key: str,
-                 need_label: bool, index: SampleIndex | None = None):
-        super().__init__()
-        self.index = index  # per admitted sample: (shard number, key, its files' places), or None: stream
-        self.shards, self.n, self.transform, self.batch_size = shards, num_samples, transform, batch_size
-        self.shuffle, self.seed, self.epoch, self.drop_last = shuffle, seed, epoch, drop_last
-        self.rank, self.world_size = rank, world_size
-        self.subset, self.label_key, self.need_label = subset, label_key, need_label
+class GlobalBatches(torch.utils.data.Sampler):
+    """One rank's batches of global sample indices for one epoch: the epoch's order (`_epoch_order`), rows rank,
+    rank + N, ... of each global batch, `batch_size` at a time (whole global batches only, with drop_last)."""
 
-    def _mine(self) -> Tensor:
-        """(share,) this rank's sample indices in order: rows rank, rank + N, ... of each global batch."""
+    def __init__(self, n: int, *, batch_size: int, shuffle: bool, seed: int, epoch: int, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = False):
+        self.n, self.batch_size, self.shuffle, self.seed, self.epoch = n, batch_size, shuffle, seed, epoch
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+
+    def mine(self) -> Tensor:
+        """(share,) this rank's sample indices in order."""
         order = _epoch_order(self.n, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch)  # (n,)
         return order[self.rank :: self.world_size]
 
-    def _plan(self, worker: int, num_workers: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """For each global sample index, the rank batch it belongs to if that batch is this worker's (else -1) and
-        its row; and the batch sizes of this worker's batches (in order)."""
-        mine = self._mine().numpy()
-        count = _num_batches(self.n, self.rank, self.world_size, self.batch_size, self.drop_last)
-        pos = np.arange(min(len(mine), count * self.batch_size))  # places in this rank's sequence that are served
-        batch = pos // self.batch_size
-        take = batch % num_workers == worker
-        batch_of, row_of = np.full(self.n, -1), np.zeros(self.n, dtype=np.int64)
-        batch_of[mine[pos[take]]], row_of[mine[pos[take]]] = batch[take], pos[take] % self.batch_size
-        sizes = np.bincount(batch[take], minlength=count)[worker::num_workers].tolist()
-        return batch_of, row_of, sizes
+    def __len__(self) -> int:
+        return _num_batches(self.n, self.rank, self.world_size, self.batch_size, self.drop_last)
 
-    def _samples(self) -> Iterator[tuple[str, str, dict]]:
+    def __iter__(self) -> Iterator[list[int]]:
+        mine = self.mine().tolist()
+        for b in range(len(self)):
+            yield mine[b * self.batch_size : (b + 1) * self.batch_size]
+
+
+class ShardSamples(torch.utils.data.Dataset):
+    """The admitted samples of a split by global index (place in shard order): item i is sample i decoded and
+    augmented from its own stream, (uint8 (3, S, S) or the transform's float, label); `__getitems__` makes a batch
+    (images (B, 3, S, S), labels (B,)), or a `_Failure` carrying a DataError's line.
+
+    Local uncompressed .tar shards come with an `index` (where each sample's files lie, from tarfile's headers) and
+    are read at those places, each process opening its own files. Other shards (http(s), pipe:, .tar.gz, headers
+    tarfile cannot read, or a count that differs from `num_samples`) have no index: `fill` reads them once per
+    epoch, in shard order, in the main process (before DataLoader workers fork) and keeps the encoded bytes of the
+    samples this rank is served, so a rank holds about 1/world_size of such a split in memory; a split too large for
+    that should be made local."""
+
+    def __init__(self, shards: list[str], *, index: SampleIndex | None, num_samples: int, transform, seed: int,
+                 epoch: int, subset: Subset | None, label_key: str, need_label: bool):
+        self.shards, self.index, self.n, self.transform = shards, index, num_samples, transform
+        self.seed, self.epoch, self.subset, self.label_key, self.need_label = seed, epoch, subset, label_key, need_label
+        self.raw: dict[int, tuple[str, str, dict[str, bytes]]] = {}  # index None: global index -> (shard, key, files)
+        self.short: str | None = None  # index None: what `fill` found wrong with the sample count
+        self._files: dict[int, BinaryIO] = {}  # shard number -> open file, of process `_pid`
+        self._pid = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _raw(self, i: int) -> tuple[str, str, dict[str, bytes]]:
+        if self.index is None:
+            return self.raw[i]
+        if self._pid != os.getpid():  # a forked worker: its own files, not its parent's
+            self._files, self._pid = {}, os.getpid()
+        s, key, members = self.index[i]
+        if s not in self._files:
+            self._files[s] = open(self.shards[s], "rb", buffering=0)  # closed by `close`, or with the worker
+        return self.shards[s], key, read_sample_at(self.shards[s], self._files[s], key, members)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        shard, key, files = self._raw(i)
+        image, label = _decode(shard, key, files, label_key=self.label_key, need_label=self.need_label)
+        return _augment(self.transform, image, self.seed, self.epoch, i), label  # (3, S, S)
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor] | _Failure:
+        try:
+            if self.short is not None and any(i not in self.raw for i in indices):
+                return _Failure(self.short)
+            rows = [self[i] for i in indices]
+        except DataError as e:
+            return _Failure(str(e))
+        return torch.stack([x for x, _ in rows]), torch.tensor([y for _, y in rows], dtype=torch.long)
+
+    def fill(self, batches: GlobalBatches) -> None:
+        """Without an index: read every shard once, in order, keeping the raw samples of `batches`; a count that
+        differs from `num_samples` is noted in `short` (served as the batch that lacks a sample, or after the last)."""
+        served = set(batches.mine()[: len(batches) * batches.batch_size].tolist())
+        self.raw, total = {}, 0
         for shard in self.shards:
             check_end(shard)  # a local shard cut at a member boundary
             for key, files in read_samples(shard):
                 if self.subset is None or self.subset.admits(shard, key):
-                    yield shard, key, files
+                    if total in served:
+                        self.raw[total] = shard, key, files
+                    total += 1
+        self.short = None
+        if total != self.n:
+            mine, n, rank, world = batches.mine(), self.n, batches.rank, batches.world_size
+            read = int((mine < total).sum()) + max(0, _rank_share(total, rank, world) - _rank_share(n, rank, world))
+            self.short = f"expected {len(mine)} samples for this rank, read {read}: " \
+                         "is num_samples / dataset.json stale?"
 
-    def _indexed(self, index: SampleIndex, worker: int, num_workers: int
-                 ) -> Iterator[tuple[int, Tensor, Tensor]]:
-        """This worker's batches, each sample's files read where the index puts them."""
-        mine, files_of = self._mine().tolist(), {}
-        try:
-            for b in range(worker, _num_batches(self.n, self.rank, self.world_size, self.batch_size, self.drop_last),
-                           num_workers):
-                rows = []
-                for i in mine[b * self.batch_size : (b + 1) * self.batch_size]:
-                    s, key, members = index[i]
-                    if s not in files_of:
-                        files_of[s] = open(self.shards[s], "rb", buffering=0)  # closed below
-                    rows.append((self.shards[s], key, read_sample_at(self.shards[s], files_of[s], key, members), i))
-                yield self._batch(b, rows)
-        finally:
-            for f in files_of.values():
-                f.close()
-
-    def __iter__(self):
-        worker, num_workers = _worker_slot()
-        try:
-            if self.index is not None:
-                yield from self._indexed(self.index, worker, num_workers)
-                return
-            batch_of, row_of, sizes = self._plan(worker, num_workers)
-            held: dict[int, list] = {}  # batch -> its rows (shard, key, files, global index) as they arrive
-            nxt, total = 0, 0  # this worker's next batch (k-th of its own, rank batch worker + k * W)
-            for i, (shard, key, files) in enumerate(self._samples()):
-                total = i + 1
-                b = int(batch_of[i]) if i < self.n else -1
-                if b < 0:
-                    continue
-                held.setdefault(b, [None] * sizes[b // num_workers])[int(row_of[i])] = (shard, key, files, i)
-                while nxt < len(sizes) and (rows := held.get(worker + nxt * num_workers)) and None not in rows:
-                    yield self._batch(worker + nxt * num_workers, held.pop(worker + nxt * num_workers))
-                    nxt += 1
-            if total != self.n or nxt < len(sizes):
-                mine = self._mine()
-                read = int((mine < total).sum()) + max(0, _rank_share(total, self.rank, self.world_size)
-                                                         - _rank_share(self.n, self.rank, self.world_size))
-                yield _Failure(f"expected {len(mine)} samples for this rank, read {read}: "
-                               "is num_samples / dataset.json stale?")
-        except DataError as e:
-            yield _Failure(str(e))
-
-    def _batch(self, b: int, rows: list) -> tuple[int, Tensor, Tensor]:
-        images, labels = [], []
-        for shard, key, files, i in rows:
-            image, label = _decode(shard, key, files, label_key=self.label_key, need_label=self.need_label)
-            images.append(_augment(self.transform, image, self.seed, self.epoch, i))  # (3, S, S)
-            labels.append(label)
-        return b, torch.stack(images), torch.tensor(labels, dtype=torch.long)  # (B, 3, S, S), (B,)
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
 
 
 class MemoryLoader:
@@ -193,10 +217,10 @@ class MemoryLoader:
         return _num_batches(len(self.labels), self.rank, self.world_size, self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        order = _epoch_order(len(self.labels), shuffle=self.shuffle, seed=self.seed, epoch=self.epoch)
-        mine = order[self.rank :: self.world_size]  # (share,)
-        for b in range(len(self)):
-            idx = mine[b * self.batch_size : (b + 1) * self.batch_size]  # (B,)
+        for rows in GlobalBatches(len(self.labels), batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed,
+                                  epoch=self.epoch, rank=self.rank, world_size=self.world_size,
+                                  drop_last=self.drop_last):
+            idx = torch.tensor(rows)  # (B,)
             x = torch.stack([_augment(self.transform, self.images[i], self.seed, self.epoch, i)
                              for i in idx.tolist()])  # (B, 3, S, S) uint8, or the transform's float
             if self.device_batches:  # uint8, pinned: the consumer copies it without blocking and normalises there
@@ -206,39 +230,43 @@ class MemoryLoader:
 
 
 class ShardLoader:
-    """Iterable of (images float (B, 3, S, S), labels long (B,)) for one epoch of one rank, streamed from shards;
-    `len` = its batches. Workers' batches are put back in batch order (DataLoader's round robin already does);
-    a sample count that differs from `num_samples` (stale dataset.json, short shard) raises DataError at the end of
-    the epoch.
+    """Iterable of (images float (B, 3, S, S), labels long (B,)) for one epoch of one rank, read from shards: the
+    map-style `ShardSamples` (`stream`) in the order of `GlobalBatches`, by torch's DataLoader (which keeps batch
+    order with any number of workers); `len` = its batches. A sample count that differs from `num_samples` (stale
+    dataset.json, short shard) raises DataError.
     """
 
-    def __init__(self, stream: _ShardStream, *, num_samples: int, batch_size: int, num_workers: int,
-                 drop_last: bool, transform, rank: int = 0, world_size: int = 1, device_batches: bool = False):
-        self.stream, self.num_samples, self.batch_size = stream, num_samples, batch_size
-        self.device_batches = device_batches
-        self.num_workers, self.drop_last, self.transform = num_workers, drop_last, transform
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, stream: ShardSamples, batches: GlobalBatches, *, num_workers: int, transform,
+                 device_batches: bool = False):
+        self.stream, self.batches, self.num_workers = stream, batches, num_workers
+        self.transform, self.device_batches = transform, device_batches
+
+    @property
+    def num_samples(self) -> int:
+        """This rank's samples."""
+        return _rank_share(self.batches.n, self.batches.rank, self.batches.world_size)
 
     def __len__(self) -> int:
-        n = self.stream.n
-        return _num_batches(n, self.rank, self.world_size, self.batch_size, self.drop_last)
+        return len(self.batches)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        source: Iterable = self.stream
-        if self.num_workers > 0:
-            source = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                                                 pin_memory=self.device_batches)  # for non_blocking copies
-        early: dict[int, tuple[Tensor, Tensor]] = {}
-        nxt = 0
-        for item in source:
-            if isinstance(item, _Failure):
-                raise DataError(item.message)
-            early[item[0]] = item[1], item[2]
-            while nxt in early:
-                yield self._finish(*early.pop(nxt))
-                nxt += 1
-        if nxt != len(self):
-            raise DataError(f"expected {len(self)} batches for this rank, made {nxt}")
+        if self.stream.index is None:
+            self.stream.fill(self.batches)
+        loader = torch.utils.data.DataLoader(self.stream, batch_sampler=self.batches, num_workers=self.num_workers,
+                                             collate_fn=_as_is, pin_memory=self.device_batches)  # non_blocking copies
+        made = 0
+        try:
+            for item in loader:
+                if isinstance(item, _Failure):
+                    raise DataError(item.message)
+                made += 1
+                yield self._finish(*item)
+        finally:
+            self.stream.close()
+        if self.stream.short is not None:
+            raise DataError(self.stream.short)
+        if made != len(self):
+            raise DataError(f"expected {len(self)} batches for this rank, made {made}")
 
     def _finish(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if self.device_batches:  # uint8, pinned: the consumer copies it without blocking and normalises there
@@ -280,13 +308,11 @@ def make_loader(pattern: str, *, num_samples: int, transform, batch_size: int, s
             held = sum(subset is None or subset.admits(s, k) for s, ks in zip(shards, keys) for k in ks or ())
             if held != num_samples:
                 raise DataError(f"{pattern!r}: num_samples is {num_samples} but the shards hold {held} samples")
-    stream = _ShardStream(shards, num_samples=num_samples, transform=transform, batch_size=batch_size,
-                          shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-                          drop_last=drop_last, subset=subset, label_key=label_key, need_label=need_label,
-                          index=index)
-    return ShardLoader(stream, num_samples=_rank_share(num_samples, rank, world_size), batch_size=batch_size,
-                       num_workers=num_workers, drop_last=drop_last, transform=transform, rank=rank,
-                       world_size=world_size, device_batches=device_batches)
+    samples = ShardSamples(shards, index=index, num_samples=num_samples, transform=transform, seed=seed, epoch=epoch,
+                           subset=subset, label_key=label_key, need_label=need_label)
+    batches = GlobalBatches(num_samples, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
+                            world_size=world_size, drop_last=drop_last)
+    return ShardLoader(samples, batches, num_workers=num_workers, transform=transform, device_batches=device_batches)
 
 
 def _stack(images: list[Tensor]) -> Tensor | list[Tensor]:

@@ -1,13 +1,10 @@
 """Shard patterns and what can be known of shards without torch: brace expansion, tar header scans, labels and
-image headers, for checking data before a run.
+image headers, for checking data before a run and for the loader alike.
 
-The loader reads samples with webdataset's pipeline (`stream.py`, which imports torch through webdataset). What
-checking data before a run needs is here and in `tar_index`, importing neither, so that `mae-lab validate` and
-`run --dry-run` stay torch-free: a header-only scan of local shards (`shard_keys`) that catches a shard cut at a
-member boundary, which a streaming tar reader takes for a normal end; `tar_index.iter_samples`, which reads a local
-uncompressed .tar at the places its headers give (as the loader's indexed path does) and streams any other shard
-through `tarfile`, grouped by key as webdataset groups; and `decode_pil`, PIL's decoding, which the loader falls
-back to where torchvision's decoder refuses an image (so an image PIL decodes is one the loader decodes).
+Samples are read by the one tar reader (`stream.read_samples`, tarfile) or at the places `tar_index` found; here:
+a header-only scan of local shards (`shard_keys`, tarfile's headers) that catches a shard cut at a member boundary,
+which a streaming tar reader takes for a normal end; and `decode_pil`, PIL's decoding, which the loader falls back
+to where torchvision's decoder refuses an image (so an image PIL decodes is one the loader decodes).
 """
 
 from __future__ import annotations
@@ -107,38 +104,10 @@ def _why(exn: BaseException) -> str:
     return re.sub(r"\s*@ <.*$|\s*<_io\.\w+ object at 0x[0-9a-f]+>", "", text.splitlines()[0] if text else "")
 
 
-def plain_tar_headers(path: str) -> list[tuple[str, int, int]] | None:
-    """(name, data offset, size) of each regular member of a plain ustar/GNU tar, read header by header (a few us
-    each, where tarfile takes ~60 us); None at anything else (pax or long-name headers, links, bad checksums)."""
-    out: list[tuple[str, int, int]] = []
-    with open(path, "rb", buffering=0) as f:  # unbuffered: a buffered seek would read 8 KiB per header
-        pos = 0
-        while len(h := f.read(512)) == 512 and h.count(0) != 512:
-            try:
-                size = int(h[124:136].rstrip(b"\0 ") or b"0", 8)
-                ok = sum(h) - sum(h[148:156]) + 256 == int(h[148:156].rstrip(b"\0 "), 8)  # checksum as spaces
-            except ValueError:
-                return None
-            if not ok or h[156:157] not in (b"0", b"\0", b"5"):
-                return None
-            name = h[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            if h[257:262] == b"ustar" and (prefix := h[345:500].split(b"\0", 1)[0]):
-                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-            if h[156:157] != b"5":
-                out.append((name, pos + 512, size))
-            pos += 512 + -(-size // 512) * 512
-            f.seek(pos)
-    return out
-
-
 def regular_members(path: str, mode: Literal["r:*", "r:"] = "r:*") -> Iterator[tuple[str, int, int]]:
-    """(name, data offset, size) of each regular member: a plain ustar/GNU .tar read header by header (~4x faster),
-    any other tar through tarfile opened with ``mode``, member by member (so an error comes after the members before
-    it). ``mode`` "r:" refuses a compressed stream, whose offsets are not the file's."""
-    headers = None if path.endswith(COMPRESSED) else plain_tar_headers(path)
-    if headers:  # None, or [] (an empty file, or only the end marker): tarfile says which
-        yield from headers
-        return
+    """(name, data offset, size) of each regular member, read by tarfile opened with ``mode``, member by member (so
+    an error comes after the members before it). ``mode`` "r:" refuses a compressed stream, whose offsets are not the
+    file's."""
     with tarfile.open(path, mode) as tar:
         for m in tar:
             if m.isreg():

@@ -1,85 +1,87 @@
-"""Reading shards for training: webdataset's own pipeline (`url_opener`-style stream -> `tar_file_expander` ->
-`group_by_keys`, which handles .tar, .tar.gz and .tgz) and torchvision's image decoder. Imported by `loading` only:
-webdataset imports torch, and checking data before a run (`verify`, `catalog`) must not (`tar_index.iter_samples`).
+"""The one tar reader: every shard is read through the standard library's `tarfile`, for training and for the
+checks alike, so a shard the checks pass is a shard the loader reads the same way.
 
-What webdataset lacks, kept here and small: a `handler` that turns every failure into one DataError line naming
-the shard and the sample key (webdataset's exceptions carry neither reliably).
+`open_shard` opens a local path, an http(s) URL or an (allowed) `pipe:` command; `read_samples` streams any of them
+(.tar, .tar.gz, .tgz) and groups members by key as webdataset's reader does (meta names skipped, extensions
+lower-cased); `tar_index` reads local uncompressed .tar shards out of order at the places tarfile's headers give.
+webdataset's own reader would serve training, but importing it imports torch, and checking data before a run
+(`mae-lab validate`, `run --dry-run`) must not; one reader for both is tarfile. Any failure is one DataError line
+naming the shard (and the sample).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import tarfile
 import urllib.request
-import warnings
 from collections.abc import Iterator
-from typing import BinaryIO
+from contextlib import contextmanager
+from typing import IO
 
-import torch
-import webdataset as wds
-from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
-from webdataset.tariterators import group_by_keys, tar_file_expander
-
-from mae_lab.data.shards import DataError, _image_bytes, _is_url, _label, _why, base_plus_ext, decode_pil
+from mae_lab.data.shards import DataError, _is_meta, _is_url, _why, base_plus_ext
 
 
-def _open_shard(shard: str) -> BinaryIO:
-    """Open a local path, http(s) URL or (already allowed) pipe: command for streaming reads."""
+@contextmanager
+def open_shard(shard: str) -> Iterator[IO[bytes]]:
+    """A local path, http(s) URL or (already allowed) `pipe:` command, open for one streaming read; closed (and a
+    pipe's command ended and reaped) on exit."""
+    proc = None
     try:
         if _is_url(shard):
-            return urllib.request.urlopen(shard, timeout=60)  # noqa: S310 - http(s) only, checked above
-        if shard.startswith("pipe:"):
-            return wds.gopen(shard, "rb")
-        return open(shard, "rb", buffering=1 << 20)
+            stream = urllib.request.urlopen(shard, timeout=60)  # noqa: S310 - http(s) only, checked by expand_shards
+        elif shard.startswith("pipe:"):
+            proc = subprocess.Popen(shard[5:], shell=True, stdout=subprocess.PIPE)  # noqa: S602 - allow_pipe asked
+            assert proc.stdout is not None
+            stream = proc.stdout
+        else:
+            stream = open(shard, "rb", buffering=1 << 20)
     except OSError as e:
         raise DataError(f"{os.path.basename(shard)}: cannot open shard ({e})") from None
+    try:
+        yield stream
+    finally:
+        stream.close()
+        if proc is not None:  # a reader that stopped early: the command need not finish writing
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait()
 
 
 def read_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {ext: bytes}) for each sample of a shard, read by webdataset; any failure is one DataError."""
-    name = os.path.basename(shard)
-    member: list[str | None] = [None]  # the member being read: select_files notes it before reading its data
-
-    def note(fname: str) -> bool:
-        member[0] = fname
-        return True
-
-    def handler(exn: BaseException) -> bool:
-        if isinstance(exn, DataError):  # already ours (tar_file_expander hands on what an inner handler raised)
-            raise exn
-        where = f"{name}: sample {base_plus_ext(member[0])[0]!r}" if member[0] else name
-        why = _why(exn)
-        if member[0] is None and isinstance(exn, tarfile.ReadError):
-            raise DataError(f"{name}: not a tar archive ({why})")
-        if isinstance(exn, (EOFError, tarfile.ReadError)) and ("end" in why or isinstance(exn, EOFError)):
-            raise DataError(f"{where}: truncated tar (ends inside {member[0]!r})")
-        if "duplicate file name" in why:
-            raise DataError(f"{where}: duplicate file {why.split(':')[0]!r}")
-        raise DataError(f"{where}: unreadable shard ({type(exn).__name__}: {why})")
-
-    stream = _open_shard(shard)
-    try:
-        files = tar_file_expander([{"url": shard, "stream": stream}], handler=handler, select_files=note)
-        for sample in group_by_keys(files, handler=handler):
-            key = sample.pop("__key__")
-            yield key, {k: v for k, v in sample.items() if not k.startswith("__")}
-    finally:
-        stream.close()
-
-
-def _decode(shard: str, key: str, files: dict[str, bytes], *, label_key: str = "label",
-            need_label: bool = True) -> tuple[Tensor, int]:
-    """Raw sample -> (uint8 image (3, H, W) in RGB, label; -1 when missing and not needed)."""
-    label, data = _label(shard, key, files, label_key=label_key, required=need_label), _image_bytes(shard, key, files)
-    try:  # torchvision's decoder first (3-4x faster than PIL on small JPEGs; the same pixels), else PIL
-        with warnings.catch_warnings():  # it warns on every call that torchcodec will replace it; not a dependency
-            warnings.simplefilter("ignore", DeprecationWarning)
-            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        return image, label
-    except Exception:  # a format or mode it does not take (16-bit PNG, BMP, ...), or bad data: PIL decides
-        pass
-    arr, _ = decode_pil(shard, key, files, label_key=label_key, need_label=need_label)  # (H, W, 3)
-    return torch.from_numpy(arr).permute(2, 0, 1), label
-
-
+    """Yield (key, {ext: bytes}) for each sample of a shard, in shard order; any failure is one DataError naming
+    the shard (and the sample)."""
+    name, member = os.path.basename(shard), None
+    key: str | None = None
+    files: dict[str, bytes] = {}
+    with open_shard(shard) as stream:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*")
+        except (tarfile.ReadError, EOFError, OSError) as e:
+            raise DataError(f"{name}: not a tar archive ({_why(e)})") from None
+        try:
+            for m in tar:
+                member = m.name
+                if not m.isreg() or _is_meta(m.name):
+                    continue
+                k, ext = base_plus_ext(m.name)
+                if k is None or ext is None:
+                    continue
+                data = tar.extractfile(m).read()  # type: ignore[union-attr]  # a regular member has a file
+                tar.members = []  # type: ignore[attr-defined]  # a stream keeps no index (as webdataset does)
+                if k != key:
+                    if key is not None:
+                        yield key, files
+                    key, files = k, {}
+                if ext.lower() in files:
+                    raise DataError(f"{name}: sample {key!r}: duplicate file {m.name!r}")
+                files[ext.lower()] = data
+        except (tarfile.ReadError, EOFError, OSError) as e:
+            if member is None:
+                raise DataError(f"{name}: not a tar archive ({_why(e)})") from None
+            at = f"{name}: sample {base_plus_ext(member)[0]!r}"
+            if isinstance(e, EOFError) or "end" in _why(e):
+                raise DataError(f"{at}: truncated tar (ends inside {member!r})") from None
+            raise DataError(f"{at}: unreadable shard ({type(e).__name__}: {_why(e)})") from None
+        if key is not None:
+            yield key, files

@@ -1,23 +1,22 @@
-"""Where each sample's files lie in local uncompressed .tar shards, as flat numpy arrays, and the standard-library
-sample reader that reads shards at those places (torch-free, like `shards`, for checking data before a run).
+"""Where each sample's files lie in local uncompressed .tar shards, as flat numpy arrays read from tarfile's headers
+(torch-free, like `shards`): the sample index that the loader's map-style Dataset reads at.
 
 The loader reads local shards out of order through this index, and every DataLoader worker forked from a process
 holds it. As Python tuples it cost ~585 bytes a sample (~750 MB a process at ImageNet's 1.28M samples, and a copy
 in each worker, since refcount writes touch every page); as a few numpy arrays it costs tens of bytes a sample,
 in pages that forked workers only read. `TarMembers` indexes one shard (cached by path, size and mtime),
-`SampleIndex` the admitted samples of a split, `iter_samples` reads any shard (out of this index where it can).
+`SampleIndex` the admitted samples of a split, `read_sample_at` one sample's files (any other shard streams through
+`stream.read_samples`).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import subprocess
 import tarfile
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 
@@ -27,8 +26,6 @@ from mae_lab.data.shards import (
     Subset,
     _is_local,
     _is_meta,
-    _is_url,
-    _why,
     base_plus_ext,
     check_end,
     regular_members,
@@ -122,7 +119,7 @@ def _group(headers: list[tuple[str, int, int]], size: int) -> TarMembers | None:
 
 @functools.lru_cache(maxsize=4096)
 def _members_of_local_tar(path: str, size: int, mtime_ns: int) -> TarMembers | None:
-    """The samples of an uncompressed local tar (`_group`); None where the headers do not parse either."""
+    """The samples of an uncompressed local tar (`_group`); None where tarfile cannot read its headers."""
     try:
         headers = list(regular_members(path, "r:"))  # offsets into the file itself: no compressed stream
     except (tarfile.TarError, EOFError, OSError):
@@ -203,69 +200,3 @@ def sample_index(shards: list[str], subset: Subset | None, num_samples: int) -> 
     shard = np.repeat(np.arange(len(rows), dtype=np.int32), [len(r) for r in rows])  # (n,)
     row = np.concatenate([np.zeros(0, np.int32), *rows])  # (n,)
     return SampleIndex(tables=tuple(tables), shard=_frozen(shard, np.int32), row=_frozen(row, np.int32))
-
-
-# ------------------------------------------------------------------------------------------- the sample reader
-
-
-def _open_stream(shard: str) -> IO[bytes]:
-    """A local path, http(s) URL or (already allowed) pipe: command, opened for one streaming read."""
-    try:
-        if _is_url(shard):
-            return urllib.request.urlopen(shard, timeout=60)  # noqa: S310 - http(s) only, checked by expand_shards
-        if shard.startswith("pipe:"):
-            proc = subprocess.Popen(shard[5:], shell=True, stdout=subprocess.PIPE)  # noqa: S602 - allow_pipe asked
-            assert proc.stdout is not None
-            return proc.stdout
-        return open(shard, "rb", buffering=1 << 20)
-    except OSError as e:
-        raise DataError(f"{os.path.basename(shard)}: cannot open shard ({e})") from None
-
-
-def iter_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {ext: bytes}) for each sample of a shard with the standard library; any failure is one
-    DataError naming the shard (and the sample). Local uncompressed tars whose headers parse are read where
-    `sample_members` found their files; every other shard streams through tarfile."""
-    members = sample_members(shard) if _is_local(shard) and os.path.isfile(shard) else None
-    if members is not None:
-        with open(shard, "rb") as f:
-            for sample, where in members:
-                yield sample, read_sample_at(shard, f, sample, where)
-        return
-    name, member = os.path.basename(shard), None
-    key: str | None = None
-    files: dict[str, bytes] = {}
-    stream = _open_stream(shard)
-    try:
-        try:
-            tar = tarfile.open(fileobj=stream, mode="r|*")
-        except (tarfile.ReadError, EOFError, OSError) as e:
-            raise DataError(f"{name}: not a tar archive ({_why(e)})") from None
-        try:
-            for m in tar:
-                member = m.name
-                if not m.isreg() or _is_meta(m.name):
-                    continue
-                k, ext = base_plus_ext(m.name)
-                if k is None or ext is None:
-                    continue
-                data = tar.extractfile(m).read()  # type: ignore[union-attr]  # a regular member has a file
-                tar.members = []  # type: ignore[attr-defined]  # a stream keeps no index (as webdataset does)
-                if k != key:
-                    if key is not None:
-                        yield key, files
-                    key, files = k, {}
-                if ext.lower() in files:
-                    raise DataError(f"{name}: sample {key!r}: duplicate file {m.name!r}")
-                files[ext.lower()] = data
-        except (tarfile.ReadError, EOFError, OSError) as e:
-            if member is None:
-                raise DataError(f"{name}: not a tar archive ({_why(e)})") from None
-            at = f"{name}: sample {base_plus_ext(member)[0]!r}"
-            if isinstance(e, EOFError) or "end" in _why(e):
-                raise DataError(f"{at}: truncated tar (ends inside {member!r})") from None
-            raise DataError(f"{at}: unreadable shard ({type(e).__name__}: {_why(e)})") from None
-        if key is not None:
-            yield key, files
-    finally:
-        stream.close()

@@ -18,7 +18,7 @@ from mae_lab.data.shards import (
     expand_shards,
     shard_keys,
 )
-from mae_lab.data.tar_index import iter_samples
+from mae_lab.data.stream import read_samples
 
 
 def cache_root(cache_dir) -> Path:
@@ -74,7 +74,7 @@ def verify_split(pattern: str, expected: int | None = None, *, num_classes: int 
                 raise DataError(f"{name}: checksum mismatch (sha256 {got[:12]}..., dataset.json says {want[:12]}...)")
             shard_keys(shard)  # a shard cut at a member boundary
         n = 0
-        for key, files in iter_samples(shard):
+        for key, files in read_samples(shard):
             _, label = decode_pil(shard, key, files, label_key=label_key, need_label=need_label)
             if num_classes is not None and label >= num_classes:
                 raise DataError(f"{name}: sample {key!r}: label {label} is out of range for {num_classes} classes")
@@ -99,7 +99,7 @@ def scan(shards: list[str], *, label_key: str = "label") -> dict:
     for shard in shards:
         shard_keys(shard)
         n = 0
-        for key, files in iter_samples(shard):
+        for key, files in read_samples(shard):
             label = _label(shard, key, files, label_key=label_key, required=False)
             if label < 0:
                 unlabeled += 1
