@@ -9,9 +9,9 @@ Modules, by job: `shards` (patterns, header scans, labels), `stream` (the one ta
 for the checks), `tar_index` (where samples lie in local .tar shards, as numpy arrays), `transforms`, `loading`
 (the global batch order, the map-style ShardSamples read by torch's DataLoader, the in-memory loader), `catalog`
 (dataset.json, splits, resolve), `verify` (checksums, up-front checks, summaries), `pack` (writing shards),
-`digits` (the embedded dataset). This package re-exports the public names of the modules that import no torch; code that trains imports
-`mae_lab.data.loading` and `mae_lab.data.transforms` itself (so resolving and checking data, as `mae-lab validate`
-does, imports no torch).
+`digits` (the embedded dataset). This package re-exports the public names of the modules that import no torch;
+code that trains imports `mae_lab.data.loading` and `mae_lab.data.transforms` itself (so resolving and checking
+data, as `mae-lab validate` does, imports no torch).
 """
 
 from mae_lab.data.catalog import (
