@@ -37,9 +37,14 @@ except ImportError:  # a checkout from before mae_lab/study/planning.py
     from mae_lab.run.runner import trial_rows
 text = open("studies/quickstart.toml").read()
 study = parse_study(text, "quickstart.toml")
+try:
+    from mae_lab.study.identity import RunContext, bind
+    trials = [bind(t, RunContext(precision="fp32")) for t in expand(study)]
+except ImportError:  # a checkout from before expansion left hashing to the run's context
+    trials = expand(study)
 engine = connect(sys.argv[1])
 row = sync_study(engine, name=study.study.name, description="", paper=study.study.paper, path="q.toml",
-                 spec_text=text, spec_hash="x", trials=trial_rows(study, expand(study)))
+                 spec_text=text, spec_hash="x", trials=trial_rows(study, trials))
 for i, (trial, _) in enumerate(study_trials(engine, row.id)):
     finish_trial(engine, trial.id, "done", result={"linear_top1": 0.5 + 0.01 * i, "pretrain_wall_s": 1.0})
 """

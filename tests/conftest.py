@@ -37,6 +37,14 @@ def workdir(tmp_path, monkeypatch, digits_cache) -> Path:
     return tmp_path
 
 
+def bound(trials: list) -> list:
+    """Expanded trials with the hashes a one-process fp32 run on their data as named records (what tests that fill
+    a database by hand record; ``planning.binder`` binds a real run's trials under their data's fingerprint)."""
+    from mae_lab.study.identity import RunContext, bind
+
+    return [bind(t, RunContext(precision="fp32")) for t in trials]
+
+
 def dump_db(path: Path) -> list[str]:
     """Every row of a SQLite file, as SQL text (compares contents regardless of WAL files)."""
     if not path.exists():

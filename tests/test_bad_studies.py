@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import dump_db
+from conftest import bound, dump_db
 from typer.testing import CliRunner
 
 from cli import app
@@ -39,7 +39,7 @@ def test_bad_study_is_refused(path: Path, workdir: Path):
     study, trials = plan(workdir / "good.toml")
     engine = connect("sqlite:///db/mae_lab.db")
     sync_study(engine, name="good", description="", paper=None, path="good.toml", spec_text=GOOD, spec_hash="h",
-                  trials=trial_rows(study, trials))
+                  trials=trial_rows(study, bound(trials)))
     engine.dispose()
     before = dump_db(workdir / "db" / "mae_lab.db")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import dump_db
+from conftest import bound, dump_db
 from typer.testing import CliRunner
 
 from cli import app
@@ -109,8 +109,8 @@ def test_bad_export_exits_2_writes_nothing(trial, case):
         path.write_text(STUDY.format(epochs=2).replace('"exp"', '"pending"'))
         study, trials = plan(path)
         sync_study(engine, name="pending", description="", paper=None, path=str(path), spec_text=study.text,
-                      spec_hash="x", trials=trial_rows(study, trials))
-        target = trials[0].hash[:10]
+                      spec_hash="x", trials=trial_rows(study, bound(trials)))
+        target = bound(trials)[0].hash[:10]
     elif case == "no_trial":
         target = "ffffffffff"
     else:

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import pytest
 import typer
+from conftest import bound
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -172,7 +173,7 @@ def recorded(tmp_path) -> str:
     study = parse_study(STUDY, "tiny.toml")
     engine = connect(url)
     row = sync_study(engine, name="tiny", description="", paper=None, path="tiny.toml", spec_text=STUDY,
-                        spec_hash="x", trials=trial_rows(study, expand(study)))
+                        spec_hash="x", trials=trial_rows(study, bound(expand(study))))
     for i, (trial, _) in enumerate(study_trials(engine, row.id)):
         finish_trial(engine, trial.id, "done", result={"linear_top1": 0.5 + 0.01 * i, "pretrain_wall_s": 1.0})
     return url

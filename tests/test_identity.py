@@ -13,13 +13,22 @@ from typer.testing import CliRunner
 
 from cli import app
 from mae_lab.data import resolve_dataset, resolve_spec_data
-from mae_lab.study.expand import HASH_NEUTRAL, RunContext, _flatten, identity, pretrain_hash, trial_hash
-from mae_lab.study.planning import run_context
-from mae_lab.study.spec import TrialSpec
+from mae_lab.study.expand import expand
+from mae_lab.study.identity import HASH_NEUTRAL, RunContext, _flatten, bind, hashes, identity
+from mae_lab.study.planning import run_context, trial_rows
+from mae_lab.study.spec import TrialSpec, parse_study
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RELEASE_SPEC = sqlite3.connect(FIXTURES / "release_620180e.db").execute(
     "SELECT spec_json FROM mae_trials ORDER BY id").fetchone()[0]  # a spec saved by release 620180e
+
+
+def trial_hash(spec: TrialSpec, ctx: RunContext = RunContext()) -> str:
+    return hashes(spec, ctx)[0]
+
+
+def pretrain_hash(spec: TrialSpec, ctx: RunContext = RunContext()) -> str:
+    return hashes(spec, ctx)[1]
 
 
 def spec_with(**changes: dict) -> TrialSpec:
@@ -117,19 +126,20 @@ def test_a_resume_across_an_incompatible_checkpoint_exits_2_naming_the_key(workd
     assert dump_db(workdir / "db" / "mae_lab.db") == before
 
 
-def test_expanding_and_binding_many_trials_gives_each_trials_own_hashes():
-    """expand and bind_all encode a point's identity once for all its seeds; the hashes must be the ones `hashes`
-    and `bind` give trial by trial, including -0.0 (equal to 0.0, another JSON text) and a value that holds the
-    seed's stand-in."""
-    from mae_lab.study.expand import bind, bind_all, expand, hashes
-    from mae_lab.study.spec import parse_study
-
-    study = parse_study('[study]\nname = "many"\nseeds = [0, 7, 4294967295]\n[model]\npreset = "vit_digits"\n'
-                        '[grid]\n"model.mask_ratio" = [0.5, 0.75]\n"pretrain.weight_decay" = [0.0, -0.0, 0.05]\n'
-                        '"data.label_key" = ["label", "\\u0000seed\\u0000"]\n', "many.toml")
+def test_a_trial_is_recorded_only_with_the_hashes_of_its_run():
+    """Expansion gives no hash; ``bind`` gives the one ``hashes`` computes under a run's context, and refuses the
+    spec as written (no resolved precision), so an unbound hash cannot reach ``trial_rows`` and the database."""
+    study = parse_study('[study]\nname = "many"\nseeds = [0, 7]\n[model]\npreset = "vit_digits"\n'
+                        '[grid]\n"model.mask_ratio" = [0.5, 0.75]\n', "many.toml")
     trials = expand(study)
-    assert len(trials) == 36 and len({t.hash for t in trials}) == 36
-    assert all((t.hash, t.pretrain_hash) == hashes(t.spec) for t in trials)
-    contexts = [RunContext(fingerprint="f", world_size=2, precision="bf16"), RunContext(precision="fp32")]
-    bound = bind_all(trials, lambda spec: contexts[spec.seed % 2])
-    assert bound == [bind(t, contexts[t.spec.seed % 2]) for t in trials]
+    assert not any(hasattr(t, "hash") or hasattr(t, "pretrain_hash") for t in trials)
+    with pytest.raises(AttributeError):
+        trial_rows(study, trials)
+    with pytest.raises(ValueError, match="no resolved precision"):
+        bind(trials[0], RunContext(fingerprint="f", world_size=2))
+    ctx = RunContext(fingerprint="f", world_size=2, precision="bf16")
+    bound = [bind(t, ctx) for t in trials]
+    assert [(t.hash, t.pretrain_hash) for t in bound] == [hashes(t.spec, ctx) for t in trials]
+    assert [r["hash"] for r in trial_rows(study, bound)] == [t.hash for t in bound]
+    unbound = {trial_hash(t.spec) for t in trials}  # the specs as written: what the old expansion called a hash
+    assert len({t.hash for t in bound}) == 4 and not {t.hash for t in bound} & unbound

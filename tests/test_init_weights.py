@@ -16,6 +16,7 @@ from mae_lab.data import resolve_dataset
 from mae_lab.run.inits import init_source, trial_checkpoint
 from mae_lab.store.engine import connect
 from mae_lab.study.expand import expand, mae_config
+from mae_lab.study.identity import RunContext, hashes
 from mae_lab.study.spec import parse_study
 from mae_lab.train.finetune import build_classifier, finetune
 from mae_lab.train.model import MaskedAutoencoder, build_timm_vit
@@ -106,7 +107,8 @@ def test_the_init_is_part_of_the_identity(workdir):
     torch.save({"model": MaskedAutoencoder(mae_config(first.spec)).state_dict()}, workdir / "a.pth")  # new bytes
     second = expand(study)[0]
     assert first.spec.pretrain.init_sha256 != second.spec.pretrain.init_sha256
-    assert first.hash != second.hash and first.pretrain_hash != second.pretrain_hash
+    one, two = hashes(first.spec, RunContext(precision="fp32")), hashes(second.spec, RunContext(precision="fp32"))
+    assert one[0] != two[0] and one[1] != two[1]  # the trial and its pretraining
 
 
 def _top1(db: Path, study: str) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from conftest import bound
 from typer.testing import CliRunner
 
 from cli import app
@@ -50,7 +51,7 @@ def test_the_pages_do_not_read_the_init_file(tmp_path):
     url = f"sqlite:///{tmp_path}/pure.db"
     engine = connect(url)
     row = sync_study(engine, name="init", description="", paper=None, path="init.toml", spec_text=text,
-                     spec_hash="x", trials=trial_rows(study, expand(study)))
+                     spec_hash="x", trials=trial_rows(study, bound(expand(study))))
     for i, (trial, _) in enumerate(study_trials(engine, row.id)):
         finish_trial(engine, trial.id, "done", result={"linear_top1": 0.5 + 0.01 * i, "pretrain_wall_s": 1.0})
     before = pages(url, tmp_path / "before")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import study_toml
+from conftest import bound, study_toml
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -55,7 +55,7 @@ def record(url: str, text: str, linear: dict, finetune: dict | None, axis: str, 
     trials = expand(study)
     engine = connect(url)
     row = sync_study(engine, name=study.study.name, description="hand-made", paper=study.study.paper,
-                        path="hand.toml", spec_text=text, spec_hash="x", trials=trial_rows(study, trials))
+                        path="hand.toml", spec_text=text, spec_hash="x", trials=trial_rows(study, bound(trials)))
     for trial, _ in study_trials(engine, row.id):
         value = json.loads(trial.axes_json)[axis]
         k = study.study.seeds.index(trial.seed)

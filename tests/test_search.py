@@ -6,7 +6,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import study_toml
+from conftest import bound, study_toml
 from sqlmodel import Session, select
 from typer.testing import CliRunner
 
@@ -98,7 +98,7 @@ def test_a_pruned_trial_keeps_what_it_measured(workdir: Path):
     study, trials = plan("g.toml")
     engine = connect(URL)
     srow = sync_study(engine, name="g", description="", paper=None, path="g.toml", spec_text=study.text,
-                         spec_hash="h", trials=trial_rows(study, trials))
+                         spec_hash="h", trials=trial_rows(study, bound(trials)))
     claimed = claim_next(engine, srow.id)
     seen = []
 

@@ -13,7 +13,8 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from cli import app
-from mae_lab.study.expand import expand, pretrain_hash, trial_hash
+from mae_lab.study.expand import expand
+from mae_lab.study.identity import RunContext, hashes
 from mae_lab.study.spec import StudyError, TrialSpec, parse_study
 
 AXES = {
@@ -46,8 +47,10 @@ def test_expansion_is_the_cartesian_product(case):
     text, grid, seeds = case
     trials = expand(parse_study(text, "p.toml"))
     assert len(trials) == math.prod(len(v) for v in grid.values()) * len(seeds)
-    assert len({t.hash for t in trials}) == len(trials)  # identities are distinct
-    for t in trials:
+    ctx = RunContext(fingerprint="f", precision="fp32")
+    ids = [hashes(t.spec, ctx) for t in trials]
+    assert len({h for h, _ in ids}) == len(trials)  # identities are distinct
+    for t, (h, ph) in zip(trials, ids):
         for key, value in t.axes.items():
             node = t.spec
             for part in key.split("."):
@@ -55,12 +58,12 @@ def test_expansion_is_the_cartesian_product(case):
             assert node == value
         # the identity is a pure function of the resolved spec: a JSON round trip keeps it
         again = TrialSpec.model_validate_json(t.spec.model_dump_json())
-        assert (trial_hash(again), pretrain_hash(again)) == (t.hash, t.pretrain_hash)
+        assert hashes(again, ctx) == (h, ph)
     # trials that differ only in evaluation settings share their pretraining
     by_pre = {}
-    for t in trials:
+    for t, (_, ph) in zip(trials, ids):
         pre_axes = tuple((k, v) for k, v in sorted(t.axes.items()) if k not in EVAL_ONLY) + (("seed", t.spec.seed),)
-        by_pre.setdefault(pre_axes, set()).add(t.pretrain_hash)
+        by_pre.setdefault(pre_axes, set()).add(ph)
     assert all(len(h) == 1 for h in by_pre.values())
     assert len({next(iter(h)) for h in by_pre.values()}) == len(by_pre)
 

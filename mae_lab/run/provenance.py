@@ -15,7 +15,7 @@ import timm
 import torch
 
 from mae_lab.store.tables import RUN_PROVENANCE
-from mae_lab.study.expand import RunContext
+from mae_lab.study.identity import RunContext
 
 
 @functools.lru_cache(maxsize=1)

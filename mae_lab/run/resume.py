@@ -15,7 +15,8 @@ from mae_lab.data import DatasetInfo
 from mae_lab.run.progress import Display
 from mae_lab.store.reads import get_checkpoint
 from mae_lab.study import planning
-from mae_lab.study.expand import Trial, mae_config, pretrain_identity
+from mae_lab.study.expand import mae_config
+from mae_lab.study.identity import BoundTrial, pretrain_identity
 from mae_lab.study.spec import Study, StudyError
 from mae_lab.train.checkpoint import CheckpointError, load_checkpoint, settle_checkpoint, sha256_file
 from mae_lab.train.pretrain import checkpoint_mismatch
@@ -32,7 +33,7 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def check_checkpoints(study: Study, trials: list[Trial], infos: dict[str, DatasetInfo], device: str,
+def check_checkpoints(study: Study, trials: list[BoundTrial], infos: dict[str, DatasetInfo], device: str,
                       world_size: int, artifacts: Path) -> None:
     """Every pretraining checkpoint a trial would resume must have been written for its pretraining identity;
     StudyError names the first key that differs (before anything is written to the database)."""

@@ -39,7 +39,8 @@ from mae_lab.store.writes import (
 )
 from mae_lab.store.writes import record_artifacts as record_result_artifacts
 from mae_lab.study import planning, rounds
-from mae_lab.study.expand import mae_config, pretrain_identity
+from mae_lab.study.expand import mae_config
+from mae_lab.study.identity import pretrain_identity
 from mae_lab.study.spec import StudyError, TrialSpec
 from mae_lab.train.checkpoint import sha256_file
 from mae_lab.train.common import DivergenceError
@@ -278,15 +279,15 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
     ``log``: ``"tensorboard,mlflow"``, the live views, instead of the study's ``[log] trackers``.
     """
     display = display or PlainDisplay()
-    study, trials = planning.plan(path, data_override, allow_large_grid)
+    study, planned = planning.plan(path, data_override, allow_large_grid)
     if study.search is not None:
         raise StudyError(study.path, "search", "this study is a search: run it with 'mae-lab search'")
-    infos = planning.resolve_data(study, trials, data_root, allow_pipe)
+    infos = planning.resolve_data(study, planned, data_root, allow_pipe)
     device = planning.pick_device(device)
     world_size = dist_ctx.world_size if dist_ctx is not None else 1
 
-    bind_run = functools.partial(planning.bind_trial, infos=infos, device=device, world_size=world_size)
-    trials = planning.bind_trials(trials, infos=infos, device=device, world_size=world_size)
+    bind_run = planning.binder(infos, device, world_size)
+    trials = [bind_run(t) for t in planned]  # the hashes under this run's context: what the database records
     check_inits(study, trials, db_url)  # a bad pretrain.init ends here, before anything is written
     artifacts = Path(artifacts or artifacts_dir(db_url)).resolve()
     check_checkpoints(study, trials, infos, device, world_size, artifacts)  # likewise a checkpoint to resume

@@ -54,7 +54,8 @@ from mae_lab.store.reads import done_with_results, find_done, get_result, get_tr
 from mae_lab.store.states import FINAL, HEARTBEAT_S, METRIC_COLUMNS, STALE_AFTER_S
 from mae_lab.store.tables import ResultRow, TrialRow
 from mae_lab.store.writes import add_trial, adopt_result, sync_study
-from mae_lab.study.expand import Trial, bind, pretrain_hash, resolve, trial_hash
+from mae_lab.study.expand import Trial, resolve
+from mae_lab.study.identity import bind, identity
 from mae_lab.study.planning import pick_device, plan, resolve_data, run_context, study_hash
 from mae_lab.study.spec import Study, StudyError, TrialSpec, get_dotted
 
@@ -116,7 +117,7 @@ def prior_points(engine: Engine, study: Study, study_id: int | None) -> list[tup
             continue
         try:
             ran = TrialSpec.model_validate_json(row.spec_json)
-            if trial_hash(resolve(study, point, row.seed)) != trial_hash(ran):
+            if identity(resolve(study, point, row.seed)) != identity(ran):
                 continue  # differs from the study's base in something the search does not vary (not how it ran)
         except ValueError:  # StudyError, or a spec this version no longer reads
             continue
@@ -302,8 +303,8 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
             summary.states[trial.number] = "FAIL"
             display.trial_end(f"  #{trial.number} {label}: invalid combination: {exc.reason}")
             continue
-        planned = [Trial(spec, trial_hash(spec), pretrain_hash(spec), dict(point)) for spec in specs]
-        planned = [bind(t, run_context(t.spec, data_info(t), device)) for t in planned]  # the hashes `run` records
+        unbound = [Trial(spec, dict(point)) for spec in specs]
+        planned = [bind(t, run_context(t.spec, data_info(t), device)) for t in unbound]  # the hashes `run` records
         rows = [add_trial(engine, row.id, {"hash": t.hash, "pretrain_hash": t.pretrain_hash, "seed": t.spec.seed,
                                               "label": label, "axes_json": json.dumps(point),
                                               "spec_json": t.spec.model_dump_json()}, optuna_trial=trial.number)

@@ -13,8 +13,8 @@ from mae_lab.store.engine import DbError, connect
 from mae_lab.store.reads import get_study, list_studies, study_trials, trial_details
 from mae_lab.store.states import STATUSES
 from mae_lab.store.tables import RUN_PROVENANCE, TrialRow
-from mae_lab.study.expand import Trial
-from mae_lab.study.planning import bind_trials, parse_data_override, pick_device, plan, resolve_data
+from mae_lab.study.identity import BoundTrial
+from mae_lab.study.planning import binder, parse_data_override, pick_device, plan, resolve_data
 from mae_lab.study.spec import Study
 
 PLAIN_PLAN = 500  # a dry run of more trials prints tab-separated lines instead of a table
@@ -26,10 +26,11 @@ def dry_run(study: Path, *, db_url: str | None, data: str | None, data_root: str
     precision, and each trial's status in the database (pending when there is none)."""
     spec, trials = plan(study, parse_data_override(data), allow_large_grid)
     infos = resolve_data(spec, trials, data_root, allow_pipe)
-    print_plan(spec, bind_trials(trials, infos=infos, device=pick_device(device), world_size=nproc), db_url, console)
+    bind = binder(infos, pick_device(device), nproc)
+    print_plan(spec, [bind(t) for t in trials], db_url, console)
 
 
-def print_plan(study: Study, trials: list[Trial], db_url: str | None, console: Console) -> None:
+def print_plan(study: Study, trials: list[BoundTrial], db_url: str | None, console: Console) -> None:
     status: dict[str, str] = {}
     try:  # read-only: a missing database just means every trial is pending
         engine = connect(db_url, create=False)

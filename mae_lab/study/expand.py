@@ -1,11 +1,8 @@
-"""Study -> trial specs. A trial's identity is a hash of its canonical resolved spec."""
+"""Study -> trials: each a resolved, checked spec and its point (``identity`` hashes a spec under a run's context)."""
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,144 +13,15 @@ from mae_lab.study.spec import Study, StudyError, TrialSpec, schedule_problem, s
 
 @dataclass(frozen=True)
 class Trial:
-    """One expanded trial: its resolved spec, identity hashes, and the values of the study's axes."""
+    """One expanded trial: its resolved spec and the values of the study's axes. It has no hash: what it hashes to
+    depends on how it runs (``identity.bind`` gives it its hashes under a run's context)."""
 
     spec: TrialSpec
-    hash: str  # identity of the whole trial
-    pretrain_hash: str  # identity of its pretraining (shared by trials that differ only in evaluation)
     axes: dict[str, Any]  # dotted key -> value, for this trial's grid point / case
 
     @property
     def label(self) -> str:
         return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in self.axes.items()) or "default"
-
-
-# Identity: what determines a trial's numbers. Execution choices are provenance, left out of every hash; the loaders
-# and the RNG streams (rng.py) make them unable to change the numbers.
-EXECUTION = ("data.num_workers", "data.in_memory", "pretrain.compile")
-# A field added after identities were first stored leaves the hash alone at the value that means "as before": list it
-# here with that value when you add it (tests/test_identity.py fails for a field that is in neither list).
-HASH_NEUTRAL: dict[str, Any] = {
-    "data.val_holdout": None,
-    "data.val_seed": 0,
-    "data.label_key": "label",
-    "data.pretrain_dataset": None,
-    "data.pretrain_shards": None,
-    "pretrain.init": None,
-    "pretrain.init_sha256": None,
-    "eval.linear.blocks": [],
-    "eval.finetune.img_size": None,
-}
-DATA_LOCATION = ("data.dataset", "data.train", "data.val", "data.pretrain_dataset", "data.pretrain_shards")
-PRETRAIN_SECTIONS = ("seed", "data", "model", "pretrain")
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """What a trial's identity needs from how it runs: the data's content, the process count, the precision."""
-
-    fingerprint: str | None = None  # DatasetInfo.fingerprint; None: the data as the spec names it
-    world_size: int = 1  # processes at pretrain.batch_size each: the global batch is what counts
-    precision: str | None = None  # "bf16" or "fp32", resolved for the device; None: pretrain.amp as written
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-
-
-def identity(spec: TrialSpec, ctx: RunContext = RunContext()) -> dict[str, Any]:
-    """The canonical dotted-key form of what determines ``spec``'s numbers under ``ctx``.
-
-    Left out: execution choices (EXECUTION) and HASH_NEUTRAL fields at their neutral value. Replaced: the data's
-    name and shard patterns by its fingerprint (when known), ``pretrain.batch_size`` by the global batch
-    ``pretrain.global_batch`` (batch x accum x world size; ``accum_iter`` stays), ``pretrain.amp`` by the resolved
-    ``pretrain.precision`` (when known).
-    """
-    flat = _flatten(spec.model_dump(mode="json"))
-    for key in EXECUTION:
-        flat.pop(key, None)
-    for key, neutral in HASH_NEUTRAL.items():
-        if key in flat and flat[key] == neutral:
-            del flat[key]
-    if ctx.fingerprint is not None:  # the content, not its name or folder
-        for key in DATA_LOCATION:
-            flat.pop(key, None)
-        flat["data.fingerprint"] = ctx.fingerprint
-    if flat.get("pretrain.init_sha256") is not None:  # the init's content, not where it was read from
-        flat.pop("pretrain.init", None)
-    pt = spec.pretrain
-    del flat["pretrain.batch_size"]
-    flat["pretrain.global_batch"] = pt.batch_size * pt.accum_iter * ctx.world_size
-    if ctx.precision is not None:
-        del flat["pretrain.amp"]
-        flat["pretrain.precision"] = ctx.precision
-    return flat
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if type(v) is dict:
-            out.update(_flatten(v, prefix + k + "."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def trial_hash(spec: TrialSpec, ctx: RunContext = RunContext()) -> str:
-    return _digest(identity(spec, ctx))
-
-
-def pretrain_identity(spec: TrialSpec, ctx: RunContext = RunContext()) -> dict[str, Any]:
-    """The part of ``identity`` that determines pretraining: seed, data, model, pretrain (not eval)."""
-    return _pretrain_part(identity(spec, ctx))
-
-
-def _pretrain_part(flat: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flat.items() if k.partition(".")[0] in PRETRAIN_SECTIONS}
-
-
-def hashes(spec: TrialSpec, ctx: RunContext = RunContext()) -> tuple[str, str]:
-    """(trial_hash, pretrain_hash), from one identity: what expansion and binding compute for every trial."""
-    return hashes_of(identity(spec, ctx))
-
-
-_NOT_SEED = tuple(f for f in TrialSpec.model_fields if f != "seed")  # a trial's sections but its seed
-
-
-def _per_seed(flat: dict[str, Any]) -> Callable[[int], tuple[str, str]]:
-    """seed -> (trial hash, pretrain hash) of the identity ``flat`` with that seed (``hashes_of``, nothing else)."""
-    return lambda seed: hashes_of({**flat, "seed": seed})
-
-
-def hashes_of(flat: dict[str, Any]) -> tuple[str, str]:
-    """(trial hash, pretrain hash) of an identity dict."""
-    return _digest(flat), _digest(_pretrain_part(flat))
-
-
-def bind_all(trials: Iterable[Trial], ctx_of: Callable[[TrialSpec], RunContext]) -> list[Trial]:
-    """`bind` for many trials: each under ``ctx_of(its spec)``. The identity is computed once for a run of trials
-    that share everything but the seed (expansion gives a point's seeds the same sections)."""
-    out: list[Trial] = []
-    last: tuple[tuple, RunContext, Callable[[int], tuple[str, str]]] | None = None
-    for t in trials:
-        ctx, sections = ctx_of(t.spec), tuple(getattr(t.spec, f) for f in _NOT_SEED)
-        if last is None or last[1] != ctx or any(a is not b for a, b in zip(sections, last[0])):
-            last = (sections, ctx, _per_seed(identity(t.spec, ctx)))
-        h, ph = last[2](t.spec.seed)
-        out.append(dataclasses.replace(t, hash=h, pretrain_hash=ph))
-    return out
-
-
-def pretrain_hash(spec: TrialSpec, ctx: RunContext = RunContext()) -> str:
-    """Hash of the fields that affect pretraining (shared by trials that differ only in evaluation)."""
-    return _digest(pretrain_identity(spec, ctx))
-
-
-def bind(trial: Trial, ctx: RunContext) -> Trial:
-    """``trial`` with the hashes it has under ``ctx`` (what the database records)."""
-    h, ph = hashes(trial.spec, ctx)
-    return dataclasses.replace(trial, hash=h, pretrain_hash=ph)
 
 
 def mae_config(spec: TrialSpec) -> MAEConfig:
@@ -269,8 +137,6 @@ def expand(study: Study) -> list[Trial]:
     trials = []
     for point in study.points:
         first = resolve(study, point, study.study.seeds[0])  # validated once per point: seeds change only `seed`
-        digests = _per_seed(identity(first))  # and its identity computed once: the seed is one key of it
-        for seed in study.study.seeds:
-            spec = first if seed == first.seed else first.model_copy(update={"seed": seed})
-            trials.append(Trial(spec, *digests(seed), dict(point)))
+        trials += [Trial(first if seed == first.seed else first.model_copy(update={"seed": seed}), dict(point))
+                   for seed in study.study.seeds]
     return trials

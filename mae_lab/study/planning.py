@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mae_lab.data import DataError, DatasetInfo, resolve_spec_data, verify_dataset
 from mae_lab.errors import BadInput
-from mae_lab.study.expand import RunContext, Trial, bind, bind_all, expand
+from mae_lab.study.expand import Trial, expand
+from mae_lab.study.identity import BoundTrial, RunContext, bind
 from mae_lab.study.precision import pick_device, resolve_bf16
 from mae_lab.study.spec import DataSpec, Study, StudyError, TrialSpec, load_study, set_dotted
 
-__all__ = ["bind_trial", "bind_trials", "check_batches", "parse_data_override", "pick_device", "plan", "resolve_data",
+__all__ = ["binder", "check_batches", "parse_data_override", "pick_device", "plan", "resolve_data",
            "run_context", "study_hash", "trial_rows"]
 
 
@@ -110,17 +112,13 @@ def run_context(spec: TrialSpec, info: DatasetInfo, device: str, world_size: int
     return RunContext(fingerprint=fingerprint or None, world_size=world_size, precision="bf16" if bf16 else "fp32")
 
 
-def bind_trial(t: Trial, *, infos: dict[str, DatasetInfo], device: str, world_size: int = 1) -> Trial:
-    """``t`` with the hashes it has under this run's data, process count and precision (what the DB records)."""
-    return bind(t, run_context(t.spec, infos[t.spec.data.model_dump_json()], device, world_size))
+def binder(infos: dict[str, DatasetInfo], device: str, world_size: int = 1) -> Callable[[Trial], BoundTrial]:
+    """Trial -> the trial with the hashes it has under this run's data, process count and precision (``run_context``):
+    what the database records, a dry run prints, and adaptive rounds give their new trials."""
+    return lambda t: bind(t, run_context(t.spec, infos[t.spec.data.model_dump_json()], device, world_size))
 
 
-def bind_trials(trials: list[Trial], *, infos: dict[str, DatasetInfo], device: str, world_size: int = 1
-                ) -> list[Trial]:
-    """`bind_trial` for every trial (a large grid: each point's identity is computed once for all its seeds)."""
-    return bind_all(trials, lambda spec: run_context(spec, infos[spec.data.model_dump_json()], device, world_size))
-
-
-def trial_rows(study: Study, trials: list[Trial]) -> list[dict[str, Any]]:
+def trial_rows(study: Study, trials: list[BoundTrial]) -> list[dict[str, Any]]:
+    """The rows the database records: bound trials only (an unbound ``Trial`` has no hash)."""
     return [{"hash": t.hash, "pretrain_hash": t.pretrain_hash, "seed": t.spec.seed, "label": t.label,
              "axes_json": json.dumps(t.axes), "spec_json": t.spec.model_dump_json()} for t in trials]

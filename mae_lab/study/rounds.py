@@ -17,6 +17,7 @@ from mae_lab.store.reads import get_study, study_trials
 from mae_lab.store.states import FINAL, METRIC_COLUMNS
 from mae_lab.study.adaptive import next_round, to_points
 from mae_lab.study.expand import Trial, expand, resolve
+from mae_lab.study.identity import BoundTrial
 from mae_lab.study.spec import Study, get_dotted
 
 
@@ -42,12 +43,12 @@ def _with_seed(study: Study, axes: dict[str, Any], seed: int) -> list[Trial]:
     return expand(one)
 
 
-def current_trials(engine: Engine, study: Study, trials: list[Trial], *,
-                   bind: Callable[[Trial], Trial] = lambda t: t,
-                   trusted: Callable[[str], bool] = lambda h: True) -> list[Trial]:
+def current_trials(engine: Engine, study: Study, trials: list[BoundTrial], *, bind: Callable[[Trial], BoundTrial],
+                   trusted: Callable[[str], bool] = lambda h: True) -> list[BoundTrial]:
     """``trials`` (the first round) plus every later round that the recorded results call for, up to and including
-    the first round with a trial that has not finished. ``bind`` gives a new trial the hashes the runner records;
-    ``trusted(hash)`` says whether a recorded result counts (``--rerun`` trusts only what this run recorded)."""
+    the first round with a trial that has not finished. ``bind`` gives a new trial the hashes the runner records
+    (``planning.binder``); ``trusted(hash)`` says whether a recorded result counts (``--rerun`` trusts only what
+    this run recorded)."""
     plan = study.study.adaptive
     if plan is None:
         return trials

@@ -10,7 +10,7 @@ A pretraining checkpoint is one ``torch.save`` of a dict that ``torch.load(weigh
                   a list, one per visible GPU, in older files; absent or None: written off CUDA)}
     config        dict, the MAEConfig's fields
     spec          dict, the TrialSpec as JSON-able data (``spec.model_dump(mode="json")``)
-    identity      dict, the pretraining identity it was written for (``expand.pretrain_identity``; a resume must
+    identity      dict, the pretraining identity it was written for (``identity.pretrain_identity``; a resume must
                   match it key for key); absent in checkpoints written before it existed
     loss_history  list[float], mean pretraining loss of each completed epoch
 

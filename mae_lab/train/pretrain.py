@@ -30,7 +30,8 @@ import torch.distributed as dist
 
 from mae_lab import rng
 from mae_lab.data import DatasetInfo
-from mae_lab.study.expand import RunContext, mae_config, pretrain_identity
+from mae_lab.study.expand import mae_config
+from mae_lab.study.identity import RunContext, pretrain_identity
 from mae_lab.study.presets import MAEConfig
 from mae_lab.study.spec import TrialSpec
 from mae_lab.train.checkpoint import CheckpointError, commit_checkpoint, load_checkpoint, sha256_file, stage_checkpoint
@@ -78,7 +79,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
              on_log: Callable[[int, dict], None] | None = None, log_every: int = 20) -> PretrainResult:
     """Pretrain an MAE on `info`'s train split as `spec.pretrain` says; checkpoint and report after each epoch.
 
-    With `resume` and an existing `ckpt_path` the run continues from it (its `identity`, ``expand.pretrain_identity``
+    With `resume` and an existing `ckpt_path` the run continues from it (its `identity`, ``identity.pretrain_identity``
     under the run's context, must match the one it was written with; CheckpointError names the first key that
     differs); a checkpoint that already has every epoch returns at once. The weights start from the ``init``
     streams (one per parameter name), so arms of a study share every parameter whose name and shape agree;
@@ -359,7 +360,7 @@ def step_noise(config: MAEConfig, batch: int, generator: torch.Generator, dev: t
 def checkpoint_mismatch(ckpt: dict, config_dump: dict, identity: dict | None) -> tuple[str, str] | None:
     """(the first key that differs, why) when a checkpoint cannot continue this pretraining, else None.
 
-    A checkpoint stores the pretraining identity it was written for (``expand.pretrain_identity``); one written
+    A checkpoint stores the pretraining identity it was written for (``identity.pretrain_identity``); one written
     before identities were stored is checked by its model config alone."""
     theirs_config = ckpt.get("config") or {}
     for key in sorted(set(config_dump) | set(theirs_config)):
