@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mae_lab.study.init_check import FieldError, resolve_fields
-from mae_lab.study.presets import PRESETS, MAEConfig, grid_k
+from mae_lab.study.presets import PRESETS, MAEConfig, config_problem
 from mae_lab.study.spec import Study, StudyError, TrialSpec, schedule_problem, set_dotted, validate_trial
 
 
@@ -61,45 +61,19 @@ def resolve_settings(study: Study, point: dict[str, Any], seed: int) -> TrialSpe
                 return f"grid.model.{k}"
         return f"model.{keys[0]}"
 
-    m = spec.model
-    if m.embed_dim % m.num_heads:
-        raise StudyError(study.path, where("num_heads", "embed_dim"),
-                         f"embed_dim {m.embed_dim} is not divisible by num_heads {m.num_heads}")
-    if m.decoder_embed_dim % m.decoder_num_heads:
-        raise StudyError(study.path, where("decoder_num_heads", "decoder_embed_dim"),
-                         f"decoder_embed_dim {m.decoder_embed_dim} is not divisible by "
-                         f"decoder_num_heads {m.decoder_num_heads}")
-    if m.img_size % m.patch_size:
-        raise StudyError(study.path, where("patch_size", "img_size"),
-                         f"img_size {m.img_size} is not divisible by patch_size {m.patch_size}")
-    grid = m.img_size // m.patch_size
-    if m.mask_sampling == "grid":
-        k = grid_k(m.mask_ratio)
-        if k is None:
-            raise StudyError(study.path, where("mask_ratio", "mask_sampling"),
-                             f"grid masking keeps one patch per k x k cell, so mask_ratio must be 1 - 1/k^2 "
-                             f"(0.75, 0.8889, 0.9375, ...); got {m.mask_ratio}")
-        if grid % k:
-            raise StudyError(study.path, where("mask_ratio", "patch_size"),
-                             f"grid masking with k={k} needs a patch grid divisible by {k}; got {grid}x{grid}")
-    if int(grid * grid * (1 - m.mask_ratio)) < 1:
-        raise StudyError(study.path, where("mask_ratio"),
-                         f"mask_ratio {m.mask_ratio} keeps no patch of the {grid}x{grid} grid")
-    ft = spec.eval.finetune
-    if ft.last_k_blocks is not None and ft.last_k_blocks > m.depth:
+    problem = config_problem(full)  # the model checks, once: MAEConfig makes the same
+    if problem is not None:
+        raise StudyError(study.path, where(*problem[0]), problem[1])
+    ft, depth = spec.eval.finetune, spec.model.depth
+    if ft.last_k_blocks is not None and ft.last_k_blocks > depth:
         key = "grid.eval.finetune.last_k_blocks" if "eval.finetune.last_k_blocks" in point \
             else "eval.finetune.last_k_blocks"
-        raise StudyError(study.path, key, f"last_k_blocks {ft.last_k_blocks} exceeds the encoder depth {m.depth}")
+        raise StudyError(study.path, key, f"last_k_blocks {ft.last_k_blocks} exceeds the encoder depth {depth}")
     problem = schedule_problem(spec)
     if problem is not None:
         key, reason = problem
         stage = key.rsplit(".", 1)[0]
         raise StudyError(study.path, next((f"grid.{k}" for k in (key, f"{stage}.epochs") if k in point), key), reason)
-    try:
-        mae_config(spec)
-    except ValueError as exc:  # anything MAEConfig checks beyond the above (e.g. widths for sin-cos tables)
-        key = next((f"grid.{k}" for k in point if k.startswith("model.")), "model")
-        raise StudyError(study.path, key, str(exc)) from None
     return spec
 
 

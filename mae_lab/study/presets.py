@@ -3,6 +3,7 @@ literal dict, so validating a study, listing or reporting never imports torch or
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 MASK_SAMPLINGS = ("random", "block", "grid")
 
@@ -13,6 +14,41 @@ def grid_k(ratio: float) -> int | None:
         return None
     k = round((1 / (1 - ratio)) ** 0.5)
     return k if k >= 2 and abs(1 - 1 / k**2 - ratio) <= 1e-6 else None
+
+
+def config_problem(c: dict[str, Any]) -> tuple[tuple[str, ...], str] | None:
+    """The first thing wrong with a full model configuration (MAEConfig's fields; a study's model filled from its
+    preset), as (the fields it concerns, the one to blame first; why), or None: the one list of model checks.
+    ``MAEConfig`` refuses what it finds; ``expand.resolve_settings`` names the study's key for it."""
+    e, h, de, dh, img, p = (c["embed_dim"], c["num_heads"], c["decoder_embed_dim"], c["decoder_num_heads"],
+                            c["img_size"], c["patch_size"])
+    ratio, sampling = c["mask_ratio"], c["mask_sampling"]
+    if e % h:
+        return ("num_heads", "embed_dim"), f"embed_dim {e} is not divisible by num_heads {h}"
+    if de % dh:
+        return ("decoder_num_heads", "decoder_embed_dim"), \
+            f"decoder_embed_dim {de} is not divisible by decoder_num_heads {dh}"
+    if img % p:
+        return ("patch_size", "img_size"), f"img_size {img} is not divisible by patch_size {p}"
+    for name in ("embed_dim", "decoder_embed_dim"):
+        if c[name] % 4:
+            return (name,), f"{name} {c[name]} must be divisible by 4 (2-D sin-cos embedding)"
+    if not 0.0 <= ratio < 1.0:
+        return ("mask_ratio",), f"mask_ratio must be in [0, 1); got {ratio}"
+    if sampling not in MASK_SAMPLINGS:
+        return ("mask_sampling",), f"mask_sampling must be one of {', '.join(MASK_SAMPLINGS)}; got {sampling!r}"
+    grid = img // p
+    if sampling == "grid":
+        k = grid_k(ratio)
+        if k is None:
+            return ("mask_ratio", "mask_sampling"), ("grid masking keeps one patch per k x k cell, so mask_ratio "
+                                                     f"must be 1 - 1/k^2 (0.75, 0.8889, 0.9375, ...); got {ratio}")
+        if grid % k:
+            return ("mask_ratio", "patch_size"), \
+                f"grid masking with k={k} needs a patch grid divisible by {k}; got {grid}x{grid}"
+    if int(grid * grid * (1 - ratio)) < 1:
+        return ("mask_ratio",), f"mask_ratio {ratio} keeps no patch of the {grid}x{grid} grid"
+    return None
 
 
 @dataclass(frozen=True)
@@ -35,28 +71,9 @@ class MAEConfig:
     mask_token_in_encoder: bool = False  # paper Table 1c: encoder sees [M] tokens at removed positions
 
     def __post_init__(self):
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
-        if self.decoder_embed_dim % self.decoder_num_heads:
-            raise ValueError(f"decoder_embed_dim {self.decoder_embed_dim} must be divisible by "
-                             f"decoder_num_heads {self.decoder_num_heads}")
-        for name in ("embed_dim", "decoder_embed_dim"):
-            if getattr(self, name) % 4:
-                raise ValueError(f"{name} {getattr(self, name)} must be divisible by 4 (2-D sin-cos embedding)")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1); got {self.mask_ratio}")
-        if self.mask_sampling not in MASK_SAMPLINGS:
-            raise ValueError(f"mask_sampling must be one of {', '.join(MASK_SAMPLINGS)}; got {self.mask_sampling!r}")
-        if self.mask_sampling == "grid":
-            k = grid_k(self.mask_ratio)
-            if k is None:
-                raise ValueError("grid masking keeps one patch per k x k cell, so mask_ratio must be 1 - 1/k^2 "
-                                 f"(0.75, 0.8889, 0.9375, ...); got {self.mask_ratio:g}")
-            if self.grid_size % k:
-                raise ValueError(f"grid masking with k={k} needs a patch grid divisible by {k}; "
-                                 f"got {self.grid_size} x {self.grid_size}")
+        problem = config_problem(vars(self))
+        if problem is not None:
+            raise ValueError(problem[1])
 
     @property
     def grid_size(self) -> int:
