@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PINS = json.loads((ROOT / "tests" / "fixtures" / "study_hashes.json").read_text())
 
 
-def digest(hashes: list[str]) -> str:
-    return hashlib.sha256(" ".join(hashes).encode()).hexdigest()[:16]
+def digest(values: list[str]) -> str:
+    return hashlib.sha256(" ".join(values).encode()).hexdigest()[:16]
 
 
 def test_every_shipped_study_is_pinned():
