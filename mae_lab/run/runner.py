@@ -116,6 +116,54 @@ def run_trial(engine: Engine, row: TrialRow, info: DatasetInfo, *, device: str, 
             log.close(engine, claim.trial_id, status)
 
 
+@dataclass
+class _TrialViews:
+    """Where a running trial's numbers go: the database (each write fenced by the claim), then the live views, the
+    heartbeat's progress and the display. ``last``: the latest pretraining metrics, for a pruned trial's result."""
+    engine: Engine
+    row: TrialRow
+    claim: Claim
+    beat: Heartbeat
+    log: TrialLog
+    display: Display
+    spec: TrialSpec
+    ckpt: Path
+    on_pretrain_metrics: Callable[[dict[str, Any]], None] | None
+    last: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, stage: str, epoch: int, values: dict[str, Any]) -> None:  # the database, then the live views
+        record_metrics(self.engine, self.row.id, stage, epoch, values, claim=self.claim)
+        self.log.metrics(stage, epoch, values)
+
+    def note(self, progress: str) -> None:  # what the heartbeat shows; a claim lost meanwhile stops the trial here
+        self.beat.progress = progress
+        self.beat.check()
+
+    def on_step(self, stage: str, step: int) -> None:
+        self.note(f"{stage} step {step}")
+
+    def pretrain_epoch(self, m: dict[str, Any]) -> None:
+        epochs = self.spec.pretrain.epochs
+        surface = m.pop(SURFACE, None)  # {"block{b}": top-1} every pretrain.probe_every epochs
+        if surface:
+            self.record(SURFACE, m["epoch"], surface)
+        if m.get("ckpt_sha256"):
+            record_checkpoint(self.engine, self.row.pretrain_hash, str(self.ckpt), m["ckpt_sha256"], m["epoch"],
+                              claim=self.claim)
+        self.record("pretrain", m["epoch"], {k: v for k, v in m.items() if k not in ("epoch", "ckpt_sha256")
+                                             and v is not None})
+        self.beat.progress = f"pretrain epoch {m['epoch']}/{epochs}"
+        self.display.epoch("pretrain", m["epoch"], epochs, m)
+        self.last.update({k: v for k, v in m.items() if v is not None})
+        if self.on_pretrain_metrics is not None:
+            self.on_pretrain_metrics(m)
+
+    def eval_epoch(self, stage: str, total: int, m: dict[str, Any]) -> None:
+        self.record(stage, m["epoch"], {k: v for k, v in m.items() if k != "epoch" and v is not None})
+        self.beat.progress = f"{stage} epoch {m['epoch']}/{total}"
+        self.display.epoch(stage, m["epoch"], total, m)
+
+
 def _run_trial(engine: Engine, row: TrialRow, claim: Claim, beat: Heartbeat, info: DatasetInfo, *,
                device: str, artifacts: Path, display: Display,
                on_pretrain_metrics: Callable[[dict[str, Any]], None] | None, dist_ctx: Any,
@@ -125,41 +173,8 @@ def _run_trial(engine: Engine, row: TrialRow, claim: Claim, beat: Heartbeat, inf
     ctx = planning.run_context(spec, info, device, world_size)
     set_provenance(engine, row.id, claim=claim, **provenance(device, ctx, data_root, log.mlflow_run_id))
     ckpt = artifacts / "pretrain" / f"{row.pretrain_hash}.pt"
-    last: dict[str, Any] = {}  # the latest pretraining metrics, for a pruned trial's result
-    together = [False]  # under DDP: the other ranks are inside this trial's pretraining (its collectives) with us
-
-    def record(stage: str, epoch: int, values: dict[str, Any]) -> None:  # the database, then the live views
-        record_metrics(engine, row.id, stage, epoch, values, claim=claim)
-        log.metrics(stage, epoch, values)
-
-    def on_step(stage: str, step: int) -> None:
-        note(f"{stage} step {step}")
-
-    def note(progress: str) -> None:  # what the heartbeat shows; a claim lost meanwhile stops the trial here
-        beat.progress = progress
-        beat.check()
-
-    def on_pretrain_epoch(m: dict[str, Any]) -> None:
-        surface = m.pop(SURFACE, None)  # {"block{b}": top-1} every pretrain.probe_every epochs
-        if surface:
-            record(SURFACE, m["epoch"], surface)
-        if m.get("ckpt_sha256"):
-            record_checkpoint(engine, row.pretrain_hash, str(ckpt), m["ckpt_sha256"], m["epoch"], claim=claim)
-        record("pretrain", m["epoch"], {k: v for k, v in m.items() if k not in ("epoch", "ckpt_sha256")
-                                        and v is not None})
-        beat.progress = f"pretrain epoch {m['epoch']}/{spec.pretrain.epochs}"
-        display.epoch("pretrain", m["epoch"], spec.pretrain.epochs, m)
-        last.update({k: v for k, v in m.items() if v is not None})
-        if on_pretrain_metrics is not None:
-            on_pretrain_metrics(m)
-
-    def on_eval_epoch(stage: str, total: int):
-        def cb(m: dict[str, Any]) -> None:
-            record(stage, m["epoch"], {k: v for k, v in m.items() if k != "epoch" and v is not None})
-            beat.progress = f"{stage} epoch {m['epoch']}/{total}"
-            display.epoch(stage, m["epoch"], total, m)
-        return cb
-
+    views = _TrialViews(engine, row, claim, beat, log, display, spec, ckpt, on_pretrain_metrics)
+    together = False  # under DDP: the other ranks are inside this trial's pretraining (its collectives) with us
     try:
         display.stage("pretrain", spec.pretrain.epochs)
         with file_lock(ckpt.with_suffix(".lock")):
@@ -169,48 +184,34 @@ def _run_trial(engine: Engine, row: TrialRow, claim: Claim, beat: Heartbeat, inf
             if ckpt.exists() and done_before is not None:
                 set_provenance(engine, row.id, claim=claim, resumed_from_epoch=done_before.epoch)
             if dist_ctx is not None:
-                together[0] = True
+                together = True
                 dist_ctx.announce({"spec_json": row.spec_json, "info": info, "identity": pretrain_identity(spec, ctx),
                                    "ckpt": str(ckpt) if spec.pretrain.epochs else None})
             start = (init_model(spec, init_source(spec, engine))  # DDP copies rank 0's weights
                      if spec.pretrain.init else None)
             pre = pretrain(spec, info, device=device, ckpt_path=ckpt if spec.pretrain.epochs else None,
-                           resume=True, on_epoch=on_pretrain_epoch, world_size=world_size, model=start,
-                           identity=pretrain_identity(spec, ctx), on_step=functools.partial(on_step, "pretrain"),
+                           resume=True, on_epoch=views.pretrain_epoch, world_size=world_size, model=start,
+                           identity=pretrain_identity(spec, ctx), on_step=functools.partial(views.on_step, "pretrain"),
                            control_group=dist_ctx.control if dist_ctx is not None else None,
-                           on_log=functools.partial(record, STEP_STAGE) if log.active else None,
+                           on_log=functools.partial(views.record, STEP_STAGE) if log.active else None,
                            log_every=log.every)
-            together[0] = False  # the other ranks wait for the next message again: a failure from here leaves them
+            together = False  # the other ranks wait for the next message again: a failure from here leaves them
         for epoch, loss in enumerate(pre.loss_history, start=1):  # epochs run before a resume, or shared
-            record("pretrain", epoch, {"loss": loss})
+            views.record("pretrain", epoch, {"loss": loss})
         result: dict[str, Any] = {"pretrain_loss": pre.final_loss, "pretrain_wall_s": pre.wall_s,
                                   "pretrain_images_per_s": pre.images_per_s,
                                   "pretrain_peak_mem_mib": pre.peak_mem_mib, "pretrain_reused": reused}
         model = pre.model
-        lin, ft = spec.eval.linear, spec.eval.finetune
-        if lin.enabled:
-            clear_metrics(engine, row.id, "linear", claim=claim)
-            display.stage("linear", lin.epochs)
-            out = linear_probe(spec, model, info, device=device, on_epoch=on_eval_epoch("linear", lin.epochs),
-                               on_progress=note)
-            result.update(linear_top1=out["top1"], linear_test_top1=out["test_top1"], linear_wall_s=out["wall_s"])
-            if lin.blocks:  # the probe surface at the last epoch (one forward pass for every block)
-                record(SURFACE, pre.epochs, probe_surface(spec, model, info, device))
-        if ft.enabled:
-            clear_metrics(engine, row.id, "finetune", claim=claim)
-            display.stage("finetune", ft.epochs)
-            out = finetune(spec, model, info, device=device, on_epoch=on_eval_epoch("finetune", ft.epochs),
-                           on_progress=note)
-            result.update(finetune_top1=out["top1"], finetune_test_top1=out["test_top1"],
-                          finetune_wall_s=out["wall_s"])
-        if "knn_top1" in last:
-            result["knn_top1"] = last["knn_top1"]
+        result.update(_evaluate(views, model, info, device, pre.epochs))
+        if "knn_top1" in views.last:
+            result["knn_top1"] = views.last["knn_top1"]
         arts = {"checkpoint": (str(ckpt), sha256_file(ckpt))} if ckpt.exists() else {}
         finish_trial(engine, row.id, "done", result=result, artifacts=arts, claim=claim)
     except Pruned as exc:
+        last = views.last
         finish_trial(engine, row.id, "pruned", error=str(exc), claim=claim,
-                        result={"pretrain_loss": last.get("loss"), "knn_top1": last.get("knn_top1"),
-                                "pretrain_wall_s": last.get("wall_s")})
+                     result={"pretrain_loss": last.get("loss"), "knn_top1": last.get("knn_top1"),
+                             "pretrain_wall_s": last.get("wall_s")})
         return "pruned"
     except DivergenceError as exc:
         finish_trial(engine, row.id, "diverged", error=str(exc), claim=claim)
@@ -219,16 +220,39 @@ def _run_trial(engine: Engine, row: TrialRow, claim: Claim, beat: Heartbeat, inf
         raise
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (the command line raises it as one, with its message)
         finish_trial(engine, row.id, "interrupted", error=str(exc) or "interrupted by the user (Ctrl-C)",
-                        claim=claim)
+                     claim=claim)
         raise
     except Exception as exc:  # noqa: BLE001 - a failing trial is recorded and the study goes on
         hint = OOM_HINT if isinstance(exc, torch.cuda.OutOfMemoryError) else ""
         finish_trial(engine, row.id, "failed", error=hint + traceback.format_exc(), claim=claim)
-        if together[0]:
+        if together:
             raise  # the other ranks may be stuck in a collective of this trial: end the run (torchrun stops them)
         return "failed"
     record_artifacts(engine, row, spec, model, info, artifacts)
     return "done"
+
+
+def _evaluate(views: _TrialViews, model: Any, info: DatasetInfo, device: str, pre_epochs: int) -> dict[str, Any]:
+    """The linear probe and fine-tuning, as the spec enables each (its earlier metrics cleared first); their
+    result fields. With ``eval.linear.blocks``, the probe surface at the last pretraining epoch."""
+    spec, engine, row_id, claim = views.spec, views.engine, views.row.id, views.claim
+    lin, ft = spec.eval.linear, spec.eval.finetune
+    result: dict[str, Any] = {}
+    if lin.enabled:
+        clear_metrics(engine, row_id, "linear", claim=claim)
+        views.display.stage("linear", lin.epochs)
+        out = linear_probe(spec, model, info, device=device,
+                           on_epoch=functools.partial(views.eval_epoch, "linear", lin.epochs), on_progress=views.note)
+        result.update(linear_top1=out["top1"], linear_test_top1=out["test_top1"], linear_wall_s=out["wall_s"])
+        if lin.blocks:  # the probe surface at the last epoch (one forward pass for every block)
+            views.record(SURFACE, pre_epochs, probe_surface(spec, model, info, device))
+    if ft.enabled:
+        clear_metrics(engine, row_id, "finetune", claim=claim)
+        views.display.stage("finetune", ft.epochs)
+        out = finetune(spec, model, info, device=device,
+                       on_epoch=functools.partial(views.eval_epoch, "finetune", ft.epochs), on_progress=views.note)
+        result.update(finetune_top1=out["top1"], finetune_test_top1=out["test_top1"], finetune_wall_s=out["wall_s"])
+    return result
 
 
 def record_artifacts(engine: Engine, row: TrialRow, spec: TrialSpec, model: Any, info: DatasetInfo,
