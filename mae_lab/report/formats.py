@@ -219,22 +219,10 @@ def rich_table(report: StudyReport, width: int | None = None) -> Table:
     best_ft = max((r.finetune.mean for r in report.rows if r.finetune.mean is not None), default=None)
     cols = _columns(report)
     metrics = [(n_axes, "linear")] + ([(n_axes + 2, "finetune")] if has_finetune(report) else [])  # (column, attr)
-    grid = []
-    for r in report.rows:
-        cells = _cells(report, r)
-        if r.is_default:
-            cells[0] += " (default)"
-        if best_lin is not None and r.linear.mean == best_lin:
-            cells[n_axes] += " ★"
-        if best_ft is not None and r.finetune.mean == best_ft:
-            cells[n_axes + 2] += " ★"
-        grid.append(cells)
-
-    def width_of(i: int, rows: list[list[str]], headers: list[str]) -> int:
-        return max([len(w) for w in headers[i].split()] + [max(len(x) for x in g[i].split("\n")) for g in rows])
+    grid = [_marked_cells(report, r, n_axes, best_lin, best_ft) for r in report.rows]
 
     def fits(keep: list[str], rows: list[list[str]], headers: list[str]) -> bool:
-        need = sum(width_of(i, rows, headers) + 3 for i, c in enumerate(cols) if c in keep)
+        need = sum(_width_of(i, rows, headers) + 3 for i, c in enumerate(cols) if c in keep)
         return width is None or need + 1 <= width
 
     keep, headers, compact = list(cols), list(cols), False
@@ -255,16 +243,40 @@ def rich_table(report: StudyReport, width: int | None = None) -> Table:
     for i, col in enumerate(cols):
         if col in keep:
             table.add_column(headers[i], justify="left" if i < n_axes or col == "paper setting" else "right",
-                             width=width_of(i, grid, headers) if fits(keep, grid, headers) else None)
+                             width=_width_of(i, grid, headers) if fits(keep, grid, headers) else None)
     for r, cells in zip(report.rows, grid):
-        cells = [c.replace("[", r"\[") for c in cells]
-        if r.is_default:
-            cells[0] = f"[bold]{cells[0].removesuffix(' (default)')}[/bold] (default)"
-        for i, _ in metrics:
-            if cells[i].endswith(" ★"):
-                cells[i] = f"[green]{cells[i]}[/green]"
+        cells = _rich_markup(cells, r.is_default, [i for i, _ in metrics])
         table.add_row(*(c for c, col in zip(cells, cols) if col in keep))
     return table
+
+
+def _marked_cells(report: StudyReport, r: Row, n_axes: int, best_lin: float | None,
+                  best_ft: float | None) -> list[str]:
+    """A row's plain cells, the default row marked "(default)" and the best mean per metric starred."""
+    cells = _cells(report, r)
+    if r.is_default:
+        cells[0] += " (default)"
+    if best_lin is not None and r.linear.mean == best_lin:
+        cells[n_axes] += " ★"
+    if best_ft is not None and r.finetune.mean == best_ft:
+        cells[n_axes + 2] += " ★"
+    return cells
+
+
+def _width_of(i: int, rows: list[list[str]], headers: list[str]) -> int:
+    """Column i's width: its longest header word or cell line."""
+    return max([len(w) for w in headers[i].split()] + [max(len(x) for x in g[i].split("\n")) for g in rows])
+
+
+def _rich_markup(cells: list[str], is_default: bool, metric_columns: list[int]) -> list[str]:
+    """Rich markup for a row: brackets escaped, the default row bold, a starred best mean green."""
+    cells = [c.replace("[", r"\[") for c in cells]
+    if is_default:
+        cells[0] = f"[bold]{cells[0].removesuffix(' (default)')}[/bold] (default)"
+    for i in metric_columns:
+        if cells[i].endswith(" ★"):
+            cells[i] = f"[green]{cells[i]}[/green]"
+    return cells
 
 
 def render(report: StudyReport, console: Console) -> None:

@@ -42,11 +42,7 @@ def report_command(engine: Engine | None, name: str | None, *, fmt: str = "table
     if site and out is None:
         raise BadInput("--all writes a folder of pages: give it with --out DIR (e.g. docs/results/)")
     if from_csv is not None:
-        studies = trial_records.read_csv(from_csv)
-        if name is not None:
-            studies = [s for s in studies if s.name == name]
-            if not studies:
-                raise BadInput(f"no study named {name!r} in {from_csv}")
+        studies = _csv_studies(from_csv, name)
         if site:
             return write_site(studies, out, source=Path(from_csv).parent)
         reports = [summarize_records(s) for s in studies]
@@ -55,21 +51,8 @@ def report_command(engine: Engine | None, name: str | None, *, fmt: str = "table
         if site:
             return write_site([trial_records.from_db(engine, n) for n in names], out, engine=engine)
         reports = [summarize(engine, n) for n in names]
-    written: list[Path] = []
-    if plots is not None:
-        for rep in reports:
-            written += study_plots(rep, Path(plots) / rep.name if len(reports) > 1 else Path(plots))
-    if plots is not None and engine is not None:  # probe-surface heatmaps (eval.linear.blocks)
-        for rep in reports:
-            written += surface_plots(engine, rep.name, Path(plots) / rep.name if len(reports) > 1 else Path(plots))
-    if fmt == "json" and len(reports) > 1:
-        text = json.dumps([to_dict(r) for r in reports], indent=2) + "\n"
-    elif fmt == "csv" and len(reports) > 1:
-        text = "".join(f"# {r.name}\n" + to_csv(r) for r in reports)
-    else:
-        text = "\n".join(render_text(r, fmt) for r in reports)
-    if fmt == "md" and engine is not None:  # probe surfaces: where the best block is
-        text += "".join("\n" + surface_markdown(engine, r.name) for r in reports if surface_notes(engine, r.name))
+    written = _write_plots(reports, engine, Path(plots)) if plots is not None else []
+    text = _report_text(reports, engine, fmt)
     if out is not None:
         written.insert(0, write_atomic(out, text))
     elif fmt == "table" and console is not None:
@@ -80,6 +63,42 @@ def report_command(engine: Engine | None, name: str | None, *, fmt: str = "table
     elif console is not None:
         console.print(text, markup=False, highlight=False, soft_wrap=True, end="")
     return written
+
+
+def _csv_studies(from_csv: str | Path, name: str | None) -> list[StudyRecords]:
+    """The studies of a trials.csv; only `name` when given (BadInput when the file has none of that name)."""
+    studies = trial_records.read_csv(from_csv)
+    if name is None:
+        return studies
+    studies = [s for s in studies if s.name == name]
+    if not studies:
+        raise BadInput(f"no study named {name!r} in {from_csv}")
+    return studies
+
+
+def _write_plots(reports: list[StudyReport], engine: Engine | None, plots: Path) -> list[Path]:
+    """Each study's plots in `plots` (in a folder per study when there are several), with its probe-surface
+    heatmaps (eval.linear.blocks) when the database is at hand; the files written."""
+    written: list[Path] = []
+    for rep in reports:
+        written += study_plots(rep, plots / rep.name if len(reports) > 1 else plots)
+    if engine is not None:
+        for rep in reports:
+            written += surface_plots(engine, rep.name, plots / rep.name if len(reports) > 1 else plots)
+    return written
+
+
+def _report_text(reports: list[StudyReport], engine: Engine | None, fmt: str) -> str:
+    """Every report in `fmt`, as one text (JSON: a list and CSV: one block per study when there are several)."""
+    if fmt == "json" and len(reports) > 1:
+        text = json.dumps([to_dict(r) for r in reports], indent=2) + "\n"
+    elif fmt == "csv" and len(reports) > 1:
+        text = "".join(f"# {r.name}\n" + to_csv(r) for r in reports)
+    else:
+        text = "\n".join(render_text(r, fmt) for r in reports)
+    if fmt == "md" and engine is not None:  # probe surfaces: where the best block is
+        text += "".join("\n" + surface_markdown(engine, r.name) for r in reports if surface_notes(engine, r.name))
+    return text
 
 
 def _recon(rep: StudyReport, engine: Engine | None, source: Path | None) -> bytes | None:
