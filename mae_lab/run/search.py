@@ -25,6 +25,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import Engine
 
 from mae_lab.run.inits import check_inits
-from mae_lab.run.progress import PlainDisplay
+from mae_lab.run.progress import Display, PlainDisplay
 from mae_lab.run.runner import Pruned, run_trial
 from mae_lab.run.search_space import (
     AskTellGridSampler,
@@ -55,17 +56,16 @@ from mae_lab.store.states import FINAL, HEARTBEAT_S, METRIC_COLUMNS, STALE_AFTER
 from mae_lab.store.tables import ResultRow, TrialRow
 from mae_lab.store.writes import add_trial, adopt_result, sync_study
 from mae_lab.study.expand import Trial, resolve
-from mae_lab.study.identity import bind, identity
+from mae_lab.study.identity import BoundTrial, bind, identity
 from mae_lab.study.planning import pick_device, plan, resolve_data, run_context, study_hash
 from mae_lab.study.spec import Study, StudyError, TrialSpec, get_dotted
+from mae_lab.study.tables import SearchSection
 
 
 def _label(point: dict[str, Any]) -> str:
     def fmt(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
     return ", ".join(f"{k.split('.')[-1]}={fmt(v)}" for k, v in point.items())
-
-
 
 
 def _counted(trials: list[FrozenTrial]) -> int:
@@ -209,31 +209,12 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
     engine = connect(db_url)
     s = study.study
     row = sync_study(engine, name=s.name, description=s.description, paper=s.paper, path=str(path),
-                        spec_text=study.text, spec_hash=study_hash(study), trials=[], deactivate_missing=False)
+                     spec_text=study.text, spec_hash=study_hash(study), trials=[], deactivate_missing=False)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    directions = ["maximize"] * len(search.objectives)
-    base = resolve(study, {}, s.seeds[0])
-    pruner = make_pruner(search, base.pretrain.epochs, base.pretrain.probe_every)
-    ostudy = optuna.create_study(study_name=s.name, storage=storage(db_url), directions=directions,
-                                 pruner=pruner, load_if_exists=True)
-    if len(ostudy.directions) != len(directions):
-        raise StudyError(study.path, "search.objectives",
-                         f"the database's Optuna study {s.name!r} has {len(ostudy.directions)} objective(s), this "
-                         f"file {len(directions)}: rename the study to start a new search")
-    ostudy.set_user_attr("objectives", list(search.objectives))
+    ostudy = _optuna_study(study, search, db_url)
     summary = SearchSummary(s.name, n_trials or search.n_trials)
-
-    # done specs anywhere in the database that are points of the space: prior observations
-    told = {t.user_attrs[PRIOR] for t in ostudy.get_trials(deepcopy=False) if PRIOR in t.user_attrs}
-    for point, results, sources in prior_points(engine, study, row.id):
-        key = json.dumps(point, sort_keys=True)
-        values = _objective_values(results, search.objectives)
-        if key in told or values is None:
-            continue
-        ostudy.add_trial(optuna.trial.create_trial(params=point, distributions=dists, values=values,
-                                                   user_attrs={PRIOR: key, "sources": sources}))
-        summary.priors += 1
+    summary.priors = _tell_priors(engine, ostudy, study, row.id, dists)
     if summary.priors:
         display.message(f"search {s.name}: {summary.priors} trial(s) already done in the database told to Optuna "
                         "as prior observations")
@@ -247,95 +228,15 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
                     f"{' + '.join(search.objectives)}; {_counted(ostudy.get_trials(deepcopy=False))} of "
                     f"{summary.target} trials in the study, on {device}")
 
-    infos: dict[str, Any] = {}
-
-    def run_row(trow: TrialRow, t: Trial, report) -> str:
-        """Bring one trial row to a final status: reuse a done result, else claim and run it (waiting while another
-        live process runs the same spec). Returns the row's status."""
-        if trow.status in ("done", "pruned"):
-            summary.reused += 1
-            return trow.status
-        while (claimed := claim_trial(engine, trow.id, stale_after_s=stale_after_s)) is None:
-            current = get_trials(engine, [trow.id])[0]
-            if current.status in ("done", "pruned"):
-                summary.reused += 1
-                return current.status
-            time.sleep(poll_s)
-        found = find_done(engine, trow.hash)
-        if found is not None:  # the copy is a write like any other: fenced by the claim just taken
-            try:
-                adopt_result(engine, claimed.id, found[1], claim=claim_of(claimed))
-            except LostClaim as exc:  # taken over meanwhile: the successor's rows stand, as in run_trial
-                display.message(f"  {exc}")
-                return "lost"
-            summary.reused += 1
-            return "done"
-        summary.trained += 1
-        return run_trial(engine, claimed, data_info(t), device=device, artifacts=artifacts, display=display,
-                         on_pretrain_metrics=report, heartbeat_s=heartbeat_s, data_root=data_root,
-                         trackers=trackers, study=s.name)
-
-    def data_info(t: Trial) -> Any:
-        key = t.spec.data.model_dump_json()
-        if key not in infos:
-            infos[key] = resolve_data(study, [t], data_root, allow_pipe)[key]
-        return infos[key]
-
+    loop = _SearchLoop(engine, study, row.id, ostudy, summary, display, device=device, artifacts=artifacts,
+                       trackers=trackers, data_root=data_root, allow_pipe=allow_pipe, stale_after_s=stale_after_s,
+                       heartbeat_s=heartbeat_s, poll_s=poll_s)
     deadline = time.monotonic() + search.timeout_s if search.timeout_s else None
-    while True:
-        trials = ostudy.get_trials(deepcopy=False)
-        waiting = any(t.state == TrialState.WAITING for t in trials)
-        if not waiting and _counted(trials) >= summary.target:
-            break
-        if not waiting and isinstance(ostudy.sampler, AskTellGridSampler) and ostudy.sampler.is_exhausted(ostudy):
-            break
+    while not _finished(ostudy, summary.target):
         if deadline is not None and time.monotonic() > deadline:
             display.message(f"search {s.name}: time budget of {search.timeout_s:g}s spent")
             break
-        trial = ostudy.ask(dists)
-        point = {k: trial.params[k] for k in search.space}
-        label = _label(point)
-        try:
-            specs = [resolve(study, point, seed) for seed in s.seeds]
-        except StudyError as exc:  # a combination the schema refuses (e.g. heads that do not divide the width)
-            trial.set_user_attr("error", str(exc))
-            ostudy.tell(trial, state=TrialState.FAIL)
-            summary.states[trial.number] = "FAIL"
-            display.trial_end(f"  #{trial.number} {label}: invalid combination: {exc.reason}")
-            continue
-        unbound = [Trial(spec, dict(point)) for spec in specs]
-        planned = [bind(t, run_context(t.spec, data_info(t), device)) for t in unbound]  # the hashes `run` records
-        rows = [add_trial(engine, row.id, {"hash": t.hash, "pretrain_hash": t.pretrain_hash, "seed": t.spec.seed,
-                                              "label": label, "axes_json": json.dumps(point),
-                                              "spec_json": t.spec.model_dump_json()}, optuna_trial=trial.number)
-                for t in planned]
-        trial.set_user_attr("trial_ids", [r.id for r in rows])
-        trial.set_user_attr("hashes", [r.hash for r in rows])
-        display.trial_start(_counted(ostudy.get_trials(deepcopy=False)), summary.target, f"#{trial.number} {label}",
-                            rows[0].hash)
-
-        def report(m: dict[str, Any], trial: optuna.Trial = trial) -> None:
-            value = m.get("knn_top1")
-            if value is None:
-                return
-            trial.report(value, m["epoch"])
-            if trial.should_prune():
-                raise Pruned(m["epoch"], f"pruned by the {search.pruner} pruner after pretraining epoch {m['epoch']}"
-                                         f" (knn_top1 {value:.4f})")
-
-        try:
-            for i, (t, trow) in enumerate(zip(planned, rows)):
-                status = run_row(trow, t, report if i == 0 and search.pruner != "none" else None)
-                if status != "done":
-                    break  # a pruned or failed seed ends the Optuna trial
-        except KeyboardInterrupt:  # the row is marked interrupted; the next search asks this point again
-            _retry(ostudy, trial.number, trial.params)
-            raise
-        state, values = _outcome(engine, [r.id for r in rows], search.objectives)
-        _tell(ostudy, trial, state, values)
-        summary.states[trial.number] = state.name
-        shown = ", ".join(f"{o} {100 * v:.1f}%" for o, v in zip(search.objectives, values or []))
-        display.trial_end(f"  #{trial.number} {label}: {state.name.lower()}" + (f", {shown}" if shown else ""))
+        loop.run_point(ostudy.ask(dists))
 
     trials = ostudy.get_trials(deepcopy=False)
     summary.total = _counted(trials)
@@ -346,6 +247,146 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
     return summary
 
 
+def _optuna_study(study: Study, search: SearchSection, db_url: str | None) -> optuna.Study:
+    """The study's Optuna study in the database (created, or loaded when its objectives agree)."""
+    directions = ["maximize"] * len(search.objectives)
+    base = resolve(study, {}, study.study.seeds[0])
+    pruner = make_pruner(search, base.pretrain.epochs, base.pretrain.probe_every)
+    name = study.study.name
+    ostudy = optuna.create_study(study_name=name, storage=storage(db_url), directions=directions,
+                                 pruner=pruner, load_if_exists=True)
+    if len(ostudy.directions) != len(directions):
+        raise StudyError(study.path, "search.objectives",
+                         f"the database's Optuna study {name!r} has {len(ostudy.directions)} objective(s), this "
+                         f"file {len(directions)}: rename the study to start a new search")
+    ostudy.set_user_attr("objectives", list(search.objectives))
+    return ostudy
 
 
+def _tell_priors(engine: Engine, ostudy: optuna.Study, study: Study, study_id: int | None,
+                 dists: dict[str, Any]) -> int:
+    """Tell Optuna the done specs anywhere in the database that are points of the space and it has not been told
+    (prior observations); returns how many."""
+    told = {t.user_attrs[PRIOR] for t in ostudy.get_trials(deepcopy=False) if PRIOR in t.user_attrs}
+    n = 0
+    for point, results, sources in prior_points(engine, study, study_id):
+        key = json.dumps(point, sort_keys=True)
+        values = _objective_values(results, study.search.objectives)
+        if key in told or values is None:
+            continue
+        ostudy.add_trial(optuna.trial.create_trial(params=point, distributions=dists, values=values,
+                                                   user_attrs={PRIOR: key, "sources": sources}))
+        n += 1
+    return n
 
+
+def _finished(ostudy: optuna.Study, target: int) -> bool:
+    """No queued point left to ask, and the study holds `target` searched trials or the grid is exhausted."""
+    trials = ostudy.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return False
+    return _counted(trials) >= target or (isinstance(ostudy.sampler, AskTellGridSampler)
+                                          and ostudy.sampler.is_exhausted(ostudy))
+
+
+def _pruning_report(trial: optuna.Trial, pruner: str) -> Callable[[dict[str, Any]], None]:
+    """The pretraining callback that reports each kNN top-1 to `trial` and raises Pruned when the pruner says so."""
+    def report(m: dict[str, Any]) -> None:
+        value = m.get("knn_top1")
+        if value is None:
+            return
+        trial.report(value, m["epoch"])
+        if trial.should_prune():
+            raise Pruned(m["epoch"], f"pruned by the {pruner} pruner after pretraining epoch {m['epoch']}"
+                                     f" (knn_top1 {value:.4f})")
+    return report
+
+
+@dataclass
+class _SearchLoop:
+    """One search call's ask/tell body: a sampled point becomes one trial row per seed, run as `run` runs them."""
+    engine: Engine
+    study: Study
+    study_id: int | None
+    ostudy: optuna.Study
+    summary: SearchSummary
+    display: Display
+    device: str
+    artifacts: Path
+    trackers: Any
+    data_root: str | None
+    allow_pipe: bool
+    stale_after_s: float
+    heartbeat_s: float
+    poll_s: float
+    infos: dict[str, Any] = field(default_factory=dict)  # data spec JSON -> its DatasetInfo, resolved once
+
+    def run_point(self, trial: optuna.Trial) -> None:
+        """Record the point's trial rows, run them (a seed that is not done ends the trial) and tell the outcome."""
+        search, seeds, summary = self.study.search, self.study.study.seeds, self.summary
+        point = {k: trial.params[k] for k in search.space}
+        label = _label(point)
+        try:
+            specs = [resolve(self.study, point, seed) for seed in seeds]
+        except StudyError as exc:  # a combination the schema refuses (e.g. heads that do not divide the width)
+            trial.set_user_attr("error", str(exc))
+            self.ostudy.tell(trial, state=TrialState.FAIL)
+            summary.states[trial.number] = "FAIL"
+            self.display.trial_end(f"  #{trial.number} {label}: invalid combination: {exc.reason}")
+            return
+        unbound = [Trial(spec, dict(point)) for spec in specs]
+        planned = [bind(t, run_context(t.spec, self.data_info(t), self.device)) for t in unbound]  # as `run` does
+        rows = [add_trial(self.engine, self.study_id, {
+                    "hash": t.hash, "pretrain_hash": t.pretrain_hash, "seed": t.spec.seed, "label": label,
+                    "axes_json": json.dumps(point), "spec_json": t.spec.model_dump_json()}, optuna_trial=trial.number)
+                for t in planned]
+        trial.set_user_attr("trial_ids", [r.id for r in rows])
+        trial.set_user_attr("hashes", [r.hash for r in rows])
+        self.display.trial_start(_counted(self.ostudy.get_trials(deepcopy=False)), summary.target,
+                                 f"#{trial.number} {label}", rows[0].hash)
+        report = _pruning_report(trial, search.pruner) if search.pruner != "none" else None
+        try:
+            for i, (t, trow) in enumerate(zip(planned, rows)):
+                if self.run_row(trow, t, report if i == 0 else None) != "done":
+                    break  # a pruned or failed seed ends the Optuna trial
+        except KeyboardInterrupt:  # the row is marked interrupted; the next search asks this point again
+            _retry(self.ostudy, trial.number, trial.params)
+            raise
+        state, values = _outcome(self.engine, [r.id for r in rows], search.objectives)
+        _tell(self.ostudy, trial, state, values)
+        summary.states[trial.number] = state.name
+        shown = ", ".join(f"{o} {100 * v:.1f}%" for o, v in zip(search.objectives, values or []))
+        self.display.trial_end(f"  #{trial.number} {label}: {state.name.lower()}" + (f", {shown}" if shown else ""))
+
+    def run_row(self, trow: TrialRow, t: BoundTrial, report: Callable[[dict[str, Any]], None] | None) -> str:
+        """Bring one trial row to a final status: reuse a done result, else claim and run it (waiting while another
+        live process runs the same spec). Returns the row's status."""
+        engine, summary = self.engine, self.summary
+        if trow.status in ("done", "pruned"):
+            summary.reused += 1
+            return trow.status
+        while (claimed := claim_trial(engine, trow.id, stale_after_s=self.stale_after_s)) is None:
+            current = get_trials(engine, [trow.id])[0]
+            if current.status in ("done", "pruned"):
+                summary.reused += 1
+                return current.status
+            time.sleep(self.poll_s)
+        found = find_done(engine, trow.hash)
+        if found is not None:  # the copy is a write like any other: fenced by the claim just taken
+            try:
+                adopt_result(engine, claimed.id, found[1], claim=claim_of(claimed))
+            except LostClaim as exc:  # taken over meanwhile: the successor's rows stand, as in run_trial
+                self.display.message(f"  {exc}")
+                return "lost"
+            summary.reused += 1
+            return "done"
+        summary.trained += 1
+        return run_trial(engine, claimed, self.data_info(t), device=self.device, artifacts=self.artifacts,
+                         display=self.display, on_pretrain_metrics=report, heartbeat_s=self.heartbeat_s,
+                         data_root=self.data_root, trackers=self.trackers, study=self.study.study.name)
+
+    def data_info(self, t: Trial) -> Any:
+        key = t.spec.data.model_dump_json()
+        if key not in self.infos:
+            self.infos[key] = resolve_data(self.study, [t], self.data_root, self.allow_pipe)[key]
+        return self.infos[key]
