@@ -5,6 +5,7 @@ shard reader against an older checkout of mae-lab.
     python benchmarks/data.py --quick                          # fewer batches and rounds; vit_mini step only
     git worktree add /tmp/data-before 620180e                  # the hand-written tar reader
     python benchmarks/data.py --before /tmp/data-before        # decode + augment images/s per process, both readers
+    python benchmarks/data.py --before /tmp/data-before --workers 2   # the same through 2 DataLoader workers
 
 Loaders: `make_loader` over the shared CIFAR-10 train shards with the pretraining augmentation (RandomResizedCrop +
 flip, batch 128, shuffled) and 0, 1, 2 DataLoader workers; the in-memory cache (`in_memory=True`, decoded once per
@@ -12,7 +13,8 @@ process; the one-off decode is timed apart); the first-N subset loader (`data.tr
 each pass (worker start-up) is not timed. Step: forward + backward + fused AdamW at batch 128 on random input,
 eager fp32 and bf16 autocast, timed in the same run. Target: every loader >= 5x the fastest step.
 
-`--before DIR`: the same streaming loader (0 workers: decode + augment in one process) run by this checkout and by
+`--before DIR`: the same shard loader (0 workers: decode + augment in one process; `--workers W`: W DataLoader
+workers) run by this checkout and by
 the checkout in DIR, each in a fresh subprocess, alternating round by round (so load from other processes hits
 both alike); medians of images/s after the first batch, and of the seconds to the first batch (the streamed loader
 reads the whole split before its first shuffled batch since it serves the in-memory loader's global order).
@@ -47,10 +49,11 @@ import mae_lab.data
 from mae_lab.data import CIFAR10_MEAN, CIFAR10_STD
 from mae_lab.data.loading import make_loader
 from mae_lab.data.transforms import pretrain_transform
-pattern, n, batches, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+pattern, n, batches, seed, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 tf = pretrain_transform("random_resized_crop", 32, CIFAR10_MEAN, CIFAR10_STD)
 t0 = time.perf_counter()
-it = iter(make_loader(pattern, num_samples=n, transform=tf, batch_size=128, shuffle=True, seed=seed, epoch=0))
+it = iter(make_loader(pattern, num_samples=n, transform=tf, batch_size=128, shuffle=True, seed=seed, epoch=0,
+                      num_workers=workers))
 next(it)
 t, k = time.perf_counter(), 0
 for _ in range(batches):
@@ -71,23 +74,24 @@ def loader_rate(make, n_batches: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def reader_pass(checkout: str, pattern: str, n: int, batches: int, seed: int) -> tuple[float, float]:
+def reader_pass(checkout: str, pattern: str, n: int, batches: int, seed: int, workers: int) -> tuple[float, float]:
     """(images/s after the first batch, seconds to the first batch) of one pass in a fresh subprocess."""
     env = {**os.environ, "PYTHONPATH": checkout, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", READER_PASS, pattern, str(n), str(batches), str(seed)], env=env,
-                         cwd=checkout, capture_output=True, text=True, check=True)
+    args = [pattern, str(n), str(batches), str(seed), str(workers)]
+    out = subprocess.run([sys.executable, "-c", READER_PASS, *args], env=env, cwd=checkout, capture_output=True,
+                         text=True, check=True)
     rate, first_s, source = json.loads(out.stdout.strip().splitlines()[-1])
     assert source.startswith(checkout), f"{checkout}: imported {source} instead"
     return rate, first_s
 
 
-def compare_readers(before: str, pattern: str, n: int, batches: int, rounds: int) -> int:
+def compare_readers(before: str, pattern: str, n: int, batches: int, rounds: int, workers: int) -> int:
     rates: dict[str, list[float]] = {"before": [], "after": []}
     firsts: dict[str, list[float]] = {"before": [], "after": []}
     for r in range(rounds):
         order = ("before", "after") if r % 2 == 0 else ("after", "before")
         for which in order:
-            rate, first_s = reader_pass(before if which == "before" else str(ROOT), pattern, n, batches, r)
+            rate, first_s = reader_pass(before if which == "before" else str(ROOT), pattern, n, batches, r, workers)
             rates[which].append(rate)
             firsts[which].append(first_s)
     med = {k: statistics.median(v) for k, v in rates.items()}
@@ -103,14 +107,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--before", metavar="DIR", help="an older checkout to compare the shard reader with")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the --before comparison")
     a = p.parse_args()
     n_batches, rounds = (12, 2) if a.quick else (40, 3)
     meta = json.loads((CIFAR10 / "dataset.json").read_text())["splits"]["train"]
     pattern, n = str(CIFAR10 / meta["shards"]), meta["samples"]
     if a.before:
-        header(f"shard reader: decode + augment images/s per process (0 workers, batch {BATCH}), CIFAR-10 shards",
-               f"python benchmarks/data.py --before {a.before}" + (" --quick" if a.quick else ""))
-        return compare_readers(a.before, pattern, n, n_batches, 2 * rounds + 1)
+        header(f"shard reader: decode + augment images/s ({a.workers} workers, batch {BATCH}), CIFAR-10 shards",
+               f"python benchmarks/data.py --before {a.before} --workers {a.workers}" + (" --quick" if a.quick else ""))
+        return compare_readers(a.before, pattern, n, n_batches, 2 * rounds + 1, a.workers)
     presets = ["vit_mini_patch4_32"] + ([] if a.quick else ["vit_tiny_patch4_32"])
     header(f"data pipeline vs pretraining step, CIFAR-10 shards, batch {BATCH}",
            "python benchmarks/data.py" + (" --quick" if a.quick else ""))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -174,3 +175,24 @@ def test_shard_keys_and_cut_shards_read_alike_either_way(tmp_path, writer):
         Path(shard).write_bytes(data[:cut])
         with pytest.raises(DataError, match=rf"^{Path(shard).name}: sample 'k00\d\d': truncated tar"):
             shard_keys(shard)
+
+
+def _children() -> set[int]:
+    """This process's child processes, running or exited and not yet reaped (Linux's /proc children lists)."""
+    tasks = Path(f"/proc/{os.getpid()}/task").iterdir()
+    return {int(pid) for task in tasks for pid in (task / "children").read_text().split()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+def test_a_pipe_shard_leaves_no_process_behind(tmp_path):
+    """The one reader's `pipe:` opener ends and reaps its command, whether the reader stops early (as
+    `first_samples` does, with the command still writing) or reads to the end (the command still running)."""
+    pattern, n = id_shards(tmp_path, [3000])  # ~1.4 MB: more than a pipe's buffer holds
+    shard = f"pipe:cat {pattern.replace('{000..000}', '000')}; exec sleep 60"
+    before = _children()
+    samples = read_samples(shard)
+    assert next(samples)[0] == "s00000"
+    samples.close()
+    assert _children() == before
+    assert [key for key, _ in read_samples(shard)][-1] == f"s{n - 1:05d}"
+    assert _children() == before
