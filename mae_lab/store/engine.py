@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import event, insert, inspect, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlmodel import Session, SQLModel, create_engine, select
+from sqlmodel import Session, SQLModel, col, create_engine, select, update
 
 from mae_lab.errors import BadInput
 from mae_lab.store.tables import SCHEMA_VERSION, Meta, TrialRow
@@ -26,7 +26,7 @@ DEFAULT_URL = "sqlite:///db/mae_lab.db"
 
 def _provenance_added(version: int) -> list[str]:
     """The provenance columns (tables.RunProvenance) that the migration to ``version`` adds."""
-    return [f"ALTER TABLE mae_trials ADD COLUMN {c.name} {c.type}" for c in TrialRow.__table__.columns
+    return [f"ALTER TABLE mae_trials ADD COLUMN {c.name} {c.type}" for c in inspect(TrialRow).columns
             if c.info.get("since") == version]
 
 
@@ -145,8 +145,7 @@ def _check_schema(engine: Engine, create: bool) -> None:
             for v in range(int(version) + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[v]:
                     conn.execute(text(statement))
-            conn.execute(Meta.__table__.update().where(Meta.key == "schema_version")
-                         .values(value=str(SCHEMA_VERSION)))
+            conn.execute(update(Meta).where(col(Meta.key) == "schema_version").values(value=str(SCHEMA_VERSION)))
         if create:
             SQLModel.metadata.create_all(conn)
             if version is None:

@@ -11,12 +11,13 @@ SQLite is serialized by ``BEGIN IMMEDIATE`` (``store.engine``).
 from __future__ import annotations
 
 import threading
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import and_, or_
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from mae_lab.store import workers
 from mae_lab.store.engine import transaction
@@ -47,13 +48,16 @@ class LostClaim(RuntimeError):
 
 
 def claim_of(row: TrialRow) -> Claim:
+    """The claim a claimed (running) row holds: its worker and attempt."""
+    if row.worker is None:
+        raise ValueError(f"trial {row.id} is not claimed: no worker holds it")
     return Claim(row.id, row.worker, row.attempts)
 
 
 def fenced(s: Session, claim: Claim | None, trial_id: int) -> TrialRow:
     """The trial row, locked on PostgreSQL; raises LostClaim when ``claim`` is given and no longer holds it."""
     stmt = select(TrialRow).where(TrialRow.id == trial_id)
-    if s.bind.dialect.name == "postgresql":
+    if s.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update()
     row = s.exec(stmt).one()
     if claim is not None and (row.status != "running" or row.worker != claim.worker or row.attempts != claim.attempt):
@@ -65,9 +69,9 @@ def _runnable(stale_after_s: float):
     """SQL: pending or interrupted, or running with no heartbeat or no progress for ``stale_after_s`` (a dead
     worker on another host, or a hung one that still beats)."""
     cutoff = now() - timedelta(seconds=stale_after_s)
-    stale = or_(TrialRow.heartbeat_at == None, TrialRow.heartbeat_at < cutoff,  # noqa: E711
-                TrialRow.progress_at < cutoff)
-    return or_(TrialRow.status.in_(["pending", "interrupted"]), and_(TrialRow.status == "running", stale))
+    stale = or_(col(TrialRow.heartbeat_at).is_(None), col(TrialRow.heartbeat_at) < cutoff,
+                col(TrialRow.progress_at) < cutoff)
+    return or_(col(TrialRow.status).in_(["pending", "interrupted"]), and_(col(TrialRow.status) == "running", stale))
 
 
 def _take(row: TrialRow) -> None:
@@ -80,7 +84,7 @@ def _take(row: TrialRow) -> None:
 
 def _take_first(s: Session, stmt) -> TrialRow | None:
     """Claim the first row `stmt` selects, inside the caller's transaction; None when it selects none."""
-    if s.bind.dialect.name == "postgresql":  # SQLite is serialized by BEGIN IMMEDIATE instead
+    if s.get_bind().dialect.name == "postgresql":  # SQLite is serialized by BEGIN IMMEDIATE instead
         stmt = stmt.with_for_update(skip_locked=True)
     row = s.exec(stmt).first()
     if row is None:
@@ -97,7 +101,7 @@ def release_dead_local(engine: Engine, study_id: int) -> int:
     is fenced by the dead worker's claim."""
     with Session(engine) as s:
         rows = s.exec(select(TrialRow).where(TrialRow.study_id == study_id, TrialRow.status == "running",
-                                             TrialRow.worker.startswith(workers.local_prefix()))).all()
+                                             col(TrialRow.worker).startswith(workers.local_prefix()))).all()
     dead = [claim_of(r) for r in rows if workers.dead_here(r.worker)]
     for claim in dead:
         with transaction(engine) as s:
@@ -111,25 +115,25 @@ def release_dead_local(engine: Engine, study_id: int) -> int:
 
 @through_outages
 def claim_next(engine: Engine, study_id: int, *, stale_after_s: float = STALE_AFTER_S,
-               skip: set[int] = frozenset()) -> TrialRow | None:
+               skip: AbstractSet[int] = frozenset()) -> TrialRow | None:
     """Claim the next runnable trial of the study (in study order): one row per transaction, chosen in SQL with
     LIMIT 1 (FOR UPDATE SKIP LOCKED on PostgreSQL, so workers claiming at the same instant take different rows)."""
     release_dead_local(engine, study_id)
     with transaction(engine) as s:
         stmt = (select(TrialRow)
                 .where(TrialRow.study_id == study_id, TrialRow.active == True,  # noqa: E712
-                       _runnable(stale_after_s), TrialRow.id.notin_(sorted(skip)))
-                .order_by(TrialRow.position, TrialRow.id).limit(1))
+                       _runnable(stale_after_s), col(TrialRow.id).notin_(sorted(skip)))
+                .order_by(col(TrialRow.position), col(TrialRow.id)).limit(1))
         return _take_first(s, stmt)
 
 
 @through_outages
 def has_runnable(engine: Engine, study_id: int, *, stale_after_s: float = STALE_AFTER_S,
-                 skip: set[int] = frozenset()) -> bool:
+                 skip: AbstractSet[int] = frozenset()) -> bool:
     """Whether a trial of the study is runnable now (a claim that found none may have lost a race for it)."""
     with Session(engine) as s:
         return s.exec(select(TrialRow.id).where(TrialRow.study_id == study_id, TrialRow.active == True,  # noqa
-                                                _runnable(stale_after_s), TrialRow.id.notin_(sorted(skip)))
+                                                _runnable(stale_after_s), col(TrialRow.id).notin_(sorted(skip)))
                       .limit(1)).first() is not None
 
 
@@ -142,7 +146,7 @@ def claim_trial(engine: Engine, trial_id: int, *, stale_after_s: float = STALE_A
         release_dead_local(engine, row[0].study_id)
     with transaction(engine) as s:
         stmt = select(TrialRow).where(TrialRow.id == trial_id,
-                                      or_(_runnable(stale_after_s), TrialRow.status.in_(["failed", "diverged"])))
+                                      or_(_runnable(stale_after_s), col(TrialRow.status).in_(["failed", "diverged"])))
         return _take_first(s, stmt)
 
 

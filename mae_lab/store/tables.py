@@ -3,6 +3,10 @@
 The trials table is the work queue (``store.queue``); every module reaches the tables through ``store.engine``
 (connect, migrations, transactions), ``store.queue`` (claims, heartbeats, fenced writes), ``store.writes`` and
 ``store.reads``.
+
+An ``id`` column is typed ``int``, not ``int | None``: the database assigns it on insert, and every row this package
+hands out has been inserted (read back, or flushed by the write that made it). Only a row built and not yet added
+holds None, and nothing passes such a row on. The column is the same either way (a primary key is never NULL).
 """
 from __future__ import annotations
 
@@ -58,7 +62,7 @@ class Meta(SQLModel, table=True):
 
 class StudyRow(SQLModel, table=True):
     __tablename__ = "mae_studies"
-    id: int | None = Field(default=None, primary_key=True)
+    id: int = Field(default=None, primary_key=True)  # assigned on insert (module docstring)
     name: str = Field(index=True, unique=True)
     description: str = ""
     paper: str | None = None
@@ -72,7 +76,7 @@ class StudyRow(SQLModel, table=True):
 class TrialRow(RunProvenance, table=True):
     __tablename__ = "mae_trials"
     __table_args__ = (UniqueConstraint("study_id", "hash"),)
-    id: int | None = Field(default=None, primary_key=True)
+    id: int = Field(default=None, primary_key=True)  # assigned on insert (module docstring)
     study_id: int = Field(foreign_key="mae_studies.id", index=True)
     position: int = 0  # order in the study's expansion
     active: bool = True  # False once the study file no longer expands to this trial
@@ -102,7 +106,7 @@ class TrialRow(RunProvenance, table=True):
 class MetricRow(SQLModel, table=True):
     __tablename__ = "mae_metrics"
     __table_args__ = (UniqueConstraint("trial_id", "stage", "epoch", "name"),)
-    id: int | None = Field(default=None, primary_key=True)
+    id: int = Field(default=None, primary_key=True)  # assigned on insert (module docstring)
     trial_id: int = Field(foreign_key="mae_trials.id", index=True)
     stage: str  # pretrain | linear | finetune
     epoch: int
@@ -112,7 +116,7 @@ class MetricRow(SQLModel, table=True):
 
 class ResultRow(SQLModel, table=True):
     __tablename__ = "mae_results"
-    id: int | None = Field(default=None, primary_key=True)
+    id: int = Field(default=None, primary_key=True)  # assigned on insert (module docstring)
     trial_id: int = Field(foreign_key="mae_trials.id", unique=True)
     linear_top1: float | None = None  # the validation split (what search, pruning and probe_every read)
     finetune_top1: float | None = None  # the validation split
@@ -136,7 +140,7 @@ class ResultRow(SQLModel, table=True):
 class ArtifactRow(SQLModel, table=True):
     __tablename__ = "mae_artifacts"
     __table_args__ = (UniqueConstraint("trial_id", "kind"),)
-    id: int | None = Field(default=None, primary_key=True)
+    id: int = Field(default=None, primary_key=True)  # assigned on insert (module docstring)
     trial_id: int = Field(foreign_key="mae_trials.id", index=True)
     kind: str  # checkpoint | recon
     path: str

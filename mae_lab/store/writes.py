@@ -111,14 +111,15 @@ def reset_trials(engine: Engine, study_id: int, hashes: list[str]) -> list[Check
     """Set the given trials back to pending and drop their metrics, results, artifacts and pretraining checkpoint
     records (``--rerun``); return the dropped checkpoint records so the caller can delete their files."""
     with transaction(engine) as s:
-        rows = s.exec(select(TrialRow).where(TrialRow.study_id == study_id, TrialRow.hash.in_(hashes))).all()
+        rows = s.exec(select(TrialRow).where(TrialRow.study_id == study_id, col(TrialRow.hash).in_(hashes))).all()
         ids = [r.id for r in rows]
         for model in (MetricRow, ResultRow, ArtifactRow):
-            s.exec(delete(model).where(model.trial_id.in_(ids)))
+            s.exec(delete(model).where(col(model.trial_id).in_(ids)))
         for r in rows:
             r.status, r.error, r.worker, r.started_at, r.ended_at, r.attempts = "pending", None, None, None, None, 0
             r.resumed_from_epoch = None
-        ckpts = s.exec(select(CheckpointRow).where(CheckpointRow.pretrain_hash.in_([r.pretrain_hash for r in rows])))
+        hashes_dropped = [r.pretrain_hash for r in rows]
+        ckpts = s.exec(select(CheckpointRow).where(col(CheckpointRow.pretrain_hash).in_(hashes_dropped)))
         dropped = list(ckpts)
         for c in dropped:
             s.delete(c)
@@ -141,8 +142,8 @@ def record_metrics(engine: Engine, trial_id: int, stage: str, epoch: int, values
     with transaction(engine) as s:
         fenced(s, claim, trial_id)
         names = list(values)
-        s.exec(delete(MetricRow).where(MetricRow.trial_id == trial_id, MetricRow.stage == stage,
-                                       MetricRow.epoch == epoch, MetricRow.name.in_(names)))
+        s.exec(delete(MetricRow).where(col(MetricRow.trial_id) == trial_id, col(MetricRow.stage) == stage,
+                                       col(MetricRow.epoch) == epoch, col(MetricRow.name).in_(names)))
         for name, value in values.items():
             s.add(MetricRow(trial_id=trial_id, stage=stage, epoch=epoch, name=name, value=float(value)))
 
@@ -151,7 +152,7 @@ def record_metrics(engine: Engine, trial_id: int, stage: str, epoch: int, values
 def clear_metrics(engine: Engine, trial_id: int, stage: str, *, claim: Claim | None = None) -> None:
     with transaction(engine) as s:
         fenced(s, claim, trial_id)
-        s.exec(delete(MetricRow).where(MetricRow.trial_id == trial_id, MetricRow.stage == stage))
+        s.exec(delete(MetricRow).where(col(MetricRow.trial_id) == trial_id, col(MetricRow.stage) == stage))
 
 
 @through_outages
@@ -197,7 +198,7 @@ def finish_trial(engine: Engine, trial_id: int, status: str, *, result: dict[str
         row = fenced(s, claim, trial_id)
         row.status, row.error, row.ended_at, row.worker = status, error, now(), None
         if result is not None:
-            s.exec(delete(ResultRow).where(ResultRow.trial_id == trial_id))
+            s.exec(delete(ResultRow).where(col(ResultRow.trial_id) == trial_id))
             s.add(ResultRow(trial_id=trial_id, **result))
         _put_artifacts(s, trial_id, artifacts)
 
@@ -215,5 +216,5 @@ def record_artifacts(engine: Engine, trial_id: int, artifacts: dict[str, tuple[s
 
 def _put_artifacts(s: Session, trial_id: int, artifacts: dict[str, tuple[str, str]] | None) -> None:
     for kind, (path, sha) in (artifacts or {}).items():
-        s.exec(delete(ArtifactRow).where(ArtifactRow.trial_id == trial_id, ArtifactRow.kind == kind))
+        s.exec(delete(ArtifactRow).where(col(ArtifactRow.trial_id) == trial_id, col(ArtifactRow.kind) == kind))
         s.add(ArtifactRow(trial_id=trial_id, kind=kind, path=path, sha256=sha))
