@@ -98,7 +98,7 @@ def test_every_field_added_since_the_release_is_hash_neutral():
     now = set(_flatten(TrialSpec().model_dump(mode="json")))
     added = now - released
     missing = sorted(added - set(HASH_NEUTRAL))
-    assert not missing, f"add these new spec fields to expand.HASH_NEUTRAL with their 'as before' value: {missing}"
+    assert not missing, f"add these new spec fields to identity.HASH_NEUTRAL with their 'as before' value: {missing}"
     defaults = _flatten(TrialSpec().model_dump(mode="json"))
     assert {k: defaults[k] for k in added} == {k: HASH_NEUTRAL[k] for k in added}
 
