@@ -69,9 +69,9 @@ def resolve_settings(study: Study, point: dict[str, Any], seed: int) -> TrialSpe
         key = "grid.eval.finetune.last_k_blocks" if "eval.finetune.last_k_blocks" in point \
             else "eval.finetune.last_k_blocks"
         raise StudyError(study.path, key, f"last_k_blocks {ft.last_k_blocks} exceeds the encoder depth {depth}")
-    problem = schedule_problem(spec)
-    if problem is not None:
-        key, reason = problem
+    schedule = schedule_problem(spec)
+    if schedule is not None:
+        key, reason = schedule
         stage = key.rsplit(".", 1)[0]
         raise StudyError(study.path, next((f"grid.{k}" for k in (key, f"{stage}.epochs") if k in point), key), reason)
     return spec

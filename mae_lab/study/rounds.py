@@ -8,7 +8,7 @@ of an interrupted study therefore lands on the same round, and a finished study 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -26,7 +26,7 @@ def point_key(axes: dict[str, Any]) -> str:
     return json.dumps(axes, sort_keys=True)
 
 
-def default_key(study: Study, trials: list[Trial]) -> str | None:
+def default_key(study: Study, trials: Sequence[Trial]) -> str | None:
     """The point whose values of every axis of the study are the base settings' (None when no point is)."""
     base = resolve(study, {}, study.study.seeds[0])
     axes = list(dict.fromkeys(k for t in trials for k in t.axes))
