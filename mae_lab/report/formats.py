@@ -45,7 +45,7 @@ def _diff(row: Row, attr: str, *, num: Callable[[float], str], none: str, noise:
     d: Interval | None = getattr(row, f"{attr}_diff")
     if row.is_default:
         return "default"
-    if d is None:
+    if d is None or d.delta is None:
         return none
     if d.low is None:
         return f"{num(d.delta)} ({d.note})"
@@ -366,7 +366,7 @@ def render_text(report: StudyReport, fmt: str, *, width: int = 200) -> str:
     if fmt == "json":
         return json.dumps(to_dict(report), indent=2) + "\n"
     if fmt == "table":
-        console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False)
-        render(report, console)
-        return console.file.getvalue()
+        buf = io.StringIO()
+        render(report, Console(file=buf, width=width, color_system=None, highlight=False))
+        return buf.getvalue()
     raise BadInput(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")

@@ -78,8 +78,10 @@ def study_recon_png(engine: Engine, report: StudyReport) -> bytes | None:
     None when its trials have no "recon" artifacts (pages never need the data or a checkpoint)."""
     if not report.axes or not report.rows or not report.rows[0].trials:
         return None
-    first = next((t for t, _ in study_trials(engine, get_study(engine, report.name).id)
-                  if t.hash == report.rows[0].trials[0]), None)
+    study = get_study(engine, report.name)
+    if study is None:
+        return None
+    first = next((t for t, _ in study_trials(engine, study.id) if t.hash == report.rows[0].trials[0]), None)
     if first is None:
         return None
     trials = siblings(engine, first, report.axes[0])

@@ -41,15 +41,18 @@ def report_command(engine: Engine | None, name: str | None, *, fmt: str = "table
         raise BadInput(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if site and out is None:
         raise BadInput("--all writes a folder of pages: give it with --out DIR (e.g. docs/results/)")
+    site_dir = out if site else None
     if from_csv is not None:
         studies = _csv_studies(from_csv, name)
-        if site:
-            return write_site(studies, out, source=Path(from_csv).parent)
+        if site_dir is not None:
+            return write_site(studies, site_dir, source=Path(from_csv).parent)
         reports = [summarize_records(s) for s in studies]
     else:
+        if engine is None:
+            raise ValueError("report_command reads a database (engine) or a trials file (from_csv)")
         names = study_names(engine, name)
-        if site:
-            return write_site([trial_records.from_db(engine, n) for n in names], out, engine=engine)
+        if site_dir is not None:
+            return write_site([trial_records.from_db(engine, n) for n in names], site_dir, engine=engine)
         reports = [summarize(engine, n) for n in names]
     written = _write_plots(reports, engine, Path(plots)) if plots is not None else []
     text = _report_text(reports, engine, fmt)

@@ -171,7 +171,7 @@ def summarize(engine: Engine, name: str) -> StudyReport:
     """The report of one study in the database (BadInput for an unknown study), with its Optuna side."""
     out = summarize_records(from_db(engine, name))
     study = get_study(engine, name)
-    out.search = _search(engine, study)
+    out.search = _search(engine, study) if study is not None else None  # (from_db refused an unknown study)
     return out
 
 
@@ -333,9 +333,9 @@ def title(report: StudyReport) -> str:
 
 def headline(report: StudyReport) -> tuple[str, str, str]:
     """(best point by linear top-1 over every point, our linear ordering against the paper's, linear verdicts)."""
-    done = [r for r in report.rows if r.linear.mean is not None]
-    best = max(done, key=lambda r: r.linear.mean, default=None)
-    best_text = "-" if best is None else f"{best.label} ({best.linear.mean:.1f})"
+    done = [(r.linear.mean, r.label) for r in report.rows if r.linear.mean is not None]
+    best = max(done, key=lambda d: d[0], default=None)  # the first of equal means, as before
+    best_text = "-" if best is None else f"{best[1]} ({best[0]:.1f})"
     rho, n = (None, 0) if report.comparison is None else report.comparison.agreement.get("linear", (None, 0))
     if rho is None:
         order = "-"

@@ -3,6 +3,8 @@ pretraining checkpoint (train.weights reads it, and never opens the database), a
 before anything is written."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from sqlalchemy.engine import Engine
 
 from mae_lab.store.engine import DbError, connect
@@ -40,14 +42,17 @@ def trial_checkpoint(engine: Engine, ref: str) -> tuple[TrialRow, dict]:
 
 def init_source(spec: TrialSpec, engine: Engine | None) -> InitSource:
     """Where ``spec.pretrain.init``'s weights are: a trial's checkpoint (needs ``engine``) or the file itself."""
-    if not is_trial_ref(spec.pretrain.init):
+    init = spec.pretrain.init
+    if init is None:
+        raise ValueError("the spec has no pretrain.init")  # callers ask only when it is set
+    if not is_trial_ref(init):
         return file_source(spec)
     if engine is None:
-        raise InitError(f"trial {spec.pretrain.init}: a trial init needs the database")
-    return trial_source(engine, spec.pretrain.init)[1]
+        raise InitError(f"trial {init}: a trial init needs the database")
+    return trial_source(engine, init)[1]
 
 
-def check_inits(study: Study, trials: list[Trial], db_url: str | None) -> None:
+def check_inits(study: Study, trials: Sequence[Trial], db_url: str | None) -> None:
     """Every distinct init of the trials can be read and fits its model; StudyError (``pretrain.init``) otherwise.
 
     Run before anything is written: a bad init leaves the database as it was (and file inits never open it; a

@@ -26,7 +26,7 @@ from mae_lab.store.outage import DbUnavailable, outage_limit_s
 from mae_lab.store.queue import Claim, Heartbeat, LostClaim, claim_next, claim_of, has_runnable
 from mae_lab.store.reads import find_done, get_checkpoint, study_name, study_trials, trial_details
 from mae_lab.store.states import HEARTBEAT_S, STALE_AFTER_S
-from mae_lab.store.tables import TrialRow
+from mae_lab.store.tables import StudyRow, TrialRow
 from mae_lab.store.writes import (
     adopt_result,
     clear_metrics,
@@ -319,14 +319,17 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
     outage_limit_s()  # a bad MAE_LAB_DB_OUTAGE_S ends here, before the database is opened
     engine = connect(db_url)
     s = study.study
-    summary, tried, synced, todo, rounds_run = RunSummary(), set(), set(), 0, 0
-    row = None  # the study's row, synced in the first round
+    summary, todo, rounds_run = RunSummary(), 0, 0
+    tried: set[int] = set()  # trial ids this process claimed
+    synced: set[str] = set()  # trial hashes written to the database
+    row: StudyRow | None = None  # the study's row, synced in the first round (when synced is still empty)
     while True:  # rounds: one, unless the seeds are adaptive (rounds.py recomputes the next round from the DB)
         if s.adaptive is not None and (synced or not rerun):
             trials = rounds.current_trials(engine, study, trials, bind=bind_run,
                                            trusted=lambda h: not rerun or h in synced)
         new = [t for t in trials if t.hash not in synced]
         if synced and not new:
+            assert row is not None  # synced is not empty: the first round synced the row
             if max_rounds is not None or not any(t.status == "running" for t, _ in study_trials(engine, row.id)):
                 break  # with max_rounds, another process's last trials are not waited for: a later call goes on
             time.sleep(poll_s)  # another process runs this round's last trials: their results decide the next
@@ -344,6 +347,7 @@ def run_study(path: str | Path, *, db_url: str | None = None, device: str = "aut
             display.message(f"study {s.name}: {len(trials)} trials, {summary.skipped} done, {todo - len(summary.ran)}"
                             f" to run on {device}" + (" (adaptive seeds: next round)" if len(synced) > len(new)
                                                       else ""))
+        assert row is not None  # synced now, or in an earlier round
         by_hash = {t.hash: t for t in trials}
         waiting = False
         while max_trials is None or len(summary.ran) < max_trials:

@@ -25,13 +25,14 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import Engine
 
@@ -96,11 +97,11 @@ class SearchSummary:
         return self.count("FAIL") == 0
 
 
-def prior_points(engine: Engine, study: Study, study_id: int | None) -> list[tuple[dict[str, Any], list[ResultRow],
-                                                                                    list[str]]]:
-    """Done trials of other studies whose spec is a point of the search space, for every seed of the study:
-    (point, results in seed order, "study/trial id" sources)."""
-    space, seeds = study.search.space, study.study.seeds
+def prior_points(engine: Engine, study: Study, search: SearchSection,
+                 study_id: int | None) -> list[tuple[dict[str, Any], list[ResultRow], list[str]]]:
+    """Done trials of other studies whose spec is a point of the search space (``search``, the study's), for every
+    seed of the study: (point, results in seed order, "study/trial id" sources)."""
+    space, seeds = search.space, study.study.seeds
     found: dict[str, dict[int, tuple[ResultRow, str]]] = {}
     points: dict[str, dict[str, Any]] = {}
     for row, result in done_with_results(engine):
@@ -113,7 +114,7 @@ def prior_points(engine: Engine, study: Study, study_id: int | None) -> list[tup
             continue
         if not all(in_space(space[k], v) for k, v in point.items()):
             continue
-        if any(getattr(result, METRIC_COLUMNS[o]) is None for o in study.search.objectives):
+        if any(getattr(result, METRIC_COLUMNS[o]) is None for o in search.objectives):
             continue
         try:
             ran = TrialSpec.model_validate_json(row.spec_json)
@@ -128,17 +129,21 @@ def prior_points(engine: Engine, study: Study, study_id: int | None) -> list[tup
             for k, by_seed in found.items() if len(by_seed) == len(seeds)]
 
 
-def _objective_values(results: list[ResultRow | None], objectives: list[str]) -> list[float] | None:
+def _objective_values(results: Sequence[ResultRow | None], objectives: Sequence[str]) -> list[float] | None:
+    """Each objective's mean over the seeds' results; None when a result or a value is missing or not finite."""
     values = []
     for obj in objectives:
-        vals = [getattr(r, METRIC_COLUMNS[obj]) if r is not None else None for r in results]
-        if any(v is None or not math.isfinite(v) for v in vals):
-            return None
+        vals: list[float] = []
+        for r in results:
+            v = getattr(r, METRIC_COLUMNS[obj]) if r is not None else None
+            if v is None or not math.isfinite(v):
+                return None
+            vals.append(v)
         values.append(statistics.fmean(vals))
     return values
 
 
-def _outcome(engine: Engine, ids: list[int], objectives: list[str]) -> tuple[TrialState, list[float] | None]:
+def _outcome(engine: Engine, ids: list[int], objectives: Sequence[str]) -> tuple[TrialState, list[float] | None]:
     """An Optuna trial's state and values from its trial rows."""
     rows = get_trials(engine, ids)
     statuses = {r.status for r in rows}
@@ -157,7 +162,7 @@ def _tell(ostudy: optuna.Study, trial: optuna.Trial | int, state: TrialState, va
         ostudy.tell(trial, state=state, skip_if_finished=True)
 
 
-def recover(engine: Engine, ostudy: optuna.Study, objectives: list[str], stale_after_s: float) -> int:
+def recover(engine: Engine, ostudy: optuna.Study, objectives: Sequence[str], stale_after_s: float) -> int:
     """Close the Optuna trials that a dead search left RUNNING: from their rows when these finished, else FAIL and
     ask the same point again (``retry_of``), which resumes from its checkpoint. Returns how many."""
     n = 0
@@ -214,7 +219,7 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ostudy = _optuna_study(study, search, db_url)
     summary = SearchSummary(s.name, n_trials or search.n_trials)
-    summary.priors = _tell_priors(engine, ostudy, study, row.id, dists)
+    summary.priors = _tell_priors(engine, ostudy, study, search, row.id, dists)
     if summary.priors:
         display.message(f"search {s.name}: {summary.priors} trial(s) already done in the database told to Optuna "
                         "as prior observations")
@@ -228,7 +233,7 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
                     f"{' + '.join(search.objectives)}; {_counted(ostudy.get_trials(deepcopy=False))} of "
                     f"{summary.target} trials in the study, on {device}")
 
-    loop = _SearchLoop(engine, study, row.id, ostudy, summary, display, device=device, artifacts=artifacts,
+    loop = _SearchLoop(engine, study, search, row.id, ostudy, summary, display, device=device, artifacts=artifacts,
                        trackers=trackers, data_root=data_root, allow_pipe=allow_pipe, stale_after_s=stale_after_s,
                        heartbeat_s=heartbeat_s, poll_s=poll_s)
     deadline = time.monotonic() + search.timeout_s if search.timeout_s else None
@@ -249,7 +254,7 @@ def run_search(path: str | Path, *, db_url: str | None = None, n_trials: int | N
 
 def _optuna_study(study: Study, search: SearchSection, db_url: str | None) -> optuna.Study:
     """The study's Optuna study in the database (created, or loaded when its objectives agree)."""
-    directions = ["maximize"] * len(search.objectives)
+    directions = [StudyDirection.MAXIMIZE] * len(search.objectives)
     base = resolve(study, {}, study.study.seeds[0])
     pruner = make_pruner(search, base.pretrain.epochs, base.pretrain.probe_every)
     name = study.study.name
@@ -263,15 +268,15 @@ def _optuna_study(study: Study, search: SearchSection, db_url: str | None) -> op
     return ostudy
 
 
-def _tell_priors(engine: Engine, ostudy: optuna.Study, study: Study, study_id: int | None,
+def _tell_priors(engine: Engine, ostudy: optuna.Study, study: Study, search: SearchSection, study_id: int,
                  dists: dict[str, Any]) -> int:
     """Tell Optuna the done specs anywhere in the database that are points of the space and it has not been told
     (prior observations); returns how many."""
     told = {t.user_attrs[PRIOR] for t in ostudy.get_trials(deepcopy=False) if PRIOR in t.user_attrs}
     n = 0
-    for point, results, sources in prior_points(engine, study, study_id):
+    for point, results, sources in prior_points(engine, study, search, study_id):
         key = json.dumps(point, sort_keys=True)
-        values = _objective_values(results, study.search.objectives)
+        values = _objective_values(results, search.objectives)
         if key in told or values is None:
             continue
         ostudy.add_trial(optuna.trial.create_trial(params=point, distributions=dists, values=values,
@@ -307,7 +312,8 @@ class _SearchLoop:
     """One search call's ask/tell body: a sampled point becomes one trial row per seed, run as `run` runs them."""
     engine: Engine
     study: Study
-    study_id: int | None
+    search: SearchSection  # the study's
+    study_id: int
     ostudy: optuna.Study
     summary: SearchSummary
     display: Display
@@ -323,7 +329,7 @@ class _SearchLoop:
 
     def run_point(self, trial: optuna.Trial) -> None:
         """Record the point's trial rows, run them (a seed that is not done ends the trial) and tell the outcome."""
-        search, seeds, summary = self.study.search, self.study.study.seeds, self.summary
+        search, seeds, summary = self.search, self.study.study.seeds, self.summary
         point = {k: trial.params[k] for k in search.space}
         label = _label(point)
         try:

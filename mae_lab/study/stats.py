@@ -173,7 +173,7 @@ def verdict_text(interval: Interval | None, paper_delta: float | None, rule: str
     """``verdict`` in words with the interval's kind and level (``rule`` says how the level was chosen), e.g.
     "not detected (paired 99%, Bonferroni over 5 looks; rules out |Δ| > 1.3)"."""
     word = verdict(interval, paper_delta)
-    if word == "no interval":
+    if word == "no interval" or interval is None:  # (verdict says "no interval" for None)
         return f"no interval ({interval.note if interval is not None else 'no data'})"
     kind = "paired" if interval.kind == "paired" else "Welch"
     how = f"{kind} {rule}" if rule else f"{kind} {100 * interval.level:.4g}%"

@@ -52,7 +52,10 @@ class InitSource:
 
 def file_source(spec: TrialSpec) -> InitSource:
     """The source of a file init (``pretrain.init`` a path, checked against ``pretrain.init_sha256`` when set)."""
-    return InitSource(spec.pretrain.init, spec.pretrain.init, spec.pretrain.init_sha256)
+    init = spec.pretrain.init
+    if init is None:
+        raise ValueError("the spec has no pretrain.init")  # callers ask only when it is set
+    return InitSource(init, init, spec.pretrain.init_sha256)
 
 
 def read_state(path: str | Path) -> dict[str, torch.Tensor]:
