@@ -88,7 +88,8 @@ def _group(headers: list[tuple[str, int, int]], size: int) -> TarMembers | None:
     ext_ids: list[int] = []
     offsets: list[int] = []
     sizes: list[int] = []
-    last, seen = None, set()  # the current sample's key and extensions
+    last: str | None = None  # the current sample's key
+    seen: set[str] = set()  # and its extensions
     for name, offset, length in headers:
         if _is_meta(name):
             continue
@@ -197,6 +198,6 @@ def sample_index(shards: list[str], subset: Subset | None, num_samples: int) -> 
         rows.append(admitted)
     if sum(len(r) for r in rows) != num_samples:
         return None
-    shard = np.repeat(np.arange(len(rows), dtype=np.int32), [len(r) for r in rows])  # (n,)
+    shard_of = np.repeat(np.arange(len(rows), dtype=np.int32), [len(r) for r in rows])  # (n,)
     row = np.concatenate([np.zeros(0, np.int32), *rows])  # (n,)
-    return SampleIndex(tables=tuple(tables), shard=_frozen(shard, np.int32), row=_frozen(row, np.int32))
+    return SampleIndex(tables=tuple(tables), shard=_frozen(shard_of, np.int32), row=_frozen(row, np.int32))
