@@ -206,6 +206,27 @@ def slurm(
 
 
 @app.command(cls=Command)
+def ray(study: Annotated[Path, study_arg(help="The study TOML file (a run or a search study).")],
+        workers: Annotated[int, typer.Option("--workers", "-n", help="Ray tasks: one worker each.")] = 2,
+        address: Annotated[str, typer.Option(envvar="RAY_ADDRESS", help="auto, HOST:PORT or local.")] = "auto",
+        db: DbOpt = None,
+        gpus_per_worker: Annotated[float, typer.Option(help="GPUs per task (Ray's num_gpus).")] = 0,
+        cpus_per_worker: Annotated[float, typer.Option(help="CPUs per task (Ray's num_cpus).")] = 1,
+        max_retries: Annotated[int, typer.Option(help="Retries of a task whose worker is killed.")] = 3,
+        nproc: Annotated[int, typer.Option(help="Processes per trial inside a task (torchrun).")] = 1,
+        device: DeviceOpt = "auto", data_root: DataRootOpt = None, stale_after: StaleOpt = STALE_AFTER_S,
+        poll: Annotated[float, typer.Option(min=0.1, help="Seconds between a waiting worker's looks.")] = 10.0,
+        allow_pipe: PipeOpt = False):
+    """Run WORKERS 'mae-lab worker' (or 'search') as Ray tasks draining STUDY and wait; Ctrl-C stops them."""
+    from mae_lab.run.ray_launch import RayJob, launch
+
+    job = RayJob(study=study, workers=workers, address=address, db_url=db, gpus_per_worker=gpus_per_worker,
+                 cpus_per_worker=cpus_per_worker, max_retries=max_retries, nproc=nproc, device=device,
+                 data_root=data_root, stale_after=stale_after, poll=poll)
+    raise typer.Exit(launch(job, lambda line: out().print(line, markup=False, soft_wrap=True), allow_pipe=allow_pipe))
+
+
+@app.command(cls=Command)
 def search(
     study: Annotated[Path, study_arg(help="The study TOML file, with a [search] table.")],
     trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Searched trials the study should hold "

@@ -11,7 +11,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE_DIST = {"PIL": "pillow", "sklearn": "scikit-learn", "mlflow": "mlflow-skinny"}  # import name -> distribution
-OPTIONAL = {"tensorboard": "tensorboard", "mlflow-skinny": "mlflow"}  # distribution -> the extra that declares it
+# distribution -> the extra that declares it
+OPTIONAL = {"tensorboard": "tensorboard", "mlflow-skinny": "mlflow", "ray": "ray"}
 INDIRECT = {"cmaes": "optuna's CmaEsSampler imports it (search.sampler = 'cmaes')"}
 
 

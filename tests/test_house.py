@@ -26,7 +26,7 @@ from mae_lab.study.planning import trial_rows
 from mae_lab.study.spec import parse_study
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "timm", "torchvision", "webdataset")
+HEAVY = ("torch", "timm", "torchvision", "webdataset", "ray")
 
 # --- the module graph -----------------------------------------------------------------------------------------
 
