@@ -47,7 +47,7 @@ def _diff(row: Row, attr: str, *, num: Callable[[float], str], none: str, noise:
         return "default"
     if d is None or d.delta is None:
         return none
-    if d.low is None:
+    if d.low is None or d.high is None:
         return f"{num(d.delta)} ({d.note})"
     mark = noise if d.within_noise else ""
     kind = welch if d.kind == "welch" else ""  # fewer than 2 seeds shared with the default

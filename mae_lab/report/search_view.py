@@ -2,6 +2,7 @@
 fANOVA parameter importances, read from Optuna's storage; as (title, columns, rows) tables, rich and Markdown."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +59,7 @@ def search_report(engine: Engine, name: str, objectives: list[str], top: int = 5
             try:
                 importances[obj] = optuna.importance.get_param_importances(
                     ostudy, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
-                    target=lambda t, i=i: t.values[i])
+                    target=functools.partial(_objective_value, i))
             except (RuntimeError, ValueError) as exc:
                 note = f"parameter importances unavailable: {exc}"
                 break
@@ -109,3 +110,8 @@ def search_markdown(rep) -> list[str]:
     if rep.note:
         lines += [rep.note, ""]
     return lines
+
+
+def _objective_value(i: int, t: FrozenTrial) -> float:
+    """Objective i of a completed trial (Optuna's importance target)."""
+    return t.values[i]

@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy.engine import Engine
 
 from mae_lab.atomic import write_atomic
@@ -82,11 +83,12 @@ def heatmap_png(s: Surface) -> bytes:
     values = [[float("nan") if v is None else 100 * v for v in row] for row in s.top1]
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(s.epochs), 1.2 + 0.45 * len(s.blocks)), layout="constrained")
     im = ax.imshow(values, origin="lower", aspect="auto", cmap="viridis")
+    bright = np.asarray(im.norm(np.asarray(values))) > 0.6  # (blocks, epochs): dark text on the bright cells
     for i, row in enumerate(values):
         for j, v in enumerate(row):
             if v == v:  # not NaN
                 ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize="x-small",
-                        color="k" if im.norm(v) > 0.6 else "w")  # dark text on the bright cells
+                        color="k" if bright[i, j] else "w")
     b, e, _ = s.best()
     ax.add_patch(plt.Rectangle((s.epochs.index(e) - 0.5, s.blocks.index(b) - 0.5), 1, 1, fill=False, ec="red", lw=2))
     ax.set_xticks(range(len(s.epochs)), [str(e) for e in s.epochs])

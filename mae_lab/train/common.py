@@ -84,7 +84,8 @@ def use_compile(compile: bool | str, device: torch.device) -> bool:
 
 def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decay on >= 2-D weights; none on 1-D params (norms) and biases (timm / official MAE)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

@@ -72,8 +72,11 @@ def build_classifier(spec: TrialSpec, model: MaskedAutoencoder, num_classes: int
     msg = vit.load_state_dict(encoder, strict=False)
     odd = set(msg.missing_keys) - HEAD_KEYS | set(msg.unexpected_keys) - DROPPED_KEYS
     assert not odd, f"encoder weights do not fit the timm ViT: {sorted(odd)}"
-    nn.init.trunc_normal_(vit.head.weight, std=2e-5, generator=rng.generator(spec.seed, "finetune", "head"))
-    nn.init.zeros_(vit.head.bias)
+    head = vit.head  # (timm types it nn.Module; here always the classifier's Linear)
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"the timm ViT's head is {type(head).__name__}, not a Linear")
+    nn.init.trunc_normal_(head.weight, std=2e-5, generator=rng.generator(spec.seed, "finetune", "head"))
+    nn.init.zeros_(head.bias)
     if ft.last_k_blocks is not None:
         first_tuned = len(vit.blocks) - ft.last_k_blocks
         for n, p in vit.named_parameters():
@@ -109,7 +112,7 @@ def finetune(spec: TrialSpec, model: MaskedAutoencoder, info: DatasetInfo, *, de
             raise ValueError(f"mixup / cutmix need an even eval.finetune.batch_size; got {ft.batch_size}")
         mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.label_smoothing,
                       num_classes=info.num_classes)
-        criterion = SoftTargetCrossEntropy()
+        criterion: nn.Module = SoftTargetCrossEntropy()
     elif ft.label_smoothing > 0:
         criterion = LabelSmoothingCrossEntropy(smoothing=ft.label_smoothing)
     else:

@@ -108,7 +108,8 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
     ckpt = _Checkpoints(Path(ckpt_path) if ckpt_path is not None else None, rank, model, optimizer, dev,
                         spec.model_dump(mode="json"), identity)
 
-    epoch, step, loss_history, sha = 0, 0, [], None
+    epoch, step, sha = 0, 0, None
+    loss_history: list[float] = []
     if ckpt.path is not None and resume and ckpt.path.exists():
         epoch, step, loss_history = ckpt.restore()
         if epoch >= pt.epochs:  # nothing left to train
@@ -126,8 +127,8 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
     total_steps = steps_per_epoch * pt.epochs
     warmup_steps = round(pt.warmup_epochs * steps_per_epoch)
     ddp = _distributed(model, dev) if world_size > 1 else None
-    fwd: Callable[..., Any] = ddp or model
-    fwd = compile_module(fwd) if use_compile(pt.compile, dev) else fwd
+    module: torch.nn.Module = ddp if ddp is not None else model
+    fwd: Callable[..., Any] = compile_module(module) if use_compile(pt.compile, dev) else module
     amp = use_bf16(pt.amp, dev, model.config.embed_dim)
     allow_tf32(dev)
 
@@ -179,7 +180,7 @@ def pretrain(spec: TrialSpec, info: DatasetInfo, *, device: str, ckpt_path: Path
         loss_history.append(loss_sum / max(1, n_micro))
 
         # the epoch's bookkeeping: probes, the staged checkpoint, on_epoch, then commit (or stop every rank)
-        metrics = {"epoch": epoch, "loss": loss_history[-1], "lr": lr,
+        metrics: dict[str, Any] = {"epoch": epoch, "loss": loss_history[-1], "lr": lr,
                    "images_per_s": n_images / epoch_s, "peak_mem_mib": peak_memory_mib(dev)}
         if rank == 0:
             metrics.update(epoch_probes(spec, model, info, device, epoch))

@@ -128,10 +128,11 @@ class LinearHead:
     per-step warmup + cosine schedule and seeded batch order (drop_last, as the official probe's loader)."""
 
     def __init__(self, lin: LinearSpec, dim: int, num_classes: int, num_train: int, dev: torch.device, seed: int):
-        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        linear = nn.Linear(dim, num_classes)
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
         # init on the CPU, where the stream's generator lives (a CUDA tensor refuses a CPU generator), then move
-        nn.init.trunc_normal_(self.head[1].weight, std=0.01, generator=rng.generator(seed, "probe", "head"))
-        nn.init.zeros_(self.head[1].bias)
+        nn.init.trunc_normal_(linear.weight, std=0.01, generator=rng.generator(seed, "probe", "head"))
+        nn.init.zeros_(linear.bias)
         self.head.to(dev)
         self.n, self.dev = num_train, dev
         self.batch = min(lin.batch_size, num_train)
@@ -139,6 +140,7 @@ class LinearHead:
         self.total_steps = self.steps_per_epoch * lin.epochs
         self.warmup_steps = round(lin.warmup_epochs * self.steps_per_epoch)
         self.peak_lr = lin.base_lr * lin.batch_size / 256
+        self.optimizer: torch.optim.Optimizer
         if lin.optimizer == "lars":
             self.optimizer = LARS(self.head.parameters(), lr=self.peak_lr, weight_decay=lin.weight_decay,
                                   momentum=lin.momentum)
