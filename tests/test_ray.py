@@ -151,3 +151,63 @@ def test_a_worker_killed_mid_trial_is_retried_and_resumes_from_the_checkpoint(wo
     assert status == "done" and attempts_ == 2 and resumed >= 1, log
     assert pretrained_epochs(second) == list(range(resumed + 1, epochs + 1)), log  # resumed after epoch k
     assert_each_epoch_once(log, epochs)
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie is dead
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["cancel", "kill"])
+def test_a_task_killed_takes_its_worker_along_and_the_trial_resumes(workdir: Path, cluster: str, how: str):
+    """ray.cancel(force=True), or SIGKILL, ends the task's process; its worker dies with it (no orphan keeps the
+    trial: PR_SET_PDEATHSIG), and the other task, or Ray's retry of a killed one, takes the trial over and resumes
+    it from the checkpoint."""
+    epochs = 6
+    (workdir / "fc.toml").write_text(tiny("fc", epochs=epochs, samples=512))
+    db = workdir / "db" / "mae_lab.db"
+    job = RayJob(study=workdir / "fc.toml", workers=2, address=cluster, device="cpu", poll=0.5, stale_after=3600)
+    launched = ray_launch.start(job)
+    wait_for(lambda: ckpt_epoch(db) >= 1, "the first checkpoint", 300)
+    (worker,), = query(db, "SELECT worker FROM mae_trials WHERE status = 'running'")
+    child = int(worker.rsplit(":", 1)[1])
+    task_pid = parent_of(child)
+    logs = {i: (workdir / "db" / "ray" / f"fc-{i}.out").read_text() for i in range(2)}
+    [i] = [i for i, log in logs.items() if f"(pid {task_pid})" in log]
+    if how == "cancel":
+        ray.cancel(launched.refs[i], force=True)
+    else:
+        os.kill(task_pid, signal.SIGKILL)  # a crash: Ray retries the task
+    wait_for(lambda: gone(child), "the cancelled task's worker to end", 60)
+    ready, _ = ray.wait(launched.refs, num_returns=2, timeout=180)
+    assert len(ready) == 2, "the other worker did not take the trial over"
+    said: list[str] = []
+    code = ray_launch.wait(launched, said.append)
+    if how == "cancel":
+        assert code == 1 and any(line.startswith(f"worker {i}:") and "cancel" in line.lower() for line in said)
+    else:
+        assert code == 0, said
+    (status, attempts_, resumed), = query(db, "SELECT status, attempts, resumed_from_epoch FROM mae_trials")
+    assert status == "done" and attempts_ == 2 and resumed >= 1, said
+    both = "".join((workdir / "db" / "ray" / f"fc-{k}.out").read_text() for k in (i, 1 - i))
+    assert_each_epoch_once(both, epochs)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_tasks_and_marks_the_trial_interrupted(workdir: Path, cluster: str):
+    (workdir / "cc.toml").write_text(tiny("cc", epochs=30, samples=512))
+    db = workdir / "db" / "mae_lab.db"
+    proc = mae_lab("ray", "cc.toml", "--workers", "1", "--address", cluster, "--device", "cpu", cwd=workdir)
+    wait_for(lambda: ckpt_epoch(db) >= 1, "the first checkpoint", 300)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert query(db, "SELECT status FROM mae_trials") == [("interrupted",)], out
+    assert "cancelled: the worker exited with code 143" in (workdir / "db" / "ray" / "cc-0.out").read_text()

@@ -9,8 +9,9 @@ Optuna's sampler the search's (Ray Tune is not used).
   retries the task, up to ``max_retries``, as it retries one whose process or node died. The retry, or any other
   worker, takes the trial over and resumes it from its checkpoint: at once on the same machine (the PID recorded
   in the trial is dead: ``store.queue.release_dead_local``), else once its heartbeat is stale.
-- The child gets SIGTERM when its task's process dies (Linux PR_SET_PDEATHSIG; SIGTERM marks its trial
-  interrupted), so that no orphan keeps a trial, or a GPU Ray has given to another task.
+- The worker dies with its task's process, so that no orphan keeps a trial, or a GPU Ray has given to another
+  task: Ray 2.60 kills a dead task's children itself; older Ray did not after a crash, so the child also asks
+  Linux for SIGTERM at its parent's death (PR_SET_PDEATHSIG; SIGTERM marks its trial interrupted).
 - ``launch`` waits for the tasks and reports each one's end. Ctrl-C (or SIGTERM) cancels them: each worker gets
   SIGTERM and marks its trial interrupted. A driver's tasks end with the driver: to leave them running, submit the
   launcher itself as a Ray job (``ray job submit --no-wait -- mae-lab ray ...``).
@@ -174,9 +175,9 @@ def run_worker(w: Worker) -> tuple[int, str, int]:
                     break
                 except subprocess.TimeoutExpired:
                     continue
-        except BaseException:
+        except BaseException:  # cancelled (KeyboardInterrupt)
             proc.send_signal(signal.SIGTERM)  # the worker marks its trial interrupted
-            proc.wait()
+            log.write(f"mae-lab: cancelled: the worker exited with code {proc.wait()}\n".encode())
             raise
         log.write(f"mae-lab: the worker exited with code {code}\n".encode())
     if code < 0 or code > 128:  # a signal: -N when it killed the worker, 128 + N when the worker caught it
