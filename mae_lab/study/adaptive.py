@@ -78,11 +78,12 @@ def decide(point: Mapping[int, float], default: Mapping[int, float], min_effect:
     """Decide one metric of one point from its values and the default's, paired by seed, at ``level``."""
     _, a, b = by_seed(dict(point), dict(default))
     ci = paired_interval(a, b, level)
-    if ci.low is None:
+    bound = ci.largest_bound  # None: no interval (low and high are None together)
+    if bound is None:
         return Decision(metric, ci, False, "no interval")
     if not ci.within_noise:
         return Decision(metric, ci, True, "excludes 0")
-    if ci.largest_bound <= min_effect:
+    if bound <= min_effect:
         return Decision(metric, ci, True, "within ±min_effect")
     return Decision(metric, ci, False, "undecided")
 
