@@ -118,13 +118,13 @@ def match_rows(table: PaperTable, ours: Sequence[tuple[Any, ...]]
         return "none", [None] * len(ours), [None] * len(ours), (
             f"not compared: the study varies axes other than {', '.join(table.axes)}, so several rows share one "
             "paper setting")
-    valued = [r for r in table.rows if r.values is not None]
-    by_value = [next((r for r in valued if all(map(_same, r.values, v))), None) for v in ours]
+    valued = [(r, r.values) for r in table.rows if r.values is not None]  # (paper row, its values of the axes)
+    by_value = [next((r for r, vals in valued if all(map(_same, vals, v))), None) for v in ours]
     rule, matches = "value", by_value
     numeric = len(table.axes) == 1 and all(_is_number(v[0]) for v in ours)
     if numeric and any(m is None for m in by_value) and len(ours) <= len(valued):
         rule = "position"
-        paper_sorted = sorted(valued, key=lambda r: r.values[0])
+        paper_sorted = [r for r, _ in sorted(valued, key=lambda rv: rv[1][0])]
         order = sorted(range(len(ours)), key=lambda i: ours[i][0])
         matches = [None] * len(ours)
         for pos, i in enumerate(order):

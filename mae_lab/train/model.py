@@ -7,6 +7,7 @@ checkpoints, and the encoder's names load into timm's VisionTransformer.
 
 from collections.abc import Callable
 from functools import partial
+from typing import Literal
 
 import numpy as np
 import torch
@@ -246,7 +247,7 @@ def load_encoder(model: MaskedAutoencoder, state_dict: dict) -> dict[str, list[s
     return {"missing": list(msg.missing_keys), "unexpected": list(msg.unexpected_keys)}
 
 
-def build_timm_vit(config: MAEConfig, num_classes: int, global_pool: str = "token",
+def build_timm_vit(config: MAEConfig, num_classes: int, global_pool: Literal["token", "avg"] = "token",
                    drop_path_rate: float = 0.0) -> VisionTransformer:
     """timm VisionTransformer matching the encoder; global_pool "avg" uses fc_norm (official fine-tuning).
 
