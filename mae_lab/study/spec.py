@@ -10,8 +10,9 @@ from __future__ import annotations
 import difflib
 import math
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -229,7 +230,7 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(err: dict, root: type[BaseModel]) -> tuple[str, str]:
+def _describe(err: Mapping[str, Any], root: type[BaseModel]) -> tuple[str, str]:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     key = ".".join(str(p) for p in loc)
     if err["type"] == "extra_forbidden":
@@ -244,13 +245,13 @@ def _describe(err: dict, root: type[BaseModel]) -> tuple[str, str]:
     return key, f"{msg} (got {err['input']!r})" if err["type"] not in ("value_error", "model_type") else msg
 
 
-def _first(exc: ValidationError) -> dict:
+def _first(exc: ValidationError) -> Mapping[str, Any]:
     """The error to report: an unknown key first (it often explains a 'missing' one)."""
     errors = exc.errors()
     return next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
 
 
-def _raise(path: str | Path, exc: ValidationError, root: type[BaseModel]):
+def _raise(path: str | Path, exc: ValidationError, root: type[BaseModel]) -> NoReturn:
     key, reason = _describe(_first(exc), root)
     raise StudyError(path, key, reason) from None
 
