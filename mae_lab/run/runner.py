@@ -22,7 +22,7 @@ from mae_lab.run.provenance import code_version, provenance
 from mae_lab.run.resume import check_checkpoints, file_lock, verified_checkpoint
 from mae_lab.run.tracking import NO_LOG, STEP_STAGE, Trackers, TrialLog, trackers_for
 from mae_lab.store.engine import artifacts_dir, connect
-from mae_lab.store.outage import DbUnavailable, outage_limit_s
+from mae_lab.store.outage import DbFull, DbUnavailable, outage_limit_s
 from mae_lab.store.queue import Claim, Heartbeat, LostClaim, claim_next, claim_of, has_runnable
 from mae_lab.store.reads import find_done, get_checkpoint, study_name, study_trials, trial_details
 from mae_lab.store.states import HEARTBEAT_S, STALE_AFTER_S
@@ -216,7 +216,7 @@ def _run_trial(engine: Engine, row: TrialRow, claim: Claim, beat: Heartbeat, inf
     except DivergenceError as exc:
         finish_trial(engine, row.id, "diverged", error=str(exc), claim=claim)
         return "diverged"
-    except (LostClaim, DbUnavailable):  # nothing more may be written: a successor's trial, or no server
+    except (LostClaim, DbUnavailable, DbFull):  # nothing more may be written: a successor's trial, no server, no room
         raise
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (the command line raises it as one, with its message)
         finish_trial(engine, row.id, "interrupted", error=str(exc) or "interrupted by the user (Ctrl-C)",

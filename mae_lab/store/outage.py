@@ -6,7 +6,8 @@ Every function of ``store`` that a running study calls is one or a few transacti
 back, so running it again after a lost connection is safe: the transaction that was cut never committed. (A commit
 whose acknowledgement alone was lost is repeated: for a claim, the first claimed row stays running under this live
 worker until its heartbeat goes stale and another worker takes it over.) Only a lost or refused PostgreSQL connection
-is retried; SQLite's "database is locked" keeps its busy timeout and its error.
+is retried; SQLite's "database is locked" keeps its busy timeout and its error. A full disk under a SQLite database
+is not retried: the call's transaction rolled back, and the command ends with ``DbFull`` (one line, exit 74).
 """
 from __future__ import annotations
 
@@ -17,20 +18,28 @@ import time
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from mae_lab.store.engine import DbError
+from mae_lab.store.engine import DbError, safe_url
 
 P = ParamSpec("P")
 T = TypeVar("T")
 OUTAGE_LIMIT_S = 300.0  # default: how long a worker waits for the database server to come back
 EXIT_UNAVAILABLE = 75  # sysexits' EX_TEMPFAIL: try again later (the trials stay resumable)
+EXIT_DISK_FULL = 74  # sysexits' EX_IOERR
 
 
 class DbUnavailable(DbError):
     """The database server did not answer for the whole outage limit."""
 
     exit_code = EXIT_UNAVAILABLE
+
+
+class DbFull(DbError):
+    """The disk under a SQLite database is full: what was being written rolled back."""
+
+    exit_code = EXIT_DISK_FULL
 
 
 def outage_limit_s() -> float:
@@ -55,6 +64,13 @@ def lost_connection(exc: BaseException) -> bool:
     return isinstance(exc, (OperationalError, InterfaceError)) and type(exc.orig).__module__.startswith("psycopg")
 
 
+def disk_full(exc: DBAPIError) -> bool:
+    """SQLite's SQLITE_FULL ("database or disk is full"), or the I/O error it gives when its journal cannot grow."""
+    code = getattr(exc.orig, "sqlite_errorname", "")
+    return code in ("SQLITE_FULL", "SQLITE_IOERR_WRITE", "SQLITE_IOERR_SHMSIZE", "SQLITE_IOERR_FSYNC") or \
+        "database or disk is full" in str(exc.orig)
+
+
 def through_outages(fn: Callable[P, T]) -> Callable[P, T]:
     """``fn``, called again after a lost connection (waits of 0.25 s doubling to 8 s) until it succeeds or the
     outage limit has passed since the first failure (then ``DbUnavailable``)."""
@@ -65,6 +81,10 @@ def through_outages(fn: Callable[P, T]) -> Callable[P, T]:
             try:
                 return fn(*args, **kwargs)
             except DBAPIError as exc:
+                if disk_full(exc):
+                    where = safe_url(args[0].url) if args and isinstance(args[0], Engine) else "the database"
+                    raise DbFull(f"{where}: its disk is full ({exc.orig}): nothing was half-written (the write "
+                                 "rolled back); free space on it and run again, the running trial resumes") from None
                 if not lost_connection(exc):
                     raise
                 reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
