@@ -35,7 +35,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 
 from mae_lab.errors import BadInput
-from mae_lab.run.slurm import absolute_url
+from mae_lab.run.slurm import absolute_url, check_workers
 from mae_lab.store.engine import artifacts_dir, connect, resolve_url, safe_url
 from mae_lab.store.states import STALE_AFTER_S
 from mae_lab.study.planning import plan, resolve_data
@@ -98,22 +98,11 @@ class Launched:
 
 def check(job: RayJob, url: str, search: bool) -> None:
     """The options that need no cluster: RayError (one line naming the option) if one is wrong."""
-    if job.workers < 1:
-        raise RayError(f"--workers {job.workers}: at least one worker")
-    if job.gpus_per_worker < 0:
-        raise RayError(f"--gpus-per-worker {job.gpus_per_worker:g}: cannot be negative")
+    check_workers(RayError, job.workers, job.nproc, job.gpus_per_worker, search)
     if job.cpus_per_worker < 0:
         raise RayError(f"--cpus-per-worker {job.cpus_per_worker:g}: cannot be negative")
     if job.max_retries < 0:
         raise RayError(f"--max-retries {job.max_retries}: cannot be negative")
-    if job.nproc < 1:
-        raise RayError(f"--nproc {job.nproc}: at least one process per trial")
-    if job.gpus_per_worker and job.nproc > job.gpus_per_worker:
-        raise RayError(f"--nproc {job.nproc}: more processes per trial than the {job.gpus_per_worker:g} GPU(s) "
-                       "asked for each worker (--gpus-per-worker)")
-    if search and job.nproc > 1:
-        raise RayError(f"--nproc {job.nproc}: a search study runs one process per worker (give --nproc 1, and "
-                       "more --workers)")
 
 
 def check_cluster(job: RayJob, url: str, nodes: int) -> None:

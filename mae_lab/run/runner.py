@@ -235,24 +235,25 @@ def _run_trial(engine: Engine, row: TrialRow, claim: Claim, beat: Heartbeat, inf
 def _evaluate(views: _TrialViews, model: Any, info: DatasetInfo, device: str, pre_epochs: int) -> dict[str, Any]:
     """The linear probe and fine-tuning, as the spec enables each (its earlier metrics cleared first); their
     result fields. With ``eval.linear.blocks``, the probe surface at the last pretraining epoch."""
-    spec, engine, row_id, claim = views.spec, views.engine, views.row.id, views.claim
-    lin, ft = spec.eval.linear, spec.eval.finetune
+    spec, lin, ft = views.spec, views.spec.eval.linear, views.spec.eval.finetune
     result: dict[str, Any] = {}
     if lin.enabled:
-        clear_metrics(engine, row_id, "linear", claim=claim)
-        views.display.stage("linear", lin.epochs)
-        out = linear_probe(spec, model, info, device=device,
-                           on_epoch=functools.partial(views.eval_epoch, "linear", lin.epochs), on_progress=views.note)
-        result.update(linear_top1=out["top1"], linear_test_top1=out["test_top1"], linear_wall_s=out["wall_s"])
+        result.update(_eval_stage(views, "linear", linear_probe, lin.epochs, model, info, device))
         if lin.blocks:  # the probe surface at the last epoch (one forward pass for every block)
             views.record(SURFACE, pre_epochs, probe_surface(spec, model, info, device))
     if ft.enabled:
-        clear_metrics(engine, row_id, "finetune", claim=claim)
-        views.display.stage("finetune", ft.epochs)
-        out = finetune(spec, model, info, device=device,
-                       on_epoch=functools.partial(views.eval_epoch, "finetune", ft.epochs), on_progress=views.note)
-        result.update(finetune_top1=out["top1"], finetune_test_top1=out["test_top1"], finetune_wall_s=out["wall_s"])
+        result.update(_eval_stage(views, "finetune", finetune, ft.epochs, model, info, device))
     return result
+
+
+def _eval_stage(views: _TrialViews, stage: str, evaluate: Callable[..., dict], epochs: int, model: Any,
+                info: DatasetInfo, device: Any) -> dict[str, Any]:
+    """One evaluation stage (its earlier metrics cleared first): its result fields ``{stage}_top1`` and so on."""
+    clear_metrics(views.engine, views.row.id, stage, claim=views.claim)
+    views.display.stage(stage, epochs)
+    out = evaluate(views.spec, model, info, device=device,
+                   on_epoch=functools.partial(views.eval_epoch, stage, epochs), on_progress=views.note)
+    return {f"{stage}_top1": out["top1"], f"{stage}_test_top1": out["test_top1"], f"{stage}_wall_s": out["wall_s"]}
 
 
 def record_artifacts(engine: Engine, row: TrialRow, spec: TrialSpec, model: Any, info: DatasetInfo,

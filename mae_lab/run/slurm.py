@@ -138,23 +138,29 @@ def cluster_nodes(partition: str | None) -> set[str]:
     return {line.strip() for line in out.splitlines() if line.strip()}
 
 
+def check_workers(error: type[BadInput], workers: int, nproc: int, gpus_per_worker: float, search: bool) -> None:
+    """The worker options every launcher (SLURM, Ray) shares: ``error`` (one line naming the option) if one is
+    wrong."""
+    if workers < 1:
+        raise error(f"--workers {workers}: at least one worker")
+    if nproc < 1:
+        raise error(f"--nproc {nproc}: at least one process per trial")
+    if gpus_per_worker < 0:
+        raise error(f"--gpus-per-worker {gpus_per_worker:g}: cannot be negative")
+    if gpus_per_worker and nproc > gpus_per_worker:
+        raise error(f"--nproc {nproc}: more processes per trial than the {gpus_per_worker:g} GPU(s) asked for each "
+                    "worker (--gpus-per-worker)")
+    if search and nproc > 1:
+        raise error(f"--nproc {nproc}: a search study runs one process per worker (give --nproc 1, and more "
+                    "--workers)")
+
+
 def check(job: ArrayJob, url: str, search: bool) -> StopSignal:
     """Every option, before anything is written or submitted: SlurmError (one line naming the option) if one is
     wrong. Returns the parsed stop signal."""
-    if job.workers < 1:
-        raise SlurmError(f"--workers {job.workers}: the array needs at least one worker")
+    check_workers(SlurmError, job.workers, job.nproc, job.gpus_per_worker, search)
     if job.parallel is not None and job.parallel < 1:
         raise SlurmError(f"--parallel {job.parallel}: at least one task must be allowed to run")
-    if job.nproc < 1:
-        raise SlurmError(f"--nproc {job.nproc}: at least one process per trial")
-    if job.gpus_per_worker < 0:
-        raise SlurmError(f"--gpus-per-worker {job.gpus_per_worker}: cannot be negative")
-    if job.gpus_per_worker and job.nproc > job.gpus_per_worker:
-        raise SlurmError(f"--nproc {job.nproc}: more processes per trial than the {job.gpus_per_worker} GPU(s) "
-                         "asked for each worker (--gpus-per-worker)")
-    if search and job.nproc > 1:
-        raise SlurmError(f"--nproc {job.nproc}: a search study runs one process per worker (give --nproc 1, and "
-                         "more --workers)")
     if job.max_requeues < 0:
         raise SlurmError(f"--max-requeues {job.max_requeues}: cannot be negative")
     stop = parse_signal(job.signal)
