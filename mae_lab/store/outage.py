@@ -21,7 +21,7 @@ from typing import ParamSpec, TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from mae_lab.store.engine import DbError, safe_url
+from mae_lab.store.engine import DbError
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -82,7 +82,7 @@ def through_outages(fn: Callable[P, T]) -> Callable[P, T]:
                 return fn(*args, **kwargs)
             except DBAPIError as exc:
                 if disk_full(exc):
-                    where = safe_url(args[0].url) if args and isinstance(args[0], Engine) else "the database"
+                    where = args[0].url.render_as_string() if args and isinstance(args[0], Engine) else "the database"
                     raise DbFull(f"{where}: its disk is full ({exc.orig}): nothing was half-written (the write "
                                  "rolled back); free space on it and run again, the running trial resumes") from None
                 if not lost_connection(exc):
