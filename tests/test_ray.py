@@ -202,7 +202,8 @@ def test_a_task_killed_takes_its_worker_along_and_the_trial_resumes(workdir: Pat
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_tasks_and_marks_the_trial_interrupted(workdir: Path, cluster: str):
-    (workdir / "cc.toml").write_text(tiny("cc", epochs=30, samples=512))
+    # long enough that the cancel lands mid-trial: 30 epochs (8 s at CI's ~2,000 img/s) ended first there
+    (workdir / "cc.toml").write_text(tiny("cc", epochs=300, samples=512))
     db = workdir / "db" / "mae_lab.db"
     proc = mae_lab("ray", "cc.toml", "--workers", "1", "--address", cluster, "--device", "cpu", cwd=workdir)
     wait_for(lambda: ckpt_epoch(db) >= 1, "the first checkpoint", 300)
