@@ -35,7 +35,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 
 from mae_lab.errors import BadInput
-from mae_lab.run.slurm import absolute_url, check_workers
+from mae_lab.run.launch import absolute_url, check_workers, worker_args
 from mae_lab.store.engine import artifacts_dir, connect, resolve_url, safe_url
 from mae_lab.store.states import STALE_AFTER_S
 from mae_lab.study.planning import plan, resolve_data
@@ -134,17 +134,6 @@ def join(address: str) -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
-def worker_argv(job: RayJob, command: str) -> list[str]:
-    """The worker's command line, after the Python executable (which is the node's own)."""
-    args = ["-m", "cli", command, str(job.study.resolve()), "--device", job.device,
-            "--stale-after", f"{job.stale_after:g}"]
-    if command == "worker":
-        args += ["--poll", f"{job.poll:g}"] + (["--nproc", str(job.nproc)] if job.nproc > 1 else [])
-    if job.data_root is not None:
-        args += ["--data-root", str(Path(job.data_root).resolve())]
-    return args
-
-
 def run_worker(w: Worker) -> tuple[int, str, int]:
     """A Ray task: run one worker to its end; returns (index, host, exit code). A worker ended by a signal raises
     WorkerStopped (Ray retries the task); a cancelled task (KeyboardInterrupt) sends the worker SIGTERM first."""
@@ -194,7 +183,7 @@ def start(job: RayJob, *, allow_pipe: bool = False) -> Launched:
     task = ray.remote(num_cpus=job.cpus_per_worker, num_gpus=job.gpus_per_worker, max_retries=job.max_retries,
                       retry_exceptions=[WorkerStopped], max_calls=1)(run_worker)  # type: ignore[call-overload]
     task = task.options(name=f"mae-lab-{command}-{name}")
-    argv = worker_argv(job, command)
+    argv = worker_args(job, command)
     refs = [task.remote(Worker(i, argv, env, str(Path.cwd()), str(logs / f"{name}-{i}.out")))
             for i in range(job.workers)]
     return Launched(refs, name, command, logs, len(ray.nodes()))

@@ -33,6 +33,7 @@ from sqlalchemy.engine import make_url
 
 from mae_lab.atomic import write_atomic
 from mae_lab.errors import BadInput
+from mae_lab.run.launch import absolute_url, check_workers, worker_args
 from mae_lab.store.engine import artifacts_dir, connect, resolve_url, safe_url
 from mae_lab.store.states import STALE_AFTER_S
 from mae_lab.study.planning import plan, resolve_data
@@ -138,23 +139,6 @@ def cluster_nodes(partition: str | None) -> set[str]:
     return {line.strip() for line in out.splitlines() if line.strip()}
 
 
-def check_workers(error: type[BadInput], workers: int, nproc: int, gpus_per_worker: float, search: bool) -> None:
-    """The worker options every launcher (SLURM, Ray) shares: ``error`` (one line naming the option) if one is
-    wrong."""
-    if workers < 1:
-        raise error(f"--workers {workers}: at least one worker")
-    if nproc < 1:
-        raise error(f"--nproc {nproc}: at least one process per trial")
-    if gpus_per_worker < 0:
-        raise error(f"--gpus-per-worker {gpus_per_worker:g}: cannot be negative")
-    if gpus_per_worker and nproc > gpus_per_worker:
-        raise error(f"--nproc {nproc}: more processes per trial than the {gpus_per_worker:g} GPU(s) asked for each "
-                    "worker (--gpus-per-worker)")
-    if search and nproc > 1:
-        raise error(f"--nproc {nproc}: a search study runs one process per worker (give --nproc 1, and more "
-                    "--workers)")
-
-
 def check(job: ArrayJob, url: str, search: bool) -> StopSignal:
     """Every option, before anything is written or submitted: SlurmError (one line naming the option) if one is
     wrong. Returns the parsed stop signal."""
@@ -182,14 +166,6 @@ def check(job: ArrayJob, url: str, search: bool) -> StopSignal:
     return stop
 
 
-def absolute_url(url: str) -> str:
-    """``url`` with a relative SQLite path made absolute (array tasks may start in another folder)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        return parsed.set(database=str(Path(parsed.database).resolve())).render_as_string(hide_password=False)
-    return url
-
-
 def sbatch_script(job: ArrayJob, url: str, stop: StopSignal, name: str, command: str, log_dir: Path) -> str:
     """The batch script of the array (see the module docstring for what it does)."""
     array = f"0-{job.workers - 1}" + (f"%{job.parallel}" if job.parallel else "")
@@ -204,12 +180,7 @@ def sbatch_script(job: ArrayJob, url: str, stop: StopSignal, name: str, command:
         options.append(f"--gres=gpu:{job.gpus_per_worker}")
     lines = [f"#SBATCH {o}" for o in options]
     lines += [line if line.lstrip().startswith("#SBATCH") else f"#SBATCH {line.strip()}" for line in job.sbatch_lines]
-    args = [sys.executable, "-m", "cli", command, str(job.study.resolve()), "--device", job.device,
-            "--stale-after", f"{job.stale_after:g}"]
-    if command == "worker":
-        args += ["--poll", f"{job.poll:g}"] + (["--nproc", str(job.nproc)] if job.nproc > 1 else [])
-    if job.data_root is not None:
-        args += ["--data-root", str(Path(job.data_root).resolve())]
+    args = [sys.executable, *worker_args(job, command)]
     hidden = make_url(url).password is not None
     db_line = ("# MAE_LAB_DB comes from the submitting shell's environment (its URL holds a password)" if hidden
                else f"export MAE_LAB_DB={shlex.quote(url)}")
