@@ -96,7 +96,7 @@ class Launched:
     nodes: int
 
 
-def check(job: RayJob, url: str, search: bool) -> None:
+def check(job: RayJob, search: bool) -> None:
     """The options that need no cluster: RayError (one line naming the option) if one is wrong."""
     check_workers(RayError, job.workers, job.nproc, job.gpus_per_worker, search)
     if job.cpus_per_worker < 0:
@@ -170,8 +170,9 @@ def start(job: RayJob, *, allow_pipe: bool = False) -> Launched:
     resolve_data(study, trials, job.data_root, allow_pipe)
     search = study.search is not None
     url = absolute_url(resolve_url(job.db_url))
-    check(job, url, search)
-    check_cluster(job, url, join(job.address))
+    check(job, search)
+    nodes = join(job.address)
+    check_cluster(job, url, nodes)
     connect(url)  # a database that cannot be opened ends here, before any task starts (DbError)
     name, command = study.study.name, "search" if search else "worker"
     logs = artifacts_dir(url).resolve().parent / "ray"
@@ -186,7 +187,7 @@ def start(job: RayJob, *, allow_pipe: bool = False) -> Launched:
     argv = worker_args(job, command)
     refs = [task.remote(Worker(i, argv, env, str(Path.cwd()), str(logs / f"{name}-{i}.out")))
             for i in range(job.workers)]
-    return Launched(refs, name, command, logs, len(ray.nodes()))
+    return Launched(refs, name, command, logs, nodes)
 
 
 def ending(exc: BaseException) -> str:
